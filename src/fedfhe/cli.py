@@ -1,0 +1,261 @@
+"""Command line: a thin layer over fedfhe's Python API (train, compile, evaluate, run)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedfhe.errors import FedfheError
+
+app = typer.Typer(
+    help="Federated training with Flower, then classification of encrypted inputs with Concrete ML.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+Dataset = Annotated[str, typer.Option(help="digits | mnist-5k | mnist")]
+DataDir = Annotated[Path | None, typer.Option(help="Folder with the four MNIST IDX files (mnist only).")]
+Seed = Annotated[int, typer.Option(help="Seed of the split, the partitions and client sampling.")]
+Clients = Annotated[int, typer.Option(help="Number of clients; 1 trains centrally.")]
+Rounds = Annotated[int, typer.Option(help="Federated rounds.")]
+LocalIters = Annotated[int, typer.Option(help="lbfgs iterations per client per round.")]
+Fraction = Annotated[float, typer.Option(help="Fraction of clients that train in each round.")]
+Partitioning = Annotated[str, typer.Option(help="iid | dirichlet")]
+Alpha = Annotated[float, typer.Option(help="Dirichlet concentration (smaller = more label skew).")]
+RegC = Annotated[float, typer.Option("--C", help="Inverse L2 regularisation strength, as in scikit-learn.")]
+NBits = Annotated[int, typer.Option(help="Quantization bits of inputs and weights.")]
+Calibration = Annotated[
+    Path | None, typer.Option(help="Real data (.npy/.npz/.csv) to calibrate on instead of the input-range bounds.")
+]
+FheSamples = Annotated[int, typer.Option(help="Test samples to run with real encryption.")]
+RunDir = Annotated[Path, typer.Option("--run", help="Run directory.")]
+Out = Annotated[Path, typer.Option(help="Run directory to write into.")]
+Verbose = Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")]
+
+
+def _writable(path: Path) -> Path:
+    """Create the run directory and prove it is writable before any long work starts."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise FedfheError(f"cannot write to {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def _progress() -> Progress:
+    """The progress display shared by long steps."""
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    )
+
+
+def _train(dataset: Any, config: Any, out: Path, verbose: bool) -> Any:
+    """Train with a progress bar over rounds."""
+    from fedfhe.training import train
+
+    kind = "centralized" if config.clients == 1 else f"{config.clients} clients"
+    with _progress() as progress:
+        bar = progress.add_task(f"training ({kind})", total=config.rounds if config.clients > 1 else None)
+
+        def on_round(r: int, metrics: dict[str, float]) -> None:
+            if r > 0:
+                progress.update(bar, advance=1, description=f"round {r}: test accuracy {metrics['accuracy']:.2%}")
+
+        model = train(dataset, config, out, on_round=on_round, verbose=verbose)
+    metrics = model.metadata["metrics"]
+    console.print(
+        f"trained: accuracy {metrics['final']['accuracy']:.2%} "
+        f"(centralized baseline {metrics['centralized']['accuracy']:.2%}) -> {out / 'model.npz'}"
+    )
+    return model
+
+
+def _compile(model: Any, run_dir: Path, n_bits: int, calibration: Path | None) -> Any:
+    """Compile and export the FHE artifacts."""
+    from fedfhe import fhe
+    from fedfhe.data import read_table
+
+    sample = None if calibration is None else read_table(calibration)[0]
+    with console.status("compiling the FHE circuit"):
+        compiled = fhe.compile_model(model, n_bits, sample)
+        fhe.export(compiled, run_dir)
+    console.print(
+        f"compiled: n_bits {n_bits}, largest integer {compiled.max_bit_width} bits, "
+        f"{compiled.compile_seconds:.1f} s -> {run_dir / fhe.FHE_DIR}"
+    )
+    return compiled
+
+
+def _evaluate(compiled: Any, run_dir: Path, X: Any, y: Any, fhe_samples: int) -> dict[str, Any]:
+    """Evaluate, with a progress bar over encrypted samples, then write the report."""
+    from fedfhe import fhe, report
+
+    with _progress() as progress:
+        bar = progress.add_task("FHE execute (encrypt, run, decrypt)", total=fhe_samples)
+        evaluation = fhe.evaluate(
+            compiled, X, y, fhe_samples, run_dir / fhe.FHE_DIR, lambda n: progress.update(bar, completed=n)
+        )
+    summary = report.build(compiled, evaluation, fhe_samples)
+    report.write(run_dir, summary, evaluation)
+    _show(summary)
+    console.print(f"report: {run_dir / report.REPORT_MD}")
+    return summary
+
+
+def _show(summary: dict[str, Any]) -> None:
+    """Print the headline figures as a table."""
+    table = Table(title=f"{summary['dataset']}: {summary['clients']} client(s), {summary['rounds']} round(s)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for group in ("accuracy", "agreement"):
+        for name, value in summary[group].items():
+            table.add_row(f"{group}.{name}", "n/a" if value is None else f"{value:.2%}")
+    for name in ("train", "compile", "fhe_execute_per_sample"):
+        value = summary["timing_s"].get(name)
+        table.add_row(f"timing_s.{name}", "n/a" if value is None else f"{value:.3f}")
+    table.add_row("circuit.max_bit_width", str(summary["circuit"]["max_bit_width"]))
+    Console().print(table)
+
+
+def _config(clients: int, rounds: int, local_iters: int, fraction: float, partitioning: str, alpha: float, seed: int, C: float) -> Any:
+    """A checked TrainConfig."""
+    from fedfhe.federated.task import TrainConfig
+
+    config = TrainConfig(clients, rounds, local_iters, fraction, partitioning, alpha, seed, C)
+    config.check()
+    return config
+
+
+@app.command()
+def train(
+    dataset: Dataset = "mnist-5k",
+    data_dir: DataDir = None,
+    clients: Clients = 10,
+    rounds: Rounds = 5,
+    local_iters: LocalIters = 20,
+    fraction: Fraction = 1.0,
+    partitioning: Partitioning = "iid",
+    alpha: Alpha = 0.5,
+    C: RegC = 1.0,
+    seed: Seed = 0,
+    out: Out = Path("runs/latest"),
+    verbose: Verbose = False,
+) -> None:
+    """Train a logistic regression with FedAvg on Flower's simulation engine (or centrally)."""
+    from fedfhe.data import load_dataset
+
+    config = _config(clients, rounds, local_iters, fraction, partitioning, alpha, seed, C)
+    data = load_dataset(dataset, data_dir=data_dir, seed=seed)
+    _train(data, config, _writable(out), verbose)
+
+
+@app.command("compile")
+def compile_(
+    run: RunDir = Path("runs/latest"),
+    n_bits: NBits = 8,
+    calibration: Calibration = None,
+) -> None:
+    """Convert the run's model with Concrete ML and compile it, without any training data."""
+    from fedfhe.model import LinearModel
+    from fedfhe.training import MODEL_FILE
+
+    model = LinearModel.load(run / MODEL_FILE)
+    _compile(model, _writable(run), n_bits, calibration)
+
+
+@app.command()
+def evaluate(
+    run: RunDir = Path("runs/latest"),
+    fhe_samples: FheSamples = 100,
+    data: Annotated[Path | None, typer.Option(help="Labelled data (.npz X,y or .csv with label) instead of the test split.")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Measure float, quantized, simulated and real FHE accuracy and their agreement."""
+    from fedfhe import fhe
+    from fedfhe.data import load_dataset, read_table
+    from fedfhe.model import LinearModel
+    from fedfhe.training import MODEL_FILE
+
+    model = LinearModel.load(run / MODEL_FILE)
+    if data is None:
+        split = load_dataset(model.metadata["dataset"], data_dir=data_dir, seed=model.metadata["training"]["seed"])
+        X, y = split.X_test, split.y_test
+    else:
+        X, y = read_table(data)
+        if y is None:
+            raise FedfheError(f"{data}: no labels (need y in the .npz or a label column in the .csv)")
+    _check_fhe_samples(fhe_samples, len(y))
+    with console.status("recompiling from the recorded compile inputs"):
+        compiled = fhe.load_compiled(run, model)
+    _evaluate(compiled, _writable(run), X, y, fhe_samples)
+
+
+@app.command()
+def run(
+    dataset: Dataset = "mnist-5k",
+    data_dir: DataDir = None,
+    clients: Clients = 10,
+    rounds: Rounds = 5,
+    local_iters: LocalIters = 20,
+    fraction: Fraction = 1.0,
+    partitioning: Partitioning = "iid",
+    alpha: Alpha = 0.5,
+    C: RegC = 1.0,
+    seed: Seed = 0,
+    n_bits: NBits = 8,
+    calibration: Calibration = None,
+    fhe_samples: FheSamples = 100,
+    out: Out = Path("runs/latest"),
+    verbose: Verbose = False,
+) -> None:
+    """Train, compile and evaluate in one go; everything lands in --out."""
+    from fedfhe.data import load_dataset
+    from fedfhe.fhe import N_BITS_RANGE
+
+    config = _config(clients, rounds, local_iters, fraction, partitioning, alpha, seed, C)
+    if not N_BITS_RANGE[0] <= n_bits <= N_BITS_RANGE[1]:
+        raise FedfheError(f"--n-bits must be between {N_BITS_RANGE[0]} and {N_BITS_RANGE[1]} (got {n_bits})")
+    data = load_dataset(dataset, data_dir=data_dir, seed=seed)
+    _check_fhe_samples(fhe_samples, len(data.y_test))
+    if calibration is not None and not calibration.is_file():
+        raise FedfheError(f"{calibration}: file not found")
+    out = _writable(out)
+    model = _train(data, config, out, verbose)
+    compiled = _compile(model, out, n_bits, calibration)
+    _evaluate(compiled, out, data.X_test, data.y_test, fhe_samples)
+
+
+def _check_fhe_samples(fhe_samples: int, n_test: int) -> None:
+    """--fhe-samples must fit in the test set."""
+    if not 0 <= fhe_samples <= n_test:
+        raise FedfheError(f"--fhe-samples must be between 0 and the {n_test} test samples (got {fhe_samples})")
+
+
+def main() -> None:
+    """Entry point: bad input ends in one line on stderr and exit code 2, never a traceback."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    try:
+        app()
+    except FedfheError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the promise is one line, not a traceback
+        if os.environ.get("FEDFHE_DEBUG"):
+            raise
+        console.print(f"[red]error:[/red] unexpected {type(exc).__name__}: {exc} (FEDFHE_DEBUG=1 shows the traceback)", highlight=False, soft_wrap=True)
+        sys.exit(1)

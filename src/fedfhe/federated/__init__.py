@@ -1,0 +1,1 @@
+"""Federated training with Flower: the model task, the ClientApp, the ServerApp and the simulation."""

@@ -1,0 +1,209 @@
+"""Convert a trained model to Concrete ML, compile it without training data, evaluate and export it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedfhe.data import check_features
+from fedfhe.errors import FedfheError
+from fedfhe.model import LinearModel
+
+N_BITS_RANGE = (2, 12)
+FHE_DIR = "fhe"
+INFO_FILE = "fhe.json"
+COMPILE_INPUTS_FILE = "compile_inputs.npy"
+
+
+def bound_inputs(model: LinearModel) -> np.ndarray:
+    """The inputs in the declared box that reach each output's maximum and minimum.
+
+    A linear output w.x + b is largest where x_i = high for w_i > 0 and low elsewhere, and
+    smallest at the opposite corner. Concrete sizes every integer from what the compile set
+    shows it, so with these corners (and the all-low and all-high inputs) every input in the box
+    stays inside the compiled bounds: the circuit cannot silently overflow on real data.
+    """
+    low, high = model.input_range
+    rows = [np.full(model.n_features, low), np.full(model.n_features, high)]
+    for w in model.coef:
+        rows += [np.where(w > 0, high, low), np.where(w > 0, low, high)]
+    return np.unique(np.array(rows), axis=0)
+
+
+@dataclass
+class CompiledModel:
+    """A compiled Concrete ML model with the facts needed to trust and reproduce it."""
+
+    concrete: Any
+    source: LinearModel
+    n_bits: int
+    compile_inputs: np.ndarray
+    calibration: str
+    compile_seconds: float
+
+    @property
+    def max_bit_width(self) -> int:
+        """Widest integer in the FHE circuit."""
+        return int(self.concrete.fhe_circuit.graph.maximum_integer_bit_width())
+
+    def info(self) -> dict[str, Any]:
+        """What fhe.json records about this compilation."""
+        return {
+            "model_sha256": self.source.sha256,
+            "n_bits": self.n_bits,
+            "calibration": self.calibration,
+            "max_bit_width": self.max_bit_width,
+            "compile_seconds": self.compile_seconds,
+            "n_features": self.source.n_features,
+            "classes": [int(c) for c in self.source.classes],
+            "input_range": list(self.source.input_range),
+        }
+
+
+def compile_model(model: LinearModel, n_bits: int = 8, calibration: np.ndarray | None = None) -> CompiledModel:
+    """Quantize and compile; without calibration data the bounds come from the input range alone."""
+    if not N_BITS_RANGE[0] <= n_bits <= N_BITS_RANGE[1]:
+        raise FedfheError(f"--n-bits must be between {N_BITS_RANGE[0]} and {N_BITS_RANGE[1]} (got {n_bits})")
+    if calibration is None:
+        inputs, kind = bound_inputs(model), "input-range bounds"
+    else:
+        inputs = check_features(calibration, model.n_features, model.input_range, "calibration data")
+        kind = f"calibration sample ({len(inputs)} rows)"
+    from concrete.ml.sklearn import LogisticRegression as ConcreteLogisticRegression
+
+    start = time.perf_counter()
+    concrete = ConcreteLogisticRegression.from_sklearn_model(model.to_sklearn(), X=inputs, n_bits=n_bits)
+    concrete.compile(inputs)
+    return CompiledModel(concrete, model, n_bits, inputs, kind, time.perf_counter() - start)
+
+
+def export(compiled: CompiledModel, run_dir: Path) -> Path:
+    """Write client.zip, server.zip, the compile inputs and fhe.json into run_dir/fhe (replaced whole)."""
+    from concrete.ml.deployment import FHEModelDev
+
+    target = run_dir / FHE_DIR
+    staging = Path(tempfile.mkdtemp(prefix=".fhe-", dir=run_dir))
+    try:
+        FHEModelDev(str(staging), compiled.concrete).save()
+        np.save(staging / COMPILE_INPUTS_FILE, compiled.compile_inputs)
+        (staging / INFO_FILE).write_text(json.dumps(compiled.info(), indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_compiled(run_dir: Path, model: LinearModel) -> CompiledModel:
+    """Recompile exactly as `export` recorded, after checking the artifacts belong to this model."""
+    info_path = run_dir / FHE_DIR / INFO_FILE
+    if not info_path.is_file():
+        raise FedfheError(f"{run_dir}: no compiled model (run `fedfhe compile` first)")
+    try:
+        info = json.loads(info_path.read_text())
+        inputs = np.load(run_dir / FHE_DIR / COMPILE_INPUTS_FILE, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise FedfheError(f"{run_dir / FHE_DIR}: unreadable FHE artifacts ({exc})") from None
+    if info.get("model_sha256") != model.sha256:
+        raise FedfheError(f"{run_dir / FHE_DIR}: FHE artifacts were compiled for another model; compile again")
+    compiled = compile_model(model, int(info["n_bits"]), inputs)
+    compiled.calibration = info["calibration"]
+    return compiled
+
+
+def evaluate(
+    compiled: CompiledModel,
+    X: np.ndarray,
+    y: np.ndarray,
+    fhe_samples: int,
+    artifacts: Path,
+    on_sample: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Score float, quantized-clear and simulated FHE on all rows, real FHE on the first fhe_samples."""
+    model = compiled.source
+    X = check_features(X, model.n_features, model.input_range, "test data")
+    if not 0 <= fhe_samples <= len(X):
+        raise FedfheError(f"--fhe-samples must be between 0 and the {len(X)} test samples (got {fhe_samples})")
+    sklearn_pred = model.to_sklearn().predict(X)
+    clear_pred = compiled.concrete.predict(X, fhe="disable")
+    start = time.perf_counter()
+    simulate_pred = compiled.concrete.predict(X, fhe="simulate")
+    simulate_seconds = time.perf_counter() - start
+    execute_pred, timings = execute(artifacts, model.classes, X[:fhe_samples], on_sample)
+    head = simulate_pred[:fhe_samples]
+    return {
+        "accuracy": {
+            "sklearn": _mean(sklearn_pred == y),
+            "fhe_clear": _mean(clear_pred == y),
+            "fhe_simulate": _mean(simulate_pred == y),
+            "fhe_execute": _mean(execute_pred == y[:fhe_samples]),
+        },
+        "agreement": {
+            "execute_vs_simulate": _mean(execute_pred == head),
+            "fhe_vs_clear": _mean(simulate_pred == clear_pred),
+            "execute_vs_clear": _mean(execute_pred == clear_pred[:fhe_samples]),
+            "fhe_vs_sklearn": _mean(simulate_pred == sklearn_pred),
+        },
+        "timing_s": {"simulate_per_sample": simulate_seconds / max(len(X), 1), **timings},
+        "predictions": {"y_true": y.tolist(), "fhe_simulate": simulate_pred.tolist(), "fhe_execute": execute_pred.tolist()},
+    }
+
+
+def execute(
+    artifacts: Path, classes: np.ndarray, X: np.ndarray, on_sample: Callable[[int], None] | None = None
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Real FHE through the exported client.zip/server.zip: keygen, encrypt, run, decrypt per row."""
+    from concrete.ml.deployment import FHEModelClient, FHEModelServer
+
+    if len(X) == 0:
+        return np.array([], dtype=np.int64), {}
+    with tempfile.TemporaryDirectory(prefix="fedfhe-keys-") as key_dir:
+        client = FHEModelClient(str(artifacts), key_dir=key_dir)
+        start = time.perf_counter()
+        client.generate_private_and_evaluation_keys()
+        keys = client.get_serialized_evaluation_keys()
+        keygen = time.perf_counter() - start
+        server = FHEModelServer(str(artifacts))
+        server.load()
+        predictions, encrypt, run, decrypt, sizes = [], [], [], [], []
+        for i, row in enumerate(X):
+            t0 = time.perf_counter()
+            ciphertext = client.quantize_encrypt_serialize(row[None, :])
+            t1 = time.perf_counter()
+            result = server.run(ciphertext, keys)
+            t2 = time.perf_counter()
+            scores = client.deserialize_decrypt_dequantize(result)
+            t3 = time.perf_counter()
+            predictions.append(classes[int(np.argmax(scores[0]))])
+            encrypt.append(t1 - t0)
+            run.append(t2 - t1)
+            decrypt.append(t3 - t2)
+            sizes.append((len(ciphertext), len(result)))
+            if on_sample is not None:
+                on_sample(i + 1)
+    totals = [a + b + c for a, b, c in zip(encrypt, run, decrypt)]
+    return np.array(predictions), {
+        "keygen": keygen,
+        "fhe_execute_per_sample": statistics.median(totals),
+        "encrypt_per_sample": statistics.median(encrypt),
+        "server_run_per_sample": statistics.median(run),
+        "decrypt_per_sample": statistics.median(decrypt),
+        "evaluation_key_bytes": len(keys),
+        "input_ciphertext_bytes": sizes[0][0],
+        "output_ciphertext_bytes": sizes[0][1],
+    }
+
+
+def _mean(values: np.ndarray) -> float | None:
+    """Fraction of True values; None when nothing was measured."""
+    return float(np.mean(values)) if len(values) else None

@@ -1,0 +1,113 @@
+"""The run's summary: report.json for machines, report.md for people, a confusion matrix plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedfhe.fhe import CompiledModel
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+CONFUSION_PNG = "confusion_matrix.png"
+
+
+def build(compiled: CompiledModel, evaluation: dict[str, Any], fhe_samples: int) -> dict[str, Any]:
+    """Gather training metadata, compilation facts and evaluation results into one record."""
+    meta = compiled.source.metadata
+    training = meta.get("training", {})
+    metrics = meta.get("metrics", {})
+    return {
+        "dataset": meta.get("dataset"),
+        "n_train": meta.get("n_train"),
+        "n_test": len(evaluation["predictions"]["y_true"]),
+        "clients": training.get("clients"),
+        "rounds": training.get("rounds") if training.get("clients", 1) > 1 else 0,
+        "fhe_samples": fhe_samples,
+        "n_bits": compiled.n_bits,
+        "calibration": compiled.calibration,
+        "model_sha256": compiled.source.sha256,
+        "accuracy": {
+            "centralized": metrics.get("centralized", {}).get("accuracy"),
+            "federated": metrics.get("final", {}).get("accuracy"),
+            **{k: v for k, v in evaluation["accuracy"].items() if k != "sklearn"},
+        },
+        "agreement": evaluation["agreement"],
+        "timing_s": {
+            "train": metrics.get("train_seconds"),
+            "compile": compiled.compile_seconds,
+            **{k: v for k, v in evaluation["timing_s"].items() if not k.endswith("_bytes")},
+        },
+        "bytes": {k: v for k, v in evaluation["timing_s"].items() if k.endswith("_bytes")},
+        "circuit": {"max_bit_width": compiled.max_bit_width},
+        "training": training,
+    }
+
+
+def write(run_dir: Path, report: dict[str, Any], evaluation: dict[str, Any]) -> None:
+    """Write report.json, report.md, evaluation.json and the confusion matrix into run_dir."""
+    (run_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
+    (run_dir / REPORT_JSON).write_text(json.dumps(report, indent=2))
+    (run_dir / REPORT_MD).write_text(markdown(report))
+    preds = evaluation["predictions"]
+    plot_confusion(np.array(preds["y_true"]), np.array(preds["fhe_simulate"]), run_dir / CONFUSION_PNG)
+
+
+def _fmt(value: Any, percent: bool = False) -> str:
+    """Percentages with two decimals, seconds with three significant digits, n/a for missing."""
+    if value is None:
+        return "n/a"
+    if percent:
+        return f"{100 * value:.2f}%"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown tables."""
+    acc, agree, timing = report["accuracy"], report["agreement"], report["timing_s"]
+    lines = [
+        f"# fedfhe run: {report['dataset']}",
+        "",
+        f"{report['n_train']} training and {report['n_test']} test samples, {report['clients']} client(s), "
+        f"{report['rounds']} round(s), n_bits {report['n_bits']}, compiled on {report['calibration']}, "
+        f"largest circuit integer {report['circuit']['max_bit_width']} bits.",
+        "",
+        "| accuracy | value |",
+        "|---|---|",
+        *(f"| {name} | {_fmt(acc[name], percent=True)} |" for name in acc),
+        "",
+        "| agreement | value |",
+        "|---|---|",
+        *(f"| {name} | {_fmt(agree[name], percent=True)} |" for name in agree),
+        "",
+        "| time (s) | value |",
+        "|---|---|",
+        *(f"| {name} | {_fmt(timing[name])} |" for name in timing),
+        "",
+        "| size (bytes) | value |",
+        "|---|---|",
+        *(f"| {name} | {value} |" for name, value in report["bytes"].items()),
+        "",
+        f"FHE execute ran on the first {report['fhe_samples']} test samples; simulate on all of them.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, path: Path) -> None:
+    """Confusion matrix of the FHE predictions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    ConfusionMatrixDisplay.from_predictions(y_true, y_pred, ax=ax, colorbar=False, cmap="Blues")
+    ax.set_title(f"FHE predictions (accuracy {np.mean(y_true == y_pred):.1%})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
