@@ -129,12 +129,15 @@ def _show(summary: dict[str, Any]) -> None:
     Console().print(table)
 
 
-def _config(clients: int, rounds: int, local_iters: int, fraction: float, partitioning: str, alpha: float, seed: int, C: float) -> Any:
-    """A checked TrainConfig."""
+def _config(dataset: Any, clients: int, rounds: int, local_iters: int, fraction: float, partitioning: str, alpha: float, seed: int, C: float) -> Any:
+    """A TrainConfig checked against the data set."""
     from fedfhe.federated.task import TrainConfig
+    from fedfhe.partition import SCHEMES
 
+    if partitioning not in SCHEMES:
+        raise FedfheError(f"unknown partitioning {partitioning!r}; choose one of: {', '.join(SCHEMES)}")
     config = TrainConfig(clients, rounds, local_iters, fraction, partitioning, alpha, seed, C)
-    config.check()
+    config.check(len(dataset.y_train))
     return config
 
 
@@ -156,8 +159,8 @@ def train(
     """Train a logistic regression with FedAvg on Flower's simulation engine (or centrally)."""
     from fedfhe.data import load_dataset
 
-    config = _config(clients, rounds, local_iters, fraction, partitioning, alpha, seed, C)
     data = load_dataset(dataset, data_dir=data_dir, seed=seed)
+    config = _config(data, clients, rounds, local_iters, fraction, partitioning, alpha, seed, C)
     _train(data, config, _writable(out), verbose)
 
 
@@ -184,7 +187,7 @@ def evaluate(
 ) -> None:
     """Measure float, quantized, simulated and real FHE accuracy and their agreement."""
     from fedfhe import fhe
-    from fedfhe.data import load_dataset, read_table
+    from fedfhe.data import check_features, load_dataset, read_table
     from fedfhe.model import LinearModel
     from fedfhe.training import MODEL_FILE
 
@@ -196,6 +199,9 @@ def evaluate(
         X, y = read_table(data)
         if y is None:
             raise FedfheError(f"{data}: no labels (need y in the .npz or a label column in the .csv)")
+        X = check_features(X, model.n_features, model.input_range, "test data")
+        if len(y) != len(X):
+            raise FedfheError(f"{data}: {len(y)} labels for {len(X)} rows")
     _check_fhe_samples(fhe_samples, len(y))
     with console.status("recompiling from the recorded compile inputs"):
         compiled = fhe.load_compiled(run, model)
@@ -224,10 +230,10 @@ def run(
     from fedfhe.data import load_dataset
     from fedfhe.fhe import N_BITS_RANGE
 
-    config = _config(clients, rounds, local_iters, fraction, partitioning, alpha, seed, C)
     if not N_BITS_RANGE[0] <= n_bits <= N_BITS_RANGE[1]:
         raise FedfheError(f"--n-bits must be between {N_BITS_RANGE[0]} and {N_BITS_RANGE[1]} (got {n_bits})")
     data = load_dataset(dataset, data_dir=data_dir, seed=seed)
+    config = _config(data, clients, rounds, local_iters, fraction, partitioning, alpha, seed, C)
     _check_fhe_samples(fhe_samples, len(data.y_test))
     if calibration is not None and not calibration.is_file():
         raise FedfheError(f"{calibration}: file not found")

@@ -10,12 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 from fedfhe.data import Dataset
-from fedfhe.errors import FedfheError
 from fedfhe.federated import task
 from fedfhe.federated.task import TrainConfig
 from fedfhe.model import LinearModel
@@ -43,9 +41,7 @@ def train(
     verbose: bool = False,
 ) -> LinearModel:
     """Train (federated when clients > 1), write metrics.json, plots and model.npz into out_dir."""
-    config.check()
-    if config.clients > len(dataset.y_train):
-        raise FedfheError(f"--clients {config.clients} is more than the {len(dataset.y_train)} training samples")
+    config.check(len(dataset.y_train))
     out_dir.mkdir(parents=True, exist_ok=True)
     X_test = task.scale(dataset.X_test, dataset.input_range)
     start = time.perf_counter()

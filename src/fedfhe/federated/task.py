@@ -83,10 +83,12 @@ class TrainConfig:
     seed: int = 0
     C: float = 1.0
 
-    def check(self) -> None:
-        """Reject settings that cannot run, with the option's name in the message."""
+    def check(self, n_train: int) -> None:
+        """Reject settings that cannot run on n_train samples, naming the option."""
         if self.clients < 1:
             raise FedfheError(f"--clients must be at least 1 (got {self.clients})")
+        if self.clients > n_train:
+            raise FedfheError(f"--clients {self.clients} is more than the {n_train} training samples")
         if self.rounds < 1:
             raise FedfheError(f"--rounds must be at least 1 (got {self.rounds})")
         if self.local_iters < 1:

@@ -1,0 +1,5 @@
+"""`python -m fedfhe` runs the CLI."""
+
+from fedfhe.cli import main
+
+main()

@@ -1,0 +1,146 @@
+"""Data loading: bundled sets, IDX files written here, user files and input validation."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedfhe.data import (
+    MNIST_FILES,
+    check_features,
+    fetch_mnist_openml,
+    load_dataset,
+    read_table,
+)
+from fedfhe.errors import FedfheError
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int, compress: bool = True) -> None:
+    """Write an IDX file the way the official MNIST files are laid out."""
+    raw = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape) + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+
+
+def write_mnist(folder: Path, n_train: int = 12, n_test: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Four small MNIST-format files with random pixels and labels."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n_train + n_test, 28, 28))
+    labels = rng.integers(0, 10, size=n_train + n_test)
+    write_idx(folder / MNIST_FILES["train_images"], images[:n_train], 2051)
+    write_idx(folder / MNIST_FILES["train_labels"], labels[:n_train], 2049)
+    write_idx(folder / MNIST_FILES["test_images"], images[n_train:], 2051)
+    write_idx(folder / MNIST_FILES["test_labels"], labels[n_train:], 2049)
+    return images, labels
+
+
+def test_bundled_sets_have_raw_features_in_their_range(digits):
+    mnist = load_dataset("mnist-5k", seed=0)
+    assert (mnist.X_train.shape, mnist.X_test.shape) == ((4000, 784), (1000, 784))
+    assert mnist.input_range == (0.0, 255.0) and mnist.X_train.max() == 255.0
+    assert digits.n_features == 64 and digits.X_train.max() <= 16
+    assert list(mnist.classes) == list(range(10))
+    assert np.bincount(mnist.y_test).tolist() == [100] * 10  # stratified
+
+
+def test_split_is_deterministic_from_the_seed():
+    a, b, c = (load_dataset("digits", seed=s) for s in (1, 1, 2))
+    assert np.array_equal(a.X_test, b.X_test)
+    assert not np.array_equal(a.X_test, c.X_test)
+
+
+def test_mnist_idx_files_keep_the_official_split(tmp_path):
+    images, labels = write_mnist(tmp_path)
+    data = load_dataset("mnist", data_dir=tmp_path)
+    assert data.X_train.shape == (12, 784) and data.X_test.shape == (5, 784)
+    assert np.array_equal(data.X_test, images[12:].reshape(5, -1))
+    assert np.array_equal(data.y_train, labels[:12])
+
+
+def test_uncompressed_idx_is_read_too(tmp_path):
+    from fedfhe.data import read_idx
+
+    path = tmp_path / "labels-idx1-ubyte"
+    write_idx(path, np.arange(7), 2049, compress=False)
+    assert read_idx(path, 2049).tolist() == list(range(7))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / MNIST_FILES["test_labels"]).unlink(), "file not found"),
+        (lambda d: write_idx(d / MNIST_FILES["train_images"], np.zeros((12, 28, 28)), 2049), "wrong magic number"),
+        (
+            lambda d: (d / MNIST_FILES["train_labels"]).write_bytes(
+                gzip.compress(gzip.decompress((d / MNIST_FILES["train_labels"]).read_bytes())[:-3])
+            ),
+            "data bytes for shape",
+        ),
+        (lambda d: write_idx(d / MNIST_FILES["test_labels"], np.zeros(4), 2049), "4 labels for 5 images"),
+        (lambda d: (d / MNIST_FILES["test_images"]).write_bytes(b"\x1f\x8bnot gzip"), "cannot read"),
+        (lambda d: (d / MNIST_FILES["test_images"]).write_bytes(gzip.compress(b"\x00\x00")), "truncated header"),
+    ],
+)
+def test_broken_idx_files_name_the_file_and_the_problem(tmp_path, damage, message):
+    write_mnist(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(FedfheError, match=message) as info:
+        load_dataset("mnist", data_dir=tmp_path)
+    assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_openml_download_without_network_is_one_clear_error(tmp_path, monkeypatch):
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # a closed port: the download cannot succeed
+    with pytest.raises(FedfheError, match="cannot download mnist_784 from OpenML.*--data-dir"):
+        fetch_mnist_openml(tmp_path)
+
+
+def test_unknown_data_set_lists_the_choices():
+    with pytest.raises(FedfheError, match="unknown data set 'mnsit'; choose one of: digits, mnist-5k, mnist"):
+        load_dataset("mnsit")
+
+
+def test_read_table_formats(tmp_path):
+    X = np.arange(12, dtype=float).reshape(3, 4)
+    np.save(tmp_path / "rows.npy", X)
+    np.savez(tmp_path / "data.npz", X=X, y=np.array([0, 1, 0]))
+    (tmp_path / "data.csv").write_text("a,b,label\n1,2,0\n3,4,1\n")
+    assert np.array_equal(read_table(tmp_path / "rows.npy")[0], X)
+    Xz, yz = read_table(tmp_path / "data.npz")
+    assert np.array_equal(Xz, X) and yz.tolist() == [0, 1, 0]
+    Xc, yc = read_table(tmp_path / "data.csv")
+    assert Xc.tolist() == [[1, 2], [3, 4]] and yc.tolist() == [0, 1]
+
+
+def test_read_table_rejects_pickles_and_garbage(tmp_path):
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object))
+    (tmp_path / "junk.npz").write_bytes(b"garbage")
+    for name in ("objects.npy", "junk.npz", "missing.csv"):
+        with pytest.raises(FedfheError):
+            read_table(tmp_path / name)
+    with pytest.raises(FedfheError, match="unsupported file type"):
+        (tmp_path / "x.txt").write_text("1")
+        read_table(tmp_path / "x.txt")
+
+
+@pytest.mark.parametrize(
+    "X, message",
+    [
+        (np.zeros((2, 5)), r"shape \(2, 5\); expected \(n_samples, 4\)"),
+        (np.array([[0, 1, np.nan, 2]]), "NaN or infinite"),
+        (np.array([[0, 1, np.inf, 2]]), "NaN or infinite"),
+        (np.array([[0, 1, 300, 2]]), r"outside the model's input range \[0, 255\]"),
+        (np.array([[-1, 1, 3, 2]]), "outside"),
+    ],
+)
+def test_check_features_rejects_bad_rows(X, message):
+    with pytest.raises(FedfheError, match=message):
+        check_features(X, 4, (0.0, 255.0))
+
+
+def test_check_features_accepts_a_single_row():
+    assert check_features(np.array([1, 2, 3, 4]), 4, (0.0, 255.0)).shape == (1, 4)
