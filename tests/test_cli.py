@@ -23,8 +23,23 @@ def fedfhe(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def cli_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "run"
     done = fedfhe(
-        "run", "--dataset", "digits", "--clients", "4", "--rounds", "2", "--partitioning", "dirichlet",
-        "--alpha", "0.3", "--n-bits", "6", "--fhe-samples", "3", "--out", str(out),
+        "run",
+        "--dataset",
+        "digits",
+        "--clients",
+        "4",
+        "--rounds",
+        "2",
+        "--partitioning",
+        "dirichlet",
+        "--alpha",
+        "0.3",
+        "--n-bits",
+        "6",
+        "--fhe-samples",
+        "3",
+        "--out",
+        str(out),
     )
     assert done.returncode == 0, done.stderr
     return out

@@ -21,7 +21,11 @@ from fedfhe.errors import FedfheError
 
 def write_idx(path: Path, array: np.ndarray, magic: int, compress: bool = True) -> None:
     """Write an IDX file the way the official MNIST files are laid out."""
-    raw = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape) + array.astype(np.uint8).tobytes()
+    raw = (
+        struct.pack(">I", magic)
+        + b"".join(struct.pack(">I", d) for d in array.shape)
+        + array.astype(np.uint8).tobytes()
+    )
     path.write_bytes(gzip.compress(raw) if compress else raw)
 
 

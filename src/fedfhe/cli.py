@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -129,7 +130,17 @@ def _show(summary: dict[str, Any]) -> None:
     Console().print(table)
 
 
-def _config(dataset: Any, clients: int, rounds: int, local_iters: int, fraction: float, partitioning: str, alpha: float, seed: int, C: float) -> Any:
+def _config(
+    dataset: Any,
+    clients: int,
+    rounds: int,
+    local_iters: int,
+    fraction: float,
+    partitioning: str,
+    alpha: float,
+    seed: int,
+    C: float,
+) -> Any:
     """A TrainConfig checked against the data set."""
     from fedfhe.federated.task import TrainConfig
     from fedfhe.partition import SCHEMES
@@ -182,7 +193,9 @@ def compile_(
 def evaluate(
     run: RunDir = Path("runs/latest"),
     fhe_samples: FheSamples = 100,
-    data: Annotated[Path | None, typer.Option(help="Labelled data (.npz X,y or .csv with label) instead of the test split.")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Labelled data (.npz X,y or .csv with label) instead of the test split.")
+    ] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Measure float, quantized, simulated and real FHE accuracy and their agreement."""
@@ -252,6 +265,7 @@ def _check_fhe_samples(fhe_samples: int, n_test: int) -> None:
 def main() -> None:
     """Entry point: bad input ends in one line on stderr and exit code 2, never a traceback."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # third-party import-time notices
     try:
         app()
     except FedfheError as exc:
@@ -263,5 +277,9 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - the promise is one line, not a traceback
         if os.environ.get("FEDFHE_DEBUG"):
             raise
-        console.print(f"[red]error:[/red] unexpected {type(exc).__name__}: {exc} (FEDFHE_DEBUG=1 shows the traceback)", highlight=False, soft_wrap=True)
+        console.print(
+            f"[red]error:[/red] unexpected {type(exc).__name__}: {exc} (FEDFHE_DEBUG=1 shows the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(1)

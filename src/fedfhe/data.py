@@ -74,9 +74,7 @@ def _split(
     name: str, X: np.ndarray, y: np.ndarray, input_range: tuple[float, float], seed: int, test_size: float
 ) -> Dataset:
     """Stratified train/test split, reproducible from the seed."""
-    X_train, X_test, y_train, y_test = train_test_split(
-        X, y, test_size=test_size, stratify=y, random_state=seed
-    )
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, stratify=y, random_state=seed)
     return _dataset(name, X_train, y_train, X_test, y_test, input_range)
 
 
@@ -122,9 +120,7 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = int(np.prod(shape))
     if len(raw) - header != expected:
-        raise FedfheError(
-            f"{path}: {len(raw) - header} data bytes for shape {shape} (expected {expected})"
-        )
+        raise FedfheError(f"{path}: {len(raw) - header} data bytes for shape {shape} (expected {expected})")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -182,7 +178,11 @@ def read_table(path: Path, label_column: str = "label") -> tuple[np.ndarray, np.
             table = np.genfromtxt(path, delimiter=",", names=True, dtype=np.float64)
             names = [n for n in table.dtype.names or () if n != label_column]
             X = np.column_stack([np.atleast_1d(table[n]) for n in names])
-            y = np.atleast_1d(table[label_column]).astype(np.int64) if label_column in (table.dtype.names or ()) else None
+            y = (
+                np.atleast_1d(table[label_column]).astype(np.int64)
+                if label_column in (table.dtype.names or ())
+                else None
+            )
             return X, y
     except Exception as exc:  # noqa: BLE001 - corrupt files of any kind end here
         raise FedfheError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
@@ -200,5 +200,7 @@ def check_features(X: np.ndarray, n_features: int, input_range: tuple[float, flo
         raise FedfheError(f"{name} contains NaN or infinite values")
     low, high = input_range
     if X.size and (X.min() < low or X.max() > high):
-        raise FedfheError(f"{name} has values in [{X.min():g}, {X.max():g}], outside the model's input range [{low:g}, {high:g}]")
+        raise FedfheError(
+            f"{name} has values in [{X.min():g}, {X.max():g}], outside the model's input range [{low:g}, {high:g}]"
+        )
     return X

@@ -155,7 +155,11 @@ def evaluate(
             "fhe_vs_sklearn": _mean(simulate_pred == sklearn_pred),
         },
         "timing_s": {"simulate_per_sample": simulate_seconds / max(len(X), 1), **timings},
-        "predictions": {"y_true": y.tolist(), "fhe_simulate": simulate_pred.tolist(), "fhe_execute": execute_pred.tolist()},
+        "predictions": {
+            "y_true": y.tolist(),
+            "fhe_simulate": simulate_pred.tolist(),
+            "fhe_execute": execute_pred.tolist(),
+        },
     }
 
 

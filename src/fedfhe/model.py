@@ -49,7 +49,12 @@ class LinearModel:
 
     def save(self, path: Path) -> None:
         """Write atomically: a crash mid-write never leaves a half file under the real name."""
-        header = {"format": FORMAT, "input_range": list(self.input_range), "metadata": self.metadata, "sha256": self.sha256}
+        header = {
+            "format": FORMAT,
+            "input_range": list(self.input_range),
+            "metadata": self.metadata,
+            "sha256": self.sha256,
+        }
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
             np.savez(

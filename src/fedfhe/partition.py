@@ -41,9 +41,7 @@ def partition(
         raise FedfheError(f"cannot partition {len(y)} samples among {n_clients} clients: {exc}") from None
 
 
-def save_partitions(
-    X: np.ndarray, y: np.ndarray, parts: list[np.ndarray], out_dir: Path
-) -> list[Path]:
+def save_partitions(X: np.ndarray, y: np.ndarray, parts: list[np.ndarray], out_dir: Path) -> list[Path]:
     """Write one client-<i>.npz per client: the files each data owner would hold."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []

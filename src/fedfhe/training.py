@@ -127,7 +127,7 @@ def plot_rounds(metrics: dict[str, Any], path: Path) -> None:
         for row in rounds:
             for c in row.get("clients", []):
                 per_client.setdefault(c["client"], []).append((row["round"], c[key]))
-        for i, (client, points) in enumerate(sorted(per_client.items())):
+        for i, (_, points) in enumerate(sorted(per_client.items())):
             ax.plot(*zip(*points), "-", alpha=0.35, lw=1, label="clients (local data)" if i == 0 else None)
         ax.axhline(metrics["centralized"][key], ls="--", color="tab:red", label="centralized baseline")
         ax.set_xlabel("round")
