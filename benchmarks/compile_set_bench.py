@@ -54,7 +54,9 @@ def main() -> None:
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "compile_set.json").write_text(json.dumps({"run": str(run), "results": results}, indent=2))
     for name, row in results.items():
-        print(f"{name:40s} agree {row['fhe_vs_clear']:.3f}  fhe acc {row['fhe_accuracy']:.3f}  bits {row['max_bit_width']}")
+        print(
+            f"{name:40s} agree {row['fhe_vs_clear']:.3f}  fhe acc {row['fhe_accuracy']:.3f}  bits {row['max_bit_width']}"
+        )
 
 
 if __name__ == "__main__":

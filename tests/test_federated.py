@@ -46,3 +46,9 @@ def test_one_client_trains_centrally(tmp_path, digits):
 def test_bad_training_settings(tmp_path, digits, config, message):
     with pytest.raises(FedfheError, match=message):
         train(digits, config, tmp_path)
+
+
+def test_same_seed_gives_the_same_model(federated_run, digits, tmp_path):
+    again = train(digits, TrainConfig(clients=3, rounds=2, local_iters=10, seed=0), tmp_path)
+    first = LinearModel.load(federated_run / "model.npz")
+    assert (again.coef == first.coef).all() and (again.intercept == first.intercept).all()

@@ -262,6 +262,71 @@ def _check_fhe_samples(fhe_samples: int, n_test: int) -> None:
         raise FedfheError(f"--fhe-samples must be between 0 and the {n_test} test samples (got {fhe_samples})")
 
 
+@app.command()
+def serve(
+    run: RunDir = Path("runs/latest"),
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="FHE worker processes.")] = 2,
+    key_store: Annotated[Path | None, typer.Option(help="Evaluation key directory (default RUN/keys).")] = None,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body, in MiB.")] = 16.0,
+    max_batch: Annotated[int, typer.Option(help="Most ciphertexts per request.")] = 256,
+    timeout: Annotated[float, typer.Option(help="Seconds of FHE work allowed per request.")] = 60.0,
+) -> None:
+    """Serve encrypted inference over HTTP; the server never holds a private key."""
+    import logging
+
+    import uvicorn
+
+    from fedfhe.service.server import Limits, create_app
+
+    if max_body_mb <= 0 or max_batch < 1 or timeout <= 0:
+        raise FedfheError("--max-body-mb and --timeout must be positive and --max-batch at least 1")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    limits = Limits(max_body_bytes=int(max_body_mb * (1 << 20)), max_batch=max_batch, timeout_s=timeout)
+    uvicorn.run(create_app(run, key_store, workers, limits), host=host, port=port, log_level="warning", access_log=False)
+
+
+@app.command()
+def predict(
+    input: Annotated[Path, typer.Argument(help="Rows (.npy, .npz with X, .csv) or one image (.png, .jpg).")],
+    server: Annotated[str, typer.Option(help="URL of `fedfhe serve`.")] = "http://127.0.0.1:8000",
+    key_dir: Annotated[
+        Path | None, typer.Option(help="Where this client keeps its keys (default: per server, in the cache).")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Classify inputs on a remote server without ever sending them in the clear."""
+    import hashlib
+    import json
+
+    from fedfhe.data import DEFAULT_CACHE
+    from fedfhe.service.client import EncryptedClient, read_inputs
+
+    if not input.is_file():
+        raise FedfheError(f"{input}: file not found")
+    keys = key_dir or DEFAULT_CACHE / "client-keys" / hashlib.sha256(server.rstrip("/").encode()).hexdigest()[:16]
+    with EncryptedClient(server, keys) as client:
+        X = read_inputs(input, client.model["n_features"], tuple(client.model["input_range"]))
+        with console.status(f"encrypting and classifying {len(X)} row(s)"):
+            result = client.predict(X)
+    classes = client.model["classes"]
+    if json_out:
+        rows = [
+            {"row": i, "class": int(c), "scores": dict(zip(map(str, classes), map(float, s)))}
+            for i, (c, s) in enumerate(zip(result.classes, result.scores))
+        ]
+        print(json.dumps(rows))
+        return
+    table = Table(title=f"{input.name}: {len(X)} row(s), classified under encryption")
+    table.add_column("row", justify="right")
+    table.add_column("class", justify="right")
+    table.add_column("scores (" + " ".join(map(str, classes)) + ")")
+    for i, (c, s) in enumerate(zip(result.classes, result.scores)):
+        table.add_row(str(i), str(c), " ".join(f"{v:.2f}" for v in s))
+    Console().print(table)
+
+
 def main() -> None:
     """Entry point: bad input ends in one line on stderr and exit code 2, never a traceback."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,22 +80,20 @@ def compile_model(model: LinearModel, n_bits: int = 8, calibration: np.ndarray |
     else:
         inputs = check_features(calibration, model.n_features, model.input_range, "calibration data")
         kind = f"calibration sample ({len(inputs)} rows)"
-    from concrete.ml.sklearn import LogisticRegression as ConcreteLogisticRegression
-
     start = time.perf_counter()
-    concrete = ConcreteLogisticRegression.from_sklearn_model(model.to_sklearn(), X=inputs, n_bits=n_bits)
+    concrete = _concrete("concrete.ml.sklearn").LogisticRegression.from_sklearn_model(
+        model.to_sklearn(), X=inputs, n_bits=n_bits
+    )
     concrete.compile(inputs)
     return CompiledModel(concrete, model, n_bits, inputs, kind, time.perf_counter() - start)
 
 
 def export(compiled: CompiledModel, run_dir: Path) -> Path:
     """Write client.zip, server.zip, the compile inputs and fhe.json into run_dir/fhe (replaced whole)."""
-    from concrete.ml.deployment import FHEModelDev
-
     target = run_dir / FHE_DIR
     staging = Path(tempfile.mkdtemp(prefix=".fhe-", dir=run_dir))
     try:
-        FHEModelDev(str(staging), compiled.concrete).save()
+        _concrete("concrete.ml.deployment").FHEModelDev(str(staging), compiled.concrete).save()
         np.save(staging / COMPILE_INPUTS_FILE, compiled.compile_inputs)
         (staging / INFO_FILE).write_text(json.dumps(compiled.info(), indent=2))
         if target.exists():
@@ -167,17 +167,16 @@ def execute(
     artifacts: Path, classes: np.ndarray, X: np.ndarray, on_sample: Callable[[int], None] | None = None
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Real FHE through the exported client.zip/server.zip: keygen, encrypt, run, decrypt per row."""
-    from concrete.ml.deployment import FHEModelClient, FHEModelServer
-
+    deployment = _concrete("concrete.ml.deployment")
     if len(X) == 0:
         return np.array([], dtype=np.int64), {}
     with tempfile.TemporaryDirectory(prefix="fedfhe-keys-") as key_dir:
-        client = FHEModelClient(str(artifacts), key_dir=key_dir)
+        client = deployment.FHEModelClient(str(artifacts), key_dir=key_dir)
         start = time.perf_counter()
         client.generate_private_and_evaluation_keys()
         keys = client.get_serialized_evaluation_keys()
         keygen = time.perf_counter() - start
-        server = FHEModelServer(str(artifacts))
+        server = deployment.FHEModelServer(str(artifacts))
         server.load()
         predictions, encrypt, run, decrypt, sizes = [], [], [], [], []
         for i, row in enumerate(X):
@@ -206,6 +205,13 @@ def execute(
         "input_ciphertext_bytes": sizes[0][0],
         "output_ciphertext_bytes": sizes[0][1],
     }
+
+
+def _concrete(module: str) -> Any:
+    """Import a Concrete ML module on first use (it costs seconds) without its deprecation notices."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return importlib.import_module(module)
 
 
 def _mean(values: np.ndarray) -> float | None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
@@ -25,6 +25,17 @@ def per_client_metrics(records: list[RecordDict], weight_key: str) -> MetricReco
     merged["client-accuracy"] = [float(row[1]) for row in rows]
     merged["client-loss"] = [float(row[2]) for row in rows]
     return merged
+
+
+class OrderedFedAvg(FedAvg):
+    """FedAvg that sums the replies in a fixed order: the same seed gives the same model, bit for bit."""
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Sort replies by content hash (arrival order varies), then average as FedAvg does."""
+        ordered = sorted(replies, key=lambda m: "" if m.has_error() else m.content["arrays"].object_id)
+        return super().aggregate_train(server_round, ordered)
 
 
 def build_server_app(
@@ -52,7 +63,7 @@ def build_server_app(
     def main(grid: Grid, context: Context) -> None:
         """Run the configured number of FedAvg rounds."""
         random.seed(config.seed)  # FedAvg samples clients with the `random` module
-        strategy = FedAvg(
+        strategy = OrderedFedAvg(
             fraction_train=config.fraction,
             fraction_evaluate=1.0,
             min_train_nodes=1,
