@@ -42,6 +42,20 @@ FheSamples = Annotated[int, typer.Option(help="Test samples to run with real enc
 RunDir = Annotated[Path, typer.Option("--run", help="Run directory.")]
 Out = Annotated[Path, typer.Option(help="Run directory to write into.")]
 Verbose = Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")]
+Strategy = Annotated[str, typer.Option(help="fedavg | fedprox | fedmedian | krum | trimmed-mean")]
+ProximalMu = Annotated[float, typer.Option(help="FedProx proximal strength, relative to the mean loss.")]
+MinClients = Annotated[int, typer.Option(help="Fewest successful clients a round accepts.")]
+RoundTimeout = Annotated[float, typer.Option(help="Seconds to wait for the clients in a round.")]
+SecAgg = Annotated[bool, typer.Option("--secagg", help="SecAgg+: the server only learns the sum of updates.")]
+SecAggShares = Annotated[float, typer.Option(help="SecAgg+ shares per client (a fraction of the clients if < 1).")]
+SecAggThreshold = Annotated[float, typer.Option(help="SecAgg+ shares needed to reconstruct (fraction if < 1).")]
+SecAggClip = Annotated[float, typer.Option(help="SecAgg+ clipping range of each weighted parameter.")]
+SecAggLevels = Annotated[int, typer.Option(help="SecAgg+ quantization levels over the clipping range.")]
+SecAggMaxWeight = Annotated[float, typer.Option(help="SecAgg+ bound on a client's sample count.")]
+DP = Annotated[bool, typer.Option("--dp", help="Central DP: client-side clipping, Gaussian noise on the sum.")]
+NoiseMultiplier = Annotated[float, typer.Option(help="DP noise standard deviation / clipping norm.")]
+ClippingNorm = Annotated[float, typer.Option(help="DP bound on the L2 norm of a client's update.")]
+TargetDelta = Annotated[float, typer.Option(help="DP delta at which epsilon is reported.")]
 
 
 def _writable(path: Path) -> Path:
@@ -62,7 +76,7 @@ def _progress() -> Progress:
     )
 
 
-def _train(dataset: Any, config: Any, out: Path, verbose: bool) -> Any:
+def _train(dataset: Any, config: Any, out: Path, verbose: bool, resume: bool = False) -> Any:
     """Train with a progress bar over rounds."""
     from fedfhe.training import train
 
@@ -72,13 +86,14 @@ def _train(dataset: Any, config: Any, out: Path, verbose: bool) -> Any:
 
         def on_round(r: int, metrics: dict[str, float]) -> None:
             if r > 0:
-                progress.update(bar, advance=1, description=f"round {r}: test accuracy {metrics['accuracy']:.2%}")
+                progress.update(bar, completed=r, description=f"round {r}: test accuracy {metrics['accuracy']:.2%}")
 
-        model = train(dataset, config, out, on_round=on_round, verbose=verbose)
+        model = train(dataset, config, out, on_round=on_round, verbose=verbose, resume=resume)
     metrics = model.metadata["metrics"]
+    privacy = f", DP epsilon {metrics['privacy']['epsilon']:.3g}" if "privacy" in metrics else ""
     console.print(
         f"trained: accuracy {metrics['final']['accuracy']:.2%} "
-        f"(centralized baseline {metrics['centralized']['accuracy']:.2%}) -> {out / 'model.npz'}"
+        f"(centralized baseline {metrics['centralized']['accuracy']:.2%}{privacy}) -> {out / 'model.npz'}"
     )
     return model
 
@@ -130,24 +145,17 @@ def _show(summary: dict[str, Any]) -> None:
     Console().print(table)
 
 
-def _config(
-    dataset: Any,
-    clients: int,
-    rounds: int,
-    local_iters: int,
-    fraction: float,
-    partitioning: str,
-    alpha: float,
-    seed: int,
-    C: float,
-) -> Any:
-    """A TrainConfig checked against the data set."""
+def _config(dataset: Any, options: dict[str, Any]) -> Any:
+    """A TrainConfig from the command's options, checked against the data set."""
+    import dataclasses
+
     from fedfhe.federated.task import TrainConfig
     from fedfhe.partition import SCHEMES
 
-    if partitioning not in SCHEMES:
-        raise FedfheError(f"unknown partitioning {partitioning!r}; choose one of: {', '.join(SCHEMES)}")
-    config = TrainConfig(clients, rounds, local_iters, fraction, partitioning, alpha, seed, C)
+    if options["partitioning"] not in SCHEMES:
+        raise FedfheError(f"unknown partitioning {options['partitioning']!r}; choose one of: {', '.join(SCHEMES)}")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in options.items() if k in names})
     config.check(len(dataset.y_train))
     return config
 
@@ -163,15 +171,38 @@ def train(
     partitioning: Partitioning = "iid",
     alpha: Alpha = 0.5,
     C: RegC = 1.0,
+    strategy: Strategy = "fedavg",
+    proximal_mu: ProximalMu = 0.01,
+    min_clients: MinClients = 1,
+    round_timeout: RoundTimeout = 600.0,
+    secagg: SecAgg = False,
+    secagg_shares: SecAggShares = 0.5,
+    secagg_threshold: SecAggThreshold = 0.6,
+    secagg_clipping_range: SecAggClip = 16.0,
+    secagg_quantization_range: SecAggLevels = 2**22,
+    secagg_max_weight: SecAggMaxWeight = 10_000.0,
+    dp: DP = False,
+    noise_multiplier: NoiseMultiplier = 1.0,
+    clipping_norm: ClippingNorm = 1.0,
+    target_delta: TargetDelta = 1e-5,
     seed: Seed = 0,
     out: Out = Path("runs/latest"),
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue an interrupted run from its last checkpoint (other options ignored).")
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
-    """Train a logistic regression with FedAvg on Flower's simulation engine (or centrally)."""
+    """Train a logistic regression with Flower on its simulation engine (or centrally with --clients 1)."""
     from fedfhe.data import load_dataset
+    from fedfhe.training import saved_config
 
+    if resume is not None:
+        name, config = saved_config(resume)
+        data = load_dataset(name, data_dir=data_dir, seed=config.seed)
+        _train(data, config, _writable(resume), verbose, resume=True)
+        return
     data = load_dataset(dataset, data_dir=data_dir, seed=seed)
-    config = _config(data, clients, rounds, local_iters, fraction, partitioning, alpha, seed, C)
+    config = _config(data, locals())
     _train(data, config, _writable(out), verbose)
 
 
@@ -232,6 +263,20 @@ def run(
     partitioning: Partitioning = "iid",
     alpha: Alpha = 0.5,
     C: RegC = 1.0,
+    strategy: Strategy = "fedavg",
+    proximal_mu: ProximalMu = 0.01,
+    min_clients: MinClients = 1,
+    round_timeout: RoundTimeout = 600.0,
+    secagg: SecAgg = False,
+    secagg_shares: SecAggShares = 0.5,
+    secagg_threshold: SecAggThreshold = 0.6,
+    secagg_clipping_range: SecAggClip = 16.0,
+    secagg_quantization_range: SecAggLevels = 2**22,
+    secagg_max_weight: SecAggMaxWeight = 10_000.0,
+    dp: DP = False,
+    noise_multiplier: NoiseMultiplier = 1.0,
+    clipping_norm: ClippingNorm = 1.0,
+    target_delta: TargetDelta = 1e-5,
     seed: Seed = 0,
     n_bits: NBits = 8,
     calibration: Calibration = None,
@@ -246,7 +291,7 @@ def run(
     if not N_BITS_RANGE[0] <= n_bits <= N_BITS_RANGE[1]:
         raise FedfheError(f"--n-bits must be between {N_BITS_RANGE[0]} and {N_BITS_RANGE[1]} (got {n_bits})")
     data = load_dataset(dataset, data_dir=data_dir, seed=seed)
-    config = _config(data, clients, rounds, local_iters, fraction, partitioning, alpha, seed, C)
+    config = _config(data, locals())
     _check_fhe_samples(fhe_samples, len(data.y_test))
     if calibration is not None and not calibration.is_file():
         raise FedfheError(f"{calibration}: file not found")
@@ -284,7 +329,9 @@ def serve(
         raise FedfheError("--max-body-mb and --timeout must be positive and --max-batch at least 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     limits = Limits(max_body_bytes=int(max_body_mb * (1 << 20)), max_batch=max_batch, timeout_s=timeout)
-    uvicorn.run(create_app(run, key_store, workers, limits), host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(
+        create_app(run, key_store, workers, limits), host=host, port=port, log_level="warning", access_log=False
+    )
 
 
 @app.command()

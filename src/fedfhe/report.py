@@ -43,6 +43,7 @@ def build(compiled: CompiledModel, evaluation: dict[str, Any], fhe_samples: int)
         },
         "bytes": {k: v for k, v in evaluation["timing_s"].items() if k.endswith("_bytes")},
         "circuit": {"max_bit_width": compiled.max_bit_width},
+        "privacy": metrics.get("privacy"),
         "training": training,
     }
 
@@ -94,6 +95,18 @@ def markdown(report: dict[str, Any]) -> str:
         f"FHE execute ran on the first {report['fhe_samples']} test samples; simulate on all of them.",
         "",
     ]
+    training, privacy = report["training"], report["privacy"]
+    lines.append(
+        f"Training: strategy {training.get('strategy', 'fedavg')}, secure aggregation "
+        f"{'on (SecAgg+)' if training.get('secagg') else 'off'}, differential privacy "
+        + (
+            f"on: epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g} (noise multiplier "
+            f"{privacy['noise_multiplier']:g}, clipping norm {privacy['clipping_norm']:g}, per client)."
+            if privacy
+            else "off."
+        )
+    )
+    lines.append("")
     return "\n".join(lines)
 
 

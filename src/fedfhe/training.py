@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,14 @@ from sklearn.linear_model import LogisticRegression
 
 from fedfhe.data import Dataset
 from fedfhe.federated import task
+from fedfhe.errors import FedfheError
+from fedfhe.federated.server_app import RoundCallback, RoundLog, load_checkpoint, make_server_main
 from fedfhe.federated.task import TrainConfig
 from fedfhe.model import LinearModel
 from fedfhe.partition import label_counts, partition, plot_label_distribution, save_partitions
 
 MODEL_FILE = "model.npz"
+CONFIG_FILE = "train_config.json"
 CENTRAL_MAX_ITER = 1000
 
 
@@ -37,12 +40,20 @@ def train(
     dataset: Dataset,
     config: TrainConfig,
     out_dir: Path,
-    on_round: Callable[[int, dict[str, float]], None] | None = None,
+    on_round: RoundCallback | None = None,
     verbose: bool = False,
+    resume: bool = False,
 ) -> LinearModel:
-    """Train (federated when clients > 1), write metrics.json, plots and model.npz into out_dir."""
+    """Train (federated when clients > 1), write metrics.json, plots and model.npz into out_dir.
+
+    Federated runs checkpoint after every round; resume=True continues from the last one.
+    """
     config.check(len(dataset.y_train))
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (out_dir / CONFIG_FILE).write_text(
+            json.dumps({"dataset": dataset.name, "training": dataclasses.asdict(config)})
+        )
     X_test = task.scale(dataset.X_test, dataset.input_range)
     start = time.perf_counter()
     central = centralized_params(dataset, config.C)
@@ -51,10 +62,13 @@ def train(
     if config.clients == 1:
         params = central
     else:
-        params, metrics["rounds"] = _federate(dataset, config, out_dir, on_round, verbose)
+        params, metrics["rounds"] = _federate(dataset, config, out_dir, on_round, verbose, resume)
+        metrics["failures"] = sum(row.get("failures", 0) for row in metrics["rounds"])
     accuracy, loss = task.evaluate(params, X_test, dataset.y_test, dataset.classes)
     metrics["final"] = {"accuracy": accuracy, "loss": loss}
     metrics["train_seconds"] = time.perf_counter() - start
+    if config.dp:
+        metrics["privacy"] = privacy_spent(config)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if metrics["rounds"]:
         plot_rounds(metrics, out_dir / "training.png")
@@ -67,48 +81,97 @@ def train(
             "n_train": int(len(dataset.y_train)),
             "n_test": int(len(dataset.y_test)),
             "training": dataclasses.asdict(config),
-            "metrics": {k: metrics[k] for k in ("centralized", "final", "train_seconds")},
+            "metrics": {k: metrics[k] for k in ("centralized", "final", "train_seconds", "privacy") if k in metrics},
         },
     )
     model.save(out_dir / MODEL_FILE)
     return model
 
 
+def saved_config(run_dir: Path) -> tuple[str, TrainConfig]:
+    """The data set name and training config a run was started with (for --resume)."""
+    try:
+        saved = json.loads((run_dir / CONFIG_FILE).read_text())
+        return saved["dataset"], TrainConfig(**saved["training"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FedfheError(f"{run_dir}: not a resumable run ({exc})") from None
+
+
+def privacy_spent(config: TrainConfig) -> dict[str, Any]:
+    """Epsilon at the target delta after all rounds, from Flower's RDP accountant.
+
+    Client-level DP (one client's whole data set is the unit protected). No amplification by
+    sampling is claimed: conservative, and true whatever the client sampling.
+    """
+    from flwr.supercore.privacy_accounting import (
+        GaussianPrivacyEvent,
+        NeighboringRelation,
+        PrivacyConfig,
+        SamplingMethod,
+    )
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=config.target_delta,
+            population_size=config.clients,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+    event = GaussianPrivacyEvent(config.noise_multiplier, config.sampled, config.clients)
+    accountant.compose(event, count=config.rounds)
+    epsilon = accountant.get_epsilon(config.target_delta) if config.noise_multiplier > 0 else float("inf")
+    return {
+        "epsilon": epsilon,
+        "delta": config.target_delta,
+        "noise_multiplier": config.noise_multiplier,
+        "clipping_norm": config.clipping_norm,
+        "unit": "client",
+    }
+
+
 def _federate(
     dataset: Dataset,
     config: TrainConfig,
     out_dir: Path,
-    on_round: Callable[[int, dict[str, float]], None] | None,
+    on_round: RoundCallback | None,
     verbose: bool,
+    resume: bool,
 ) -> tuple[task.Params, list[dict[str, Any]]]:
-    """Partition, run the Flower simulation, and collect per-round metrics."""
+    """Partition, run the Flower simulation (from the last checkpoint when resuming), collect metrics."""
     from fedfhe.federated.simulation import simulate
 
     parts = partition(dataset.y_train, config.clients, config.partitioning, config.alpha, config.seed)
     save_partitions(dataset.X_train, dataset.y_train, parts, out_dir / "partitions")
     counts = label_counts(dataset.y_train, parts, dataset.classes)
     plot_label_distribution(counts, dataset.classes, out_dir / "partitions.png")
-    result = simulate(
-        dataset,
+    checkpoints = out_dir / "checkpoints"
+    start, log = None, RoundLog()
+    if resume:
+        done, params, log = load_checkpoint(checkpoints)
+        if done >= config.rounds:
+            return params, [log.rows[r] for r in sorted(log.rows)]
+        start = (done, params)
+    elif checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    final: list[task.Params] = []
+    main = make_server_main(
         config,
-        out_dir / "partitions",
-        on_round=None if on_round is None else (lambda r, m: on_round(r, dict(m))),
-        verbose=verbose,
+        dataset.X_test,
+        dataset.y_test,
+        dataset.classes,
+        dataset.input_range,
+        checkpoints,
+        log,
+        final,
+        start,
+        on_round,
     )
-    rounds = []
-    for r, central in sorted(result.evaluate_metrics_serverapp.items()):
-        row: dict[str, Any] = {"round": r, "global": dict(central)}
-        if r in result.evaluate_metrics_clientapp:
-            clients = result.evaluate_metrics_clientapp[r]
-            row["clients_mean"] = {"accuracy": clients["accuracy"], "loss": clients["loss"]}
-            row["clients"] = [
-                {"client": c, "accuracy": a, "loss": l}
-                for c, a, l in zip(clients["clients"], clients["client-accuracy"], clients["client-loss"])
-            ]
-        if r in result.train_metrics_clientapp:
-            row["train"] = dict(result.train_metrics_clientapp[r])
-        rounds.append(row)
-    return result.arrays.to_numpy_ndarrays(), rounds
+    simulate(config, main, out_dir / "partitions", verbose)
+    if not final:
+        raise RuntimeError("the Flower simulation ended without a model")
+    return final[0], [log.rows[r] for r in sorted(log.rows)]
 
 
 def plot_rounds(metrics: dict[str, Any], path: Path) -> None:

@@ -1,19 +1,58 @@
-"""Flower ServerApp: FedAvg over the clients, with a centralized evaluation after every round."""
+"""Flower ServerApp: the chosen strategy over the clients, evaluated and checkpointed every round.
+
+Plain training uses Flower's Message API strategies. Secure aggregation (SecAgg+) still needs
+Flower's legacy workflow in 1.42, so `--secagg` runs the same rounds through `DefaultWorkflow` with
+`SecAggPlusWorkflow`; the clients answer both (see client_app.py).
+"""
 
 from __future__ import annotations
 
+import json
 import random
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAvg,
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+    Strategy,
+)
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from fedfhe.errors import FedfheError
 from fedfhe.federated import task
 
-RoundCallback = Callable[[int, MetricRecord], None]
+RoundCallback = Callable[[int, dict[str, float]], None]
+WEIGHT = "weight"
+
+
+@dataclass
+class RoundLog:
+    """Per-round metrics, filled in while the strategy runs and saved with every checkpoint."""
+
+    rows: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def row(self, server_round: int) -> dict[str, Any]:
+        """The record of one round, created on first use."""
+        return self.rows.setdefault(server_round, {"round": server_round})
+
+    def record_clients(self, server_round: int, metrics: dict[str, Any]) -> None:
+        """Split aggregated client metrics (see per_client_metrics) into mean and per-client rows."""
+        row = self.row(server_round)
+        row["clients_mean"] = {"accuracy": metrics["accuracy"], "loss": metrics["loss"]}
+        row["clients"] = [
+            {"client": c, "accuracy": a, "loss": l}
+            for c, a, l in zip(metrics["clients"], metrics["client-accuracy"], metrics["client-loss"])
+        ]
 
 
 def per_client_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -27,62 +66,253 @@ def per_client_metrics(records: list[RecordDict], weight_key: str) -> MetricReco
     return merged
 
 
-class OrderedFedAvg(FedAvg):
-    """FedAvg that sums the replies in a fixed order: the same seed gives the same model, bit for bit."""
+class Guarded(Strategy):
+    """Wraps a strategy: seeded sampling, fixed reply order, failures counted, a minimum enforced."""
+
+    def __init__(self, inner: Strategy, config: task.TrainConfig, log: RoundLog, offset: int) -> None:
+        self.inner, self.config, self.log, self.offset = inner, config, log, offset
+        self.sampled = 0
+
+    def summary(self) -> None:
+        """Log the wrapped strategy's summary."""
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Wait for every node, then sample with a seed of (seed, round).
+
+        FedAvg sizes its sample from the nodes connected at that moment, so sampling before all
+        nodes have registered would silently train round 1 on fewer clients.
+        """
+        deadline = time.monotonic() + self.config.round_timeout
+        while len(list(grid.get_node_ids())) < self.config.clients:
+            if time.monotonic() > deadline:
+                raise FedfheError(f"only {len(list(grid.get_node_ids()))} of {self.config.clients} clients connected")
+            time.sleep(0.05)
+        random.seed(f"{self.config.seed}/{server_round + self.offset}")
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self.sampled = len(messages)
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Sort replies by content hash (arrival order varies), then average as FedAvg does."""
-        ordered = sorted(replies, key=lambda m: "" if m.has_error() else m.content["arrays"].object_id)
-        return super().aggregate_train(server_round, ordered)
+        """Drop failed replies (counted), require --min-clients, aggregate in content-hash order."""
+        ok = sorted((m for m in replies if not m.has_error()), key=lambda m: m.content["arrays"].object_id)
+        absolute = server_round + self.offset
+        row = self.log.row(absolute)
+        row["failures"] = self.sampled - len(ok)
+        if len(ok) < self.config.min_clients:
+            raise FedfheError(
+                f"round {absolute}: only {len(ok)} of {self.sampled} clients returned an update "
+                f"(--min-clients {self.config.min_clients})"
+            )
+        arrays, metrics = self.inner.aggregate_train(server_round, ok)
+        if metrics is not None:
+            row["train"] = dict(metrics)
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """As the wrapped strategy."""
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Aggregate failed-free replies and keep the per-client figures."""
+        metrics = self.inner.aggregate_evaluate(server_round, [m for m in replies if not m.has_error()])
+        if metrics is not None:
+            self.log.record_clients(server_round + self.offset, dict(metrics))
+        return metrics
 
 
-def build_server_app(
+def make_strategy(config: task.TrainConfig) -> Strategy:
+    """The Message API strategy named by --strategy, wrapped for DP when asked."""
+    common: dict[str, Any] = {
+        "fraction_train": config.fraction,
+        "fraction_evaluate": 1.0,
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1,
+        "min_available_nodes": config.clients,
+        "weighted_by_key": WEIGHT,
+        "evaluate_metrics_aggr_fn": per_client_metrics,
+    }
+    strategy: Strategy
+    if config.strategy in ("fedavg", "fedprox"):  # FedProx = FedAvg + the proximal term on the clients
+        strategy = FedAvg(**common)
+    elif config.strategy == "fedmedian":
+        strategy = FedMedian(**common)
+    elif config.strategy == "krum":
+        strategy = Krum(**common, num_malicious_nodes=max((config.sampled - 3) // 2, 0))
+    else:
+        strategy = FedTrimmedAvg(**common, beta=0.2)
+    if config.dp:
+        strategy = DifferentialPrivacyClientSideFixedClipping(
+            strategy, config.noise_multiplier, config.clipping_norm, config.sampled
+        )
+    return strategy
+
+
+def client_config(config: task.TrainConfig, classes: np.ndarray, input_range: tuple[float, float]) -> dict[str, Any]:
+    """What every client is told: data range, classes, and how to train."""
+    return {
+        "input-low": input_range[0],
+        "input-high": input_range[1],
+        "classes": ",".join(str(int(c)) for c in classes),
+        # C scales with the number of clients so the clients' objectives add up to the centralized one.
+        "C": config.C * config.clients,
+        "local-iters": config.local_iters,
+        "mu": config.proximal_mu if config.strategy == "fedprox" else 0.0,
+        "uniform-weights": config.dp,
+    }
+
+
+def save_checkpoint(folder: Path, server_round: int, params: task.Params, log: RoundLog) -> None:
+    """Global weights and metrics after a round; written atomically, read back by --resume."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = json.dumps([log.rows[r] for r in sorted(log.rows) if r <= server_round])
+    tmp = folder / f".round-{server_round:04d}.npz"
+    with open(tmp, "wb") as f:
+        np.savez(f, coef=params[0], intercept=params[1], rows=np.frombuffer(rows.encode(), dtype=np.uint8))
+    tmp.replace(folder / f"round-{server_round:04d}.npz")
+
+
+def load_checkpoint(folder: Path) -> tuple[int, task.Params, RoundLog]:
+    """The last completed round's weights and metrics."""
+    files = sorted(folder.glob("round-*.npz"))
+    if not files:
+        raise FedfheError(f"{folder}: no checkpoint to resume from")
+    try:
+        with np.load(files[-1], allow_pickle=False) as f:
+            params = [f["coef"], f["intercept"]]
+            rows = json.loads(f["rows"].tobytes())
+    except (OSError, ValueError, KeyError) as exc:
+        raise FedfheError(f"{files[-1]}: unreadable checkpoint ({exc})") from None
+    return int(files[-1].stem.split("-")[1]), params, RoundLog({row["round"]: row for row in rows})
+
+
+ServerMain = Callable[[Grid, Context], None]
+
+
+def make_server_main(
     config: task.TrainConfig,
     X_test: np.ndarray,
     y_test: np.ndarray,
     classes: np.ndarray,
     input_range: tuple[float, float],
-    results: list[Result],
+    checkpoints: Path,
+    log: RoundLog,
+    final: list[task.Params],
+    start: tuple[int, task.Params] | None = None,
     on_round: RoundCallback | None = None,
-) -> ServerApp:
-    """A ServerApp that runs FedAvg and appends its Result to `results`."""
-    app = ServerApp()
+) -> ServerMain:
+    """The server's main function; appends the final weights to `final`. `start` resumes."""
     X_eval = task.scale(X_test, input_range)
+    offset, initial = start or (0, task.initial_params(X_test.shape[1], len(classes)))
+    shared = client_config(config, classes, input_range)
 
-    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """The server's held-out test set scores the global model after each round."""
-        accuracy, loss = task.evaluate(arrays.to_numpy_ndarrays(), X_eval, y_test, classes)
-        metrics = MetricRecord({"accuracy": accuracy, "loss": loss})
-        if on_round is not None:
-            on_round(server_round, metrics)
+    def central_evaluate(server_round: int, params: task.Params) -> dict[str, float]:
+        """The server's held-out test set scores the global model; then checkpoint."""
+        absolute = server_round + offset
+        accuracy, loss = task.evaluate(params, X_eval, y_test, classes)
+        metrics = {"accuracy": accuracy, "loss": loss}
+        if server_round > 0 or offset == 0:
+            log.row(absolute)["global"] = metrics
+        if server_round > 0:
+            save_checkpoint(checkpoints, absolute, params, log)
+        if on_round is not None and (server_round > 0 or offset == 0):
+            on_round(absolute, metrics)
         return metrics
 
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        """Run the configured number of FedAvg rounds."""
-        random.seed(config.seed)  # FedAvg samples clients with the `random` module
-        strategy = OrderedFedAvg(
-            fraction_train=config.fraction,
-            fraction_evaluate=1.0,
-            min_train_nodes=1,
-            min_evaluate_nodes=1,
-            min_available_nodes=config.clients,
-            evaluate_metrics_aggr_fn=per_client_metrics,
+    def message_api_main(grid: Grid, context: Context) -> None:
+        """Plain (or DP, or robust) training with a Message API strategy."""
+        strategy = Guarded(make_strategy(config), config, log, offset)
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(initial),
+            num_rounds=config.rounds - offset,
+            timeout=config.round_timeout,
+            train_config=ConfigRecord(shared),
+            evaluate_config=ConfigRecord(shared),
+            evaluate_fn=lambda r, arrays: MetricRecord(central_evaluate(r, arrays.to_numpy_ndarrays())),
         )
-        shared = {"input-low": input_range[0], "input-high": input_range[1], "classes": [int(c) for c in classes]}
-        # C scales with the number of clients so the clients' objectives add up to the centralized one.
-        train_config = ConfigRecord({**shared, "C": config.C * config.clients, "local-iters": config.local_iters})
-        results.append(
-            strategy.start(
-                grid=grid,
-                initial_arrays=ArrayRecord(task.initial_params(X_test.shape[1], len(classes))),
-                num_rounds=config.rounds,
-                train_config=train_config,
-                evaluate_config=ConfigRecord(shared),
-                evaluate_fn=central_evaluate,
-            )
-        )
+        final.append(result.arrays.to_numpy_ndarrays() if len(result.arrays) else initial)
 
+    def secagg_main(grid: Grid, context: Context) -> None:
+        """The same rounds through SecAgg+: the server only ever sees the masked sum of updates."""
+        from flwr.common import ndarrays_to_parameters
+        from flwr.server import LegacyContext, ServerConfig
+        from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping as LegacyDP
+        from flwr.server.strategy import FedAvg as LegacyFedAvg
+        from flwr.server.workflow import DefaultWorkflow
+
+        current = {"round": 0}
+
+        def fit_config(server_round: int) -> dict[str, Any]:
+            """Called just before sampling: seed it as the Message API path does."""
+            current["round"] = server_round + offset
+            random.seed(f"{config.seed}/{server_round + offset}")
+            return dict(shared)
+
+        def fit_metrics(results: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+            """Count the clients whose masked update was lost, keep the mean training metrics."""
+            row = log.row(current["round"])
+            row["failures"] = config.sampled - len(results)
+            total = sum(n for n, _ in results) or 1
+            row["train"] = {k: sum(n * m[k] for n, m in results) / total for k in ("train-accuracy", "train-loss")}
+            return row["train"]
+
+        def evaluate_metrics(results: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+            """Per-client figures, as the Message API path records them."""
+            records = [RecordDict({"metrics": MetricRecord({**m, WEIGHT: n})}) for n, m in results]
+            merged = dict(per_client_metrics(records, WEIGHT))
+            log.record_clients(current["round"], merged)
+            return {"accuracy": merged["accuracy"], "loss": merged["loss"]}
+
+        def evaluate_fn(server_round: int, params: task.Params, _: dict) -> tuple[float, dict[str, float]]:
+            metrics = central_evaluate(server_round, params)
+            return metrics["loss"], metrics
+
+        strategy: Any = LegacyFedAvg(
+            fraction_fit=config.fraction,
+            fraction_evaluate=1.0,
+            min_fit_clients=config.sampled,
+            min_evaluate_clients=1,
+            min_available_clients=config.clients,
+            evaluate_fn=evaluate_fn,
+            on_fit_config_fn=fit_config,
+            on_evaluate_config_fn=lambda _: dict(shared),
+            initial_parameters=ndarrays_to_parameters(initial),
+            fit_metrics_aggregation_fn=fit_metrics,
+            evaluate_metrics_aggregation_fn=evaluate_metrics,
+        )
+        if config.dp:
+            strategy = LegacyDP(strategy, config.noise_multiplier, config.clipping_norm, config.sampled)
+        legacy = LegacyContext(context, ServerConfig(num_rounds=config.rounds - offset), strategy)
+        workflow = DefaultWorkflow(fit_workflow=secagg_workflow(config))
+        workflow(grid, legacy)
+        final.append(legacy.state.array_records["parameters"].to_numpy_ndarrays())
+
+    return secagg_main if config.secagg else message_api_main
+
+
+def secagg_workflow(config: task.TrainConfig) -> Any:
+    """SecAgg+ with our shares, threshold, clipping and quantization range."""
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    return SecAggPlusWorkflow(
+        num_shares=config.secagg_shares,
+        reconstruction_threshold=config.secagg_threshold,
+        clipping_range=config.secagg_clipping_range,
+        quantization_range=config.secagg_quantization_range,
+        # Updates are scaled by weight / max_weight before quantization: keep the ratio near 1.
+        max_weight=1.0 if config.dp else config.secagg_max_weight,
+    )
+
+
+def build_server_app(main: ServerMain) -> ServerApp:
+    """Wrap a server main function as a Flower ServerApp."""
+    app = ServerApp()
+    app.main()(main)
     return app

@@ -5,28 +5,30 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
-from flwr.serverapp.strategy import Result
 from flwr.simulation import run_simulation
 
-from fedfhe.data import Dataset
+from fedfhe.federated import task
 from fedfhe.federated.client_app import build_client_app
-from fedfhe.federated.server_app import RoundCallback, build_server_app
-from fedfhe.federated.task import TrainConfig
+from fedfhe.federated.server_app import ServerMain, build_server_app
 
 
-def simulate(
-    dataset: Dataset,
-    config: TrainConfig,
-    partition_dir: Path,
-    on_round: RoundCallback | None = None,
-    verbose: bool = False,
-) -> Result:
-    """Train with one virtual SuperNode per partition file; returns the strategy's Result."""
-    results: list[Result] = []
-    server_app = build_server_app(
-        config, dataset.X_test, dataset.y_test, dataset.classes, dataset.input_range, results, on_round
-    )
+def client_mods(config: task.TrainConfig) -> list[Any]:
+    """Client-side privacy layers: SecAgg+ masking, and clipping of the update for DP (inside it)."""
+    if config.secagg:
+        from flwr.client.mod import fixedclipping_mod, secaggplus_mod
+
+        return [secaggplus_mod, fixedclipping_mod] if config.dp else [secaggplus_mod]
+    if config.dp:
+        from flwr.clientapp.mod import fixedclipping_mod
+
+        return [fixedclipping_mod]
+    return []
+
+
+def simulate(config: task.TrainConfig, server_main: ServerMain, partition_dir: Path, verbose: bool = False) -> None:
+    """Run the server main against one virtual SuperNode per partition file."""
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {
@@ -42,13 +44,10 @@ def simulate(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run_simulation(
-                server_app=server_app,
-                client_app=build_client_app(partition_dir),
+                server_app=build_server_app(server_main),
+                client_app=build_client_app(partition_dir, client_mods(config)),
                 num_supernodes=config.clients,
                 backend_config=backend_config,
             )
     finally:
         flwr_logger.setLevel(level)
-    if not results:
-        raise RuntimeError("the Flower simulation ended without a result")
-    return results[0]

@@ -1,0 +1,153 @@
+"""Private and robust training: SecAgg+, DP, failing clients, robust strategies, checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedfhe.errors import FedfheError
+from fedfhe.federated import task
+from fedfhe.federated.server_app import RoundLog, make_server_main
+from fedfhe.federated.simulation import simulate
+from fedfhe.federated.task import TrainConfig
+from fedfhe.partition import partition, save_partitions
+from fedfhe.training import privacy_spent, train
+
+BASE = TrainConfig(clients=4, rounds=1, local_iters=10, seed=0)
+
+
+class RecordingGrid:
+    """The real grid, plus a copy of every reply the server-side code receives."""
+
+    def __init__(self, grid: Any) -> None:
+        self.grid, self.replies = grid, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, *args: Any, **kwargs: Any) -> Any:
+        replies = list(self.grid.send_and_receive(*args, **kwargs))
+        self.replies += replies
+        return replies
+
+
+def run(digits, config: TrainConfig, folder: Path, broken: int | None = None, grid_box: list | None = None):
+    """Simulate with the partition files in folder; optionally corrupt one client's file."""
+    parts = partition(digits.y_train, config.clients, seed=config.seed)
+    save_partitions(digits.X_train, digits.y_train, parts, folder / "p")
+    if broken is not None:
+        (folder / "p" / f"client-{broken}.npz").write_bytes(b"corrupt")
+    log, final = RoundLog(), []
+    main = make_server_main(
+        config, digits.X_test, digits.y_test, digits.classes, digits.input_range, folder / "ck", log, final
+    )
+
+    def recorded(grid, context):
+        grid = RecordingGrid(grid)
+        if grid_box is not None:
+            grid_box.append(grid)
+        main(grid, context)
+
+    simulate(config, recorded, folder / "p")
+    return final[0], log, parts
+
+
+def test_secagg_matches_fedavg_within_the_quantization_bound(tmp_path, digits):
+    plain, _, parts = run(digits, BASE, tmp_path / "plain")
+    secagg_config = dataclasses.replace(BASE, secagg=True)
+    secure, _, _ = run(digits, secagg_config, tmp_path / "secagg")
+    # Each client sends ratio * w stochastically rounded to a grid of step 2*clip/Q (error < 1 step),
+    # ratio = n_k / max_weight; the server divides the sum by sum(ratio): error < step / mean(ratio).
+    step = 2 * secagg_config.secagg_clipping_range / secagg_config.secagg_quantization_range
+    mean_ratio = np.mean([len(p) for p in parts]) / secagg_config.secagg_max_weight
+    bound = step / mean_ratio + 1e-7
+    for a, b in zip(plain, secure):
+        assert np.abs(a - b).max() <= bound
+    assert not all(np.array_equal(a, b) for a, b in zip(plain, secure))  # it really went through SecAgg+
+
+
+def test_server_receives_only_masked_vectors(tmp_path, digits):
+    box: list = []
+    run(digits, dataclasses.replace(BASE, secagg=True), tmp_path, grid_box=box)
+    masked = [
+        m.content.config_records["secaggplus_configs"]["masked_params"]
+        for m in box[0].replies
+        if not m.has_error() and "masked_params" in m.content.config_records.get("secaggplus_configs", {})
+    ]
+    assert len(masked) == BASE.clients
+    parts = partition(digits.y_train, BASE.clients, seed=0)
+    from flwr.common import bytes_to_ndarray
+
+    for client, blobs in enumerate(masked):
+        coef = next(a for a in map(bytes_to_ndarray, blobs) if a.shape == (10, 64)).astype(np.float64)
+        X = task.scale(digits.X_train[parts[client]], digits.input_range)
+        true = task.fit(task.initial_params(64, 10), X, digits.y_train[parts[client]], digits.classes, 4.0, 10)[0]
+        assert abs(np.corrcoef(coef.ravel(), true.ravel())[0, 1]) < 0.15  # nothing of the update shows
+        assert coef.min() < 2**28 and coef.max() > 2**31  # spread over the whole modulus
+
+
+def test_secagg_survives_a_client_dropping_after_key_sharing(tmp_path, digits):
+    # A corrupt data file makes client 1 fail at local training, i.e. after the key-sharing stages.
+    config = dataclasses.replace(BASE, secagg=True)
+    params, log, _ = run(digits, config, tmp_path, broken=1)
+    assert log.rows[1]["failures"] == 1
+    assert task.evaluate(params, task.scale(digits.X_test, digits.input_range), digits.y_test, digits.classes)[0] > 0.85
+
+
+def test_failing_client_is_counted_and_the_minimum_enforced(tmp_path, digits):
+    params, log, _ = run(digits, BASE, tmp_path / "a", broken=2)
+    assert log.rows[1]["failures"] == 1 and [c["client"] for c in log.rows[1]["clients"]] == [0, 1, 3]
+    with pytest.raises(FedfheError, match=r"round 1: only 3 of 4 clients returned an update \(--min-clients 4\)"):
+        run(digits, dataclasses.replace(BASE, min_clients=4), tmp_path / "b", broken=2)
+
+
+def test_dp_adds_noise_and_reports_epsilon(tmp_path, digits):
+    config = dataclasses.replace(BASE, dp=True, noise_multiplier=1.0, clipping_norm=5.0)
+    model = train(digits, config, tmp_path)
+    privacy = model.metadata["metrics"]["privacy"]
+    assert 0 < privacy["epsilon"] < float("inf") and privacy["delta"] == 1e-5
+    plain = train(digits, BASE, tmp_path / "plain")
+    assert not np.allclose(model.coef, plain.coef)
+
+
+def test_more_noise_spends_less_epsilon():
+    eps = [privacy_spent(dataclasses.replace(BASE, dp=True, noise_multiplier=z))["epsilon"] for z in (0.5, 1, 2)]
+    assert eps[0] > eps[1] > eps[2] > 0
+    assert privacy_spent(dataclasses.replace(BASE, dp=True, rounds=10))["epsilon"] > eps[1]
+
+
+@pytest.mark.parametrize("strategy", ["fedmedian", "krum", "trimmed-mean", "fedprox"])
+def test_strategies_by_name(tmp_path, digits, strategy):
+    model = train(digits, dataclasses.replace(BASE, strategy=strategy), tmp_path)
+    assert model.metadata["metrics"]["final"]["accuracy"] > 0.8
+
+
+def test_resumed_run_ends_with_the_same_model(tmp_path, digits):
+    config = dataclasses.replace(BASE, rounds=3)  # all clients: simulation node ids change per run
+    whole = train(digits, config, tmp_path / "whole")
+
+    class Interrupted(Exception):
+        """The run stops here, like a killed process, after round 2's checkpoint."""
+
+    def crash(r: int, _: dict) -> None:
+        if r == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(digits, config, tmp_path / "cut", on_round=crash)
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["round-0001.npz", "round-0002.npz"]
+    resumed = train(digits, config, tmp_path / "cut", resume=True)
+    assert np.array_equal(resumed.coef, whole.coef) and np.array_equal(resumed.intercept, whole.intercept)
+
+
+def test_bad_privacy_settings(digits):
+    with pytest.raises(FedfheError, match="--secagg needs"):
+        dataclasses.replace(BASE, secagg=True, strategy="krum").check(100)
+    with pytest.raises(FedfheError, match="unknown strategy 'fedsgd'"):
+        dataclasses.replace(BASE, strategy="fedsgd").check(100)
+    with pytest.raises(FedfheError, match="--min-clients must be between 1 and the 4"):
+        dataclasses.replace(BASE, min_clients=9).check(100)
