@@ -25,9 +25,9 @@ DP = {"dp": True, "clipping_norm": 10.0}
 CASES: dict[str, dict[str, Any]] = {
     "FedAvg": {},
     "SecAgg+": {"secagg": True},
-    "DP z=0.01": {**DP, "noise_multiplier": 0.01},
     "DP z=0.05": {**DP, "noise_multiplier": 0.05},
     "DP z=0.2": {**DP, "noise_multiplier": 0.2},
+    "DP z=1.0": {**DP, "noise_multiplier": 1.0},
     "SecAgg+ & DP z=0.05": {"secagg": True, **DP, "noise_multiplier": 0.05},
     **{
         f"dirichlet {alpha} {name}": {"partitioning": "dirichlet", "alpha": alpha, "strategy": strategy}
