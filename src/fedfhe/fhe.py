@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import shutil
@@ -9,7 +10,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,11 +81,11 @@ def compile_model(model: LinearModel, n_bits: int = 8, calibration: np.ndarray |
     else:
         inputs = check_features(calibration, model.n_features, model.input_range, "calibration data")
         kind = f"calibration sample ({len(inputs)} rows)"
+    converter = _concrete("concrete.ml.sklearn").LogisticRegression
     start = time.perf_counter()
-    concrete = _concrete("concrete.ml.sklearn").LogisticRegression.from_sklearn_model(
-        model.to_sklearn(), X=inputs, n_bits=n_bits
-    )
-    concrete.compile(inputs)
+    with quiet():
+        concrete = converter.from_sklearn_model(model.to_sklearn(), X=inputs, n_bits=n_bits)
+        concrete.compile(inputs)
     return CompiledModel(concrete, model, n_bits, inputs, kind, time.perf_counter() - start)
 
 
@@ -93,7 +94,8 @@ def export(compiled: CompiledModel, run_dir: Path) -> Path:
     target = run_dir / FHE_DIR
     staging = Path(tempfile.mkdtemp(prefix=".fhe-", dir=run_dir))
     try:
-        _concrete("concrete.ml.deployment").FHEModelDev(str(staging), compiled.concrete).save()
+        with quiet():
+            _concrete("concrete.ml.deployment").FHEModelDev(str(staging), compiled.concrete).save()
         np.save(staging / COMPILE_INPUTS_FILE, compiled.compile_inputs)
         (staging / INFO_FILE).write_text(json.dumps(compiled.info(), indent=2))
         if target.exists():
@@ -170,7 +172,7 @@ def execute(
     deployment = _concrete("concrete.ml.deployment")
     if len(X) == 0:
         return np.array([], dtype=np.int64), {}
-    with tempfile.TemporaryDirectory(prefix="fedfhe-keys-") as key_dir:
+    with tempfile.TemporaryDirectory(prefix="fedfhe-keys-") as key_dir, quiet():
         client = deployment.FHEModelClient(str(artifacts), key_dir=key_dir)
         start = time.perf_counter()
         client.generate_private_and_evaluation_keys()
@@ -207,10 +209,17 @@ def execute(
     }
 
 
-def _concrete(module: str) -> Any:
-    """Import a Concrete ML module on first use (it costs seconds) without its deprecation notices."""
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the deprecation notices Concrete ML's dependencies print on import and use."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+def _concrete(module: str) -> Any:
+    """Import a Concrete ML module on first use (it costs seconds), quietly."""
+    with quiet():
         return importlib.import_module(module)
 
 

@@ -64,13 +64,22 @@ def train(
     else:
         params, metrics["rounds"] = _federate(dataset, config, out_dir, on_round, verbose, resume)
         metrics["failures"] = sum(row.get("failures", 0) for row in metrics["rounds"])
-    accuracy, loss = task.evaluate(params, X_test, dataset.y_test, dataset.classes)
-    metrics["final"] = {"accuracy": accuracy, "loss": loss}
     metrics["train_seconds"] = time.perf_counter() - start
+    return save_model(dataset, config, out_dir, params, metrics)
+
+
+def save_model(
+    dataset: Dataset, config: TrainConfig, out_dir: Path, params: task.Params, metrics: dict[str, Any]
+) -> LinearModel:
+    """Score the final weights, then write metrics.json, training.png and model.npz."""
+    accuracy, loss = task.evaluate(
+        params, task.scale(dataset.X_test, dataset.input_range), dataset.y_test, dataset.classes
+    )
+    metrics["final"] = {"accuracy": accuracy, "loss": loss}
     if config.dp:
         metrics["privacy"] = privacy_spent(config)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if metrics["rounds"]:
+    if metrics.get("rounds"):
         plot_rounds(metrics, out_dir / "training.png")
     model = LinearModel(
         *task.unscale(params[0], params[1], dataset.input_range),
@@ -192,7 +201,8 @@ def plot_rounds(metrics: dict[str, Any], path: Path) -> None:
                 per_client.setdefault(c["client"], []).append((row["round"], c[key]))
         for i, (_, points) in enumerate(sorted(per_client.items())):
             ax.plot(*zip(*points), "-", alpha=0.35, lw=1, label="clients (local data)" if i == 0 else None)
-        ax.axhline(metrics["centralized"][key], ls="--", color="tab:red", label="centralized baseline")
+        if "centralized" in metrics:
+            ax.axhline(metrics["centralized"][key], ls="--", color="tab:red", label="centralized baseline")
         ax.set_xlabel("round")
         ax.set_ylabel(key)
         ax.set_xticks(xs)

@@ -6,7 +6,9 @@ records) and the legacy record layout that SecAgg+ still requires in Flower 1.42
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -14,7 +16,10 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
+from fedfhe.data import load_dataset, read_table
+from fedfhe.errors import FedfheError
 from fedfhe.federated import task
+from fedfhe.partition import partition
 
 
 def _request(msg: Message) -> tuple[task.Params, ConfigRecord | dict, bool]:
@@ -30,20 +35,35 @@ def _request(msg: Message) -> tuple[task.Params, ConfigRecord | dict, bool]:
     return parameters_to_ndarrays(ins.parameters), ins.config, True
 
 
-def _local_data(config: ConfigRecord | dict, context: Context, partition_dir: Path) -> tuple[np.ndarray, ...]:
-    """The owner's data scaled as the server asks, its labels, and the federation's classes.
+@functools.lru_cache(maxsize=4)
+def _owner_data(node_config: tuple[tuple[str, Any], ...], partition_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """Read a node's data once per process: its `data-file`, a demo partition, or its simulation file."""
+    nc = dict(node_config)
+    if "data-file" in nc:
+        X, y = read_table(Path(str(nc["data-file"])))
+        if y is None:
+            raise FedfheError(f"{nc['data-file']}: no labels (need y in the .npz or a label column in the .csv)")
+        return X, y
+    if "dataset" in nc:  # demo: this node's share of a bundled data set
+        data = load_dataset(str(nc["dataset"]), seed=int(nc.get("seed", 0)))
+        parts = partition(data.y_train, int(nc["num-partitions"]), seed=int(nc.get("seed", 0)))
+        idx = parts[int(nc["partition-id"])]
+        return data.X_train[idx], data.y_train[idx]
+    if partition_dir is None:
+        raise FedfheError("this SuperNode has no data: set node config data-file (or dataset and partition-id)")
+    with np.load(partition_dir / f"client-{nc['partition-id']}.npz", allow_pickle=False) as f:
+        return f["X"], f["y"]
 
-    Data comes from the node's `data-file`, else from its partition in the simulation folder.
-    """
-    path = context.node_config.get("data-file") or partition_dir / f"client-{context.node_config['partition-id']}.npz"
-    with np.load(path, allow_pickle=False) as f:
-        X, y = f["X"], f["y"]
+
+def _local_data(config: ConfigRecord | dict, context: Context, partition_dir: Path | None) -> tuple[np.ndarray, ...]:
+    """The owner's data scaled as the server asks, its labels, and the federation's classes."""
+    X, y = _owner_data(tuple(sorted(context.node_config.items())), partition_dir)
     input_range = (float(config["input-low"]), float(config["input-high"]))
     classes = np.array([int(c) for c in str(config["classes"]).split(",")])
     return task.scale(X, input_range), y, classes
 
 
-def build_client_app(partition_dir: Path, mods: list | None = None) -> ClientApp:
+def build_client_app(partition_dir: Path | None, mods: list | None = None) -> ClientApp:
     """A ClientApp whose nodes read their data from files, never from the server."""
     app = ClientApp(mods=mods or [])
 
@@ -76,3 +96,7 @@ def build_client_app(partition_dir: Path, mods: list | None = None) -> ClientApp
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app
+
+
+# What `flwr run` loads on a SuperNode (pyproject [tool.flwr.app.components]): data from node config.
+app = build_client_app(None)

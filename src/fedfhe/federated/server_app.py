@@ -316,3 +316,37 @@ def build_server_app(main: ServerMain) -> ServerApp:
     app = ServerApp()
     app.main()(main)
     return app
+
+
+def deployment_main(grid: Grid, context: Context) -> None:
+    """What `flwr run` starts on the SuperLink: settings from the run config, outputs to out-dir."""
+    from fedfhe.data import load_dataset
+    from fedfhe.training import save_model
+
+    rc = context.run_config
+    config = task.TrainConfig(
+        clients=int(rc["clients"]),
+        rounds=int(rc["num-server-rounds"]),
+        local_iters=int(rc["local-iters"]),
+        fraction=float(rc["fraction"]),
+        seed=int(rc["seed"]),
+        C=float(rc["C"]),
+        strategy=str(rc["strategy"]),
+        min_clients=int(rc["min-clients"]),
+    )
+    dataset = load_dataset(str(rc["dataset"]), seed=config.seed)
+    config.check(len(dataset.y_train))
+    out = Path(str(rc["out-dir"])).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    log, final = RoundLog(), []
+    started = time.perf_counter()
+    make_server_main(
+        config, dataset.X_test, dataset.y_test, dataset.classes, dataset.input_range, out / "checkpoints", log, final
+    )(grid, context)
+    rows = [log.rows[r] for r in sorted(log.rows)]
+    metrics = {"rounds": rows, "failures": sum(row.get("failures", 0) for row in rows)}
+    metrics["train_seconds"] = time.perf_counter() - started
+    save_model(dataset, config, out, final[0], metrics)
+
+
+app = build_server_app(deployment_main)
