@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 import warnings
@@ -299,6 +300,88 @@ def run(
     model = _train(data, config, out, verbose)
     compiled = _compile(model, out, n_bits, calibration)
     _evaluate(compiled, out, data.X_test, data.y_test, fhe_samples)
+
+
+federation_app = typer.Typer(help="Train across processes on Flower's Deployment Engine (SuperLink + SuperNodes).")
+app.add_typer(federation_app, name="federation")
+
+
+@federation_app.command("up")
+def federation_up(
+    dataset: Dataset = "mnist-5k",
+    clients: Clients = 10,
+    rounds: Rounds = 5,
+    local_iters: LocalIters = 20,
+    min_clients: MinClients = 1,
+    round_timeout: RoundTimeout = 120.0,
+    seed: Seed = 0,
+    out: Out = Path("runs/federation"),
+    insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication (not advised).")] = False,
+) -> None:
+    """Start a SuperLink and N SuperNodes on loopback (TLS, node auth), train, stop them all."""
+    from fedfhe import federation
+    from fedfhe.data import load_dataset
+    from fedfhe.federated.task import TrainConfig
+
+    data = load_dataset(dataset, seed=seed)
+    TrainConfig(clients=clients, rounds=rounds, local_iters=local_iters, seed=seed, min_clients=min_clients).check(
+        len(data.y_train)
+    )
+    if insecure:
+        console.print("[yellow]warning:[/yellow] --insecure: traffic is not encrypted and any SuperNode may join")
+    out = _writable(out)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so every started process is stopped
+    with _progress() as progress:
+        bar = progress.add_task(f"federation of {clients} SuperNodes", total=rounds)
+        model = federation.up(
+            data,
+            clients,
+            out,
+            rounds=rounds,
+            local_iters=local_iters,
+            seed=seed,
+            min_clients=min_clients,
+            round_timeout=round_timeout,
+            insecure=insecure,
+            on_round=lambda r: progress.update(bar, completed=r),
+        )
+    console.print(f"trained on the Deployment Engine -> {model} (logs in {out / 'federation' / 'logs'})")
+
+
+@federation_app.command("certs")
+def federation_certs(
+    out: Annotated[Path, typer.Option(help="Folder for ca.crt, server.pem and their keys.")] = Path("certs"),
+    host: Annotated[list[str], typer.Option(help="Names and IPs the SuperLink certificate is valid for.")] = [  # noqa: B006
+        "127.0.0.1",
+        "localhost",
+    ],
+    nodes: Annotated[int, typer.Option(help="Also make this many SuperNode key pairs.")] = 0,
+) -> None:
+    """Make a local CA, a SuperLink certificate and SuperNode key pairs (for tests and demos)."""
+    from fedfhe import federation
+
+    federation.make_certificates(_writable(out), tuple(host))
+    for i in range(nodes):
+        federation.make_node_key(out, f"node-{i}")
+    console.print(f"certificates and keys -> {out}")
+
+
+@federation_app.command("split")
+def federation_split(
+    dataset: Dataset = "mnist-5k",
+    clients: Clients = 10,
+    partitioning: Partitioning = "iid",
+    seed: Seed = 0,
+    out: Annotated[Path, typer.Option(help="Folder for client-<i>.npz, one per data owner.")] = Path("owners"),
+) -> None:
+    """Write one training file per data owner from a bundled data set (to try a federation on one machine)."""
+    from fedfhe import federation
+    from fedfhe.data import load_dataset
+
+    data = load_dataset(dataset, seed=seed)
+    _config(data, {"clients": clients, "partitioning": partitioning, "seed": seed})
+    files = federation.write_owner_files(data, clients, _writable(out), partitioning, seed)
+    console.print(f"{len(files)} owner files -> {out}")
 
 
 def _check_fhe_samples(fhe_samples: int, n_test: int) -> None:

@@ -80,15 +80,17 @@ class Guarded(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Wait for every node, then sample with a seed of (seed, round).
+        """Wait for the nodes, then sample with a seed of (seed, round).
 
-        FedAvg sizes its sample from the nodes connected at that moment, so sampling before all
-        nodes have registered would silently train round 1 on fewer clients.
+        FedAvg sizes its sample from the nodes connected at that moment, so the first round waits
+        for every node (sampling earlier would silently train on fewer); later rounds go on with
+        whoever is still connected, if at least --min-clients are.
         """
+        wanted = self.config.clients if server_round == 1 else self.config.min_clients
         deadline = time.monotonic() + self.config.round_timeout
-        while len(list(grid.get_node_ids())) < self.config.clients:
+        while (connected := len(list(grid.get_node_ids()))) < wanted:
             if time.monotonic() > deadline:
-                raise FedfheError(f"only {len(list(grid.get_node_ids()))} of {self.config.clients} clients connected")
+                raise FedfheError(f"round {server_round + self.offset}: only {connected} of {wanted} clients connected")
             time.sleep(0.05)
         random.seed(f"{self.config.seed}/{server_round + self.offset}")
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
@@ -134,7 +136,7 @@ def make_strategy(config: task.TrainConfig) -> Strategy:
         "fraction_evaluate": 1.0,
         "min_train_nodes": 1,
         "min_evaluate_nodes": 1,
-        "min_available_nodes": config.clients,
+        "min_available_nodes": config.min_clients,  # Guarded waits for every node before round 1
         "weighted_by_key": WEIGHT,
         "evaluate_metrics_aggr_fn": per_client_metrics,
     }
@@ -333,6 +335,7 @@ def deployment_main(grid: Grid, context: Context) -> None:
         C=float(rc["C"]),
         strategy=str(rc["strategy"]),
         min_clients=int(rc["min-clients"]),
+        round_timeout=float(rc["round-timeout"]),
     )
     dataset = load_dataset(str(rc["dataset"]), seed=config.seed)
     config.check(len(dataset.y_train))
