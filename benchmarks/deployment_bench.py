@@ -66,8 +66,14 @@ def main() -> None:
         "simulation_s": simulation_s,
         "deployment_s": deployment_s,
         "ratio": deployment_s / simulation_s,
-        "same_model": bool(np.array_equal(deployed.coef, simulated.coef)),
-        "accuracy": deployed.metadata["metrics"]["final"]["accuracy"],
+        "max_abs_weight_difference": float(np.abs(deployed.coef - simulated.coef).max()),
+        "prediction_agreement": float(
+            np.mean(deployed.to_sklearn().predict(data.X_test) == simulated.to_sklearn().predict(data.X_test))
+        ),
+        "accuracy": {
+            "deployment": deployed.metadata["metrics"]["final"]["accuracy"],
+            "simulation": simulated.metadata["metrics"]["final"]["accuracy"],
+        },
         "supernode_peak_rss_mb": {
             "median": statistics.median(peaks.values()) / 2**20,
             "max": max(peaks.values()) / 2**20,
