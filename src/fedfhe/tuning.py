@@ -1,0 +1,111 @@
+"""Trade accuracy against FHE latency: sweep quantization bits, measure each point, pick one."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import ParameterGrid
+
+from fedfhe import fhe
+from fedfhe.data import check_features
+from fedfhe.errors import FedfheError
+from fedfhe.model import LinearModel
+
+DEFAULT_GRID = {"n_bits": [2, 3, 4, 5, 6, 7, 8]}
+TOLERANCE = 0.005  # "within half a point of the best accuracy"
+
+
+def measure(model: LinearModel, n_bits: int, X: np.ndarray, y: np.ndarray, latency_samples: int) -> dict[str, Any]:
+    """One grid point: simulated accuracy on all rows, real FHE latency and sizes on a few."""
+    compiled = fhe.compile_model(model, n_bits)
+    accuracy = float(np.mean(compiled.concrete.predict(X, fhe="simulate") == y))
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = fhe.export(compiled, Path(tmp))
+        _, timings = fhe.execute(artifacts, model.classes, X[:latency_samples])
+    return {
+        "n_bits": n_bits,
+        "accuracy": accuracy,
+        "max_bit_width": compiled.max_bit_width,
+        "server_ms": 1000 * timings["server_run_per_sample"],
+        "encrypt_ms": 1000 * timings["encrypt_per_sample"],
+        "input_bytes": timings["input_ciphertext_bytes"],
+        "output_bytes": timings["output_ciphertext_bytes"],
+    }
+
+
+def tune(
+    model: LinearModel,
+    X: np.ndarray,
+    y: np.ndarray,
+    grid: dict[str, list[int]] = DEFAULT_GRID,
+    latency_samples: int = 5,
+    on_point: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Measure every point of the grid (scikit-learn's ParameterGrid) on the given labelled rows."""
+    X = check_features(X, model.n_features, model.input_range, "tuning data")
+    if not 1 <= latency_samples <= len(X):
+        raise FedfheError(f"--latency-samples must be between 1 and the {len(X)} rows")
+    points = []
+    for params in ParameterGrid(grid):
+        points.append(measure(model, int(params["n_bits"]), X, y, latency_samples))
+        if on_point is not None:
+            on_point(points[-1])
+    return points
+
+
+def recommend(points: list[dict[str, Any]], tolerance: float = TOLERANCE) -> dict[str, Any]:
+    """The fastest point whose accuracy is within `tolerance` of the best."""
+    best = max(p["accuracy"] for p in points)
+    return min((p for p in points if p["accuracy"] >= best - tolerance), key=lambda p: p["server_ms"])
+
+
+def write(run_dir: Path, points: list[dict[str, Any]], chosen: dict[str, Any]) -> None:
+    """tune.json, tune.md and the accuracy-latency plot (pareto.png)."""
+    (run_dir / "tune.json").write_text(json.dumps({"points": points, "recommended": chosen}, indent=2))
+    lines = [
+        "| n_bits | accuracy | server ms/sample | circuit bits | input bytes | output bytes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        mark = " **(recommended)**" if p is chosen else ""
+        lines.append(
+            f"| {p['n_bits']}{mark} | {100 * p['accuracy']:.2f}% | {p['server_ms']:.1f} | {p['max_bit_width']} "
+            f"| {p['input_bytes']} | {p['output_bytes']} |"
+        )
+    (run_dir / "tune.md").write_text("\n".join(lines) + "\n")
+    plot(points, chosen, run_dir / "pareto.png")
+
+
+def plot(points: list[dict[str, Any]], chosen: dict[str, Any], path: Path) -> None:
+    """Accuracy against server latency, each point labelled with its n_bits, the choice circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.scatter([p["server_ms"] for p in points], [100 * p["accuracy"] for p in points], color="tab:blue")
+    for p in points:
+        ax.annotate(
+            f"{p['n_bits']} bits", (p["server_ms"], 100 * p["accuracy"]), textcoords="offset points", xytext=(5, 4)
+        )
+    ax.scatter(
+        [chosen["server_ms"]],
+        [100 * chosen["accuracy"]],
+        s=250,
+        facecolors="none",
+        edgecolors="tab:red",
+        label="recommended",
+    )
+    ax.set_xlabel("FHE server time per sample (ms)")
+    ax.set_ylabel("accuracy, FHE simulation (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,49 @@
+"""Accuracy-vs-latency tuning over quantization bits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedfhe import tuning
+from fedfhe.errors import FedfheError
+from fedfhe.federated.task import TrainConfig
+from fedfhe.training import train
+
+
+@pytest.fixture(scope="module")
+def central_model(tmp_path_factory, digits):
+    return train(digits, TrainConfig(clients=1), tmp_path_factory.mktemp("central"))
+
+
+def test_sweep_measures_every_point_and_recommends_the_fastest_accurate_one(central_model, digits, tmp_path):
+    points = tuning.tune(central_model, digits.X_test, digits.y_test, {"n_bits": [3, 6]}, latency_samples=2)
+    assert [p["n_bits"] for p in points] == [3, 6]
+    for p in points:
+        assert 0.5 < p["accuracy"] <= 1 and p["server_ms"] > 0 and p["output_bytes"] > p["input_bytes"] / 10
+    assert points[0]["max_bit_width"] < points[1]["max_bit_width"]
+    chosen = tuning.recommend(points)
+    best = max(p["accuracy"] for p in points)
+    assert chosen["accuracy"] >= best - tuning.TOLERANCE
+    assert all(p["server_ms"] >= chosen["server_ms"] for p in points if p["accuracy"] >= best - tuning.TOLERANCE)
+    tuning.write(tmp_path, points, chosen)
+    assert json.loads((tmp_path / "tune.json").read_text())["recommended"]["n_bits"] == chosen["n_bits"]
+    assert "(recommended)" in (tmp_path / "tune.md").read_text()
+    assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_recommend_prefers_speed_within_tolerance():
+    points = [
+        {"n_bits": 8, "accuracy": 0.900, "server_ms": 100.0},
+        {"n_bits": 4, "accuracy": 0.897, "server_ms": 70.0},
+        {"n_bits": 2, "accuracy": 0.800, "server_ms": 60.0},
+    ]
+    assert tuning.recommend(points)["n_bits"] == 4
+
+
+def test_bad_tuning_requests(central_model, digits):
+    with pytest.raises(FedfheError, match="--latency-samples must be between 1 and the 360"):
+        tuning.tune(central_model, digits.X_test, digits.y_test, {"n_bits": [4]}, latency_samples=0)
+    with pytest.raises(FedfheError, match="--n-bits must be between 2 and 12"):
+        tuning.tune(central_model, digits.X_test, digits.y_test, {"n_bits": [1]}, latency_samples=1)
