@@ -104,6 +104,9 @@ def bad_inputs(run: Path, tmp: Path) -> list[tuple[list[str], str]]:
         (["evaluate", "--run", r, "--data", str(tmp / "nanl.npz")], "test data contains NaN"),
         (["evaluate", "--run", r, "--data", str(tmp / "fake.npz")], "cannot read"),
         (["evaluate", "--run", r, "--fhe-samples", "-1"], "--fhe-samples must be between"),
+        (["tune", "--run", r, "--n-bits", "4,x"], "--n-bits must be comma-separated integers"),
+        (["tune", "--run", r, "--n-bits", "1,4"], "--n-bits must be between 2 and 12"),
+        (["tune", "--run", r, "--latency-samples", "0", "--n-bits", "4"], "--latency-samples must be between"),
     ]
 
 

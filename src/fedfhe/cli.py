@@ -302,6 +302,56 @@ def run(
     _evaluate(compiled, out, data.X_test, data.y_test, fhe_samples)
 
 
+@app.command()
+def tune(
+    run: RunDir = Path("runs/latest"),
+    n_bits: Annotated[str, typer.Option(help="Comma-separated n_bits values to try.")] = "2,3,4,5,6,7,8",
+    latency_samples: Annotated[int, typer.Option(help="Test samples run in real FHE per point for latency.")] = 10,
+    data_dir: DataDir = None,
+) -> None:
+    """Sweep n_bits: accuracy (FHE simulation) vs server latency; compile the fastest accurate point."""
+    from fedfhe import tuning
+    from fedfhe.data import load_dataset
+    from fedfhe.fhe import N_BITS_RANGE
+    from fedfhe.model import LinearModel
+    from fedfhe.training import MODEL_FILE
+
+    try:
+        grid = {"n_bits": sorted({int(v) for v in n_bits.split(",")})}
+    except ValueError:
+        raise FedfheError(f"--n-bits must be comma-separated integers (got {n_bits!r})") from None
+    low, high = N_BITS_RANGE
+    if not all(low <= b <= high for b in grid["n_bits"]):
+        raise FedfheError(f"--n-bits must be between {low} and {high} (got {n_bits})")
+    model = LinearModel.load(run / MODEL_FILE)
+    split = load_dataset(model.metadata["dataset"], data_dir=data_dir, seed=model.metadata["training"]["seed"])
+    if not 1 <= latency_samples <= len(split.y_test):
+        raise FedfheError(f"--latency-samples must be between 1 and the {len(split.y_test)} test samples")
+    _writable(run)
+    with _progress() as progress:
+        bar = progress.add_task("tuning n_bits", total=len(grid["n_bits"]))
+        points = tuning.tune(model, split.X_test, split.y_test, grid, latency_samples, lambda p: progress.advance(bar))
+    chosen = tuning.recommend(points)
+    tuning.write(run, points, chosen)
+    table = Table(title=f"{model.metadata['dataset']}: n_bits sweep (FHE simulation accuracy, real FHE latency)")
+    for column in ("n_bits", "accuracy", "server ms", "circuit bits", "output bytes"):
+        table.add_column(column, justify="right")
+    for p in points:
+        mark = " *" if p is chosen else ""
+        table.add_row(
+            f"{p['n_bits']}{mark}",
+            f"{p['accuracy']:.2%}",
+            f"{p['server_ms']:.1f}",
+            str(p["max_bit_width"]),
+            str(p["output_bytes"]),
+        )
+    Console().print(table)
+    _compile(model, run, chosen["n_bits"], None)
+    console.print(
+        f"recommended n_bits {chosen['n_bits']} (*), compiled; table in {run / 'tune.md'}, plot {run / 'pareto.png'}"
+    )
+
+
 federation_app = typer.Typer(help="Train across processes on Flower's Deployment Engine (SuperLink + SuperNodes).")
 app.add_typer(federation_app, name="federation")
 
