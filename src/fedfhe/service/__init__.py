@@ -1,0 +1,1 @@
+"""Encrypted inference over HTTP: the client keeps its keys, the server only sees ciphertexts."""

@@ -1,0 +1,231 @@
+"""The encrypting client: keys are made and kept here; the server only gets evaluation keys and ciphertexts.
+
+Key directory layout (0o700, files 0o600): client.zip (the server's client spec, pinned by hash on
+first use), keys/ (Concrete's private and evaluation keys), session.json (the uploaded key id).
+A server that later serves another client spec is refused: keys belong to one circuit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+import httpx
+import numpy as np
+
+from fedfhe.data import check_features, read_table
+from fedfhe.errors import FedfheError
+from fedfhe.service.protocol import API, CLIENT_SPEC, OCTET_STREAM, SPEC_HASH_HEADER, decode_frames, encode_frames
+
+SESSION_FILE = "session.json"
+KEYS_DIR = "keys"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MODEL_FIELDS = {"n_features", "classes", "input_range", "client_spec_sha256", "max_batch"}
+
+
+class ServerError(FedfheError):
+    """The server answered with an error status; `status` says which."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Decrypted results: the predicted class per row and the per-class scores behind it."""
+
+    classes: np.ndarray
+    scores: np.ndarray
+
+
+class EncryptedClient:
+    """Talks to `fedfhe serve`; encrypts, sends, decrypts. Private keys never leave key_dir. One per thread."""
+
+    def __init__(self, url: str, key_dir: Path, timeout: float = 120.0) -> None:
+        self.url, self.key_dir, self.timeout = url.rstrip("/"), key_dir, timeout
+        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+        self._model: dict[str, Any] | None = None
+        self._fhe: Any = None
+        self._evaluation_keys = b""
+        self._key_id = ""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the HTTP connection pool."""
+        self._http.close()
+
+    @property
+    def model(self) -> dict[str, Any]:
+        """The served model's facts (/v1/model), fetched once."""
+        if self._model is None:
+            response = self._request("GET", f"{API}/model")  # its FedfheError is a ValueError: keep it out
+            try:
+                answer = response.json()
+            except ValueError:
+                answer = None
+            if not isinstance(answer, dict) or not MODEL_FIELDS <= answer.keys():
+                raise FedfheError(f"{self.url}: not a fedfhe server (unexpected answer to {API}/model)")
+            self._model = answer
+        return self._model
+
+    def predict(self, X: np.ndarray) -> Prediction:
+        """Check the rows, encrypt each, have the server classify them in batches, decrypt the scores."""
+        model = self.model
+        X = check_features(X, model["n_features"], tuple(model["input_range"]), "inputs")
+        if len(X) == 0:
+            return Prediction(np.empty(0, dtype=np.int64), np.empty((0, len(model["classes"]))))
+        fhe_client = self._session()
+        ciphertexts = [fhe_client.quantize_encrypt_serialize(row[None, :]) for row in X]
+        outputs: list[bytes] = []
+        for start in range(0, len(ciphertexts), model["max_batch"]):
+            outputs += self._evaluate(ciphertexts[start : start + model["max_batch"]])
+        scores = np.vstack([fhe_client.deserialize_decrypt_dequantize(out) for out in outputs])
+        return Prediction(np.asarray(model["classes"])[scores.argmax(axis=1)], scores)
+
+    def _session(self) -> Any:
+        """Pin the client spec, make or load the keys, upload the evaluation keys once."""
+        if self._fhe is not None:
+            return self._fhe
+        from concrete.ml.deployment import FHEModelClient
+
+        expected = self.model["client_spec_sha256"]
+        _private_dir(self.key_dir)
+        spec = self.key_dir / CLIENT_SPEC
+        if spec.is_file():
+            held = hashlib.sha256(spec.read_bytes()).hexdigest()
+            if held != expected:
+                raise FedfheError(
+                    f"{self.url} serves client spec {expected[:12]} but {self.key_dir} holds keys for "
+                    f"{held[:12]}; the model changed, use a new key directory"
+                )
+        else:
+            data = self._request("GET", f"{API}/client-spec").content
+            if hashlib.sha256(data).hexdigest() != expected:
+                raise FedfheError(f"{self.url}: the client spec does not match the hash the server advertises")
+            _write_private(spec, data)
+        _private_dir(self.key_dir / KEYS_DIR)
+        fhe_client = FHEModelClient(str(self.key_dir), key_dir=str(self.key_dir / KEYS_DIR))
+        fhe_client.generate_private_and_evaluation_keys()
+        for path in (self.key_dir / KEYS_DIR).rglob("*"):
+            path.chmod(0o700 if path.is_dir() else 0o600)
+        self._evaluation_keys = fhe_client.get_serialized_evaluation_keys()
+        self._key_id = hashlib.sha256(self._evaluation_keys).hexdigest()
+        if _read_session(self.key_dir).get("key_id") != self._key_id:
+            self._upload_keys()
+        self._fhe = fhe_client
+        return fhe_client
+
+    def _upload_keys(self) -> None:
+        """Send the evaluation keys; the server must file them under their sha256, as we computed."""
+        answer = self._request(
+            "POST", f"{API}/keys", content=self._evaluation_keys, headers={"content-type": OCTET_STREAM}
+        ).json()
+        if answer.get("key_id") != self._key_id:
+            raise FedfheError(f"{self.url} stored the evaluation keys under an unexpected id {answer.get('key_id')!r}")
+        _write_private(self.key_dir / SESSION_FILE, json.dumps({"key_id": self._key_id}).encode())
+
+    def _evaluate(self, ciphertexts: list[bytes]) -> list[bytes]:
+        """One framed round trip; keys the server lost (evicted, new key store) are uploaded again once."""
+        for attempt in (1, 2):
+            try:
+                response = self._request(
+                    "POST",
+                    f"{API}/predict",
+                    params={"key_id": self._key_id},
+                    content=encode_frames(ciphertexts),
+                    headers={"content-type": OCTET_STREAM},
+                )
+                break
+            except ServerError as exc:
+                if exc.status != 404 or attempt == 2:
+                    raise
+                self._upload_keys()
+        served = response.headers.get(SPEC_HASH_HEADER)
+        if served != self.model["client_spec_sha256"]:
+            raise FedfheError(
+                f"{self.url} answered for client spec {served!r}, not the one these inputs were encrypted for"
+            )
+        outputs = decode_frames(response.content, len(ciphertexts))
+        if len(outputs) != len(ciphertexts):
+            raise FedfheError(f"{self.url} answered {len(outputs)} results for {len(ciphertexts)} inputs")
+        return outputs
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """An HTTP call whose failures are one-line FedfheErrors."""
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            raise FedfheError(f"{self.url}: no answer within {self.timeout:g} s") from None
+        except httpx.HTTPError as exc:
+            raise FedfheError(f"{self.url}: {exc or type(exc).__name__}") from None
+        if response.is_error:
+            try:
+                detail = response.json()["detail"]
+            except (ValueError, KeyError, TypeError):
+                detail = response.text[:200]
+            raise ServerError(response.status_code, f"{self.url}{path}: {response.status_code} {detail}")
+        return response
+
+
+def read_inputs(path: Path, n_features: int, input_range: tuple[float, float]) -> np.ndarray:
+    """Rows from a .npy/.npz/.csv table, or one row from a PNG/JPEG image."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return image_row(path, n_features, input_range)
+    return read_table(path)[0]
+
+
+def image_row(path: Path, n_features: int, input_range: tuple[float, float]) -> np.ndarray:
+    """A square grayscale image as one row in the model's input range, light-on-dark like MNIST."""
+    from PIL import Image, UnidentifiedImageError
+
+    side = math.isqrt(n_features)
+    if side * side != n_features:
+        raise FedfheError(f"the model takes {n_features} features, which is not a square image")
+    try:
+        with Image.open(path) as image:
+            gray = image.convert("L").resize((side, side), Image.Resampling.LANCZOS)
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise FedfheError(f"{path}: not a readable image ({exc})") from None
+    pixels = np.asarray(gray, dtype=np.float64)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    if border.mean() > 127.5:
+        pixels = 255.0 - pixels
+    low, high = input_range
+    return (low + pixels / 255.0 * (high - low)).reshape(1, -1)
+
+
+def _private_dir(path: Path) -> None:
+    """Create a directory only its owner may enter."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write atomically with owner-only permissions."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _read_session(key_dir: Path) -> dict[str, Any]:
+    """The remembered key id, or nothing if never uploaded or unreadable."""
+    try:
+        return json.loads((key_dir / SESSION_FILE).read_text())
+    except (OSError, ValueError):
+        return {}

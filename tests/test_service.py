@@ -1,0 +1,400 @@
+"""The encrypted inference service over real HTTP: `fedfhe serve` subprocesses and EncryptedClient."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+import httpx
+import numpy as np
+import pytest
+
+from fedfhe.errors import FedfheError
+from fedfhe.service.client import EncryptedClient, image_row
+from fedfhe.service.keystore import KeyStore, UnknownKey
+from fedfhe.service.protocol import BatchTooLarge, decode_frames, encode_frames
+
+FEDFHE = [sys.executable, "-m", "fedfhe"]
+OCTET = {"content-type": "application/octet-stream"}
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served(NamedTuple):
+    """A running server: its URL, log file, key store and process id."""
+
+    url: str
+    log: Path
+    store: Path
+    pid: int
+
+
+@contextmanager
+def serving(run_dir: Path, store: Path, log: Path, *options: str) -> Iterator[Served]:
+    """A real `fedfhe serve` process on a free loopback port, stopped (and reaped) whatever happens."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["serve", "--run", str(run_dir), "--port", str(port), "--key-store", str(store), *options]
+    with open(log, "ab") as err:
+        proc = subprocess.Popen([*FEDFHE, *args], stdout=subprocess.DEVNULL, stderr=err, env=ENV)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, f"server exited with {proc.returncode}: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "server did not become healthy in 90 s"
+            try:
+                if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        yield Served(url, log, store, proc.pid)
+    finally:
+        proc.terminate()  # SIGTERM: uvicorn shuts down and the pool stops its workers
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("service") / "run"
+    args = ["run", "--dataset", "digits", "--clients", "1", "--n-bits", "6", "--fhe-samples", "0", "--out", str(out)]
+    done = subprocess.run([*FEDFHE, *args], check=False, capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def rows(digits) -> np.ndarray:
+    return digits.X_test[:8]
+
+
+@pytest.fixture(scope="module")
+def truth(run_dir, rows) -> np.ndarray:
+    """What the compiled circuit predicts locally, in simulation."""
+    from fedfhe.fhe import load_compiled
+    from fedfhe.model import LinearModel
+
+    compiled = load_compiled(run_dir, LinearModel.load(run_dir / "model.npz"))
+    return compiled.concrete.predict(rows, fhe="simulate")
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, tmp_path_factory) -> Iterator[Served]:
+    """One server for the module: 2 workers, 1 MiB bodies, 16 ciphertexts per request."""
+    tmp = tmp_path_factory.mktemp("server")
+    options = ("--workers", "2", "--max-body-mb", "1", "--max-batch", "16")
+    with serving(run_dir, tmp / "keys", tmp / "server.log", *options) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def alice(server, rows, tmp_path_factory) -> Iterator[EncryptedClient]:
+    """A client that has already made its keys and uploaded them."""
+    client = EncryptedClient(server.url, tmp_path_factory.mktemp("alice") / "keys")
+    client.predict(rows[:1])
+    yield client
+    client.close()
+
+
+def fhe_client(key_dir: Path):
+    """The Concrete client behind an EncryptedClient's key directory (same spec, same private key)."""
+    from concrete.ml.deployment import FHEModelClient
+
+    client = FHEModelClient(str(key_dir), key_dir=str(key_dir / "keys"))
+    client.generate_private_and_evaluation_keys()  # loads the keys already in key_dir
+    return client
+
+
+def key_id(key_dir: Path) -> str:
+    return json.loads((key_dir / "session.json").read_text())["key_id"]
+
+
+def post_predict(url: str, key: str, body: bytes, headers: dict[str, str] = OCTET) -> httpx.Response:
+    return httpx.post(f"{url}/v1/predict", params={"key_id": key}, content=body, headers=headers, timeout=60)
+
+
+def request_count(url: str, route: str) -> int:
+    """Requests to a route so far, from /metrics."""
+    text = httpx.get(f"{url}/metrics").text
+    return sum(
+        int(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(f'fedfhe_requests_total{{route="{route}"')
+    )
+
+
+def test_predictions_equal_local_simulation(alice, rows, truth):
+    result = alice.predict(rows)
+    np.testing.assert_array_equal(result.classes, truth)
+    assert result.scores.shape == (len(rows), 10)
+    assert (alice.key_dir.stat().st_mode & 0o777) == 0o700
+    written = [p for p in alice.key_dir.rglob("*") if p.is_file()]
+    assert written and all((p.stat().st_mode & 0o777) == 0o600 for p in written)
+
+
+def test_two_clients_at_the_same_time_each_get_their_own_results(server, rows, truth, tmp_path):
+    def classify(name: str) -> np.ndarray:
+        with EncryptedClient(server.url, tmp_path / name) as client:
+            return client.predict(rows).classes
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(classify, ["a", "b"]))
+    for classes in results:
+        np.testing.assert_array_equal(classes, truth)
+    secrets = [(tmp_path / name / "keys").rglob("secretKey*") for name in ("a", "b")]
+    first, second = ([p.read_bytes() for p in found] for found in secrets)
+    assert first and first != second
+
+
+def test_results_for_one_client_do_not_decrypt_with_another_clients_key(server, alice, rows, truth, tmp_path):
+    with EncryptedClient(server.url, tmp_path / "bob") as bob:
+        bob.predict(rows[:1])
+    a, b = fhe_client(alice.key_dir), fhe_client(tmp_path / "bob")
+    body = encode_frames([a.quantize_encrypt_serialize(row[None, :]) for row in rows])
+    response = post_predict(server.url, key_id(alice.key_dir), body)
+    assert response.status_code == 200
+    outputs = decode_frames(response.content, len(rows))
+    own = np.vstack([a.deserialize_decrypt_dequantize(o) for o in outputs])
+    other = np.vstack([b.deserialize_decrypt_dequantize(o) for o in outputs])
+    np.testing.assert_array_equal(own.argmax(axis=1), truth)
+    assert not np.allclose(own, other, atol=1e-3)
+    assert (other.argmax(axis=1) == truth).mean() < 0.5
+
+
+def test_unknown_or_malformed_key_id(server, alice, rows):
+    body = encode_frames([fhe_client(alice.key_dir).quantize_encrypt_serialize(rows[:1])])
+    response = post_predict(server.url, "0" * 64, body)
+    assert response.status_code == 404 and "unknown key id" in response.json()["detail"]
+    assert post_predict(server.url, "../../etc/passwd", body).status_code == 422
+
+
+def test_bad_ciphertexts_are_400_and_the_next_request_works(server, alice, rows, truth):
+    url, key = server.url, key_id(alice.key_dir)
+    good = fhe_client(alice.key_dir).quantize_encrypt_serialize(rows[:1])
+    for body in (
+        encode_frames([b"not a ciphertext" * 10]),
+        encode_frames([good[: len(good) // 2]]),
+        encode_frames([good])[:-10],
+        encode_frames([good]) + b"trailing",
+        b"\x00\x00",
+    ):
+        response = post_predict(url, key, body)
+        assert response.status_code == 400, response.text
+        assert response.json()["detail"]
+    np.testing.assert_array_equal(alice.predict(rows).classes, truth)
+
+
+def test_garbage_key_upload_is_400(server):
+    response = httpx.post(f"{server.url}/v1/keys", content=b"\x00garbage" * 8, headers=OCTET)
+    assert response.status_code == 400
+    assert "not Concrete evaluation keys" in response.json()["detail"]
+
+
+def test_uploading_the_same_keys_twice_gives_the_same_id(server, alice):
+    keys = fhe_client(alice.key_dir).get_serialized_evaluation_keys()
+    ids = {httpx.post(f"{server.url}/v1/keys", content=keys, headers=OCTET).json()["key_id"] for _ in range(2)}
+    assert ids == {hashlib.sha256(keys).hexdigest()}
+
+
+def test_too_large_bodies_and_batches_are_413(server, alice, rows):
+    url, key = server.url, key_id(alice.key_dir)
+    big = b"\x00" * (1 << 20 | 1)
+    assert post_predict(url, key, big).status_code == 413
+    response = httpx.post(
+        f"{url}/v1/predict", params={"key_id": key}, content=iter([big[:1000], big[1000:]]), headers=OCTET
+    )
+    assert response.status_code == 413  # streamed without Content-Length: the actual length counts
+    assert httpx.post(f"{url}/v1/keys", content=big, headers=OCTET).status_code == 413
+    good = fhe_client(alice.key_dir).quantize_encrypt_serialize(rows[:1])
+    response = post_predict(url, key, encode_frames([good] * 17))
+    assert response.status_code == 413 and "over the limit of 16" in response.json()["detail"]
+
+
+def test_wrong_content_type_is_415(server, alice):
+    response = post_predict(server.url, key_id(alice.key_dir), b"{}", {"content-type": "application/json"})
+    assert response.status_code == 415
+    assert httpx.post(f"{server.url}/v1/keys", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
+
+
+def test_bad_inputs_fail_before_anything_is_sent(server, rows, tmp_path):
+    url = server.url
+    before = request_count(url, "/v1/keys"), request_count(url, "/v1/predict")
+    nan = rows[:2].copy()
+    nan[1, 3] = np.nan
+    with EncryptedClient(url, tmp_path / "keys") as client:
+        with pytest.raises(FedfheError, match=r"shape \(2, 63\); expected \(n_samples, 64\)"):
+            client.predict(rows[:2, :63])
+        with pytest.raises(FedfheError, match="NaN"):
+            client.predict(nan)
+        with pytest.raises(FedfheError, match="outside the model's input range"):
+            client.predict(rows[:1] + 100)
+        assert client.predict(rows[:0]).scores.shape == (0, 10)
+    assert not (tmp_path / "keys").exists()
+    assert (request_count(url, "/v1/keys"), request_count(url, "/v1/predict")) == before
+
+
+def test_client_refuses_a_server_whose_artifacts_differ(server, alice, rows, tmp_path):
+    stale = tmp_path / "stale"
+    shutil.copytree(alice.key_dir, stale)
+    with open(stale / "client.zip", "ab") as f:
+        f.write(b"\x00")  # the spec these keys were made for is no longer the one served
+    with EncryptedClient(server.url, stale) as client, pytest.raises(FedfheError, match="holds keys for"):
+        client.predict(rows[:1])
+
+
+def test_model_and_client_spec(server, run_dir):
+    model = httpx.get(f"{server.url}/v1/model").json()
+    assert (model["dataset"], model["n_features"], model["classes"]) == ("digits", 64, list(range(10)))
+    assert (model["input_range"], model["n_bits"], model["max_batch"]) == ([0.0, 16.0], 6, 16)
+    spec = httpx.get(f"{server.url}/v1/client-spec")
+    assert spec.headers["content-type"] == "application/zip"
+    assert spec.content == (run_dir / "fhe" / "client.zip").read_bytes()
+    assert hashlib.sha256(spec.content).hexdigest() == model["client_spec_sha256"]
+
+
+def test_request_ids_json_logs_and_metrics(server):
+    url, log = server.url, server.log
+    response = httpx.get(f"{url}/v1/health", headers={"X-Request-ID": "test-123"})
+    assert response.headers["x-request-id"] == "test-123"
+    replaced = httpx.get(f"{url}/v1/health", headers={"X-Request-ID": "bad id/" + "x" * 80})
+    assert len(replaced.headers["x-request-id"]) == 32
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'fedfhe_requests_total{route="/v1/health",method="GET",status="200"}' in metrics
+    assert 'fedfhe_request_seconds_count{route="/v1/predict"}' in metrics
+    assert "fedfhe_request_errors_total" in metrics
+    time.sleep(0.2)
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    mine = [line for line in lines if line.get("request_id") == "test-123"]
+    assert mine and mine[0]["path"] == "/v1/health" and mine[0]["status"] == 200
+
+
+def test_cli_predict_prints_json(server, rows, truth, tmp_path):
+    np.save(tmp_path / "rows.npy", rows)
+    args = [
+        "predict",
+        "--server",
+        server.url,
+        "--key-dir",
+        str(tmp_path / "keys"),
+        "--json",
+        str(tmp_path / "rows.npy"),
+    ]
+    done = subprocess.run([*FEDFHE, *args], check=False, capture_output=True, text=True, env=ENV, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [row["class"] for row in json.loads(done.stdout)] == truth.tolist()
+    down = ["predict", "--server", f"http://127.0.0.1:{free_port()}", str(tmp_path / "rows.npy")]
+    refused = subprocess.run([*FEDFHE, *down], check=False, capture_output=True, text=True)
+    assert refused.returncode == 2 and "refused" in refused.stderr.lower()
+    missing = subprocess.run(
+        [*FEDFHE, "predict", "--server", server.url, "nope.npy"], check=False, capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "nope.npy: file not found" in missing.stderr
+
+
+def test_keys_survive_a_server_restart(run_dir, rows, truth, tmp_path):
+    store, log = tmp_path / "store", tmp_path / "server.log"
+    with serving(run_dir, store, log, "--workers", "1") as first, EncryptedClient(first.url, tmp_path / "c") as client:
+        np.testing.assert_array_equal(client.predict(rows[:2]).classes, truth[:2])
+    with serving(run_dir, store, log, "--workers", "1", "--timeout", "0.001") as second:
+        body = encode_frames([fhe_client(tmp_path / "c").quantize_encrypt_serialize(rows[:1])])
+        response = post_predict(second.url, key_id(tmp_path / "c"), body)
+        assert response.status_code == 504  # so the key was found; 1 ms is too short for any FHE work
+        assert request_count(second.url, "/v1/keys") == 0
+
+
+def test_an_evicted_key_is_uploaded_again_transparently(server, alice, rows, truth):
+    uploads = request_count(server.url, "/v1/keys")
+    (server.store / f"{key_id(alice.key_dir)}.key").unlink()
+    np.testing.assert_array_equal(alice.predict(rows[:2]).classes, truth[:2])
+    assert request_count(server.url, "/v1/keys") == uploads + 1
+
+
+def test_a_dead_worker_is_replaced(server, alice, rows, truth):
+    children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+    pids = [int(p) for p in children if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(pids) == 2
+    os.kill(pids[0], signal.SIGKILL)
+    time.sleep(1)  # the pool notices the death and marks itself broken
+    np.testing.assert_array_equal(alice.predict(rows).classes, truth)
+
+
+def test_cli_predict_reads_an_image(server, tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.kron(np.eye(8, dtype=np.uint8) * 255, np.ones((4, 4), dtype=np.uint8))).save(tmp_path / "x.png")
+    args = ["predict", "--server", server.url, "--key-dir", str(tmp_path / "keys"), "--json", str(tmp_path / "x.png")]
+    done = subprocess.run([*FEDFHE, *args], check=False, capture_output=True, text=True, env=ENV, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout)
+    assert row["class"] in range(10) and abs(sum(row["scores"].values()) - 1) < 0.05
+
+
+def test_serve_refuses_a_run_without_artifacts(tmp_path):
+    done = subprocess.run([*FEDFHE, "serve", "--run", str(tmp_path)], check=False, capture_output=True, text=True)
+    assert done.returncode == 2 and "model file not found" in done.stderr
+
+
+def test_image_row_is_light_on_dark_in_the_input_range(tmp_path):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (100, 100), "white")
+    ImageDraw.Draw(image).line([(50, 10), (50, 90)], fill="black", width=12)
+    image.save(tmp_path / "digit.png")
+    row = image_row(tmp_path / "digit.png", 784, (0.0, 255.0))
+    assert row.shape == (1, 784) and row.min() >= 0 and row.max() <= 255
+    square = row.reshape(28, 28)
+    assert square[0, 0] < 10 and square[14, 14] > 200
+    with pytest.raises(FedfheError, match="not a square image"):
+        image_row(tmp_path / "digit.png", 10, (0.0, 1.0))
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(FedfheError, match="not a readable image"):
+        image_row(tmp_path / "bad.png", 64, (0.0, 16.0))
+
+
+def test_key_store_is_idempotent_bounded_and_least_recently_used(tmp_path):
+    store = KeyStore(tmp_path / "keys", max_keys=2, max_bytes=1000)
+    first, second = store.put(b"a" * 100), store.put(b"b" * 100)
+    assert store.put(b"a" * 100) == first == hashlib.sha256(b"a" * 100).hexdigest()
+    os.utime(store.root / f"{second}.key", (0, 0))
+    store.get(first)  # used now, so `second` is the least recently used
+    third = store.put(b"c" * 100)
+    assert len(store) == 2 and store.get(third) == b"c" * 100
+    with pytest.raises(UnknownKey):
+        store.get(second)
+    store.put(b"d" * 901)  # over the byte limit: only the newest stays
+    assert len(store) == 1
+    for bad in ("../" * 10, "A" * 64, first + "0"):
+        with pytest.raises(UnknownKey, match="malformed"):
+            store.get(bad)
+    assert not list(store.root.glob("*.tmp"))
+
+
+def test_framing_round_trip_and_refusals():
+    frames = [b"", b"x", b"y" * 70_000]
+    assert decode_frames(encode_frames(frames), 3) == frames
+    with pytest.raises(BatchTooLarge):
+        decode_frames(encode_frames(frames), 2)
+    for body in (b"", struct.pack(">I", 0), encode_frames(frames)[:-1], encode_frames(frames) + b"\x00"):
+        with pytest.raises(FedfheError):
+            decode_frames(body, 3)
