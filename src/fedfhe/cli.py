@@ -30,7 +30,7 @@ DataDir = Annotated[Path | None, typer.Option(help="Folder with the four MNIST I
 Seed = Annotated[int, typer.Option(help="Seed of the split, the partitions and client sampling.")]
 Clients = Annotated[int, typer.Option(help="Number of clients; 1 trains centrally.")]
 Rounds = Annotated[int, typer.Option(help="Federated rounds.")]
-LocalIters = Annotated[int, typer.Option(help="lbfgs iterations per client per round.")]
+LocalIters = Annotated[int, typer.Option(help="L-BFGS iterations per client per round.")]
 Fraction = Annotated[float, typer.Option(help="Fraction of clients that train in each round.")]
 Partitioning = Annotated[str, typer.Option(help="iid | dirichlet")]
 Alpha = Annotated[float, typer.Option(help="Dirichlet concentration (smaller = more label skew).")]
