@@ -214,8 +214,7 @@ def compile_(
     calibration: Calibration = None,
 ) -> None:
     """Convert the run's model with Concrete ML and compile it, without any training data."""
-    from fedfhe.model import LinearModel
-    from fedfhe.training import MODEL_FILE
+    from fedfhe.model import MODEL_FILE, LinearModel
 
     model = LinearModel.load(run / MODEL_FILE)
     _compile(model, _writable(run), n_bits, calibration)
@@ -233,8 +232,7 @@ def evaluate(
     """Measure float, quantized, simulated and real FHE accuracy and their agreement."""
     from fedfhe import fhe
     from fedfhe.data import check_features, load_dataset, read_table
-    from fedfhe.model import LinearModel
-    from fedfhe.training import MODEL_FILE
+    from fedfhe.model import MODEL_FILE, LinearModel
 
     model = LinearModel.load(run / MODEL_FILE)
     if data is None:
@@ -287,10 +285,9 @@ def run(
 ) -> None:
     """Train, compile and evaluate in one go; everything lands in --out."""
     from fedfhe.data import load_dataset
-    from fedfhe.fhe import N_BITS_RANGE
+    from fedfhe.fhe import check_n_bits
 
-    if not N_BITS_RANGE[0] <= n_bits <= N_BITS_RANGE[1]:
-        raise FedfheError(f"--n-bits must be between {N_BITS_RANGE[0]} and {N_BITS_RANGE[1]} (got {n_bits})")
+    check_n_bits(n_bits)
     data = load_dataset(dataset, data_dir=data_dir, seed=seed)
     config = _config(data, locals())
     _check_fhe_samples(fhe_samples, len(data.y_test))
@@ -312,17 +309,14 @@ def tune(
     """Sweep n_bits: accuracy (FHE simulation) vs server latency; compile the fastest accurate point."""
     from fedfhe import tuning
     from fedfhe.data import load_dataset
-    from fedfhe.fhe import N_BITS_RANGE
-    from fedfhe.model import LinearModel
-    from fedfhe.training import MODEL_FILE
+    from fedfhe.fhe import check_n_bits
+    from fedfhe.model import MODEL_FILE, LinearModel
 
     try:
         grid = {"n_bits": sorted({int(v) for v in n_bits.split(",")})}
     except ValueError:
         raise FedfheError(f"--n-bits must be comma-separated integers (got {n_bits!r})") from None
-    low, high = N_BITS_RANGE
-    if not all(low <= b <= high for b in grid["n_bits"]):
-        raise FedfheError(f"--n-bits must be between {low} and {high} (got {n_bits})")
+    check_n_bits(*grid["n_bits"])
     model = LinearModel.load(run / MODEL_FILE)
     split = load_dataset(model.metadata["dataset"], data_dir=data_dir, seed=model.metadata["training"]["seed"])
     if not 1 <= latency_samples <= len(split.y_test):

@@ -42,6 +42,13 @@ def bound_inputs(model: LinearModel) -> np.ndarray:
     return np.unique(np.array(rows), axis=0)
 
 
+def check_n_bits(*values: int) -> None:
+    """Refuse quantization widths outside what fedfhe compiles, before any work starts."""
+    low, high = N_BITS_RANGE
+    if not all(low <= v <= high for v in values):
+        raise FedfheError(f"--n-bits must be between {low} and {high} (got {', '.join(map(str, values))})")
+
+
 @dataclass
 class CompiledModel:
     """A compiled Concrete ML model with the facts needed to trust and reproduce it."""
@@ -74,8 +81,7 @@ class CompiledModel:
 
 def compile_model(model: LinearModel, n_bits: int = 8, calibration: np.ndarray | None = None) -> CompiledModel:
     """Quantize and compile; without calibration data the bounds come from the input range alone."""
-    if not N_BITS_RANGE[0] <= n_bits <= N_BITS_RANGE[1]:
-        raise FedfheError(f"--n-bits must be between {N_BITS_RANGE[0]} and {N_BITS_RANGE[1]} (got {n_bits})")
+    check_n_bits(n_bits)
     if calibration is None:
         inputs, kind = bound_inputs(model), "input-range bounds"
     else:

@@ -14,6 +14,7 @@ import numpy as np
 from fedfhe.errors import FedfheError
 
 FORMAT = "fedfhe-linear-model/1"
+MODEL_FILE = "model.npz"  # the name a run directory keeps its model under
 
 
 @dataclass

@@ -18,10 +18,9 @@ from fedfhe.federated import task
 from fedfhe.errors import FedfheError
 from fedfhe.federated.server_app import RoundCallback, RoundLog, load_checkpoint, make_server_main
 from fedfhe.federated.task import TrainConfig
-from fedfhe.model import LinearModel
+from fedfhe.model import MODEL_FILE, LinearModel
 from fedfhe.partition import label_counts, partition, plot_label_distribution, save_partitions
 
-MODEL_FILE = "model.npz"
 CONFIG_FILE = "train_config.json"
 CENTRAL_MAX_ITER = 1000
 

@@ -105,8 +105,7 @@ class KeyId(BaseModel):
 def load_model_info(run_dir: Path, limits: Limits) -> tuple[ModelInfo, bytes]:
     """Read and cross-check the run's artifacts; returns the model facts and the client.zip bytes."""
     from fedfhe.fhe import FHE_DIR, INFO_FILE
-    from fedfhe.model import LinearModel
-    from fedfhe.training import MODEL_FILE
+    from fedfhe.model import MODEL_FILE, LinearModel
 
     model = LinearModel.load(run_dir / MODEL_FILE)
     fhe_dir = run_dir / FHE_DIR
