@@ -24,8 +24,8 @@ HERE = Path(__file__).resolve().parent
 def agreement(model: LinearModel, inputs: np.ndarray | None, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """Compile on `inputs` (None: bounds) and compare simulate with the clear quantized model."""
     compiled = fhe.compile_model(model, 8, inputs)
-    clear = compiled.concrete.predict(X, fhe="disable")
-    simulate = compiled.concrete.predict(X, fhe="simulate")
+    clear = compiled.predict(X, fhe="disable")
+    simulate = compiled.predict(X, fhe="simulate")
     return {
         "fhe_vs_clear": float(np.mean(simulate == clear)),
         "fhe_accuracy": float(np.mean(simulate == y)),
@@ -39,7 +39,7 @@ def main() -> None:
     run = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo")
     model = LinearModel.load(run / "model.npz")
     data = load_dataset(model.metadata["dataset"], seed=model.metadata["training"]["seed"])
-    low, high = model.input_range
+    low, high = model.input_range[0].min(), model.input_range[1].max()
     results = {
         f"random pixels (seed {seed})": agreement(
             model,

@@ -71,8 +71,8 @@ def main() -> None:
             np.mean(deployed.to_sklearn().predict(data.X_test) == simulated.to_sklearn().predict(data.X_test))
         ),
         "accuracy": {
-            "deployment": deployed.metadata["metrics"]["final"]["accuracy"],
-            "simulation": simulated.metadata["metrics"]["final"]["accuracy"],
+            "deployment": deployed.metadata["metrics"]["final"]["score"],
+            "simulation": simulated.metadata["metrics"]["final"]["score"],
         },
         "supernode_peak_rss_mb": {
             "median": statistics.median(peaks.values()) / 2**20,

@@ -49,7 +49,7 @@ def main() -> None:
             wall = time.perf_counter() - start
             metrics = model.metadata["metrics"]
             rows[name] = {
-                "accuracy": metrics["final"]["accuracy"],
+                "accuracy": metrics["final"]["score"],
                 "wall_s": wall,
                 "epsilon": metrics.get("privacy", {}).get("epsilon"),
                 "config": changes,
@@ -57,8 +57,8 @@ def main() -> None:
             print(f"{name:28s} accuracy {rows[name]['accuracy']:.4f}  wall {wall:6.1f} s  eps {rows[name]['epsilon']}")
             if name == "SecAgg+":
                 compiled = fhe.compile_model(model, n_bits=8)
-                clear = compiled.concrete.predict(data.X_test, fhe="disable")
-                simulate = compiled.concrete.predict(data.X_test, fhe="simulate")
+                clear = compiled.predict(data.X_test, fhe="disable")
+                simulate = compiled.predict(data.X_test, fhe="simulate")
                 rows[name]["fhe_vs_clear"] = float((clear == simulate).mean())
                 rows[name]["fhe_simulate_accuracy"] = float((simulate == data.y_test).mean())
     result = {

@@ -44,7 +44,7 @@ def write_mnist(folder: Path, n_train: int = 12, n_test: int = 5) -> tuple[np.nd
 def test_bundled_sets_have_raw_features_in_their_range(digits):
     mnist = load_dataset("mnist-5k", seed=0)
     assert (mnist.X_train.shape, mnist.X_test.shape) == ((4000, 784), (1000, 784))
-    assert mnist.input_range == (0.0, 255.0) and mnist.X_train.max() == 255.0
+    assert (mnist.input_range[0] == 0).all() and (mnist.input_range[1] == 255).all() and mnist.X_train.max() == 255
     assert digits.n_features == 64 and digits.X_train.max() <= 16
     assert list(mnist.classes) == list(range(10))
     assert np.bincount(mnist.y_test).tolist() == [100] * 10  # stratified
@@ -148,3 +148,26 @@ def test_check_features_rejects_bad_rows(X, message):
 
 def test_check_features_accepts_a_single_row():
     assert check_features(np.array([1, 2, 3, 4]), 4, (0.0, 255.0)).shape == (1, 4)
+
+
+@pytest.mark.parametrize("name, n_features, regression", [("breast-cancer", 30, False), ("diabetes", 10, True)])
+def test_tabular_sets_declare_per_feature_ranges_that_hold_their_data(name, n_features, regression):
+    data = load_dataset(name, seed=0)
+    low, high = data.input_range
+    assert data.n_features == n_features and low.shape == high.shape == (n_features,)
+    assert data.is_regression == regression and (len(data.classes) == 0) == regression
+    for X in (data.X_train, data.X_test):
+        check_features(X, n_features, data.input_range)
+    assert len(np.unique(high)) > 5  # really per feature, not one shared range
+    if regression:
+        t_low, t_high = data.target_range
+        assert t_low <= data.y_train.min() and data.y_train.max() <= t_high
+
+
+def test_out_of_range_column_is_named():
+    X = np.zeros((2, 3))
+    X[1, 2] = 7.0
+    with pytest.raises(
+        FedfheError, match=r"X column 2 has values in \[0, 7\], outside the model's input range \[0, 5\]"
+    ):
+        check_features(X, 3, (np.zeros(3), np.full(3, 5.0)))

@@ -17,14 +17,14 @@ def test_federated_run_writes_model_metrics_and_plots(federated_run, digits):
     assert [row["round"] for row in metrics["rounds"]] == [0, 1, 2]
     last = metrics["rounds"][-1]
     assert [c["client"] for c in last["clients"]] == [0, 1, 2]
-    assert all(0.8 < c["accuracy"] <= 1 for c in last["clients"])
-    assert metrics["rounds"][0]["global"]["accuracy"] < 0.2 < 0.85 < last["global"]["accuracy"]
-    assert abs(metrics["final"]["accuracy"] - metrics["centralized"]["accuracy"]) < 0.05
+    assert all(0.8 < c["score"] <= 1 for c in last["clients"])
+    assert metrics["rounds"][0]["global"]["score"] < 0.2 < 0.85 < last["global"]["score"]
+    assert abs(metrics["final"]["score"] - metrics["centralized"]["score"]) < 0.05
     for name in ("training.png", "partitions.png"):
         assert (federated_run / name).read_bytes()[:4] == b"\x89PNG"
     model = LinearModel.load(federated_run / "model.npz")
     assert model.coef.shape == (10, 64) and model.metadata["training"]["clients"] == 3
-    assert model.to_sklearn().score(digits.X_test, digits.y_test) == pytest.approx(metrics["final"]["accuracy"])
+    assert model.to_sklearn().score(digits.X_test, digits.y_test) == pytest.approx(metrics["final"]["score"])
 
 
 def test_one_client_trains_centrally(tmp_path, digits):

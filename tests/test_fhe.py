@@ -22,14 +22,16 @@ def compiled(federated_run):
 
 def test_bound_inputs_enclose_every_output_over_the_input_box():
     rng = np.random.default_rng(0)
-    model = LinearModel(rng.normal(size=(5, 12)), rng.normal(size=5), np.arange(5), (0.0, 16.0))
-    bounds = fhe.bound_inputs(model)
-    reach = bounds @ model.coef.T
-    X = rng.uniform(0, 16, size=(2000, 12))
-    X[:100] = rng.choice([0.0, 16.0], size=(100, 12))  # box corners too
-    outputs = X @ model.coef.T
+    low, high = rng.uniform(-3, 0, size=12), rng.uniform(1, 500, size=12)
+    model = LinearModel(rng.normal(size=(5, 12)), rng.normal(size=5), np.arange(5), (low, high))
+    bounds = fhe.bound_inputs(model)  # in the circuit's input space: each feature scaled to [0, 1]
+    weights = model.to_scaled_sklearn().coef_
+    reach = bounds @ weights.T
+    X = rng.uniform(low, high, size=(2000, 12))
+    X[:100] = np.where(rng.random((100, 12)) < 0.5, low, high)  # box corners too
+    outputs = model.scale(X) @ weights.T
     assert (outputs >= reach.min(axis=0) - 1e-9).all() and (outputs <= reach.max(axis=0) + 1e-9).all()
-    assert bounds.min() == 0 and bounds.max() == 16
+    assert bounds.min() == 0 and bounds.max() == 1
 
 
 def test_fhe_agrees_with_the_clear_quantized_model(compiled, federated_run, digits):

@@ -15,14 +15,16 @@ from fedfhe.model import LinearModel
 @pytest.fixture
 def model() -> LinearModel:
     rng = np.random.default_rng(0)
-    return LinearModel(rng.normal(size=(3, 4)), rng.normal(size=3), np.array([0, 1, 2]), (0.0, 255.0), {"dataset": "x"})
+    ranges = (np.zeros(4), np.array([255.0, 255.0, 1.0, 40.0]))
+    return LinearModel(rng.normal(size=(3, 4)), rng.normal(size=3), np.array([0, 1, 2]), ranges, {"dataset": "x"})
 
 
 def test_round_trip_keeps_weights_metadata_and_hash(tmp_path, model):
     model.save(tmp_path / "m.npz")
     loaded = LinearModel.load(tmp_path / "m.npz")
     assert np.array_equal(loaded.coef, model.coef) and loaded.metadata == {"dataset": "x"}
-    assert loaded.sha256 == model.sha256 and loaded.input_range == (0.0, 255.0)
+    assert loaded.sha256 == model.sha256 and loaded.kind == "logistic"
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.input_range, model.input_range))
 
 
 def test_tampered_weights_are_detected(tmp_path, model):
@@ -58,16 +60,42 @@ def test_missing_model_file(tmp_path):
 
 def test_unscaled_weights_on_raw_inputs_equal_scaled_weights_on_scaled_inputs():
     rng = np.random.default_rng(1)
-    coef, intercept = rng.normal(size=(10, 6)), rng.normal(size=10)
-    X = rng.uniform(2, 18, size=(20, 6))
-    raw_coef, raw_intercept = task.unscale(coef, intercept, (2.0, 18.0))
-    assert np.allclose(X @ raw_coef.T + raw_intercept, task.scale(X, (2.0, 18.0)) @ coef.T + intercept)
+    coef, intercept = rng.normal(size=(1, 6)), rng.normal(size=1)
+    low, high = rng.uniform(-5, 0, size=6), rng.uniform(1, 300, size=6)
+    X = rng.uniform(low, high, size=(20, 6))
+    problem = task.Problem("ridge", np.array([]), (low, high), (25.0, 346.0))
+    raw_coef, raw_intercept = problem.unscale([coef, intercept])
+    scaled_prediction = problem.scale(X) @ coef.T + intercept
+    assert np.allclose(X @ raw_coef.T + raw_intercept, 25.0 + 321.0 * scaled_prediction)
+    model = LinearModel(raw_coef, raw_intercept, np.array([], dtype=np.int64), (low, high), kind="ridge")
+    assert np.allclose(model.to_scaled_sklearn().predict(model.scale(X)), model.to_sklearn().predict(X))
 
 
-def test_fit_keeps_rows_for_classes_a_client_lacks():
+@pytest.mark.parametrize("name", ["logistic", "svm"])
+def test_fit_keeps_rows_for_classes_a_client_lacks(name):
     rng = np.random.default_rng(0)
     X, y = rng.uniform(0, 1, size=(30, 5)), rng.integers(0, 2, size=30)
-    classes = np.arange(4)
-    params = task.fit(task.initial_params(5, 4), X, y, classes, C=1.0, iterations=20)
+    problem = task.Problem(name, np.arange(4), (np.zeros(5), np.ones(5)))
+    params = task.fit(problem, problem.initial_params(), X, y, {"C": 1.0}, iterations=20)
     assert params[0].shape == (4, 5) and params[1].shape == (4,)
-    assert set(task.classifier(params, classes).predict(X)) <= {0, 1}
+    assert set(task.estimator(name, params, problem.classes).predict(X)) <= {0, 1}
+
+
+def test_params_are_checked_against_the_estimator():
+    assert task.resolve_params("svm", {"C": 0.5})["C"] == 0.5
+    assert task.parse_params(["C=0.5", "penalty=l1", "fit_intercept=false", "tol=None"]) == {
+        "C": 0.5,
+        "penalty": "l1",
+        "fit_intercept": False,
+        "tol": None,
+    }
+    with pytest.raises(FedfheError, match="unknown parameter 'gamma' for Ridge; valid: alpha, copy_X"):
+        task.resolve_params("ridge", {"gamma": 1})
+    with pytest.raises(FedfheError, match="--param: The 'C' parameter of LogisticRegression must be"):
+        task.resolve_params("logistic", {"C": -1})
+    with pytest.raises(FedfheError, match="NAME=VALUE"):
+        task.parse_params(["C"])
+    with pytest.raises(FedfheError, match="unknown model 'forest'"):
+        task.resolve_params("forest", {})
+    with pytest.raises(FedfheError, match="--param penalty applies to centralized training"):
+        task.TrainConfig(clients=3, params={"penalty": "l1", "solver": "saga"}).check(100)

@@ -86,6 +86,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def rows(digits) -> np.ndarray:
+    """Raw digits rows; the circuit itself takes them divided by 16 (each feature's range mapped to [0, 1])."""
     return digits.X_test[:8]
 
 
@@ -96,7 +97,7 @@ def truth(run_dir, rows) -> np.ndarray:
     from fedfhe.model import LinearModel
 
     compiled = load_compiled(run_dir, LinearModel.load(run_dir / "model.npz"))
-    return compiled.concrete.predict(rows, fhe="simulate")
+    return compiled.predict(rows, fhe="simulate")
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,7 @@ def request_count(url: str, route: str) -> int:
 
 def test_predictions_equal_local_simulation(alice, rows, truth):
     result = alice.predict(rows)
-    np.testing.assert_array_equal(result.classes, truth)
+    np.testing.assert_array_equal(result.predicted, truth)
     assert result.scores.shape == (len(rows), 10)
     assert (alice.key_dir.stat().st_mode & 0o777) == 0o700
     written = [p for p in alice.key_dir.rglob("*") if p.is_file()]
@@ -156,7 +157,7 @@ def test_predictions_equal_local_simulation(alice, rows, truth):
 def test_two_clients_at_the_same_time_each_get_their_own_results(server, rows, truth, tmp_path):
     def classify(name: str) -> np.ndarray:
         with EncryptedClient(server.url, tmp_path / name) as client:
-            return client.predict(rows).classes
+            return client.predict(rows).predicted
 
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(classify, ["a", "b"]))
@@ -171,7 +172,7 @@ def test_results_for_one_client_do_not_decrypt_with_another_clients_key(server, 
     with EncryptedClient(server.url, tmp_path / "bob") as bob:
         bob.predict(rows[:1])
     a, b = fhe_client(alice.key_dir), fhe_client(tmp_path / "bob")
-    body = encode_frames([a.quantize_encrypt_serialize(row[None, :]) for row in rows])
+    body = encode_frames([a.quantize_encrypt_serialize(row[None, :]) for row in rows / 16])
     response = post_predict(server.url, key_id(alice.key_dir), body)
     assert response.status_code == 200
     outputs = decode_frames(response.content, len(rows))
@@ -183,7 +184,7 @@ def test_results_for_one_client_do_not_decrypt_with_another_clients_key(server, 
 
 
 def test_unknown_or_malformed_key_id(server, alice, rows):
-    body = encode_frames([fhe_client(alice.key_dir).quantize_encrypt_serialize(rows[:1])])
+    body = encode_frames([fhe_client(alice.key_dir).quantize_encrypt_serialize(rows[:1] / 16)])
     response = post_predict(server.url, "0" * 64, body)
     assert response.status_code == 404 and "unknown key id" in response.json()["detail"]
     assert post_predict(server.url, "../../etc/passwd", body).status_code == 422
@@ -191,7 +192,7 @@ def test_unknown_or_malformed_key_id(server, alice, rows):
 
 def test_bad_ciphertexts_are_400_and_the_next_request_works(server, alice, rows, truth):
     url, key = server.url, key_id(alice.key_dir)
-    good = fhe_client(alice.key_dir).quantize_encrypt_serialize(rows[:1])
+    good = fhe_client(alice.key_dir).quantize_encrypt_serialize(rows[:1] / 16)
     for body in (
         encode_frames([b"not a ciphertext" * 10]),
         encode_frames([good[: len(good) // 2]]),
@@ -202,7 +203,7 @@ def test_bad_ciphertexts_are_400_and_the_next_request_works(server, alice, rows,
         response = post_predict(url, key, body)
         assert response.status_code == 400, response.text
         assert response.json()["detail"]
-    np.testing.assert_array_equal(alice.predict(rows).classes, truth)
+    np.testing.assert_array_equal(alice.predict(rows).predicted, truth)
 
 
 def test_garbage_key_upload_is_400(server):
@@ -226,7 +227,7 @@ def test_too_large_bodies_and_batches_are_413(server, alice, rows):
     )
     assert response.status_code == 413  # streamed without Content-Length: the actual length counts
     assert httpx.post(f"{url}/v1/keys", content=big, headers=OCTET).status_code == 413
-    good = fhe_client(alice.key_dir).quantize_encrypt_serialize(rows[:1])
+    good = fhe_client(alice.key_dir).quantize_encrypt_serialize(rows[:1] / 16)
     response = post_predict(url, key, encode_frames([good] * 17))
     assert response.status_code == 413 and "over the limit of 16" in response.json()["detail"]
 
@@ -266,7 +267,8 @@ def test_client_refuses_a_server_whose_artifacts_differ(server, alice, rows, tmp
 def test_model_and_client_spec(server, run_dir):
     model = httpx.get(f"{server.url}/v1/model").json()
     assert (model["dataset"], model["n_features"], model["classes"]) == ("digits", 64, list(range(10)))
-    assert (model["input_range"], model["n_bits"], model["max_batch"]) == ([0.0, 16.0], 6, 16)
+    assert (model["input_low"], model["input_high"]) == ([0.0] * 64, [16.0] * 64)
+    assert (model["kind"], model["n_bits"], model["max_batch"]) == ("logistic", 6, 16)
     spec = httpx.get(f"{server.url}/v1/client-spec")
     assert spec.headers["content-type"] == "application/zip"
     assert spec.content == (run_dir / "fhe" / "client.zip").read_bytes()
@@ -315,9 +317,9 @@ def test_cli_predict_prints_json(server, rows, truth, tmp_path):
 def test_keys_survive_a_server_restart(run_dir, rows, truth, tmp_path):
     store, log = tmp_path / "store", tmp_path / "server.log"
     with serving(run_dir, store, log, "--workers", "1") as first, EncryptedClient(first.url, tmp_path / "c") as client:
-        np.testing.assert_array_equal(client.predict(rows[:2]).classes, truth[:2])
+        np.testing.assert_array_equal(client.predict(rows[:2]).predicted, truth[:2])
     with serving(run_dir, store, log, "--workers", "1", "--timeout", "0.001") as second:
-        body = encode_frames([fhe_client(tmp_path / "c").quantize_encrypt_serialize(rows[:1])])
+        body = encode_frames([fhe_client(tmp_path / "c").quantize_encrypt_serialize(rows[:1] / 16)])
         response = post_predict(second.url, key_id(tmp_path / "c"), body)
         assert response.status_code == 504  # so the key was found; 1 ms is too short for any FHE work
         assert request_count(second.url, "/v1/keys") == 0
@@ -326,7 +328,7 @@ def test_keys_survive_a_server_restart(run_dir, rows, truth, tmp_path):
 def test_an_evicted_key_is_uploaded_again_transparently(server, alice, rows, truth):
     uploads = request_count(server.url, "/v1/keys")
     (server.store / f"{key_id(alice.key_dir)}.key").unlink()
-    np.testing.assert_array_equal(alice.predict(rows[:2]).classes, truth[:2])
+    np.testing.assert_array_equal(alice.predict(rows[:2]).predicted, truth[:2])
     assert request_count(server.url, "/v1/keys") == uploads + 1
 
 
@@ -336,7 +338,7 @@ def test_a_dead_worker_is_replaced(server, alice, rows, truth):
     assert len(pids) == 2
     os.kill(pids[0], signal.SIGKILL)
     time.sleep(1)  # the pool notices the death and marks itself broken
-    np.testing.assert_array_equal(alice.predict(rows).classes, truth)
+    np.testing.assert_array_equal(alice.predict(rows).predicted, truth)
 
 
 def test_cli_predict_reads_an_image(server, tmp_path):

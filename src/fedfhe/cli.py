@@ -25,7 +25,14 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
-Dataset = Annotated[str, typer.Option(help="digits | mnist-5k | mnist")]
+Dataset = Annotated[str, typer.Option(help="digits | mnist-5k | mnist | breast-cancer | diabetes (regression)")]
+Model = Annotated[
+    str, typer.Option(help="logistic | svm (classifiers); linear | ridge | lasso | elasticnet (regressors)")
+]
+Param = Annotated[
+    list[str], typer.Option(help="Estimator parameter NAME=VALUE (repeatable), e.g. --param C=0.5 --param alpha=0.01.")
+]
+Engine = Annotated[str, typer.Option(help="sklearn | concrete (fit Concrete ML's own estimator; --clients 1).")]
 DataDir = Annotated[Path | None, typer.Option(help="Folder with the four MNIST IDX files (mnist only).")]
 Seed = Annotated[int, typer.Option(help="Seed of the split, the partitions and client sampling.")]
 Clients = Annotated[int, typer.Option(help="Number of clients; 1 trains centrally.")]
@@ -34,7 +41,6 @@ LocalIters = Annotated[int, typer.Option(help="L-BFGS iterations per client per 
 Fraction = Annotated[float, typer.Option(help="Fraction of clients that train in each round.")]
 Partitioning = Annotated[str, typer.Option(help="iid | dirichlet")]
 Alpha = Annotated[float, typer.Option(help="Dirichlet concentration (smaller = more label skew).")]
-RegC = Annotated[float, typer.Option("--C", help="Inverse L2 regularisation strength, as in scikit-learn.")]
 NBits = Annotated[int, typer.Option(help="Quantization bits of inputs and weights.")]
 Calibration = Annotated[
     Path | None, typer.Option(help="Real data (.npy/.npz/.csv) to calibrate on instead of the input-range bounds.")
@@ -79,23 +85,30 @@ def _progress() -> Progress:
 
 def _train(dataset: Any, config: Any, out: Path, verbose: bool, resume: bool = False) -> Any:
     """Train with a progress bar over rounds."""
+    from fedfhe.federated.task import score_names
     from fedfhe.training import train
 
     kind = "centralized" if config.clients == 1 else f"{config.clients} clients"
     with _progress() as progress:
         bar = progress.add_task(f"training ({kind})", total=config.rounds if config.clients > 1 else None)
 
+        name = score_names(config.model)[0]
+
         def on_round(r: int, metrics: dict[str, float]) -> None:
             if r > 0:
-                progress.update(bar, completed=r, description=f"round {r}: test accuracy {metrics['accuracy']:.2%}")
+                progress.update(bar, completed=r, description=f"round {r}: test {name} {metrics['score']:.4g}")
 
         model = train(dataset, config, out, on_round=on_round, verbose=verbose, resume=resume)
     metrics = model.metadata["metrics"]
     privacy = f", DP epsilon {metrics['privacy']['epsilon']:.3g}" if "privacy" in metrics else ""
     console.print(
-        f"trained: accuracy {metrics['final']['accuracy']:.2%} "
-        f"(centralized baseline {metrics['centralized']['accuracy']:.2%}{privacy}) -> {out / 'model.npz'}"
+        f"trained {config.model}: test {name} {metrics['final']['score']:.4g} "
+        f"(centralized scikit-learn {metrics['centralized']['score']:.4g}{privacy}) -> {out / 'model.npz'}"
     )
+    if "concrete_quantized" in metrics:
+        console.print(
+            f"Concrete ML's own quantized model (8 bits, clear): test {name} {metrics['concrete_quantized']:.4g}"
+        )
     return model
 
 
@@ -133,12 +146,16 @@ def _evaluate(compiled: Any, run_dir: Path, X: Any, y: Any, fhe_samples: int) ->
 
 def _show(summary: dict[str, Any]) -> None:
     """Print the headline figures as a table."""
-    table = Table(title=f"{summary['dataset']}: {summary['clients']} client(s), {summary['rounds']} round(s)")
+    title = f"{summary['model']} on {summary['dataset']}: {summary['clients']} client(s), {summary['rounds']} round(s)"
+    table = Table(title=title)
     table.add_column("measure")
     table.add_column("value", justify="right")
-    for group in ("accuracy", "agreement"):
-        for name, value in summary[group].items():
-            table.add_row(f"{group}.{name}", "n/a" if value is None else f"{value:.2%}")
+    from fedfhe.report import SCORES
+
+    for group in (*SCORES, "agreement"):
+        for name, value in summary.get(group, {}).items():
+            shown = "n/a" if value is None else f"{value:.2%}" if group in ("accuracy", "agreement") else f"{value:.4g}"
+            table.add_row(f"{group}.{name}", shown)
     for name in ("train", "compile", "fhe_execute_per_sample"):
         value = summary["timing_s"].get(name)
         table.add_row(f"timing_s.{name}", "n/a" if value is None else f"{value:.3f}")
@@ -150,14 +167,18 @@ def _config(dataset: Any, options: dict[str, Any]) -> Any:
     """A TrainConfig from the command's options, checked against the data set."""
     import dataclasses
 
-    from fedfhe.federated.task import TrainConfig
+    from fedfhe.federated.task import TrainConfig, parse_params
     from fedfhe.partition import SCHEMES
+    from fedfhe.training import problem_for
 
     if options["partitioning"] not in SCHEMES:
         raise FedfheError(f"unknown partitioning {options['partitioning']!r}; choose one of: {', '.join(SCHEMES)}")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in options.items() if k in names})
+    settings = {k: v for k, v in options.items() if k in names}
+    settings["params"] = parse_params(options.get("param") or [])
+    config = TrainConfig(**settings)
     config.check(len(dataset.y_train))
+    problem_for(dataset, config)
     return config
 
 
@@ -171,7 +192,9 @@ def train(
     fraction: Fraction = 1.0,
     partitioning: Partitioning = "iid",
     alpha: Alpha = 0.5,
-    C: RegC = 1.0,
+    model: Model = "logistic",
+    param: Param = [],  # noqa: B006 - typer reads the default, never mutates it
+    engine: Engine = "sklearn",
     strategy: Strategy = "fedavg",
     proximal_mu: ProximalMu = 0.01,
     min_clients: MinClients = 1,
@@ -193,7 +216,7 @@ def train(
     ] = None,
     verbose: Verbose = False,
 ) -> None:
-    """Train a logistic regression with Flower on its simulation engine (or centrally with --clients 1)."""
+    """Train a linear model with Flower on its simulation engine (or centrally with --clients 1)."""
     from fedfhe.data import load_dataset
     from fedfhe.training import saved_config
 
@@ -261,7 +284,9 @@ def run(
     fraction: Fraction = 1.0,
     partitioning: Partitioning = "iid",
     alpha: Alpha = 0.5,
-    C: RegC = 1.0,
+    model: Model = "logistic",
+    param: Param = [],  # noqa: B006 - typer reads the default, never mutates it
+    engine: Engine = "sklearn",
     strategy: Strategy = "fedavg",
     proximal_mu: ProximalMu = 0.01,
     min_clients: MinClients = 1,
@@ -294,8 +319,8 @@ def run(
     if calibration is not None and not calibration.is_file():
         raise FedfheError(f"{calibration}: file not found")
     out = _writable(out)
-    model = _train(data, config, out, verbose)
-    compiled = _compile(model, out, n_bits, calibration)
+    trained = _train(data, config, out, verbose)
+    compiled = _compile(trained, out, n_bits, calibration)
     _evaluate(compiled, out, data.X_test, data.y_test, fhe_samples)
 
 
@@ -325,16 +350,19 @@ def tune(
     with _progress() as progress:
         bar = progress.add_task("tuning n_bits", total=len(grid["n_bits"]))
         points = tuning.tune(model, split.X_test, split.y_test, grid, latency_samples, lambda p: progress.advance(bar))
-    chosen = tuning.recommend(points)
-    tuning.write(run, points, chosen)
-    table = Table(title=f"{model.metadata['dataset']}: n_bits sweep (FHE simulation accuracy, real FHE latency)")
-    for column in ("n_bits", "accuracy", "server ms", "circuit bits", "output bytes"):
+    key = tuning.metric(model)
+    chosen = tuning.recommend(points, key)
+    tuning.write(run, points, chosen, key)
+    table = Table(
+        title=f"{model.kind} on {model.metadata['dataset']}: n_bits sweep (FHE simulation {key}, real FHE latency)"
+    )
+    for column in ("n_bits", key, "server ms", "circuit bits", "output bytes"):
         table.add_column(column, justify="right")
     for p in points:
         mark = " *" if p is chosen else ""
         table.add_row(
             f"{p['n_bits']}{mark}",
-            f"{p['accuracy']:.2%}",
+            tuning.shown(p, key),
             f"{p['server_ms']:.1f}",
             str(p["max_bit_width"]),
             str(p["output_bytes"]),
@@ -470,7 +498,7 @@ def predict(
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Classify inputs on a remote server without ever sending them in the clear."""
+    """Classify (or regress) inputs on a remote server without ever sending them in the clear."""
     import hashlib
     import json
 
@@ -481,14 +509,25 @@ def predict(
         raise FedfheError(f"{input}: file not found")
     keys = key_dir or DEFAULT_CACHE / "client-keys" / hashlib.sha256(server.rstrip("/").encode()).hexdigest()[:16]
     with EncryptedClient(server, keys) as client:
-        X = read_inputs(input, client.model["n_features"], tuple(client.model["input_range"]))
+        X = read_inputs(input, client.model["n_features"], client.input_range)
         with console.status(f"encrypting and classifying {len(X)} row(s)"):
             result = client.predict(X)
     classes = client.model["classes"]
+    if not classes:  # a regressor: one value per row
+        if json_out:
+            print(json.dumps([{"row": i, "value": float(v)} for i, v in enumerate(result.predicted)]))
+            return
+        table = Table(title=f"{input.name}: {len(X)} row(s), predicted under encryption")
+        table.add_column("row", justify="right")
+        table.add_column("value", justify="right")
+        for i, v in enumerate(result.predicted):
+            table.add_row(str(i), f"{v:.4g}")
+        Console().print(table)
+        return
     if json_out:
         rows = [
             {"row": i, "class": int(c), "scores": dict(zip(map(str, classes), map(float, s)))}
-            for i, (c, s) in enumerate(zip(result.classes, result.scores))
+            for i, (c, s) in enumerate(zip(result.predicted, result.scores))
         ]
         print(json.dumps(rows))
         return
@@ -496,7 +535,7 @@ def predict(
     table.add_column("row", justify="right")
     table.add_column("class", justify="right")
     table.add_column("scores (" + " ".join(map(str, classes)) + ")")
-    for i, (c, s) in enumerate(zip(result.classes, result.scores)):
+    for i, (c, s) in enumerate(zip(result.predicted, result.scores)):
         table.add_row(str(i), str(c), " ".join(f"{v:.2f}" for v in s))
     Console().print(table)
 

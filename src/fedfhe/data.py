@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,9 @@ from sklearn.model_selection import train_test_split
 
 from fedfhe.errors import FedfheError
 
-DATASETS = ("digits", "mnist-5k", "mnist")
+DATASETS = ("digits", "mnist-5k", "mnist", "breast-cancer", "diabetes")
+SCHEMAS = Path(__file__).parent / "schemas"
+Range = tuple[np.ndarray, np.ndarray]  # per-feature low and high
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
     "train_labels": "train-labels-idx1-ubyte.gz",
@@ -27,7 +30,10 @@ DEFAULT_CACHE = Path(os.environ.get("FEDFHE_CACHE", Path.home() / ".cache" / "fe
 
 @dataclass(frozen=True)
 class Dataset:
-    """A train/test split of raw features; input_range is what the FHE circuit accepts."""
+    """A train/test split of raw features; input_range (per feature) is what the FHE circuit accepts.
+
+    Regression sets have no classes and declare the target's range (training scales targets with it).
+    """
 
     name: str
     X_train: np.ndarray
@@ -35,12 +41,18 @@ class Dataset:
     X_test: np.ndarray
     y_test: np.ndarray
     classes: np.ndarray
-    input_range: tuple[float, float]
+    input_range: Range
+    target_range: tuple[float, float] | None = None
 
     @property
     def n_features(self) -> int:
         """Number of input features per sample."""
         return int(self.X_train.shape[1])
+
+    @property
+    def is_regression(self) -> bool:
+        """Whether the labels are real values rather than classes."""
+        return self.target_range is not None
 
 
 def load_dataset(
@@ -67,11 +79,41 @@ def load_dataset(
             load_mnist_idx(data_dir) if data_dir is not None else fetch_mnist_openml(cache_dir)
         )
         return _dataset(name, X_train, y_train, X_test, y_test, (0.0, 255.0))
+    if name == "breast-cancer":
+        from sklearn.datasets import load_breast_cancer
+
+        X, y = load_breast_cancer(return_X_y=True)
+        return _split(name, X, y, schema_range(name, X.shape[1]), seed, test_size)
+    if name == "diabetes":
+        from sklearn.datasets import load_diabetes
+
+        X, y = load_diabetes(return_X_y=True, scaled=False)
+        target = json.loads((SCHEMAS / "diabetes.json").read_text())["target"]
+        X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed)
+        return _dataset(
+            name, X_train, y_train, X_test, y_test, schema_range(name, X.shape[1]), (target["low"], target["high"])
+        )
     raise FedfheError(f"unknown data set {name!r}; choose one of: {', '.join(DATASETS)}")
 
 
+def schema_range(name: str, n_features: int) -> Range:
+    """The per-feature ranges a bundled data set declares in its schema file (schemas/<name>.json)."""
+    features = json.loads((SCHEMAS / f"{name}.json").read_text())["features"]
+    if len(features) != n_features:
+        raise FedfheError(f"schema of {name} declares {len(features)} features, the data has {n_features}")
+    return np.array([f["low"] for f in features], float), np.array([f["high"] for f in features], float)
+
+
+def as_range(input_range: tuple[float, float] | Range, n_features: int) -> Range:
+    """Per-feature (low, high) arrays from one shared range or per-feature ones."""
+    low, high = (np.broadcast_to(np.asarray(v, dtype=np.float64), (n_features,)).copy() for v in input_range)
+    if not (np.isfinite(low).all() and np.isfinite(high).all() and (low < high).all()):
+        raise FedfheError("input range must be finite with low < high for every feature")
+    return low, high
+
+
 def _split(
-    name: str, X: np.ndarray, y: np.ndarray, input_range: tuple[float, float], seed: int, test_size: float
+    name: str, X: np.ndarray, y: np.ndarray, input_range: tuple[float, float] | Range, seed: int, test_size: float
 ) -> Dataset:
     """Stratified train/test split, reproducible from the seed."""
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, stratify=y, random_state=seed)
@@ -84,17 +126,22 @@ def _dataset(
     y_train: np.ndarray,
     X_test: np.ndarray,
     y_test: np.ndarray,
-    input_range: tuple[float, float],
+    input_range: tuple[float, float] | Range,
+    target_range: tuple[float, float] | None = None,
 ) -> Dataset:
-    """Cast to float64/int64 and collect the classes."""
+    """Cast features to float64, labels to int64 (or float64 targets), collect the classes."""
+    label = np.int64 if target_range is None else np.float64
+    y_train, y_test = np.asarray(y_train, dtype=label), np.asarray(y_test, dtype=label)
+    classes = np.unique(np.concatenate([y_train, y_test])) if target_range is None else np.array([], np.int64)
     return Dataset(
         name=name,
         X_train=np.asarray(X_train, dtype=np.float64),
-        y_train=np.asarray(y_train, dtype=np.int64),
+        y_train=y_train,
         X_test=np.asarray(X_test, dtype=np.float64),
-        y_test=np.asarray(y_test, dtype=np.int64),
-        classes=np.unique(np.concatenate([y_train, y_test])).astype(np.int64),
-        input_range=input_range,
+        y_test=y_test,
+        classes=classes,
+        input_range=as_range(input_range, np.shape(X_train)[1]),
+        target_range=None if target_range is None else (float(target_range[0]), float(target_range[1])),
     )
 
 
@@ -172,25 +219,28 @@ def read_table(path: Path, label_column: str = "label") -> tuple[np.ndarray, np.
             return np.asarray(np.load(path, allow_pickle=False), dtype=np.float64), None
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as f:
-                y = np.asarray(f["y"]).astype(np.int64) if "y" in f.files else None
-                return np.asarray(f["X"], dtype=np.float64), y
+                return np.asarray(f["X"], dtype=np.float64), _labels(f["y"]) if "y" in f.files else None
         if path.suffix == ".csv":
             table = np.genfromtxt(path, delimiter=",", names=True, dtype=np.float64)
             names = [n for n in table.dtype.names or () if n != label_column]
             X = np.column_stack([np.atleast_1d(table[n]) for n in names])
-            y = (
-                np.atleast_1d(table[label_column]).astype(np.int64)
-                if label_column in (table.dtype.names or ())
-                else None
-            )
-            return X, y
+            labelled = label_column in (table.dtype.names or ())
+            return X, _labels(np.atleast_1d(table[label_column])) if labelled else None
     except Exception as exc:  # noqa: BLE001 - corrupt files of any kind end here
         raise FedfheError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
     raise FedfheError(f"{path}: unsupported file type (use .npy, .npz with X [and y], or .csv)")
 
 
-def check_features(X: np.ndarray, n_features: int, input_range: tuple[float, float], name: str = "X") -> np.ndarray:
-    """Validate inputs before they reach a model: 2-D, right width, finite, inside the range."""
+def _labels(y: np.ndarray) -> np.ndarray:
+    """Whole numbers as int64 class labels; anything else stays a float64 regression target."""
+    y = np.asarray(y, dtype=np.float64)
+    return y.astype(np.int64) if np.all(np.mod(y, 1) == 0) else y
+
+
+def check_features(
+    X: np.ndarray, n_features: int, input_range: tuple[float, float] | Range, name: str = "X"
+) -> np.ndarray:
+    """Validate inputs before they reach a model: 2-D, right width, finite, inside each feature's range."""
     X = np.asarray(X, dtype=np.float64)
     if X.ndim == 1:
         X = X.reshape(1, -1)
@@ -198,9 +248,13 @@ def check_features(X: np.ndarray, n_features: int, input_range: tuple[float, flo
         raise FedfheError(f"{name} has shape {X.shape}; expected (n_samples, {n_features})")
     if not np.isfinite(X).all():
         raise FedfheError(f"{name} contains NaN or infinite values")
-    low, high = input_range
-    if X.size and (X.min() < low or X.max() > high):
+    low, high = as_range(input_range, n_features)
+    outside = np.flatnonzero(((X < low) | (X > high)).any(axis=0)) if X.size else []
+    if len(outside):
+        j = int(outside[0])
+        column = X[:, j]
         raise FedfheError(
-            f"{name} has values in [{X.min():g}, {X.max():g}], outside the model's input range [{low:g}, {high:g}]"
+            f"{name} column {j} has values in [{column.min():g}, {column.max():g}], outside the model's input "
+            f"range [{low[j]:g}, {high[j]:g}] ({len(outside)} column(s) out of range)"
         )
     return X

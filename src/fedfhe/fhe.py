@@ -28,18 +28,24 @@ COMPILE_INPUTS_FILE = "compile_inputs.npy"
 
 
 def bound_inputs(model: LinearModel) -> np.ndarray:
-    """The inputs in the declared box that reach each output's maximum and minimum.
+    """The (scaled) inputs in the declared box that reach each output's maximum and minimum.
 
     A linear output w.x + b is largest where x_i = high for w_i > 0 and low elsewhere, and
     smallest at the opposite corner. Concrete sizes every integer from what the compile set
     shows it, so with these corners (and the all-low and all-high inputs) every input in the box
     stays inside the compiled bounds: the circuit cannot silently overflow on real data.
     """
-    low, high = model.input_range
-    rows = [np.full(model.n_features, low), np.full(model.n_features, high)]
+    rows = [np.zeros(model.n_features), np.ones(model.n_features)]
     for w in model.coef:
-        rows += [np.where(w > 0, high, low), np.where(w > 0, low, high)]
+        rows += [(w > 0).astype(np.float64), (w <= 0).astype(np.float64)]
     return np.unique(np.array(rows), axis=0)
+
+
+def concrete_class(kind: str) -> Any:
+    """Concrete ML's estimator for a model kind (same name as scikit-learn's)."""
+    from fedfhe.federated.task import kind_of
+
+    return getattr(_concrete("concrete.ml.sklearn"), kind_of(kind).estimator.__name__)
 
 
 def check_n_bits(*values: int) -> None:
@@ -60,6 +66,10 @@ class CompiledModel:
     calibration: str
     compile_seconds: float
 
+    def predict(self, X: np.ndarray, fhe: str) -> np.ndarray:
+        """Classes or values for raw features, in the clear ("disable") or simulated FHE ("simulate")."""
+        return np.ravel(self.concrete.predict(self.source.scale(X), fhe=fhe))
+
     @property
     def max_bit_width(self) -> int:
         """Widest integer in the FHE circuit."""
@@ -69,13 +79,16 @@ class CompiledModel:
         """What fhe.json records about this compilation."""
         return {
             "model_sha256": self.source.sha256,
+            "kind": self.source.kind,
             "n_bits": self.n_bits,
             "calibration": self.calibration,
             "max_bit_width": self.max_bit_width,
             "compile_seconds": self.compile_seconds,
             "n_features": self.source.n_features,
             "classes": [int(c) for c in self.source.classes],
-            "input_range": list(self.source.input_range),
+            "input_low": self.source.input_range[0].tolist(),
+            "input_high": self.source.input_range[1].tolist(),
+            "inputs": "each feature scaled to [0, 1] by input_low/input_high before encryption",
         }
 
 
@@ -83,16 +96,20 @@ def compile_model(model: LinearModel, n_bits: int = 8, calibration: np.ndarray |
     """Quantize and compile; without calibration data the bounds come from the input range alone."""
     check_n_bits(n_bits)
     if calibration is None:
-        inputs, kind = bound_inputs(model), "input-range bounds"
-    else:
-        inputs = check_features(calibration, model.n_features, model.input_range, "calibration data")
-        kind = f"calibration sample ({len(inputs)} rows)"
-    converter = _concrete("concrete.ml.sklearn").LogisticRegression
+        return _compile(model, n_bits, bound_inputs(model), "input-range bounds")
+    inputs = check_features(calibration, model.n_features, model.input_range, "calibration data")
+    return _compile(model, n_bits, model.scale(inputs), f"calibration sample ({len(inputs)} rows)")
+
+
+def _compile(model: LinearModel, n_bits: int, scaled_inputs: np.ndarray, calibration: str) -> CompiledModel:
+    """Convert the model (on scaled features) to its Concrete ML class and compile on the given inputs."""
     start = time.perf_counter()
     with quiet():
-        concrete = converter.from_sklearn_model(model.to_sklearn(), X=inputs, n_bits=n_bits)
-        concrete.compile(inputs)
-    return CompiledModel(concrete, model, n_bits, inputs, kind, time.perf_counter() - start)
+        concrete = concrete_class(model.kind).from_sklearn_model(
+            model.to_scaled_sklearn(), X=scaled_inputs, n_bits=n_bits
+        )
+        concrete.compile(scaled_inputs)
+    return CompiledModel(concrete, model, n_bits, scaled_inputs, calibration, time.perf_counter() - start)
 
 
 def export(compiled: CompiledModel, run_dir: Path) -> Path:
@@ -124,9 +141,10 @@ def load_compiled(run_dir: Path, model: LinearModel) -> CompiledModel:
         raise FedfheError(f"{run_dir / FHE_DIR}: unreadable FHE artifacts ({exc})") from None
     if info.get("model_sha256") != model.sha256:
         raise FedfheError(f"{run_dir / FHE_DIR}: FHE artifacts were compiled for another model; compile again")
-    compiled = compile_model(model, int(info["n_bits"]), inputs)
-    compiled.calibration = info["calibration"]
-    return compiled
+    check_n_bits(int(info["n_bits"]))
+    if inputs.ndim != 2 or inputs.shape[1] != model.n_features or not np.isfinite(inputs).all():
+        raise FedfheError(f"{run_dir / FHE_DIR / COMPILE_INPUTS_FILE}: compile inputs do not fit the model")
+    return _compile(model, int(info["n_bits"]), inputs, str(info["calibration"]))
 
 
 def evaluate(
@@ -137,30 +155,35 @@ def evaluate(
     artifacts: Path,
     on_sample: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Score float, quantized-clear and simulated FHE on all rows, real FHE on the first fhe_samples."""
+    """Score float, quantized-clear and simulated FHE on all rows, real FHE on the first fhe_samples.
+
+    Classifiers are scored by accuracy, regressors by R2 and MSE; agreement is the share of rows
+    whose FHE result equals the clear quantized one (values equal to 1e-9 relative for regressors).
+    """
     model = compiled.source
     X = check_features(X, model.n_features, model.input_range, "test data")
     if not 0 <= fhe_samples <= len(X):
         raise FedfheError(f"--fhe-samples must be between 0 and the {len(X)} test samples (got {fhe_samples})")
     sklearn_pred = model.to_sklearn().predict(X)
-    clear_pred = compiled.concrete.predict(X, fhe="disable")
+    clear_pred = compiled.predict(X, fhe="disable")
     start = time.perf_counter()
-    simulate_pred = compiled.concrete.predict(X, fhe="simulate")
+    simulate_pred = compiled.predict(X, fhe="simulate")
     simulate_seconds = time.perf_counter() - start
-    execute_pred, timings = execute(artifacts, model.classes, X[:fhe_samples], on_sample)
-    head = simulate_pred[:fhe_samples]
+    execute_pred, timings = execute(artifacts, model, X[:fhe_samples], on_sample)
+    pairs = {
+        "sklearn": (sklearn_pred, y),
+        "fhe_clear": (clear_pred, y),
+        "fhe_simulate": (simulate_pred, y),
+        "fhe_execute": (execute_pred, y[:fhe_samples]),
+    }
+    scores = _scores(model.is_regression, pairs)
     return {
-        "accuracy": {
-            "sklearn": _mean(sklearn_pred == y),
-            "fhe_clear": _mean(clear_pred == y),
-            "fhe_simulate": _mean(simulate_pred == y),
-            "fhe_execute": _mean(execute_pred == y[:fhe_samples]),
-        },
+        **scores,
         "agreement": {
-            "execute_vs_simulate": _mean(execute_pred == head),
-            "fhe_vs_clear": _mean(simulate_pred == clear_pred),
-            "execute_vs_clear": _mean(execute_pred == clear_pred[:fhe_samples]),
-            "fhe_vs_sklearn": _mean(simulate_pred == sklearn_pred),
+            "execute_vs_simulate": _agree(execute_pred, simulate_pred[:fhe_samples]),
+            "fhe_vs_clear": _agree(simulate_pred, clear_pred),
+            "execute_vs_clear": _agree(execute_pred, clear_pred[:fhe_samples]),
+            "fhe_vs_sklearn": _agree(simulate_pred, sklearn_pred) if not model.is_regression else None,
         },
         "timing_s": {"simulate_per_sample": simulate_seconds / max(len(X), 1), **timings},
         "predictions": {
@@ -171,13 +194,32 @@ def evaluate(
     }
 
 
+def _scores(regression: bool, pairs: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, dict[str, Any]]:
+    """Accuracy of each (predictions, truth) pair, or R2 and MSE; None where nothing was measured."""
+    from sklearn.metrics import mean_squared_error, r2_score
+
+    if not regression:
+        return {"accuracy": {k: _mean(p == t) for k, (p, t) in pairs.items()}}
+    return {
+        "r2": {k: float(r2_score(t, p)) if len(p) > 1 else None for k, (p, t) in pairs.items()},
+        "mse": {k: float(mean_squared_error(t, p)) if len(p) else None for k, (p, t) in pairs.items()},
+    }
+
+
+def _agree(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Share of equal results: same class, or the same value up to float rounding."""
+    if a.dtype.kind == "f" or b.dtype.kind == "f":
+        return _mean(np.isclose(a, b, rtol=1e-9, atol=1e-9))
+    return _mean(a == b)
+
+
 def execute(
-    artifacts: Path, classes: np.ndarray, X: np.ndarray, on_sample: Callable[[int], None] | None = None
+    artifacts: Path, model: LinearModel, X: np.ndarray, on_sample: Callable[[int], None] | None = None
 ) -> tuple[np.ndarray, dict[str, float]]:
-    """Real FHE through the exported client.zip/server.zip: keygen, encrypt, run, decrypt per row."""
+    """Real FHE through the exported client.zip/server.zip: keygen, scale + encrypt, run, decrypt per row."""
     deployment = _concrete("concrete.ml.deployment")
     if len(X) == 0:
-        return np.array([], dtype=np.int64), {}
+        return np.array([], dtype=np.float64 if model.is_regression else np.int64), {}
     with tempfile.TemporaryDirectory(prefix="fedfhe-keys-") as key_dir, quiet():
         client = deployment.FHEModelClient(str(artifacts), key_dir=key_dir)
         start = time.perf_counter()
@@ -187,15 +229,15 @@ def execute(
         server = deployment.FHEModelServer(str(artifacts))
         server.load()
         predictions, encrypt, run, decrypt, sizes = [], [], [], [], []
-        for i, row in enumerate(X):
+        for i, row in enumerate(model.scale(X)):
             t0 = time.perf_counter()
             ciphertext = client.quantize_encrypt_serialize(row[None, :])
             t1 = time.perf_counter()
             result = server.run(ciphertext, keys)
             t2 = time.perf_counter()
-            scores = client.deserialize_decrypt_dequantize(result)
+            output = np.asarray(client.deserialize_decrypt_dequantize(result))
             t3 = time.perf_counter()
-            predictions.append(classes[int(np.argmax(scores[0]))])
+            predictions.append(output.ravel()[0] if model.is_regression else model.classes[int(np.argmax(output[0]))])
             encrypt.append(t1 - t0)
             run.append(t2 - t1)
             decrypt.append(t3 - t2)

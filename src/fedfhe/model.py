@@ -11,21 +11,31 @@ from typing import Any
 
 import numpy as np
 
+from fedfhe.data import Range, as_range
 from fedfhe.errors import FedfheError
 
-FORMAT = "fedfhe-linear-model/1"
+FORMAT = "fedfhe-linear-model/2"
 MODEL_FILE = "model.npz"  # the name a run directory keeps its model under
 
 
 @dataclass
 class LinearModel:
-    """Weights that take raw features in `input_range`, plus what produced them."""
+    """Weights of a `kind` of linear model that take raw features in `input_range`, plus their origin.
+
+    coef has one row per output (class scores, or one row for a regressor); classes is empty for
+    regressors.
+    """
 
     coef: np.ndarray
     intercept: np.ndarray
     classes: np.ndarray
-    input_range: tuple[float, float]
+    input_range: Range | tuple[float, float]
     metadata: dict[str, Any] = field(default_factory=dict)
+    kind: str = "logistic"
+
+    def __post_init__(self) -> None:
+        """Accept one range for all features and keep it per feature."""
+        self.input_range = as_range(self.input_range, int(np.shape(self.coef)[1]))
 
     @property
     def n_features(self) -> int:
@@ -33,26 +43,47 @@ class LinearModel:
         return int(self.coef.shape[1])
 
     @property
+    def is_regression(self) -> bool:
+        """Whether the model predicts values rather than classes."""
+        return len(self.classes) == 0
+
+    @property
     def sha256(self) -> str:
-        """Hash of weights, classes, range and metadata: what the FHE artifacts are tied to."""
+        """Hash of weights, classes, ranges, kind and metadata: what the FHE artifacts are tied to."""
         digest = hashlib.sha256()
-        for array in (self.coef, self.intercept, self.classes):
+        for array in (self.coef, self.intercept, self.classes, *self.input_range):
             digest.update(str((array.dtype.str, array.shape)).encode())
             digest.update(np.ascontiguousarray(array).tobytes())
-        digest.update(json.dumps([list(self.input_range), self.metadata], sort_keys=True).encode())
+        digest.update(json.dumps([self.kind, self.metadata], sort_keys=True).encode())
         return digest.hexdigest()
 
-    def to_sklearn(self) -> Any:
-        """A fitted scikit-learn LogisticRegression with these weights."""
-        from fedfhe.federated.task import classifier
+    def scale(self, X: np.ndarray) -> np.ndarray:
+        """Features mapped to [0, 1] by the public input ranges: what the FHE circuit takes.
 
-        return classifier([self.coef, self.intercept], self.classes)
+        Concrete ML quantizes all inputs with one scale, so features of very different magnitudes
+        must share a range before encryption or the small ones round to nothing.
+        """
+        low, high = self.input_range
+        return (np.asarray(X, dtype=np.float64) - low) / (high - low)
+
+    def to_scaled_sklearn(self) -> Any:
+        """The same model as a scikit-learn estimator taking scaled features (see `scale`)."""
+        from fedfhe.federated.task import estimator
+
+        low, high = self.input_range
+        return estimator(self.kind, [self.coef * (high - low), self.intercept + self.coef @ low], self.classes)
+
+    def to_sklearn(self) -> Any:
+        """The fitted scikit-learn estimator of this kind holding these weights."""
+        from fedfhe.federated.task import estimator
+
+        return estimator(self.kind, [self.coef, self.intercept], self.classes)
 
     def save(self, path: Path) -> None:
         """Write atomically: a crash mid-write never leaves a half file under the real name."""
         header = {
             "format": FORMAT,
-            "input_range": list(self.input_range),
+            "kind": self.kind,
             "metadata": self.metadata,
             "sha256": self.sha256,
         }
@@ -63,6 +94,8 @@ class LinearModel:
                 coef=self.coef,
                 intercept=self.intercept,
                 classes=self.classes,
+                input_low=self.input_range[0],
+                input_high=self.input_range[1],
                 header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
             )
         tmp.replace(path)
@@ -74,18 +107,24 @@ class LinearModel:
             raise FedfheError(f"{path}: model file not found")
         try:
             with np.load(path, allow_pickle=False) as f:
-                header = json.loads(f["header"].tobytes())
-                model = cls(
-                    coef=f["coef"],
-                    intercept=f["intercept"],
-                    classes=f["classes"],
-                    input_range=(float(header["input_range"][0]), float(header["input_range"][1])),
-                    metadata=header["metadata"],
-                )
-        except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile, EOFError):
+                arrays = dict(f)
+            header = json.loads(arrays.pop("header").tobytes())
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
             raise FedfheError(f"{path}: not a fedfhe model file") from None
-        if header.get("format") != FORMAT:
-            raise FedfheError(f"{path}: not a fedfhe model file (format {header.get('format')!r})")
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            found = header.get("format") if isinstance(header, dict) else None
+            raise FedfheError(f"{path}: not a fedfhe model file of this version (format {found!r}, expected {FORMAT})")
+        try:
+            model = cls(
+                coef=arrays["coef"],
+                intercept=arrays["intercept"],
+                classes=arrays["classes"],
+                input_range=as_range((arrays["input_low"], arrays["input_high"]), arrays["coef"].shape[1]),
+                metadata=header["metadata"],
+                kind=str(header["kind"]),
+            )
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise FedfheError(f"{path}: not a fedfhe model file") from None
         if header.get("sha256") != model.sha256:
             raise FedfheError(f"{path}: content hash mismatch, the file was modified after it was written")
         if model.coef.ndim != 2 or model.intercept.shape != (model.coef.shape[0],):

@@ -13,6 +13,8 @@ from fedfhe.fhe import CompiledModel
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 CONFUSION_PNG = "confusion_matrix.png"
+SCATTER_PNG = "predictions.png"
+SCORES = ("accuracy", "r2", "mse")
 
 
 def build(compiled: CompiledModel, evaluation: dict[str, Any], fhe_samples: int) -> dict[str, Any]:
@@ -20,8 +22,18 @@ def build(compiled: CompiledModel, evaluation: dict[str, Any], fhe_samples: int)
     meta = compiled.source.metadata
     training = meta.get("training", {})
     metrics = meta.get("metrics", {})
+    # training scored the float model: accuracy or R2 first, then (for regressors) MSE as the loss
+    trained = {"centralized": metrics.get("centralized", {}), "federated": metrics.get("final", {})}
+    scores = {}
+    for i, name in enumerate(("accuracy",) if "accuracy" in evaluation else ("r2", "mse")):
+        key = "score" if i == 0 else "loss"
+        scores[name] = {
+            **{stage: values.get(key) for stage, values in trained.items()},
+            **{k: v for k, v in evaluation[name].items() if k != "sklearn"},
+        }
     return {
         "dataset": meta.get("dataset"),
+        "model": compiled.source.kind,
         "n_train": meta.get("n_train"),
         "n_test": len(evaluation["predictions"]["y_true"]),
         "clients": training.get("clients"),
@@ -30,11 +42,7 @@ def build(compiled: CompiledModel, evaluation: dict[str, Any], fhe_samples: int)
         "n_bits": compiled.n_bits,
         "calibration": compiled.calibration,
         "model_sha256": compiled.source.sha256,
-        "accuracy": {
-            "centralized": metrics.get("centralized", {}).get("accuracy"),
-            "federated": metrics.get("final", {}).get("accuracy"),
-            **{k: v for k, v in evaluation["accuracy"].items() if k != "sklearn"},
-        },
+        **scores,
         "agreement": evaluation["agreement"],
         "timing_s": {
             "train": metrics.get("train_seconds"),
@@ -49,12 +57,16 @@ def build(compiled: CompiledModel, evaluation: dict[str, Any], fhe_samples: int)
 
 
 def write(run_dir: Path, report: dict[str, Any], evaluation: dict[str, Any]) -> None:
-    """Write report.json, report.md, evaluation.json and the confusion matrix into run_dir."""
+    """Write report.json, report.md, evaluation.json and the confusion matrix (or prediction plot)."""
     (run_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
     (run_dir / REPORT_JSON).write_text(json.dumps(report, indent=2))
     (run_dir / REPORT_MD).write_text(markdown(report))
     preds = evaluation["predictions"]
-    plot_confusion(np.array(preds["y_true"]), np.array(preds["fhe_simulate"]), run_dir / CONFUSION_PNG)
+    y_true, y_pred = np.array(preds["y_true"]), np.array(preds["fhe_simulate"])
+    if "accuracy" in evaluation:
+        plot_confusion(y_true, y_pred, run_dir / CONFUSION_PNG)
+    else:
+        plot_predictions(y_true, y_pred, run_dir / SCATTER_PNG)
 
 
 def _fmt(value: Any, percent: bool = False) -> str:
@@ -68,18 +80,21 @@ def _fmt(value: Any, percent: bool = False) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown tables."""
-    acc, agree, timing = report["accuracy"], report["agreement"], report["timing_s"]
+    agree, timing = report["agreement"], report["timing_s"]
+    scores = []
+    for group in SCORES:
+        if group in report:
+            scores += [f"| {group} | value |", "|---|---|"]
+            scores += [f"| {name} | {_fmt(v, percent=group == 'accuracy')} |" for name, v in report[group].items()]
+            scores.append("")
     lines = [
-        f"# fedfhe run: {report['dataset']}",
+        f"# fedfhe run: {report['model']} on {report['dataset']}",
         "",
         f"{report['n_train']} training and {report['n_test']} test samples, {report['clients']} client(s), "
         f"{report['rounds']} round(s), n_bits {report['n_bits']}, compiled on {report['calibration']}, "
         f"largest circuit integer {report['circuit']['max_bit_width']} bits.",
         "",
-        "| accuracy | value |",
-        "|---|---|",
-        *(f"| {name} | {_fmt(acc[name], percent=True)} |" for name in acc),
-        "",
+        *scores,
         "| agreement | value |",
         "|---|---|",
         *(f"| {name} | {_fmt(agree[name], percent=True)} |" for name in agree),
@@ -121,6 +136,27 @@ def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 5.5))
     ConfusionMatrixDisplay.from_predictions(y_true, y_pred, ax=ax, colorbar=False, cmap="Blues")
     ax.set_title(f"FHE predictions (accuracy {np.mean(y_true == y_pred):.1%})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_predictions(y_true: np.ndarray, y_pred: np.ndarray, path: Path) -> None:
+    """A regressor's FHE predictions against the true values, with the identity line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import r2_score
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.scatter(y_true, y_pred, s=12, alpha=0.6)
+    low, high = min(y_true.min(), y_pred.min()), max(y_true.max(), y_pred.max())
+    ax.plot([low, high], [low, high], "--", color="grey", lw=1)
+    ax.set_xlabel("true value")
+    ax.set_ylabel("FHE prediction")
+    ax.set_title(f"FHE predictions (R2 {r2_score(y_true, y_pred):.3f})")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -10,29 +10,51 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 
 from fedfhe.data import Dataset
-from fedfhe.federated import task
 from fedfhe.errors import FedfheError
+from fedfhe.federated import task
 from fedfhe.federated.server_app import RoundCallback, RoundLog, load_checkpoint, make_server_main
-from fedfhe.federated.task import TrainConfig
+from fedfhe.federated.task import Problem, TrainConfig
 from fedfhe.model import MODEL_FILE, LinearModel
 from fedfhe.partition import label_counts, partition, plot_label_distribution, save_partitions
 
 CONFIG_FILE = "train_config.json"
-CENTRAL_MAX_ITER = 1000
 
 
-def centralized_params(dataset: Dataset, C: float) -> task.Params:
-    """The scikit-learn baseline: one fit on the whole training set, run to convergence."""
-    model = LogisticRegression(C=C, max_iter=CENTRAL_MAX_ITER)
+def problem_for(dataset: Dataset, config: TrainConfig) -> Problem:
+    """The training problem, refusing a classifier on regression data, the reverse, and label skew without labels."""
+    if task.kind_of(config.model).regression != dataset.is_regression:
+        fitting = [name for name, kind in task.KINDS.items() if kind.regression == dataset.is_regression]
+        raise FedfheError(
+            f"model {config.model} does not fit data set {dataset.name} "
+            f"({'regression' if dataset.is_regression else 'classification'}); use one of: {', '.join(fitting)}"
+        )
+    if dataset.is_regression and config.clients > 1 and config.partitioning != "iid":
+        raise FedfheError(f"{config.partitioning} partitioning skews class labels; {dataset.name} has none (use iid)")
+    return Problem(config.model, dataset.classes, dataset.input_range, dataset.target_range)
+
+
+def centralized_params(problem: Problem, dataset: Dataset, config: TrainConfig, engine: str = "sklearn") -> Any:
+    """One fit on the whole training set with the estimator's own solver: scikit-learn's, or Concrete ML's.
+
+    Returns the float weights in the scaled space and, for Concrete ML, its fitted (quantized) estimator.
+    """
+    X, y = problem.scale(dataset.X_train), problem.scale_target(dataset.y_train)
+    params = task.resolve_params(config.model, config.params)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        model.fit(task.scale(dataset.X_train, dataset.input_range), dataset.y_train)
-    return [model.coef_, model.intercept_]
+        if engine == "concrete":
+            from fedfhe.fhe import concrete_class
+
+            fitted = concrete_class(config.model)(**params).fit(X, y)
+            weights = fitted.sklearn_model
+        else:
+            fitted = weights = task.kind_of(config.model).estimator(**params).fit(X, y)
+    return [np.atleast_2d(weights.coef_), np.atleast_1d(weights.intercept_).astype(np.float64)], fitted
 
 
 def train(
@@ -48,48 +70,70 @@ def train(
     Federated runs checkpoint after every round; resume=True continues from the last one.
     """
     config.check(len(dataset.y_train))
+    problem = problem_for(dataset, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out_dir / CONFIG_FILE).write_text(
             json.dumps({"dataset": dataset.name, "training": dataclasses.asdict(config)})
         )
-    X_test = task.scale(dataset.X_test, dataset.input_range)
+    X_test = problem.scale(dataset.X_test)
     start = time.perf_counter()
-    central = centralized_params(dataset, config.C)
-    central_acc, central_loss = task.evaluate(central, X_test, dataset.y_test, dataset.classes)
-    metrics: dict[str, Any] = {"centralized": {"accuracy": central_acc, "loss": central_loss}, "rounds": []}
-    if config.clients == 1:
+    central, _ = centralized_params(problem, dataset, config)
+    score, loss = task.evaluate(problem, central, X_test, dataset.y_test)
+    metrics: dict[str, Any] = {"centralized": {"score": score, "loss": loss}, "rounds": []}
+    if config.engine == "concrete":
+        params, fitted = centralized_params(problem, dataset, config, "concrete")
+        metrics["concrete_quantized"] = _quantized_score(problem, fitted, X_test, dataset.y_test)
+    elif config.clients == 1:
         params = central
     else:
-        params, metrics["rounds"] = _federate(dataset, config, out_dir, on_round, verbose, resume)
+        params, metrics["rounds"] = _federate(dataset, problem, config, out_dir, on_round, verbose, resume)
         metrics["failures"] = sum(row.get("failures", 0) for row in metrics["rounds"])
     metrics["train_seconds"] = time.perf_counter() - start
-    return save_model(dataset, config, out_dir, params, metrics)
+    return save_model(dataset, problem, config, out_dir, params, metrics)
+
+
+def _quantized_score(problem: Problem, fitted: Any, X: np.ndarray, y: np.ndarray) -> float:
+    """Concrete ML's own quantized model (calibrated on the training data), scored in the clear."""
+    pred = fitted.predict(X)
+    if not problem.kind.regression:
+        return float(np.mean(pred == y))
+    low, high = problem.target_range or (0.0, 1.0)
+    from sklearn.metrics import r2_score
+
+    return float(r2_score(y, low + (high - low) * np.ravel(pred)))
 
 
 def save_model(
-    dataset: Dataset, config: TrainConfig, out_dir: Path, params: task.Params, metrics: dict[str, Any]
+    dataset: Dataset,
+    problem: Problem,
+    config: TrainConfig,
+    out_dir: Path,
+    params: task.Params,
+    metrics: dict[str, Any],
 ) -> LinearModel:
     """Score the final weights, then write metrics.json, training.png and model.npz."""
-    accuracy, loss = task.evaluate(
-        params, task.scale(dataset.X_test, dataset.input_range), dataset.y_test, dataset.classes
-    )
-    metrics["final"] = {"accuracy": accuracy, "loss": loss}
+    score, loss = task.evaluate(problem, params, problem.scale(dataset.X_test), dataset.y_test)
+    metrics["final"] = {"score": score, "loss": loss}
+    metrics["score_names"] = list(task.score_names(config.model))
     if config.dp:
         metrics["privacy"] = privacy_spent(config)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if metrics.get("rounds"):
         plot_rounds(metrics, out_dir / "training.png")
+    kept = ("centralized", "final", "score_names", "concrete_quantized", "train_seconds", "privacy")
     model = LinearModel(
-        *task.unscale(params[0], params[1], dataset.input_range),
+        *problem.unscale(params),
         classes=dataset.classes,
         input_range=dataset.input_range,
+        kind=config.model,
         metadata={
             "dataset": dataset.name,
             "n_train": int(len(dataset.y_train)),
             "n_test": int(len(dataset.y_test)),
             "training": dataclasses.asdict(config),
-            "metrics": {k: metrics[k] for k in ("centralized", "final", "train_seconds", "privacy") if k in metrics},
+            "local_fit": task.kind_of(config.model).local_fit if config.clients > 1 else "centralized",
+            "metrics": {k: metrics[k] for k in kept if k in metrics},
         },
     )
     model.save(out_dir / MODEL_FILE)
@@ -141,6 +185,7 @@ def privacy_spent(config: TrainConfig) -> dict[str, Any]:
 
 def _federate(
     dataset: Dataset,
+    problem: Problem,
     config: TrainConfig,
     out_dir: Path,
     on_round: RoundCallback | None,
@@ -152,8 +197,9 @@ def _federate(
 
     parts = partition(dataset.y_train, config.clients, config.partitioning, config.alpha, config.seed)
     save_partitions(dataset.X_train, dataset.y_train, parts, out_dir / "partitions")
-    counts = label_counts(dataset.y_train, parts, dataset.classes)
-    plot_label_distribution(counts, dataset.classes, out_dir / "partitions.png")
+    if not dataset.is_regression:
+        counts = label_counts(dataset.y_train, parts, dataset.classes)
+        plot_label_distribution(counts, dataset.classes, out_dir / "partitions.png")
     checkpoints = out_dir / "checkpoints"
     start, log = None, RoundLog()
     if resume:
@@ -164,18 +210,7 @@ def _federate(
     elif checkpoints.exists():
         shutil.rmtree(checkpoints)
     final: list[task.Params] = []
-    main = make_server_main(
-        config,
-        dataset.X_test,
-        dataset.y_test,
-        dataset.classes,
-        dataset.input_range,
-        checkpoints,
-        log,
-        final,
-        start,
-        on_round,
-    )
+    main = make_server_main(config, problem, dataset.X_test, dataset.y_test, checkpoints, log, final, start, on_round)
     simulate(config, main, out_dir / "partitions", verbose)
     if not final:
         raise RuntimeError("the Flower simulation ended without a model")
@@ -183,7 +218,7 @@ def _federate(
 
 
 def plot_rounds(metrics: dict[str, Any], path: Path) -> None:
-    """Accuracy and loss per round: global (server test set), each client, and the baseline."""
+    """Score and loss per round: global (server test set), each client, and the baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,7 +226,7 @@ def plot_rounds(metrics: dict[str, Any], path: Path) -> None:
 
     rounds = metrics["rounds"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key in zip(axes, ("accuracy", "loss")):
+    for ax, key, name in zip(axes, ("score", "loss"), metrics["score_names"]):
         xs = [row["round"] for row in rounds]
         ax.plot(xs, [row["global"][key] for row in rounds], "o-", color="black", label="global (test set)", zorder=3)
         per_client: dict[int, list[tuple[int, float]]] = {}
@@ -203,10 +238,10 @@ def plot_rounds(metrics: dict[str, Any], path: Path) -> None:
         if "centralized" in metrics:
             ax.axhline(metrics["centralized"][key], ls="--", color="tab:red", label="centralized baseline")
         ax.set_xlabel("round")
-        ax.set_ylabel(key)
+        ax.set_ylabel(name)
         ax.set_xticks(xs)
         ax.grid(alpha=0.3)
-    axes[0].legend(loc="lower right", fontsize="small")
+    axes[0].legend(loc="best", fontsize="small")
     fig.suptitle("Federated training")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

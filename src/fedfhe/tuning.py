@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import r2_score
 from sklearn.model_selection import ParameterGrid
 
 from fedfhe import fhe
@@ -20,16 +21,22 @@ DEFAULT_GRID = {"n_bits": [2, 3, 4, 5, 6, 7, 8]}
 TOLERANCE = 0.005  # "within half a point of the best accuracy"
 
 
+def metric(model: LinearModel) -> str:
+    """What a point is scored by: accuracy for classifiers, R2 for regressors."""
+    return "r2" if model.is_regression else "accuracy"
+
+
 def measure(model: LinearModel, n_bits: int, X: np.ndarray, y: np.ndarray, latency_samples: int) -> dict[str, Any]:
-    """One grid point: simulated accuracy on all rows, real FHE latency and sizes on a few."""
+    """One grid point: simulated accuracy (or R2) on all rows, real FHE latency and sizes on a few."""
     compiled = fhe.compile_model(model, n_bits)
-    accuracy = float(np.mean(compiled.concrete.predict(X, fhe="simulate") == y))
+    predicted = compiled.predict(X, fhe="simulate")
+    score = float(r2_score(y, predicted)) if model.is_regression else float(np.mean(predicted == y))
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = fhe.export(compiled, Path(tmp))
-        _, timings = fhe.execute(artifacts, model.classes, X[:latency_samples])
+        _, timings = fhe.execute(artifacts, model, X[:latency_samples])
     return {
         "n_bits": n_bits,
-        "accuracy": accuracy,
+        metric(model): score,
         "max_bit_width": compiled.max_bit_width,
         "server_ms": 1000 * timings["server_run_per_sample"],
         "encrypt_ms": 1000 * timings["encrypt_per_sample"],
@@ -58,52 +65,56 @@ def tune(
     return points
 
 
-def recommend(points: list[dict[str, Any]], tolerance: float = TOLERANCE) -> dict[str, Any]:
-    """The fastest point whose accuracy is within `tolerance` of the best."""
-    best = max(p["accuracy"] for p in points)
-    return min((p for p in points if p["accuracy"] >= best - tolerance), key=lambda p: p["server_ms"])
+def recommend(points: list[dict[str, Any]], key: str = "accuracy", tolerance: float = TOLERANCE) -> dict[str, Any]:
+    """The fastest point whose score (accuracy or R2) is within `tolerance` of the best."""
+    best = max(p[key] for p in points)
+    return min((p for p in points if p[key] >= best - tolerance), key=lambda p: p["server_ms"])
 
 
-def write(run_dir: Path, points: list[dict[str, Any]], chosen: dict[str, Any]) -> None:
-    """tune.json, tune.md and the accuracy-latency plot (pareto.png)."""
+def shown(point: dict[str, Any], key: str) -> str:
+    """A point's score as people read it: accuracy in percent, R2 with four decimals."""
+    return f"{100 * point[key]:.2f}%" if key == "accuracy" else f"{point[key]:.4f}"
+
+
+def write(run_dir: Path, points: list[dict[str, Any]], chosen: dict[str, Any], key: str = "accuracy") -> None:
+    """tune.json, tune.md and the score-latency plot (pareto.png)."""
     (run_dir / "tune.json").write_text(json.dumps({"points": points, "recommended": chosen}, indent=2))
     lines = [
-        "| n_bits | accuracy | server ms/sample | circuit bits | input bytes | output bytes |",
+        f"| n_bits | {key} | server ms/sample | circuit bits | input bytes | output bytes |",
         "|---|---|---|---|---|---|",
     ]
     for p in points:
         mark = " **(recommended)**" if p is chosen else ""
         lines.append(
-            f"| {p['n_bits']}{mark} | {100 * p['accuracy']:.2f}% | {p['server_ms']:.1f} | {p['max_bit_width']} "
+            f"| {p['n_bits']}{mark} | {shown(p, key)} | {p['server_ms']:.1f} | {p['max_bit_width']} "
             f"| {p['input_bytes']} | {p['output_bytes']} |"
         )
     (run_dir / "tune.md").write_text("\n".join(lines) + "\n")
-    plot(points, chosen, run_dir / "pareto.png")
+    plot(points, chosen, run_dir / "pareto.png", key)
 
 
-def plot(points: list[dict[str, Any]], chosen: dict[str, Any], path: Path) -> None:
-    """Accuracy against server latency, each point labelled with its n_bits, the choice circled."""
+def plot(points: list[dict[str, Any]], chosen: dict[str, Any], path: Path, key: str = "accuracy") -> None:
+    """Score against server latency, each point labelled with its n_bits, the choice circled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    factor = 100 if key == "accuracy" else 1
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    ax.scatter([p["server_ms"] for p in points], [100 * p["accuracy"] for p in points], color="tab:blue")
+    ax.scatter([p["server_ms"] for p in points], [factor * p[key] for p in points], color="tab:blue")
     for p in points:
-        ax.annotate(
-            f"{p['n_bits']} bits", (p["server_ms"], 100 * p["accuracy"]), textcoords="offset points", xytext=(5, 4)
-        )
+        ax.annotate(f"{p['n_bits']} bits", (p["server_ms"], factor * p[key]), textcoords="offset points", xytext=(5, 4))
     ax.scatter(
         [chosen["server_ms"]],
-        [100 * chosen["accuracy"]],
+        [factor * chosen[key]],
         s=250,
         facecolors="none",
         edgecolors="tab:red",
         label="recommended",
     )
     ax.set_xlabel("FHE server time per sample (ms)")
-    ax.set_ylabel("accuracy, FHE simulation (%)")
+    ax.set_ylabel("accuracy, FHE simulation (%)" if key == "accuracy" else "R2, FHE simulation")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()

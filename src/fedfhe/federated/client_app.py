@@ -7,6 +7,7 @@ records) and the legacy record layout that SecAgg+ still requires in Flower 1.42
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +56,17 @@ def _owner_data(node_config: tuple[tuple[str, Any], ...], partition_dir: Path | 
         return f["X"], f["y"]
 
 
-def _local_data(config: ConfigRecord | dict, context: Context, partition_dir: Path | None) -> tuple[np.ndarray, ...]:
-    """The owner's data scaled as the server asks, its labels, and the federation's classes."""
+def _local_data(
+    config: ConfigRecord | dict, context: Context, partition_dir: Path | None
+) -> tuple[task.Problem, np.ndarray, np.ndarray]:
+    """The problem as the server states it, and the owner's features scaled as it asks, with labels."""
     X, y = _owner_data(tuple(sorted(context.node_config.items())), partition_dir)
-    input_range = (float(config["input-low"]), float(config["input-high"]))
-    classes = np.array([int(c) for c in str(config["classes"]).split(",")])
-    return task.scale(X, input_range), y, classes
+    problem = task.Problem.from_config(config)
+    if X.ndim != 2 or X.shape[1] != len(problem.input_range[0]):
+        raise FedfheError(
+            f"local data has shape {X.shape}; the federation trains on {len(problem.input_range[0])} features"
+        )
+    return problem, problem.scale(X), y
 
 
 def build_client_app(partition_dir: Path | None, mods: list | None = None) -> ClientApp:
@@ -71,12 +77,15 @@ def build_client_app(partition_dir: Path | None, mods: list | None = None) -> Cl
     def train(msg: Message, context: Context) -> Message:
         """Warm-start from the global weights, train locally, send back weights and metrics."""
         start, config, legacy = _request(msg)
-        X, y, classes = _local_data(config, context, partition_dir)
-        params = task.fit(start, X, y, classes, float(config["C"]), int(config["local-iters"]), float(config["mu"]))
-        accuracy, loss = task.evaluate(params, X, y, classes)
+        problem, X, y = _local_data(config, context, partition_dir)
+        hyper = json.loads(str(config["hyper"]))
+        params = task.fit(
+            problem, start, X, problem.scale_target(y), hyper, int(config["local-iters"]), float(config["mu"])
+        )
+        score, loss = task.evaluate(problem, params, X, y)
         # DP needs every client to weigh the same; otherwise FedAvg weighs by data size.
         weight = 1 if bool(config["uniform-weights"]) else len(y)
-        metrics = {"weight": weight, "train-accuracy": accuracy, "train-loss": loss}
+        metrics = {"weight": weight, "train-score": score, "train-loss": loss}
         if legacy:
             res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(params), weight, metrics)
             return Message(compat.fitres_to_recorddict(res, True), reply_to=msg)
@@ -86,10 +95,10 @@ def build_client_app(partition_dir: Path | None, mods: list | None = None) -> Cl
     def evaluate(msg: Message, context: Context) -> Message:
         """Score the global weights on local data; the partition id lets the server report per client."""
         params, config, legacy = _request(msg)
-        X, y, classes = _local_data(config, context, partition_dir)
-        accuracy, loss = task.evaluate(params, X, y, classes)
+        problem, X, y = _local_data(config, context, partition_dir)
+        score, loss = task.evaluate(problem, params, X, y)
         client = int(context.node_config.get("partition-id", context.node_id))
-        metrics = {"weight": len(y), "accuracy": accuracy, "loss": loss, "client": client}
+        metrics = {"weight": len(y), "score": score, "loss": loss, "client": client}
         if legacy:
             res = EvaluateRes(Status(Code.OK, ""), loss, len(y), metrics)
             return Message(compat.evaluateres_to_recorddict(res), reply_to=msg)

@@ -48,20 +48,20 @@ class RoundLog:
     def record_clients(self, server_round: int, metrics: dict[str, Any]) -> None:
         """Split aggregated client metrics (see per_client_metrics) into mean and per-client rows."""
         row = self.row(server_round)
-        row["clients_mean"] = {"accuracy": metrics["accuracy"], "loss": metrics["loss"]}
+        row["clients_mean"] = {"score": metrics["score"], "loss": metrics["loss"]}
         row["clients"] = [
-            {"client": c, "accuracy": a, "loss": l}
-            for c, a, l in zip(metrics["clients"], metrics["client-accuracy"], metrics["client-loss"])
+            {"client": c, "score": a, "loss": l}
+            for c, a, l in zip(metrics["clients"], metrics["client-score"], metrics["client-loss"])
         ]
 
 
 def per_client_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Weighted means across clients, plus each client's own accuracy and loss as lists."""
+    """Weighted means across clients, plus each client's own score and loss as lists."""
     merged = aggregate_metricrecords(records, weight_key)
     del merged["client"]
-    rows = sorted((r["metrics"]["client"], r["metrics"]["accuracy"], r["metrics"]["loss"]) for r in records)
+    rows = sorted((r["metrics"]["client"], r["metrics"]["score"], r["metrics"]["loss"]) for r in records)
     merged["clients"] = [int(row[0]) for row in rows]
-    merged["client-accuracy"] = [float(row[1]) for row in rows]
+    merged["client-score"] = [float(row[1]) for row in rows]
     merged["client-loss"] = [float(row[2]) for row in rows]
     return merged
 
@@ -156,14 +156,11 @@ def make_strategy(config: task.TrainConfig) -> Strategy:
     return strategy
 
 
-def client_config(config: task.TrainConfig, classes: np.ndarray, input_range: tuple[float, float]) -> dict[str, Any]:
-    """What every client is told: data range, classes, and how to train."""
+def client_config(config: task.TrainConfig, problem: task.Problem) -> dict[str, Any]:
+    """What every client is told: the problem (model, classes, ranges) and how to train."""
     return {
-        "input-low": input_range[0],
-        "input-high": input_range[1],
-        "classes": ",".join(str(int(c)) for c in classes),
-        # C scales with the number of clients so the clients' objectives add up to the centralized one.
-        "C": config.C * config.clients,
+        **problem.to_config(),
+        "hyper": json.dumps(task.client_hyper(config.model, config.params, config.clients)),
         "local-iters": config.local_iters,
         "mu": config.proximal_mu if config.strategy == "fedprox" else 0.0,
         "uniform-weights": config.dp,
@@ -199,10 +196,9 @@ ServerMain = Callable[[Grid, Context], None]
 
 def make_server_main(
     config: task.TrainConfig,
+    problem: task.Problem,
     X_test: np.ndarray,
     y_test: np.ndarray,
-    classes: np.ndarray,
-    input_range: tuple[float, float],
     checkpoints: Path,
     log: RoundLog,
     final: list[task.Params],
@@ -210,15 +206,15 @@ def make_server_main(
     on_round: RoundCallback | None = None,
 ) -> ServerMain:
     """The server's main function; appends the final weights to `final`. `start` resumes."""
-    X_eval = task.scale(X_test, input_range)
-    offset, initial = start or (0, task.initial_params(X_test.shape[1], len(classes)))
-    shared = client_config(config, classes, input_range)
+    X_eval = problem.scale(X_test)
+    offset, initial = start or (0, problem.initial_params())
+    shared = client_config(config, problem)
 
     def central_evaluate(server_round: int, params: task.Params) -> dict[str, float]:
         """The server's held-out test set scores the global model; then checkpoint."""
         absolute = server_round + offset
-        accuracy, loss = task.evaluate(params, X_eval, y_test, classes)
-        metrics = {"accuracy": accuracy, "loss": loss}
+        score, loss = task.evaluate(problem, params, X_eval, y_test)
+        metrics = {"score": score, "loss": loss}
         if server_round > 0 or offset == 0:
             log.row(absolute)["global"] = metrics
         if server_round > 0:
@@ -262,7 +258,7 @@ def make_server_main(
             row = log.row(current["round"])
             row["failures"] = config.sampled - len(results)
             total = sum(n for n, _ in results) or 1
-            row["train"] = {k: sum(n * m[k] for n, m in results) / total for k in ("train-accuracy", "train-loss")}
+            row["train"] = {k: sum(n * m[k] for n, m in results) / total for k in ("train-score", "train-loss")}
             return row["train"]
 
         def evaluate_metrics(results: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
@@ -270,7 +266,7 @@ def make_server_main(
             records = [RecordDict({"metrics": MetricRecord({**m, WEIGHT: n})}) for n, m in results]
             merged = dict(per_client_metrics(records, WEIGHT))
             log.record_clients(current["round"], merged)
-            return {"accuracy": merged["accuracy"], "loss": merged["loss"]}
+            return {"score": merged["score"], "loss": merged["loss"]}
 
         def evaluate_fn(server_round: int, params: task.Params, _: dict) -> tuple[float, dict[str, float]]:
             metrics = central_evaluate(server_round, params)
@@ -323,7 +319,7 @@ def build_server_app(main: ServerMain) -> ServerApp:
 def deployment_main(grid: Grid, context: Context) -> None:
     """What `flwr run` starts on the SuperLink: settings from the run config, outputs to out-dir."""
     from fedfhe.data import load_dataset
-    from fedfhe.training import save_model
+    from fedfhe.training import problem_for, save_model
 
     rc = context.run_config
     config = task.TrainConfig(
@@ -332,24 +328,24 @@ def deployment_main(grid: Grid, context: Context) -> None:
         local_iters=int(rc["local-iters"]),
         fraction=float(rc["fraction"]),
         seed=int(rc["seed"]),
-        C=float(rc["C"]),
+        model=str(rc["model"]),
+        params=task.parse_params(str(rc["params"]).split()),
         strategy=str(rc["strategy"]),
         min_clients=int(rc["min-clients"]),
         round_timeout=float(rc["round-timeout"]),
     )
     dataset = load_dataset(str(rc["dataset"]), seed=config.seed)
     config.check(len(dataset.y_train))
+    problem = problem_for(dataset, config)
     out = Path(str(rc["out-dir"])).resolve()
     out.mkdir(parents=True, exist_ok=True)
     log, final = RoundLog(), []
     started = time.perf_counter()
-    make_server_main(
-        config, dataset.X_test, dataset.y_test, dataset.classes, dataset.input_range, out / "checkpoints", log, final
-    )(grid, context)
+    make_server_main(config, problem, dataset.X_test, dataset.y_test, out / "checkpoints", log, final)(grid, context)
     rows = [log.rows[r] for r in sorted(log.rows)]
     metrics = {"rounds": rows, "failures": sum(row.get("failures", 0) for row in rows)}
     metrics["train_seconds"] = time.perf_counter() - started
-    save_model(dataset, config, out, final[0], metrics)
+    save_model(dataset, problem, config, out, final[0], metrics)
 
 
 app = build_server_app(deployment_main)

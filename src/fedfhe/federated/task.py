@@ -1,85 +1,289 @@
-"""The model every client trains: multinomial logistic regression on features scaled to [0, 1]."""
+"""The models every client trains: scikit-learn's linear models on features scaled to [0, 1]."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import logsumexp
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import log_loss
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import ElasticNet, Lasso, LinearRegression, LogisticRegression, Ridge
+from sklearn.metrics import hinge_loss, log_loss, mean_squared_error, r2_score
+from sklearn.svm import LinearSVC
 
+from fedfhe.data import Range
 from fedfhe.errors import FedfheError
 
 Params = list[np.ndarray]
 
 
-def scale(X: np.ndarray, input_range: tuple[float, float]) -> np.ndarray:
-    """Map the declared input range to [0, 1]; a fixed map needs no statistics from anyone's data."""
-    low, high = input_range
-    return (X - low) / (high - low)
+@dataclass(frozen=True)
+class Kind:
+    """A scikit-learn linear model that fedfhe trains federated and converts to Concrete ML."""
+
+    estimator: type
+    regression: bool
+    federated: tuple[str, ...]  # estimator parameters the federated objective honours
+    local_fit: str  # how a client trains in a round (recorded in the model's metadata)
+    defaults: dict[str, Any] = field(default_factory=dict)  # where scikit-learn's suit [0, 1]-scaled data badly
+
+    @property
+    def smooth(self) -> bool:
+        """Whether clients run L-BFGS on the summed objective (else scikit-learn's coordinate descent)."""
+        return self.estimator not in (Lasso, ElasticNet)
 
 
-def unscale(coef: np.ndarray, intercept: np.ndarray, input_range: tuple[float, float]) -> Params:
-    """Fold the [0, 1] scaling into the weights so the exported model takes raw features."""
-    low, high = input_range
-    raw_coef = coef / (high - low)
-    return [raw_coef, intercept - raw_coef @ np.full(coef.shape[1], low)]
+LBFGS = "L-BFGS from the global weights on scikit-learn's objective (+ FedProx term)"
+WARM_CD = "scikit-learn coordinate descent with warm_start from the global weights"
+KINDS = {
+    "logistic": Kind(LogisticRegression, False, ("C",), LBFGS, {"max_iter": 1000}),
+    "svm": Kind(LinearSVC, False, ("C",), LBFGS, {"max_iter": 10_000}),
+    "linear": Kind(LinearRegression, True, (), LBFGS),
+    "ridge": Kind(Ridge, True, ("alpha",), LBFGS, {"alpha": 0.1}),
+    "lasso": Kind(Lasso, True, ("alpha",), WARM_CD, {"alpha": 1e-4, "max_iter": 10_000}),
+    "elasticnet": Kind(ElasticNet, True, ("alpha", "l1_ratio"), WARM_CD, {"alpha": 1e-4, "max_iter": 10_000}),
+}
 
 
-def initial_params(n_features: int, n_classes: int) -> Params:
-    """Zero weights, one row per class: the common starting point of every client."""
-    return [np.zeros((n_classes, n_features)), np.zeros(n_classes)]
+def kind_of(name: str) -> Kind:
+    """The model kind called `name`, or a clear error."""
+    if name not in KINDS:
+        raise FedfheError(f"unknown model {name!r}; choose one of: {', '.join(KINDS)}")
+    return KINDS[name]
 
 
-def classifier(params: Params, classes: np.ndarray) -> LogisticRegression:
-    """A fitted scikit-learn classifier holding the given weights (binary: one row, as sklearn does)."""
+def resolve_params(model: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Every parameter of the model's estimator: fedfhe's defaults, then the user's, validated by scikit-learn."""
+    kind = kind_of(model)
+    valid = kind.estimator().get_params()
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise FedfheError(
+            f"unknown parameter {unknown[0]!r} for {kind.estimator.__name__}; valid: {', '.join(sorted(valid))}"
+        )
+    estimator = kind.estimator(**{**kind.defaults, **params})
+    try:
+        estimator._validate_params()  # scikit-learn's own checks of types and ranges
+    except ValueError as exc:
+        raise FedfheError(f"--param: {exc}") from None
+    return estimator.get_params()
+
+
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    """NAME=VALUE strings to a dict; values are JSON (numbers, true/false, null) or plain strings."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.strip():
+            raise FedfheError(f"--param must look like NAME=VALUE (got {pair!r})")
+        words = {"None": None, "True": True, "False": False}
+        try:
+            value = words[text] if text in words else json.loads(text)
+        except ValueError:
+            value = text
+        params[name.strip()] = value
+    return params
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What every party agrees on before training: model kind, classes, feature and target ranges."""
+
+    model: str
+    classes: np.ndarray
+    input_range: Range
+    target_range: tuple[float, float] | None = None
+
+    @property
+    def kind(self) -> Kind:
+        """The model kind."""
+        return kind_of(self.model)
+
+    @property
+    def n_outputs(self) -> int:
+        """Weight rows: class scores (multinomial logistic keeps two for binary), one per regressor or binary SVM."""
+        if self.kind.regression or (self.model == "svm" and len(self.classes) == 2):
+            return 1
+        return len(self.classes)
+
+    def initial_params(self) -> Params:
+        """Zero weights: the common starting point of every client."""
+        return [np.zeros((self.n_outputs, len(self.input_range[0]))), np.zeros(self.n_outputs)]
+
+    def scale(self, X: np.ndarray) -> np.ndarray:
+        """Map each feature's declared range to [0, 1]; a fixed map needs no statistics from anyone's data."""
+        low, high = self.input_range
+        return (X - low) / (high - low)
+
+    def scale_target(self, y: np.ndarray) -> np.ndarray:
+        """Regression targets mapped from their declared range to [0, 1]; class labels unchanged."""
+        if self.target_range is None:
+            return y
+        low, high = self.target_range
+        return (y - low) / (high - low)
+
+    def unscale(self, params: Params) -> Params:
+        """Fold both scalings into the weights so the exported model takes raw features, returns raw targets."""
+        low, high = self.input_range
+        coef, intercept = params[0] / (high - low), np.array(params[1], dtype=np.float64)
+        intercept = intercept - coef @ low
+        if self.target_range is not None:
+            t_low, t_high = self.target_range
+            coef, intercept = coef * (t_high - t_low), intercept * (t_high - t_low) + t_low
+        return [coef, intercept]
+
+    def to_config(self) -> dict[str, Any]:
+        """The problem as config values every Flower layout carries (scalars and strings only)."""
+        return {
+            "model": self.model,
+            "classes": ",".join(str(int(c)) for c in self.classes),
+            "input-low": ",".join(repr(float(v)) for v in self.input_range[0]),
+            "input-high": ",".join(repr(float(v)) for v in self.input_range[1]),
+            "target-range": "" if self.target_range is None else ",".join(map(repr, self.target_range)),
+        }
+
+    @classmethod
+    def from_config(cls, config: Any) -> Problem:
+        """The problem as a client reads it from the server's config."""
+
+        def floats(key: str) -> list[float]:
+            return [float(v) for v in str(config[key]).split(",") if v]
+
+        target = floats("target-range")
+        return cls(
+            model=str(config["model"]),
+            classes=np.array([int(c) for c in str(config["classes"]).split(",") if c], dtype=np.int64),
+            input_range=(np.array(floats("input-low")), np.array(floats("input-high"))),
+            target_range=(target[0], target[1]) if target else None,
+        )
+
+
+def estimator(model: str, params: Params, classes: np.ndarray) -> Any:
+    """A fitted scikit-learn estimator of this kind holding the given weights."""
     coef, intercept = np.array(params[0], dtype=np.float64), np.array(params[1], dtype=np.float64)
-    if len(classes) == 2 and len(coef) == 2:
-        coef, intercept = coef[1:] - coef[:1], intercept[1:] - intercept[:1]
-    model = LogisticRegression()
-    model.coef_, model.intercept_ = coef, intercept
-    model.classes_ = np.asarray(classes)
-    model.n_features_in_ = coef.shape[1]
-    return model
+    kind = kind_of(model)
+    fitted = kind.estimator()
+    if kind.regression:
+        fitted.coef_, fitted.intercept_ = coef[0], float(intercept[0])
+    else:
+        if len(classes) == 2 and len(coef) == 2:  # scikit-learn keeps one row for two classes
+            coef, intercept = coef[1:] - coef[:1], intercept[1:] - intercept[:1]
+        fitted.coef_, fitted.intercept_ = coef, intercept
+        fitted.classes_ = np.asarray(classes)
+    fitted.n_features_in_ = coef.shape[1]
+    return fitted
 
 
 def fit(
-    params: Params, X: np.ndarray, y: np.ndarray, classes: np.ndarray, C: float, iterations: int, mu: float = 0.0
+    problem: Problem,
+    params: Params,
+    X: np.ndarray,
+    y: np.ndarray,
+    hyper: dict[str, float],
+    iterations: int,
+    mu: float = 0.0,
 ) -> Params:
-    """Run `iterations` L-BFGS iterations from `params` on local data; returns the new weights.
+    """Train from `params` on local data (X scaled, y scaled targets or labels); returns the new weights."""
+    if problem.kind.smooth:
+        return _lbfgs(problem, params, X, y, hyper, iterations, mu)
+    local = problem.kind.estimator(**hyper, warm_start=True, max_iter=iterations)
+    local.coef_ = np.array(params[0][0], dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        local.fit(X, y)
+    return [local.coef_[None, :], np.array([local.intercept_], dtype=np.float64)]
 
-    The objective is scikit-learn's multinomial one, C * sum(log-loss) + ||W||^2 / 2 (intercept not
-    penalised), plus FedProx's proximal term mu/2 * C * n * ||theta - start||^2 (mu relative to
-    the mean loss, as in the FedProx paper). scikit-learn cannot add that term, hence scipy here.
-    Every class keeps its row even when this client has no sample of it.
+
+def _lbfgs(
+    problem: Problem, params: Params, X: np.ndarray, y: np.ndarray, hyper: dict[str, float], iterations: int, mu: float
+) -> Params:
+    """L-BFGS on weight * sum(loss) + strength * ||W||^2 / 2 (intercept not penalised) + FedProx's term.
+
+    Classifiers use scikit-learn's C * sum(loss) + ||W||^2 / 2 (multinomial log-loss, or LinearSVC's
+    one-vs-rest squared hinge); regressors half of Ridge's ||y - Xw||^2 + alpha ||w||^2. FedProx adds
+    mu/2 * weight * n * ||theta - start||^2 (mu relative to the mean loss, as in the paper), which
+    scikit-learn cannot, hence scipy. Every class keeps its row even when a client has no sample of it.
     """
     start = np.concatenate([params[0].ravel(), params[1]])
-    n_classes, n_features = params[0].shape
-    onehot = (y[:, None] == classes[None, :]).astype(np.float64)
-    prox = mu * C * len(y)
+    n_out, n_features = params[0].shape
+    weight, strength = (hyper["C"], 1.0) if not problem.kind.regression else (1.0, hyper.get("alpha", 0.0))
+    prox = mu * weight * len(y)
+    target = _targets(problem, y)
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        W, b = theta[:-n_classes].reshape(n_classes, n_features), theta[-n_classes:]
-        z = X @ W.T + b
-        lse = logsumexp(z, axis=1)
-        G = C * (np.exp(z - lse[:, None]) - onehot)
+        W, b = theta[:-n_out].reshape(n_out, n_features), theta[-n_out:]
+        loss, dZ = _loss(problem.model, X @ W.T + b, target)
         diff = theta - start
-        value = C * float(np.sum(lse - np.sum(z * onehot, axis=1))) + 0.5 * float(np.sum(W * W))
-        grad = np.concatenate([(G.T @ X + W).ravel(), G.sum(axis=0)]) + prox * diff
-        return value + 0.5 * prox * float(diff @ diff), grad
+        value = weight * loss + 0.5 * strength * float(np.sum(W * W)) + 0.5 * prox * float(diff @ diff)
+        grad = np.concatenate([(weight * dZ.T @ X + strength * W).ravel(), weight * dZ.sum(axis=0)]) + prox * diff
+        return value, grad
 
     theta = minimize(objective, start, jac=True, method="L-BFGS-B", options={"maxiter": iterations}).x
-    return [theta[:-n_classes].reshape(n_classes, n_features), theta[-n_classes:]]
+    return [theta[:-n_out].reshape(n_out, n_features), theta[-n_out:]]
 
 
-def evaluate(params: Params, X: np.ndarray, y: np.ndarray, classes: np.ndarray) -> tuple[float, float]:
-    """Accuracy and log-loss of the weights on (X, y)."""
-    model = classifier(params, classes)
-    proba = model.predict_proba(X)
-    accuracy = float(np.mean(model.classes_[proba.argmax(axis=1)] == y))
-    return accuracy, float(log_loss(y, proba, labels=classes))
+def _targets(problem: Problem, y: np.ndarray) -> np.ndarray:
+    """One-hot labels (one column for binary SVM), or the scaled targets as a column."""
+    if problem.kind.regression:
+        return np.asarray(y, dtype=np.float64)[:, None]
+    onehot = (y[:, None] == problem.classes[None, :]).astype(np.float64)
+    return onehot[:, 1:] if problem.n_outputs == 1 else onehot
+
+
+def _loss(model: str, Z: np.ndarray, T: np.ndarray) -> tuple[float, np.ndarray]:
+    """Summed loss of scores Z against targets T, and its gradient in Z."""
+    if model == "logistic":
+        lse = logsumexp(Z, axis=1)
+        return float(np.sum(lse - np.sum(Z * T, axis=1))), np.exp(Z - lse[:, None]) - T
+    if model == "svm":
+        signs = 2 * T - 1
+        margin = np.maximum(0.0, 1 - signs * Z)
+        return float(np.sum(margin**2)), -2 * signs * margin
+    residual = Z - T
+    return 0.5 * float(np.sum(residual**2)), residual
+
+
+def evaluate(problem: Problem, params: Params, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Score and loss on (X scaled, y raw): accuracy and log-loss or hinge, or R2 and MSE in target units."""
+    fitted = estimator(problem.model, params, problem.classes)
+    if problem.kind.regression:
+        low, high = problem.target_range or (0.0, 1.0)
+        pred = low + (high - low) * fitted.predict(X)
+        return float(r2_score(y, pred)), float(mean_squared_error(y, pred))
+    if problem.model == "svm":
+        decision = fitted.decision_function(X)
+        labels = problem.classes
+        return float(np.mean(fitted.predict(X) == y)), float(hinge_loss(y, decision, labels=labels))
+    proba = fitted.predict_proba(X)
+    accuracy = float(np.mean(fitted.classes_[proba.argmax(axis=1)] == y))
+    return accuracy, float(log_loss(y, proba, labels=problem.classes))
+
+
+def score_names(model: str) -> tuple[str, str]:
+    """What evaluate's two numbers are, for tables and plots."""
+    if kind_of(model).regression:
+        return "r2", "mse"
+    return "accuracy", "hinge loss" if model == "svm" else "log-loss"
+
+
+def client_hyper(model: str, params: dict[str, Any], clients: int) -> dict[str, float]:
+    """Each client's share of the regularisation, so the clients' objectives add up to the central one.
+
+    Summed objectives (L-BFGS kinds) split the penalty across clients; Lasso and ElasticNet average
+    their loss over samples, so every client keeps the same alpha.
+    """
+    kind = kind_of(model)
+    resolved = resolve_params(model, params)
+    hyper = {name: float(resolved[name]) for name in kind.federated}
+    if kind.smooth and "C" in hyper:
+        hyper["C"] *= clients
+    if kind.smooth and "alpha" in hyper:
+        hyper["alpha"] /= clients
+    return hyper
 
 
 STRATEGIES = ("fedavg", "fedprox", "fedmedian", "krum", "trimmed-mean")
@@ -96,7 +300,9 @@ class TrainConfig:
     partitioning: str = "iid"
     alpha: float = 0.5
     seed: int = 0
-    C: float = 1.0
+    model: str = "logistic"
+    params: dict[str, Any] = field(default_factory=dict)
+    engine: str = "sklearn"
     strategy: str = "fedavg"
     proximal_mu: float = 0.1
     min_clients: int = 1
@@ -129,10 +335,23 @@ class TrainConfig:
             raise FedfheError(f"--local-iters must be at least 1 (got {self.local_iters})")
         if not 0 < self.fraction <= 1:
             raise FedfheError(f"--fraction must be in (0, 1] (got {self.fraction})")
-        if self.C <= 0:
-            raise FedfheError(f"--C must be > 0 (got {self.C})")
+        kind = kind_of(self.model)
+        resolve_params(self.model, self.params)
+        central_only = sorted(set(self.params) - set(kind.federated))
+        if self.clients > 1 and central_only:
+            honoured = ", ".join(kind.federated) or "none"
+            raise FedfheError(
+                f"--param {central_only[0]} applies to centralized training (--clients 1) only; "
+                f"federated {self.model} uses: {honoured}"
+            )
+        if self.engine not in ("sklearn", "concrete"):
+            raise FedfheError(f"unknown engine {self.engine!r}; choose sklearn or concrete")
+        if self.engine == "concrete" and self.clients != 1:
+            raise FedfheError("--engine concrete fits Concrete ML's estimator on one machine: use --clients 1")
         if self.strategy not in STRATEGIES:
             raise FedfheError(f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+        if self.strategy == "fedprox" and not kind.smooth:
+            raise FedfheError(f"fedprox needs an L-BFGS model (not {self.model}, trained by coordinate descent)")
         if not 1 <= self.min_clients <= self.sampled:
             raise FedfheError(f"--min-clients must be between 1 and the {self.sampled} clients sampled per round")
         if self.secagg and (self.strategy not in ("fedavg", "fedprox") or self.sampled < 3):

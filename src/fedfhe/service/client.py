@@ -19,14 +19,14 @@ from typing import Any, Self
 import httpx
 import numpy as np
 
-from fedfhe.data import check_features, read_table
+from fedfhe.data import Range, check_features, read_table
 from fedfhe.errors import FedfheError
 from fedfhe.service.protocol import API, CLIENT_SPEC, OCTET_STREAM, SPEC_HASH_HEADER, decode_frames, encode_frames
 
 SESSION_FILE = "session.json"
 KEYS_DIR = "keys"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-MODEL_FIELDS = {"n_features", "classes", "input_range", "client_spec_sha256", "max_batch"}
+MODEL_FIELDS = {"n_features", "classes", "input_low", "input_high", "client_spec_sha256", "max_batch"}
 
 
 class ServerError(FedfheError):
@@ -39,9 +39,9 @@ class ServerError(FedfheError):
 
 @dataclass(frozen=True)
 class Prediction:
-    """Decrypted results: the predicted class per row and the per-class scores behind it."""
+    """Decrypted results: per row the predicted class (or a regressor's value) and the scores behind it."""
 
-    classes: np.ndarray
+    predicted: np.ndarray
     scores: np.ndarray
 
 
@@ -80,18 +80,29 @@ class EncryptedClient:
             self._model = answer
         return self._model
 
+    @property
+    def input_range(self) -> Range:
+        """Each feature's (low, high): inputs are checked against it and scaled by it to [0, 1]."""
+        return np.asarray(self.model["input_low"], dtype=np.float64), np.asarray(
+            self.model["input_high"], dtype=np.float64
+        )
+
     def predict(self, X: np.ndarray) -> Prediction:
-        """Check the rows, encrypt each, have the server classify them in batches, decrypt the scores."""
+        """Check the rows, scale and encrypt each, have the server evaluate them in batches, decrypt."""
         model = self.model
-        X = check_features(X, model["n_features"], tuple(model["input_range"]), "inputs")
+        low, high = self.input_range
+        X = check_features(X, model["n_features"], (low, high), "inputs")
+        width = max(len(model["classes"]), 1)
         if len(X) == 0:
-            return Prediction(np.empty(0, dtype=np.int64), np.empty((0, len(model["classes"]))))
+            return Prediction(np.empty(0), np.empty((0, width)))
         fhe_client = self._session()
-        ciphertexts = [fhe_client.quantize_encrypt_serialize(row[None, :]) for row in X]
+        ciphertexts = [fhe_client.quantize_encrypt_serialize(row[None, :]) for row in (X - low) / (high - low)]
         outputs: list[bytes] = []
         for start in range(0, len(ciphertexts), model["max_batch"]):
             outputs += self._evaluate(ciphertexts[start : start + model["max_batch"]])
-        scores = np.vstack([fhe_client.deserialize_decrypt_dequantize(out) for out in outputs])
+        scores = np.vstack([np.reshape(fhe_client.deserialize_decrypt_dequantize(out), (1, -1)) for out in outputs])
+        if not model["classes"]:
+            return Prediction(scores[:, 0], scores)
         return Prediction(np.asarray(model["classes"])[scores.argmax(axis=1)], scores)
 
     def _session(self) -> Any:
@@ -179,14 +190,14 @@ class EncryptedClient:
         return response
 
 
-def read_inputs(path: Path, n_features: int, input_range: tuple[float, float]) -> np.ndarray:
+def read_inputs(path: Path, n_features: int, input_range: Range) -> np.ndarray:
     """Rows from a .npy/.npz/.csv table, or one row from a PNG/JPEG image."""
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return image_row(path, n_features, input_range)
     return read_table(path)[0]
 
 
-def image_row(path: Path, n_features: int, input_range: tuple[float, float]) -> np.ndarray:
+def image_row(path: Path, n_features: int, input_range: Range) -> np.ndarray:
     """A square grayscale image as one row in the model's input range, light-on-dark like MNIST."""
     from PIL import Image, UnidentifiedImageError
 
@@ -203,7 +214,7 @@ def image_row(path: Path, n_features: int, input_range: tuple[float, float]) -> 
     if border.mean() > 127.5:
         pixels = 255.0 - pixels
     low, high = input_range
-    return (low + pixels / 255.0 * (high - low)).reshape(1, -1)
+    return low + pixels.reshape(1, -1) / 255.0 * (np.asarray(high) - np.asarray(low))
 
 
 def _private_dir(path: Path) -> None:

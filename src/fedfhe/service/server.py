@@ -69,9 +69,11 @@ class ModelInfo(BaseModel):
     """What a client needs to encode inputs and to trust the circuit it encrypts for."""
 
     dataset: str
+    kind: str
     n_features: int
-    classes: list[int]
-    input_range: tuple[float, float]
+    classes: list[int]  # empty for a regressor
+    input_low: list[float]  # per feature: the client scales each to [0, 1] before encrypting
+    input_high: list[float]
     n_bits: int
     max_bit_width: int
     model_sha256: str
@@ -121,9 +123,11 @@ def load_model_info(run_dir: Path, limits: Limits) -> tuple[ModelInfo, bytes]:
     spec = (fhe_dir / CLIENT_SPEC).read_bytes()
     return ModelInfo(
         dataset=str(model.metadata.get("dataset", "unknown")),
+        kind=model.kind,
         n_features=model.n_features,
         classes=[int(c) for c in model.classes],
-        input_range=model.input_range,
+        input_low=model.input_range[0].tolist(),
+        input_high=model.input_range[1].tolist(),
         n_bits=int(info["n_bits"]),
         max_bit_width=int(info["max_bit_width"]),
         model_sha256=model.sha256,

@@ -1,0 +1,90 @@
+"""Every linear model, federated and encrypted, end to end through `fedfhe run` (small sizes)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_cli import fedfhe
+
+from fedfhe.data import load_dataset
+from fedfhe.errors import FedfheError
+from fedfhe.federated.task import TrainConfig
+from fedfhe.fhe import compile_model, evaluate
+from fedfhe.training import train
+
+
+@pytest.mark.parametrize(
+    "dataset, model, floor",
+    [
+        ("breast-cancer", "logistic", 0.9),
+        ("breast-cancer", "svm", 0.9),
+        ("digits", "svm", 0.85),
+        ("diabetes", "linear", 0.25),
+        ("diabetes", "ridge", 0.25),
+        ("diabetes", "lasso", 0.25),
+        ("diabetes", "elasticnet", 0.25),
+    ],
+)
+def test_every_model_runs_federated_and_encrypted_with_full_agreement(tmp_path, dataset, model, floor):
+    args = ["run", "--dataset", dataset, "--model", model, "--clients", "3", "--rounds", "2", "--local-iters", "10"]
+    done = fedfhe(*args, "--fhe-samples", "3", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (report["model"], report["dataset"], report["clients"]) == (model, dataset, 3)
+    assert all(value == 1.0 for value in report["agreement"].values() if value is not None)
+    score = report["r2"] if dataset == "diabetes" else report["accuracy"]
+    assert score["fhe_simulate"] > floor and abs(score["federated"] - score["centralized"]) < 0.05
+    plot = "predictions.png" if dataset == "diabetes" else "confusion_matrix.png"
+    assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+    info = json.loads((tmp_path / "fhe" / "fhe.json").read_text())
+    assert info["kind"] == model and len(info["input_low"]) == len(info["input_high"]) == info["n_features"]
+
+
+def test_params_reach_the_estimator(tmp_path):
+    data = load_dataset("breast-cancer", seed=0)
+    strong = train(data, TrainConfig(clients=1, params={"C": 0.01}), tmp_path / "strong")
+    weak = train(data, TrainConfig(clients=1, params={"C": 100.0}), tmp_path / "weak")
+    assert strong.metadata["training"]["params"] == {"C": 0.01}
+    assert np.linalg.norm(strong.coef) < np.linalg.norm(weak.coef) / 10
+    sparse = train(load_dataset("diabetes"), TrainConfig(clients=1, model="lasso", params={"alpha": 0.01}), tmp_path)
+    assert 0 < np.sum(sparse.coef == 0) < sparse.n_features  # L1 zeroes some weights, not all
+
+
+def test_concrete_engine_fits_concrete_mls_own_estimator(tmp_path):
+    data = load_dataset("breast-cancer", seed=0)
+    model = train(data, TrainConfig(clients=1, engine="concrete"), tmp_path)
+    metrics = model.metadata["metrics"]
+    assert (
+        metrics["concrete_quantized"] > 0.9 and abs(metrics["final"]["score"] - metrics["centralized"]["score"]) < 0.03
+    )
+    compiled = compile_model(model, 8)
+    assert np.array_equal(compiled.predict(data.X_test, "simulate"), compiled.predict(data.X_test, "disable"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "digits", "--model", "ridge"], "model ridge does not fit data set digits (classification)"),
+        (["--dataset", "diabetes", "--model", "svm"], "use one of: linear, ridge, lasso, elasticnet"),
+        (["--model", "forest"], "unknown model 'forest'"),
+        (["--param", "gamma=1"], "unknown parameter 'gamma' for LogisticRegression"),
+        (["--param", "C=-1"], "--param: The 'C' parameter of LogisticRegression must be"),
+        (["--param", "penalty=l1"], "--param penalty applies to centralized training (--clients 1) only"),
+        (["--engine", "concrete"], "--engine concrete fits Concrete ML's estimator on one machine"),
+        (["--dataset", "diabetes", "--model", "lasso", "--strategy", "fedprox"], "fedprox needs an L-BFGS model"),
+        (["--dataset", "diabetes", "--model", "ridge", "--partitioning", "dirichlet"], "has none (use iid)"),
+    ],
+)
+def test_bad_model_settings_are_one_line_errors(tmp_path, args, message):
+    done = fedfhe("train", "--clients", "3", "--rounds", "1", *args, "--out", str(tmp_path))
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_regressor_refuses_out_of_range_inputs(tmp_path):
+    model = train(load_dataset("diabetes"), TrainConfig(clients=1, model="ridge"), tmp_path)
+    row = np.array([[50, 1, 25, 90, 200, 100, 50, 4, 5, 400]], dtype=float)  # glucose 400 > declared 150
+    with pytest.raises(FedfheError, match=r"test data column 9 has values in \[400, 400\]"):
+        evaluate(compile_model(model, 6), row, np.array([100.0]), 0, tmp_path)
