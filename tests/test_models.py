@@ -10,6 +10,7 @@ from test_cli import fedfhe
 
 from fedfhe.data import load_dataset
 from fedfhe.errors import FedfheError
+from fedfhe.federated import task
 from fedfhe.federated.task import TrainConfig
 from fedfhe.fhe import compile_model, evaluate
 from fedfhe.training import train
@@ -40,6 +41,29 @@ def test_every_model_runs_federated_and_encrypted_with_full_agreement(tmp_path, 
     assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
     info = json.loads((tmp_path / "fhe" / "fhe.json").read_text())
     assert info["kind"] == model and len(info["input_low"]) == len(info["input_high"]) == info["n_features"]
+
+
+def test_owners_share_rounded_ranges_never_rows(tmp_path):
+    data = load_dataset("breast-cancer", seed=0)
+    config = TrainConfig(clients=3, rounds=1, local_iters=5, input_ranges="clients")
+    model = train(data, config, tmp_path)
+    low, high = model.input_range
+    everything = np.vstack([data.X_train, data.X_test])
+    assert (low <= everything.min(axis=0)).all() and (high >= everything.max(axis=0)).all()
+    assert (high < data.input_range[1]).all()  # tighter than the declared schema
+    for bound in (*low, *high):  # two significant digits at most: no exact extreme value of any row
+        assert float(f"{bound:.2g}") == pytest.approx(bound, rel=1e-9, abs=1e-12)
+    resumed = train(data, config, tmp_path, resume=True)  # the checkpoint kept the agreed ranges
+    assert all(np.array_equal(a, b) for a, b in zip(resumed.input_range, model.input_range))
+    compiled = compile_model(model, 8)
+    assert np.array_equal(compiled.predict(data.X_test, "simulate"), compiled.predict(data.X_test, "disable"))
+
+
+def test_shared_range_rounds_outward():
+    X = np.array([[0.0, 0.05263, 143.5, -3.21, 7.0], [0.0, 0.1634, 2501.0, 7.71, 7.0]])
+    low, high = task.shared_range(X)
+    assert np.allclose(low, [0.0, 0.052, 140.0, -3.3, 7.0]) and np.allclose(high[1:4], [0.17, 2600.0, 7.8])
+    assert (high > low).all()  # constant features still get a non-empty range
 
 
 def test_params_reach_the_estimator(tmp_path):

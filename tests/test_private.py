@@ -11,7 +11,7 @@ import pytest
 
 from fedfhe.errors import FedfheError
 from fedfhe.federated import task
-from fedfhe.federated.server_app import RoundLog, make_server_main
+from fedfhe.federated.server_app import Outcome, RoundLog, make_server_main
 from fedfhe.federated.simulation import simulate
 from fedfhe.federated.task import TrainConfig
 from fedfhe.partition import partition, save_partitions
@@ -46,8 +46,8 @@ def run(digits, config: TrainConfig, folder: Path, broken: int | None = None, gr
     save_partitions(digits.X_train, digits.y_train, parts, folder / "p")
     if broken is not None:
         (folder / "p" / f"client-{broken}.npz").write_bytes(b"corrupt")
-    log, final = RoundLog(), []
-    main = make_server_main(config, problem(digits), digits.X_test, digits.y_test, folder / "ck", log, final)
+    log, outcome = RoundLog(), Outcome()
+    main = make_server_main(config, problem(digits), digits.X_test, digits.y_test, folder / "ck", log, outcome)
 
     def recorded(grid, context):
         grid = RecordingGrid(grid)
@@ -56,7 +56,7 @@ def run(digits, config: TrainConfig, folder: Path, broken: int | None = None, gr
         main(grid, context)
 
     simulate(config, recorded, folder / "p")
-    return final[0], log, parts
+    return outcome.params, log, parts
 
 
 def test_secagg_matches_fedavg_within_the_quantization_bound(tmp_path, digits):

@@ -32,6 +32,9 @@ Model = Annotated[
 Param = Annotated[
     list[str], typer.Option(help="Estimator parameter NAME=VALUE (repeatable), e.g. --param C=0.5 --param alpha=0.01.")
 ]
+InputRanges = Annotated[
+    str, typer.Option(help="schema (the data set's declared ranges) | clients (owners share rounded min/max).")
+]
 Engine = Annotated[str, typer.Option(help="sklearn | concrete (fit Concrete ML's own estimator; --clients 1).")]
 DataDir = Annotated[Path | None, typer.Option(help="Folder with the four MNIST IDX files (mnist only).")]
 Seed = Annotated[int, typer.Option(help="Seed of the split, the partitions and client sampling.")]
@@ -195,6 +198,7 @@ def train(
     model: Model = "logistic",
     param: Param = [],  # noqa: B006 - typer reads the default, never mutates it
     engine: Engine = "sklearn",
+    input_ranges: InputRanges = "schema",
     strategy: Strategy = "fedavg",
     proximal_mu: ProximalMu = 0.01,
     min_clients: MinClients = 1,
@@ -287,6 +291,7 @@ def run(
     model: Model = "logistic",
     param: Param = [],  # noqa: B006 - typer reads the default, never mutates it
     engine: Engine = "sklearn",
+    input_ranges: InputRanges = "schema",
     strategy: Strategy = "fedavg",
     proximal_mu: ProximalMu = 0.01,
     min_clients: MinClients = 1,

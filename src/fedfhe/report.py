@@ -87,12 +87,14 @@ def markdown(report: dict[str, Any]) -> str:
             scores += [f"| {group} | value |", "|---|---|"]
             scores += [f"| {name} | {_fmt(v, percent=group == 'accuracy')} |" for name, v in report[group].items()]
             scores.append("")
+    shared = report["training"].get("input_ranges") == "clients"
+    ranges = "the owners' shared (rounded) min/max" if shared else "the declared schema"
     lines = [
         f"# fedfhe run: {report['model']} on {report['dataset']}",
         "",
         f"{report['n_train']} training and {report['n_test']} test samples, {report['clients']} client(s), "
-        f"{report['rounds']} round(s), n_bits {report['n_bits']}, compiled on {report['calibration']}, "
-        f"largest circuit integer {report['circuit']['max_bit_width']} bits.",
+        f"{report['rounds']} round(s), input ranges from {ranges}, n_bits {report['n_bits']}, "
+        f"compiled on {report['calibration']}, largest circuit integer {report['circuit']['max_bit_width']} bits.",
         "",
         *scores,
         "| agreement | value |",

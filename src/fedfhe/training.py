@@ -16,7 +16,7 @@ from sklearn.exceptions import ConvergenceWarning
 from fedfhe.data import Dataset
 from fedfhe.errors import FedfheError
 from fedfhe.federated import task
-from fedfhe.federated.server_app import RoundCallback, RoundLog, load_checkpoint, make_server_main
+from fedfhe.federated.server_app import Outcome, RoundCallback, RoundLog, load_checkpoint, make_server_main
 from fedfhe.federated.task import Problem, TrainConfig
 from fedfhe.model import MODEL_FILE, LinearModel
 from fedfhe.partition import label_counts, partition, plot_label_distribution, save_partitions
@@ -76,19 +76,23 @@ def train(
         (out_dir / CONFIG_FILE).write_text(
             json.dumps({"dataset": dataset.name, "training": dataclasses.asdict(config)})
         )
-    X_test = problem.scale(dataset.X_test)
     start = time.perf_counter()
+    metrics: dict[str, Any] = {"rounds": []}
+    if config.clients > 1:
+        problem, params, metrics["rounds"] = _federate(dataset, problem, config, out_dir, on_round, verbose, resume)
+        metrics["failures"] = sum(row.get("failures", 0) for row in metrics["rounds"])
+    elif config.input_ranges == "clients":  # the one owner's shared ranges, with the test set's
+        ranges = [task.shared_range(dataset.X_train), task.shared_range(dataset.X_test)]
+        problem = dataclasses.replace(problem, input_range=task.merge_ranges(ranges))
+    X_test = problem.scale(dataset.X_test)
     central, _ = centralized_params(problem, dataset, config)
     score, loss = task.evaluate(problem, central, X_test, dataset.y_test)
-    metrics: dict[str, Any] = {"centralized": {"score": score, "loss": loss}, "rounds": []}
+    metrics["centralized"] = {"score": score, "loss": loss}
     if config.engine == "concrete":
         params, fitted = centralized_params(problem, dataset, config, "concrete")
         metrics["concrete_quantized"] = _quantized_score(problem, fitted, X_test, dataset.y_test)
     elif config.clients == 1:
         params = central
-    else:
-        params, metrics["rounds"] = _federate(dataset, problem, config, out_dir, on_round, verbose, resume)
-        metrics["failures"] = sum(row.get("failures", 0) for row in metrics["rounds"])
     metrics["train_seconds"] = time.perf_counter() - start
     return save_model(dataset, problem, config, out_dir, params, metrics)
 
@@ -125,7 +129,7 @@ def save_model(
     model = LinearModel(
         *problem.unscale(params),
         classes=dataset.classes,
-        input_range=dataset.input_range,
+        input_range=problem.input_range,
         kind=config.model,
         metadata={
             "dataset": dataset.name,
@@ -191,8 +195,11 @@ def _federate(
     on_round: RoundCallback | None,
     verbose: bool,
     resume: bool,
-) -> tuple[task.Params, list[dict[str, Any]]]:
-    """Partition, run the Flower simulation (from the last checkpoint when resuming), collect metrics."""
+) -> tuple[Problem, task.Params, list[dict[str, Any]]]:
+    """Partition, run the Flower simulation (from the last checkpoint when resuming), collect metrics.
+
+    Returns the problem the federation agreed on (its input ranges may come from the owners).
+    """
     from fedfhe.federated.simulation import simulate
 
     parts = partition(dataset.y_train, config.clients, config.partitioning, config.alpha, config.seed)
@@ -203,18 +210,19 @@ def _federate(
     checkpoints = out_dir / "checkpoints"
     start, log = None, RoundLog()
     if resume:
-        done, params, log = load_checkpoint(checkpoints)
+        done, params, log, input_range = load_checkpoint(checkpoints)
+        problem = dataclasses.replace(problem, input_range=input_range)
         if done >= config.rounds:
-            return params, [log.rows[r] for r in sorted(log.rows)]
+            return problem, params, [log.rows[r] for r in sorted(log.rows)]
         start = (done, params)
     elif checkpoints.exists():
         shutil.rmtree(checkpoints)
-    final: list[task.Params] = []
-    main = make_server_main(config, problem, dataset.X_test, dataset.y_test, checkpoints, log, final, start, on_round)
+    outcome = Outcome()
+    main = make_server_main(config, problem, dataset.X_test, dataset.y_test, checkpoints, log, outcome, start, on_round)
     simulate(config, main, out_dir / "partitions", verbose)
-    if not final:
+    if outcome.params is None or outcome.problem is None:
         raise RuntimeError("the Flower simulation ended without a model")
-    return final[0], [log.rows[r] for r in sorted(log.rows)]
+    return outcome.problem, outcome.params, [log.rows[r] for r in sorted(log.rows)]
 
 
 def plot_rounds(metrics: dict[str, Any], path: Path) -> None:

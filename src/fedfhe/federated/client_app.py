@@ -60,13 +60,17 @@ def _local_data(
     config: ConfigRecord | dict, context: Context, partition_dir: Path | None
 ) -> tuple[task.Problem, np.ndarray, np.ndarray]:
     """The problem as the server states it, and the owner's features scaled as it asks, with labels."""
-    X, y = _owner_data(tuple(sorted(context.node_config.items())), partition_dir)
     problem = task.Problem.from_config(config)
-    if X.ndim != 2 or X.shape[1] != len(problem.input_range[0]):
-        raise FedfheError(
-            f"local data has shape {X.shape}; the federation trains on {len(problem.input_range[0])} features"
-        )
+    X, y = _checked_data(context, partition_dir, len(problem.input_range[0]))
     return problem, problem.scale(X), y
+
+
+def _checked_data(context: Context, partition_dir: Path | None, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """The owner's data, refused unless it has the federation's number of features."""
+    X, y = _owner_data(tuple(sorted(context.node_config.items())), partition_dir)
+    if X.ndim != 2 or X.shape[1] != n_features:
+        raise FedfheError(f"local data has shape {X.shape}; the federation trains on {n_features} features")
+    return X, y
 
 
 def build_client_app(partition_dir: Path | None, mods: list | None = None) -> ClientApp:
@@ -103,6 +107,12 @@ def build_client_app(partition_dir: Path | None, mods: list | None = None) -> Cl
             res = EvaluateRes(Status(Code.OK, ""), loss, len(y), metrics)
             return Message(compat.evaluateres_to_recorddict(res), reply_to=msg)
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Share this owner's per-feature min and max, rounded outward (task.shared_range): never a row."""
+        X, _ = _checked_data(context, partition_dir, int(msg.content["config"]["n-features"]))
+        return Message(RecordDict({"range": ArrayRecord(list(task.shared_range(X)))}), reply_to=msg)
 
     return app
 

@@ -7,6 +7,7 @@ Flower's legacy workflow in 1.42, so `--secagg` runs the same rounds through `De
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -28,6 +29,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from fedfhe.data import Range
 from fedfhe.errors import FedfheError
 from fedfhe.federated import task
 
@@ -87,11 +89,7 @@ class Guarded(Strategy):
         whoever is still connected, if at least --min-clients are.
         """
         wanted = self.config.clients if server_round == 1 else self.config.min_clients
-        deadline = time.monotonic() + self.config.round_timeout
-        while (connected := len(list(grid.get_node_ids()))) < wanted:
-            if time.monotonic() > deadline:
-                raise FedfheError(f"round {server_round + self.offset}: only {connected} of {wanted} clients connected")
-            time.sleep(0.05)
+        wait_for_nodes(grid, wanted, self.config.round_timeout, f"round {server_round + self.offset}")
         random.seed(f"{self.config.seed}/{server_round + self.offset}")
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         self.sampled = len(messages)
@@ -167,31 +165,72 @@ def client_config(config: task.TrainConfig, problem: task.Problem) -> dict[str, 
     }
 
 
-def save_checkpoint(folder: Path, server_round: int, params: task.Params, log: RoundLog) -> None:
-    """Global weights and metrics after a round; written atomically, read back by --resume."""
+def save_checkpoint(folder: Path, server_round: int, params: task.Params, log: RoundLog, problem: task.Problem) -> None:
+    """Global weights, metrics and the agreed input ranges after a round; atomic, read back by --resume."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = json.dumps([log.rows[r] for r in sorted(log.rows) if r <= server_round])
     tmp = folder / f".round-{server_round:04d}.npz"
     with open(tmp, "wb") as f:
-        np.savez(f, coef=params[0], intercept=params[1], rows=np.frombuffer(rows.encode(), dtype=np.uint8))
+        np.savez(
+            f,
+            coef=params[0],
+            intercept=params[1],
+            input_low=problem.input_range[0],
+            input_high=problem.input_range[1],
+            rows=np.frombuffer(rows.encode(), dtype=np.uint8),
+        )
     tmp.replace(folder / f"round-{server_round:04d}.npz")
 
 
-def load_checkpoint(folder: Path) -> tuple[int, task.Params, RoundLog]:
-    """The last completed round's weights and metrics."""
+def load_checkpoint(folder: Path) -> tuple[int, task.Params, RoundLog, Range]:
+    """The last completed round's weights, metrics and input ranges."""
     files = sorted(folder.glob("round-*.npz"))
     if not files:
         raise FedfheError(f"{folder}: no checkpoint to resume from")
     try:
         with np.load(files[-1], allow_pickle=False) as f:
             params = [f["coef"], f["intercept"]]
+            input_range = (f["input_low"], f["input_high"])
             rows = json.loads(f["rows"].tobytes())
     except (OSError, ValueError, KeyError) as exc:
         raise FedfheError(f"{files[-1]}: unreadable checkpoint ({exc})") from None
-    return int(files[-1].stem.split("-")[1]), params, RoundLog({row["round"]: row for row in rows})
+    return int(files[-1].stem.split("-")[1]), params, RoundLog({row["round"]: row for row in rows}), input_range
 
 
 ServerMain = Callable[[Grid, Context], None]
+
+
+@dataclass
+class Outcome:
+    """What a server run leaves behind: the agreed problem (input ranges included) and the final weights."""
+
+    problem: task.Problem | None = None
+    params: task.Params | None = None
+
+
+def wait_for_nodes(grid: Grid, wanted: int, timeout: float, what: str) -> list[int]:
+    """The connected nodes once at least `wanted` are there, or a clear error after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < wanted:
+        if time.monotonic() > deadline:
+            raise FedfheError(f"{what}: only {len(nodes)} of {wanted} clients connected")
+        time.sleep(0.05)
+    return nodes
+
+
+def gather_ranges(grid: Grid, config: task.TrainConfig, problem: task.Problem, X_test: np.ndarray) -> task.Problem:
+    """Input ranges from every owner's shared (rounded) min/max and the server's own test set."""
+    nodes = wait_for_nodes(grid, config.clients, config.round_timeout, "sharing input ranges")
+    asked = {"n-features": len(problem.input_range[0])}
+    messages = [
+        Message(RecordDict({"config": ConfigRecord(asked)}), dst_node_id=node, message_type=MessageType.QUERY)
+        for node in nodes
+    ]
+    replies = [m for m in grid.send_and_receive(messages, timeout=config.round_timeout) if not m.has_error()]
+    if len(replies) < len(nodes):
+        raise FedfheError(f"only {len(replies)} of {len(nodes)} clients shared their feature ranges")
+    ranges = [tuple(m.content["range"].to_numpy_ndarrays()) for m in replies]
+    return dataclasses.replace(problem, input_range=task.merge_ranges([*ranges, task.shared_range(X_test)]))
 
 
 def make_server_main(
@@ -201,98 +240,108 @@ def make_server_main(
     y_test: np.ndarray,
     checkpoints: Path,
     log: RoundLog,
-    final: list[task.Params],
+    outcome: Outcome,
     start: tuple[int, task.Params] | None = None,
     on_round: RoundCallback | None = None,
 ) -> ServerMain:
-    """The server's main function; appends the final weights to `final`. `start` resumes."""
-    X_eval = problem.scale(X_test)
-    offset, initial = start or (0, problem.initial_params())
-    shared = client_config(config, problem)
+    """The server's main function: agree on the input ranges, then train; fills `outcome`. `start` resumes."""
 
-    def central_evaluate(server_round: int, params: task.Params) -> dict[str, float]:
-        """The server's held-out test set scores the global model; then checkpoint."""
-        absolute = server_round + offset
-        score, loss = task.evaluate(problem, params, X_eval, y_test)
-        metrics = {"score": score, "loss": loss}
-        if server_round > 0 or offset == 0:
-            log.row(absolute)["global"] = metrics
-        if server_round > 0:
-            save_checkpoint(checkpoints, absolute, params, log)
-        if on_round is not None and (server_round > 0 or offset == 0):
-            on_round(absolute, metrics)
-        return metrics
+    def main(grid: Grid, context: Context) -> None:
+        gather = config.input_ranges == "clients" and start is None  # a resumed run keeps its checkpointed ranges
+        outcome.problem = gather_ranges(grid, config, problem, X_test) if gather else problem
+        rounds_main(outcome.problem)(grid, context)
 
-    def message_api_main(grid: Grid, context: Context) -> None:
-        """Plain (or DP, or robust) training with a Message API strategy."""
-        strategy = Guarded(make_strategy(config), config, log, offset)
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(initial),
-            num_rounds=config.rounds - offset,
-            timeout=config.round_timeout,
-            train_config=ConfigRecord(shared),
-            evaluate_config=ConfigRecord(shared),
-            evaluate_fn=lambda r, arrays: MetricRecord(central_evaluate(r, arrays.to_numpy_ndarrays())),
-        )
-        final.append(result.arrays.to_numpy_ndarrays() if len(result.arrays) else initial)
+    def rounds_main(problem: task.Problem) -> ServerMain:
+        """The training rounds for an agreed problem, through a Message API strategy or SecAgg+."""
+        X_eval = problem.scale(X_test)
+        offset, initial = start or (0, problem.initial_params())
+        shared = client_config(config, problem)
 
-    def secagg_main(grid: Grid, context: Context) -> None:
-        """The same rounds through SecAgg+: the server only ever sees the masked sum of updates."""
-        from flwr.common import ndarrays_to_parameters
-        from flwr.server import LegacyContext, ServerConfig
-        from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping as LegacyDP
-        from flwr.server.strategy import FedAvg as LegacyFedAvg
-        from flwr.server.workflow import DefaultWorkflow
+        def central_evaluate(server_round: int, params: task.Params) -> dict[str, float]:
+            """The server's held-out test set scores the global model; then checkpoint."""
+            absolute = server_round + offset
+            score, loss = task.evaluate(problem, params, X_eval, y_test)
+            metrics = {"score": score, "loss": loss}
+            if server_round > 0 or offset == 0:
+                log.row(absolute)["global"] = metrics
+            if server_round > 0:
+                save_checkpoint(checkpoints, absolute, params, log, problem)
+            if on_round is not None and (server_round > 0 or offset == 0):
+                on_round(absolute, metrics)
+            return metrics
 
-        current = {"round": 0}
+        def message_api_main(grid: Grid, context: Context) -> None:
+            """Plain (or DP, or robust) training with a Message API strategy."""
+            strategy = Guarded(make_strategy(config), config, log, offset)
+            result = strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(initial),
+                num_rounds=config.rounds - offset,
+                timeout=config.round_timeout,
+                train_config=ConfigRecord(shared),
+                evaluate_config=ConfigRecord(shared),
+                evaluate_fn=lambda r, arrays: MetricRecord(central_evaluate(r, arrays.to_numpy_ndarrays())),
+            )
+            outcome.params = result.arrays.to_numpy_ndarrays() if len(result.arrays) else initial
 
-        def fit_config(server_round: int) -> dict[str, Any]:
-            """Called just before sampling: seed it as the Message API path does."""
-            current["round"] = server_round + offset
-            random.seed(f"{config.seed}/{server_round + offset}")
-            return dict(shared)
+        def secagg_main(grid: Grid, context: Context) -> None:
+            """The same rounds through SecAgg+: the server only ever sees the masked sum of updates."""
+            from flwr.common import ndarrays_to_parameters
+            from flwr.server import LegacyContext, ServerConfig
+            from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping as LegacyDP
+            from flwr.server.strategy import FedAvg as LegacyFedAvg
+            from flwr.server.workflow import DefaultWorkflow
 
-        def fit_metrics(results: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
-            """Count the clients whose masked update was lost, keep the mean training metrics."""
-            row = log.row(current["round"])
-            row["failures"] = config.sampled - len(results)
-            total = sum(n for n, _ in results) or 1
-            row["train"] = {k: sum(n * m[k] for n, m in results) / total for k in ("train-score", "train-loss")}
-            return row["train"]
+            current = {"round": 0}
 
-        def evaluate_metrics(results: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
-            """Per-client figures, as the Message API path records them."""
-            records = [RecordDict({"metrics": MetricRecord({**m, WEIGHT: n})}) for n, m in results]
-            merged = dict(per_client_metrics(records, WEIGHT))
-            log.record_clients(current["round"], merged)
-            return {"score": merged["score"], "loss": merged["loss"]}
+            def fit_config(server_round: int) -> dict[str, Any]:
+                """Called just before sampling: seed it as the Message API path does."""
+                current["round"] = server_round + offset
+                random.seed(f"{config.seed}/{server_round + offset}")
+                return dict(shared)
 
-        def evaluate_fn(server_round: int, params: task.Params, _: dict) -> tuple[float, dict[str, float]]:
-            metrics = central_evaluate(server_round, params)
-            return metrics["loss"], metrics
+            def fit_metrics(results: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+                """Count the clients whose masked update was lost, keep the mean training metrics."""
+                row = log.row(current["round"])
+                row["failures"] = config.sampled - len(results)
+                total = sum(n for n, _ in results) or 1
+                row["train"] = {k: sum(n * m[k] for n, m in results) / total for k in ("train-score", "train-loss")}
+                return row["train"]
 
-        strategy: Any = LegacyFedAvg(
-            fraction_fit=config.fraction,
-            fraction_evaluate=1.0,
-            min_fit_clients=config.sampled,
-            min_evaluate_clients=1,
-            min_available_clients=config.clients,
-            evaluate_fn=evaluate_fn,
-            on_fit_config_fn=fit_config,
-            on_evaluate_config_fn=lambda _: dict(shared),
-            initial_parameters=ndarrays_to_parameters(initial),
-            fit_metrics_aggregation_fn=fit_metrics,
-            evaluate_metrics_aggregation_fn=evaluate_metrics,
-        )
-        if config.dp:
-            strategy = LegacyDP(strategy, config.noise_multiplier, config.clipping_norm, config.sampled)
-        legacy = LegacyContext(context, ServerConfig(num_rounds=config.rounds - offset), strategy)
-        workflow = DefaultWorkflow(fit_workflow=secagg_workflow(config))
-        workflow(grid, legacy)
-        final.append(legacy.state.array_records["parameters"].to_numpy_ndarrays())
+            def evaluate_metrics(results: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+                """Per-client figures, as the Message API path records them."""
+                records = [RecordDict({"metrics": MetricRecord({**m, WEIGHT: n})}) for n, m in results]
+                merged = dict(per_client_metrics(records, WEIGHT))
+                log.record_clients(current["round"], merged)
+                return {"score": merged["score"], "loss": merged["loss"]}
 
-    return secagg_main if config.secagg else message_api_main
+            def evaluate_fn(server_round: int, params: task.Params, _: dict) -> tuple[float, dict[str, float]]:
+                metrics = central_evaluate(server_round, params)
+                return metrics["loss"], metrics
+
+            strategy: Any = LegacyFedAvg(
+                fraction_fit=config.fraction,
+                fraction_evaluate=1.0,
+                min_fit_clients=config.sampled,
+                min_evaluate_clients=1,
+                min_available_clients=config.clients,
+                evaluate_fn=evaluate_fn,
+                on_fit_config_fn=fit_config,
+                on_evaluate_config_fn=lambda _: dict(shared),
+                initial_parameters=ndarrays_to_parameters(initial),
+                fit_metrics_aggregation_fn=fit_metrics,
+                evaluate_metrics_aggregation_fn=evaluate_metrics,
+            )
+            if config.dp:
+                strategy = LegacyDP(strategy, config.noise_multiplier, config.clipping_norm, config.sampled)
+            legacy = LegacyContext(context, ServerConfig(num_rounds=config.rounds - offset), strategy)
+            workflow = DefaultWorkflow(fit_workflow=secagg_workflow(config))
+            workflow(grid, legacy)
+            outcome.params = legacy.state.array_records["parameters"].to_numpy_ndarrays()
+
+        return secagg_main if config.secagg else message_api_main
+
+    return main
 
 
 def secagg_workflow(config: task.TrainConfig) -> Any:
@@ -332,6 +381,7 @@ def deployment_main(grid: Grid, context: Context) -> None:
         params=task.parse_params(str(rc["params"]).split()),
         strategy=str(rc["strategy"]),
         min_clients=int(rc["min-clients"]),
+        input_ranges=str(rc["input-ranges"]),
         round_timeout=float(rc["round-timeout"]),
     )
     dataset = load_dataset(str(rc["dataset"]), seed=config.seed)
@@ -339,13 +389,13 @@ def deployment_main(grid: Grid, context: Context) -> None:
     problem = problem_for(dataset, config)
     out = Path(str(rc["out-dir"])).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    log, final = RoundLog(), []
+    log, outcome = RoundLog(), Outcome()
     started = time.perf_counter()
-    make_server_main(config, problem, dataset.X_test, dataset.y_test, out / "checkpoints", log, final)(grid, context)
+    make_server_main(config, problem, dataset.X_test, dataset.y_test, out / "checkpoints", log, outcome)(grid, context)
     rows = [log.rows[r] for r in sorted(log.rows)]
     metrics = {"rounds": rows, "failures": sum(row.get("failures", 0) for row in rows)}
     metrics["train_seconds"] = time.perf_counter() - started
-    save_model(dataset, problem, config, out, final[0], metrics)
+    save_model(dataset, outcome.problem, config, out, outcome.params, metrics)
 
 
 app = build_server_app(deployment_main)

@@ -162,6 +162,26 @@ class Problem:
         )
 
 
+def shared_range(X: np.ndarray) -> Range:
+    """A data owner's per-feature min and max, rounded outward to two significant digits.
+
+    This is all an owner reveals to fix the circuit's input ranges: never a row, and the rounding
+    hides the exact extreme values.
+    """
+
+    def outward(values: np.ndarray, direction: Any) -> np.ndarray:
+        magnitude = 10.0 ** (np.floor(np.log10(np.where(values == 0, 1.0, np.abs(values)))) - 1)
+        return direction(values / magnitude) * magnitude
+
+    low, high = outward(X.min(axis=0), np.floor), outward(X.max(axis=0), np.ceil)
+    return low, np.where(high > low, high, low + np.maximum(np.abs(low), 1.0) * 0.01)
+
+
+def merge_ranges(ranges: list[Range]) -> Range:
+    """The smallest per-feature box holding every party's range."""
+    return np.min([r[0] for r in ranges], axis=0), np.max([r[1] for r in ranges], axis=0)
+
+
 def estimator(model: str, params: Params, classes: np.ndarray) -> Any:
     """A fitted scikit-learn estimator of this kind holding the given weights."""
     coef, intercept = np.array(params[0], dtype=np.float64), np.array(params[1], dtype=np.float64)
@@ -287,6 +307,7 @@ def client_hyper(model: str, params: dict[str, Any], clients: int) -> dict[str, 
 
 
 STRATEGIES = ("fedavg", "fedprox", "fedmedian", "krum", "trimmed-mean")
+INPUT_RANGES = ("schema", "clients")  # the data set's declared ranges, or the owners' shared min/max
 
 
 @dataclass(frozen=True)
@@ -303,6 +324,7 @@ class TrainConfig:
     model: str = "logistic"
     params: dict[str, Any] = field(default_factory=dict)
     engine: str = "sklearn"
+    input_ranges: str = "schema"
     strategy: str = "fedavg"
     proximal_mu: float = 0.1
     min_clients: int = 1
@@ -344,6 +366,8 @@ class TrainConfig:
                 f"--param {central_only[0]} applies to centralized training (--clients 1) only; "
                 f"federated {self.model} uses: {honoured}"
             )
+        if self.input_ranges not in INPUT_RANGES:
+            raise FedfheError(f"unknown input ranges {self.input_ranges!r}; choose one of: {', '.join(INPUT_RANGES)}")
         if self.engine not in ("sklearn", "concrete"):
             raise FedfheError(f"unknown engine {self.engine!r}; choose sklearn or concrete")
         if self.engine == "concrete" and self.clients != 1:
