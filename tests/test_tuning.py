@@ -27,6 +27,7 @@ def test_sweep_measures_every_point_and_recommends_the_fastest_accurate_one(cent
     best = max(p["accuracy"] for p in points)
     assert chosen["accuracy"] >= best - tuning.TOLERANCE
     assert all(p["server_ms"] >= chosen["server_ms"] for p in points if p["accuracy"] >= best - tuning.TOLERANCE)
+    assert all(p["param"] == {} for p in points) and tuning.label(points[0]) == "3 bits"
     tuning.write(tmp_path, points, chosen)
     assert json.loads((tmp_path / "tune.json").read_text())["recommended"]["n_bits"] == chosen["n_bits"]
     assert "(recommended)" in (tmp_path / "tune.md").read_text()
@@ -47,3 +48,24 @@ def test_bad_tuning_requests(central_model, digits):
         tuning.tune(central_model, digits.X_test, digits.y_test, {"n_bits": [4]}, latency_samples=0)
     with pytest.raises(FedfheError, match="--n-bits must be between 2 and 12"):
         tuning.tune(central_model, digits.X_test, digits.y_test, {"n_bits": [1]}, latency_samples=1)
+
+
+def test_sweep_retrains_per_regularisation_value_without_touching_the_run(tmp_path):
+    from test_cli import fedfhe
+
+    run = tmp_path / "run"
+    args = ["--dataset", "breast-cancer", "--model", "svm", "--clients", "3", "--rounds", "1", "--local-iters", "5"]
+    assert fedfhe("train", *args, "--out", str(run)).returncode == 0
+    before = (run / "model.npz").read_bytes()
+    done = fedfhe("tune", "--run", str(run), "--n-bits", "3,6", "--sweep", "C=0.01,1", "--latency-samples", "2")
+    assert done.returncode == 0, done.stderr
+    tuned = json.loads((run / "tune.json").read_text())
+    assert sorted((p["param"]["C"], p["n_bits"]) for p in tuned["points"]) == [(0.01, 3), (0.01, 6), (1, 3), (1, 6)]
+    for value in ("0.01", "1"):
+        assert (run / "tune" / f"C={value}" / "model.npz").is_file()
+    chosen = tuned["recommended"]["param"]["C"]
+    assert (run / "tune" / f"C={chosen:g}" / "fhe" / "client.zip").is_file()
+    assert (run / "model.npz").read_bytes() == before  # the run's own model is never replaced
+    for sweep, message in (("max_iter=10,20", "--param max_iter applies to centralized"), ("C=x", "NAME=V1,V2")):
+        done = fedfhe("tune", "--run", str(run), "--sweep", sweep)
+        assert done.returncode == 2 and message in done.stderr

@@ -334,16 +334,27 @@ def tune(
     run: RunDir = Path("runs/latest"),
     n_bits: Annotated[str, typer.Option(help="Comma-separated n_bits values to try.")] = "2,3,4,5,6,7,8",
     latency_samples: Annotated[int, typer.Option(help="Test samples run in real FHE per point for latency.")] = 10,
+    sweep: Annotated[
+        str | None,
+        typer.Option(
+            help="Also retrain (federated, into RUN/tune/) with each value of one parameter, e.g. C=0.1,1,10."
+        ),
+    ] = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Sweep n_bits: accuracy (FHE simulation) vs server latency; compile the fastest accurate point."""
+    """Sweep n_bits (and --sweep): score in FHE simulation vs server latency; compile the fastest good point."""
+    import dataclasses
+
+    from sklearn.model_selection import ParameterGrid
+
     from fedfhe import tuning
     from fedfhe.data import load_dataset
     from fedfhe.fhe import check_n_bits
     from fedfhe.model import MODEL_FILE, LinearModel
+    from fedfhe.training import saved_config
 
     try:
-        grid = {"n_bits": sorted({int(v) for v in n_bits.split(",")})}
+        grid: dict[str, list[Any]] = {"n_bits": sorted({int(v) for v in n_bits.split(",")})}
     except ValueError:
         raise FedfheError(f"--n-bits must be comma-separated integers (got {n_bits!r})") from None
     check_n_bits(*grid["n_bits"])
@@ -351,31 +362,49 @@ def tune(
     split = load_dataset(model.metadata["dataset"], data_dir=data_dir, seed=model.metadata["training"]["seed"])
     if not 1 <= latency_samples <= len(split.y_test):
         raise FedfheError(f"--latency-samples must be between 1 and the {len(split.y_test)} test samples")
+    retrain = None
+    if sweep is not None:
+        name, _, values = sweep.partition("=")
+        try:
+            grid[name] = sorted({float(v) for v in values.split(",")})
+        except ValueError:
+            raise FedfheError(f"--sweep must look like NAME=V1,V2,... with numbers (got {sweep!r})") from None
+        _, config = saved_config(run)
+        for value in grid[name]:  # every setting is checked before any training starts
+            dataclasses.replace(config, params={**config.params, name: value}).check(len(split.y_train))
+        retrain = tuning.retrainer(run)
     _writable(run)
     with _progress() as progress:
-        bar = progress.add_task("tuning n_bits", total=len(grid["n_bits"]))
-        points = tuning.tune(model, split.X_test, split.y_test, grid, latency_samples, lambda p: progress.advance(bar))
+        bar = progress.add_task("tuning", total=len(ParameterGrid(grid)))
+        points = tuning.tune(
+            model, split.X_test, split.y_test, grid, latency_samples, lambda p: progress.advance(bar), retrain
+        )
     key = tuning.metric(model)
     chosen = tuning.recommend(points, key)
     tuning.write(run, points, chosen, key)
     table = Table(
         title=f"{model.kind} on {model.metadata['dataset']}: n_bits sweep (FHE simulation {key}, real FHE latency)"
     )
-    for column in ("n_bits", key, "server ms", "circuit bits", "output bytes"):
+    for column in ("point", key, "server ms", "circuit bits", "output bytes"):
         table.add_column(column, justify="right")
     for p in points:
         mark = " *" if p is chosen else ""
         table.add_row(
-            f"{p['n_bits']}{mark}",
+            f"{tuning.label(p)}{mark}",
             tuning.shown(p, key),
             f"{p['server_ms']:.1f}",
             str(p["max_bit_width"]),
             str(p["output_bytes"]),
         )
     Console().print(table)
-    _compile(model, run, chosen["n_bits"], None)
+    target = run
+    for name, value in chosen["param"].items():  # a retrained model wins: compile it where it lives
+        target = tuning.retrained_dir(run, name, value)
+        model = LinearModel.load(target / MODEL_FILE)
+    _compile(model, target, chosen["n_bits"], None)
     console.print(
-        f"recommended n_bits {chosen['n_bits']} (*), compiled; table in {run / 'tune.md'}, plot {run / 'pareto.png'}"
+        f"recommended {tuning.label(chosen)} (*), compiled in {target}; table in {run / 'tune.md'}, "
+        f"plot {run / 'pareto.png'}"
     )
 
 

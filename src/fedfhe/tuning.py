@@ -1,4 +1,4 @@
-"""Trade accuracy against FHE latency: sweep quantization bits, measure each point, pick one."""
+"""Trade accuracy against FHE latency: sweep quantization bits (and a regularisation strength), pick one."""
 
 from __future__ import annotations
 
@@ -49,26 +49,73 @@ def tune(
     model: LinearModel,
     X: np.ndarray,
     y: np.ndarray,
-    grid: dict[str, list[int]] = DEFAULT_GRID,
+    grid: dict[str, list[Any]] = DEFAULT_GRID,
     latency_samples: int = 5,
     on_point: Callable[[dict[str, Any]], None] | None = None,
+    retrain: Callable[[str, float], LinearModel] | None = None,
 ) -> list[dict[str, Any]]:
-    """Measure every point of the grid (scikit-learn's ParameterGrid) on the given labelled rows."""
+    """Measure every point of the grid (scikit-learn's ParameterGrid) on the given labelled rows.
+
+    Besides n_bits the grid may hold one estimator parameter (e.g. C); `retrain(name, value)` then
+    gives the model trained with that value, once per value.
+    """
     X = check_features(X, model.n_features, model.input_range, "tuning data")
     if not 1 <= latency_samples <= len(X):
         raise FedfheError(f"--latency-samples must be between 1 and the {len(X)} rows")
+    extra = [name for name in grid if name != "n_bits"]
+    if len(extra) > 1 or (extra and retrain is None):
+        raise FedfheError("a tuning grid holds n_bits and at most one retrained parameter")
+    trained: dict[float, LinearModel] = {}
     points = []
     for params in ParameterGrid(grid):
-        points.append(measure(model, int(params["n_bits"]), X, y, latency_samples))
+        current, retrained = model, {name: float(params[name]) for name in extra}
+        for name, value in retrained.items():
+            if value not in trained:
+                trained[value] = retrain(name, value)
+            current = trained[value]
+        points.append({**measure(current, int(params["n_bits"]), X, y, latency_samples), "param": retrained})
         if on_point is not None:
             on_point(points[-1])
     return points
+
+
+def retrainer(run_dir: Path, on_trained: Callable[[Path], None] | None = None) -> Callable[[str, float], LinearModel]:
+    """Train the run's federation again with one parameter changed, into run_dir/tune/NAME=VALUE.
+
+    The run's own model is never touched: every retrained model lives in its own directory.
+    """
+    from dataclasses import replace
+
+    from fedfhe.data import load_dataset
+    from fedfhe.training import saved_config, train
+
+    name_of_data, config = saved_config(run_dir)
+    data = load_dataset(name_of_data, seed=config.seed)
+
+    def retrain(name: str, value: float) -> LinearModel:
+        out = retrained_dir(run_dir, name, value)
+        model = train(data, replace(config, params={**config.params, name: value}), out)
+        if on_trained is not None:
+            on_trained(out)
+        return model
+
+    return retrain
+
+
+def retrained_dir(run_dir: Path, name: str, value: float) -> Path:
+    """Where `retrainer` puts the model trained with NAME=VALUE."""
+    return run_dir / "tune" / f"{name}={value:g}"
 
 
 def recommend(points: list[dict[str, Any]], key: str = "accuracy", tolerance: float = TOLERANCE) -> dict[str, Any]:
     """The fastest point whose score (accuracy or R2) is within `tolerance` of the best."""
     best = max(p[key] for p in points)
     return min((p for p in points if p[key] >= best - tolerance), key=lambda p: p["server_ms"])
+
+
+def label(point: dict[str, Any]) -> str:
+    """A point's settings: its n_bits, and the retrained parameter if any."""
+    return " ".join([f"{point['n_bits']} bits", *(f"{k}={v:g}" for k, v in point.get("param", {}).items())])
 
 
 def shown(point: dict[str, Any], key: str) -> str:
@@ -80,13 +127,13 @@ def write(run_dir: Path, points: list[dict[str, Any]], chosen: dict[str, Any], k
     """tune.json, tune.md and the score-latency plot (pareto.png)."""
     (run_dir / "tune.json").write_text(json.dumps({"points": points, "recommended": chosen}, indent=2))
     lines = [
-        f"| n_bits | {key} | server ms/sample | circuit bits | input bytes | output bytes |",
+        f"| point | {key} | server ms/sample | circuit bits | input bytes | output bytes |",
         "|---|---|---|---|---|---|",
     ]
     for p in points:
         mark = " **(recommended)**" if p is chosen else ""
         lines.append(
-            f"| {p['n_bits']}{mark} | {shown(p, key)} | {p['server_ms']:.1f} | {p['max_bit_width']} "
+            f"| {label(p)}{mark} | {shown(p, key)} | {p['server_ms']:.1f} | {p['max_bit_width']} "
             f"| {p['input_bytes']} | {p['output_bytes']} |"
         )
     (run_dir / "tune.md").write_text("\n".join(lines) + "\n")

@@ -59,18 +59,23 @@ def kind_of(name: str) -> Kind:
 def resolve_params(model: str, params: dict[str, Any]) -> dict[str, Any]:
     """Every parameter of the model's estimator: fedfhe's defaults, then the user's, validated by scikit-learn."""
     kind = kind_of(model)
-    valid = kind.estimator().get_params()
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise FedfheError(
-            f"unknown parameter {unknown[0]!r} for {kind.estimator.__name__}; valid: {', '.join(sorted(valid))}"
-        )
+    check_names(kind, params)
     estimator = kind.estimator(**{**kind.defaults, **params})
     try:
         estimator._validate_params()  # scikit-learn's own checks of types and ranges
     except ValueError as exc:
         raise FedfheError(f"--param: {exc}") from None
     return estimator.get_params()
+
+
+def check_names(kind: Kind, params: dict[str, Any]) -> None:
+    """Refuse parameter names the estimator does not have, listing the ones it has."""
+    valid = kind.estimator().get_params()
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise FedfheError(
+            f"unknown parameter {unknown[0]!r} for {kind.estimator.__name__}; valid: {', '.join(sorted(valid))}"
+        )
 
 
 def parse_params(pairs: list[str]) -> dict[str, Any]:
@@ -358,7 +363,7 @@ class TrainConfig:
         if not 0 < self.fraction <= 1:
             raise FedfheError(f"--fraction must be in (0, 1] (got {self.fraction})")
         kind = kind_of(self.model)
-        resolve_params(self.model, self.params)
+        check_names(kind, self.params)
         central_only = sorted(set(self.params) - set(kind.federated))
         if self.clients > 1 and central_only:
             honoured = ", ".join(kind.federated) or "none"
@@ -366,6 +371,7 @@ class TrainConfig:
                 f"--param {central_only[0]} applies to centralized training (--clients 1) only; "
                 f"federated {self.model} uses: {honoured}"
             )
+        resolve_params(self.model, self.params)
         if self.input_ranges not in INPUT_RANGES:
             raise FedfheError(f"unknown input ranges {self.input_ranges!r}; choose one of: {', '.join(INPUT_RANGES)}")
         if self.engine not in ("sklearn", "concrete"):
