@@ -400,3 +400,28 @@ def test_framing_round_trip_and_refusals():
     for body in (b"", struct.pack(">I", 0), encode_frames(frames)[:-1], encode_frames(frames) + b"\x00"):
         with pytest.raises(FedfheError):
             decode_frames(body, 3)
+
+
+def test_a_regressor_with_per_feature_ranges_is_served(tmp_path):
+    from fedfhe.data import load_dataset
+    from fedfhe.fhe import load_compiled
+    from fedfhe.model import LinearModel
+
+    run = tmp_path / "run"
+    args = ["run", "--dataset", "diabetes", "--model", "ridge", "--clients", "1", "--fhe-samples", "0"]
+    done = subprocess.run([*FEDFHE, *args, "--out", str(run)], check=False, capture_output=True, text=True, env=ENV)
+    assert done.returncode == 0, done.stderr
+    rows = load_dataset("diabetes", seed=0).X_test[:4]
+    expected = load_compiled(run, LinearModel.load(run / "model.npz")).predict(rows, fhe="simulate")
+    np.save(tmp_path / "rows.npy", rows)
+    with serving(run, tmp_path / "store", tmp_path / "server.log") as served:
+        assert httpx.get(f"{served.url}/v1/model").json()["kind"] == "ridge"
+        predict = ["predict", "--server", served.url, "--key-dir", str(tmp_path / "keys"), "--json"]
+        done = subprocess.run([*FEDFHE, *predict, str(tmp_path / "rows.npy")], capture_output=True, text=True, env=ENV)
+        assert done.returncode == 0, done.stderr
+        np.testing.assert_allclose([row["value"] for row in json.loads(done.stdout)], expected, rtol=1e-9)
+        too_high = rows[:1].copy()
+        too_high[0, 9] = 400.0  # glucose above the declared 150
+        np.save(tmp_path / "bad.npy", too_high)
+        done = subprocess.run([*FEDFHE, *predict, str(tmp_path / "bad.npy")], capture_output=True, text=True, env=ENV)
+        assert done.returncode == 2 and "column 9 has values in [400, 400]" in done.stderr

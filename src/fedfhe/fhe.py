@@ -103,11 +103,10 @@ def compile_model(model: LinearModel, n_bits: int = 8, calibration: np.ndarray |
 
 def _compile(model: LinearModel, n_bits: int, scaled_inputs: np.ndarray, calibration: str) -> CompiledModel:
     """Convert the model (on scaled features) to its Concrete ML class and compile on the given inputs."""
+    converter = concrete_class(model.kind)  # imported before the clock starts: compile time is compile time
     start = time.perf_counter()
     with quiet():
-        concrete = concrete_class(model.kind).from_sklearn_model(
-            model.to_scaled_sklearn(), X=scaled_inputs, n_bits=n_bits
-        )
+        concrete = converter.from_sklearn_model(model.to_scaled_sklearn(), X=scaled_inputs, n_bits=n_bits)
         concrete.compile(scaled_inputs)
     return CompiledModel(concrete, model, n_bits, scaled_inputs, calibration, time.perf_counter() - start)
 
