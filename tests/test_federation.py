@@ -124,3 +124,25 @@ def test_bad_federation_requests(tmp_path, digits):
         text=True,
     )
     assert done.returncode == 2 and "unknown data set 'nope'" in done.stderr
+
+
+def test_deployment_trains_a_regressor_on_ranges_the_owners_share(tmp_path):
+    from fedfhe.data import load_dataset
+
+    diabetes = load_dataset("diabetes", seed=0)
+    path = federation.up(
+        diabetes,
+        3,
+        tmp_path / "run",
+        rounds=1,
+        local_iters=5,
+        model="ridge",
+        params={"alpha": 0.1},
+        input_ranges="clients",
+    )
+    model = LinearModel.load(path)
+    assert model.kind == "ridge" and model.metadata["training"]["params"] == {"alpha": 0.1}
+    assert model.metadata["metrics"]["final"]["score"] > 0.2  # R2 after one round
+    low, high = model.input_range  # agreed over gRPC by query messages, tighter than the schema
+    assert (high < diabetes.input_range[1]).any() and (low <= diabetes.X_train.min(axis=0)).all()
+    assert orphans(tmp_path) == []

@@ -420,6 +420,9 @@ def federation_up(
     local_iters: LocalIters = 20,
     min_clients: MinClients = 1,
     round_timeout: RoundTimeout = 120.0,
+    model: Model = "logistic",
+    param: Param = [],  # noqa: B006 - typer reads the default, never mutates it
+    input_ranges: InputRanges = "schema",
     seed: Seed = 0,
     out: Out = Path("runs/federation"),
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication (not advised).")] = False,
@@ -427,19 +430,29 @@ def federation_up(
     """Start a SuperLink and N SuperNodes on loopback (TLS, node auth), train, stop them all."""
     from fedfhe import federation
     from fedfhe.data import load_dataset
-    from fedfhe.federated.task import TrainConfig
+    from fedfhe.federated.task import TrainConfig, parse_params
+    from fedfhe.training import problem_for
 
     data = load_dataset(dataset, seed=seed)
-    TrainConfig(clients=clients, rounds=rounds, local_iters=local_iters, seed=seed, min_clients=min_clients).check(
-        len(data.y_train)
+    config = TrainConfig(
+        clients=clients,
+        rounds=rounds,
+        local_iters=local_iters,
+        seed=seed,
+        min_clients=min_clients,
+        model=model,
+        params=parse_params(param),
+        input_ranges=input_ranges,
     )
+    config.check(len(data.y_train))
+    problem_for(data, config)
     if insecure:
         console.print("[yellow]warning:[/yellow] --insecure: traffic is not encrypted and any SuperNode may join")
     out = _writable(out)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so every started process is stopped
     with _progress() as progress:
         bar = progress.add_task(f"federation of {clients} SuperNodes", total=rounds)
-        model = federation.up(
+        path = federation.up(
             data,
             clients,
             out,
@@ -448,10 +461,13 @@ def federation_up(
             seed=seed,
             min_clients=min_clients,
             round_timeout=round_timeout,
+            model=model,
+            params=config.params,
+            input_ranges=input_ranges,
             insecure=insecure,
             on_round=lambda r: progress.update(bar, completed=r),
         )
-    console.print(f"trained on the Deployment Engine -> {model} (logs in {out / 'federation' / 'logs'})")
+    console.print(f"trained on the Deployment Engine -> {path} (logs in {out / 'federation' / 'logs'})")
 
 
 @federation_app.command("certs")

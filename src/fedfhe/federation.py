@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fedfhe.data import Dataset
 from fedfhe.errors import FedfheError
@@ -195,13 +196,17 @@ def up(
     seed: int = 0,
     min_clients: int = 1,
     round_timeout: float = 120.0,
+    model: str = "logistic",
+    params: dict[str, Any] | None = None,
+    input_ranges: str = "schema",
     insecure: bool = False,
     on_started: Callable[[Processes], None] | None = None,
     on_round: Callable[[int], None] | None = None,
 ) -> Path:
     """Run one training on a loopback federation; returns out/model.npz. Every process is stopped.
 
-    insecure=True drops TLS and node authentication: only for debugging.
+    model, params and input_ranges are as in TrainConfig. insecure=True drops TLS and node
+    authentication: only for debugging.
     """
     out = out.resolve()
     work = out / "federation"
@@ -237,7 +242,9 @@ def up(
             on_started(procs)
         run_config = (
             f"dataset='{dataset.name}' clients={clients} num-server-rounds={rounds} local-iters={local_iters} "
-            f"seed={seed} min-clients={min_clients} round-timeout={round_timeout} out-dir='{out}'"
+            f"seed={seed} min-clients={min_clients} round-timeout={round_timeout} out-dir='{out}' "
+            f"model='{model}' input-ranges='{input_ranges}' "
+            f"params='{' '.join(f'{k}={json.dumps(v)}' for k, v in (params or {}).items())}'"
         )
         run_id = flwr(env, "run", str(APP_DIR), CONNECTION, "--run-config", run_config, cwd=APP_DIR)["run-id"]
         status = _wait_for_run(env, run_id, rounds, out, on_round)

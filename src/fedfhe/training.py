@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import r2_score
 
 from fedfhe.data import Dataset
 from fedfhe.errors import FedfheError
@@ -103,8 +104,6 @@ def _quantized_score(problem: Problem, fitted: Any, X: np.ndarray, y: np.ndarray
     if not problem.kind.regression:
         return float(np.mean(pred == y))
     low, high = problem.target_range or (0.0, 1.0)
-    from sklearn.metrics import r2_score
-
     return float(r2_score(y, low + (high - low) * np.ravel(pred)))
 
 
