@@ -43,7 +43,7 @@ KINDS = {
     "logistic": Kind(LogisticRegression, False, ("C",), LBFGS, {"max_iter": 1000}),
     "svm": Kind(LinearSVC, False, ("C",), LBFGS, {"max_iter": 10_000}),
     "linear": Kind(LinearRegression, True, (), LBFGS),
-    "ridge": Kind(Ridge, True, ("alpha",), LBFGS, {"alpha": 0.1}),
+    "ridge": Kind(Ridge, True, ("alpha",), LBFGS),
     "lasso": Kind(Lasso, True, ("alpha",), WARM_CD, {"alpha": 1e-4, "max_iter": 10_000}),
     "elasticnet": Kind(ElasticNet, True, ("alpha", "l1_ratio"), WARM_CD, {"alpha": 1e-4, "max_iter": 10_000}),
 }
