@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.simulation import run_simulation
+from threadpoolctl import threadpool_limits
 
 from fedfhe.federated import task
 from fedfhe.federated.client_app import build_client_app
@@ -41,7 +42,10 @@ def simulate(config: task.TrainConfig, server_main: ServerMain, partition_dir: P
     level = flwr_logger.level
     flwr_logger.setLevel(logging.INFO if verbose else logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        # One BLAS thread in this process (the server's evaluation is small; clients are Ray processes):
+        # OpenBLAS 0.3.23's thread pool was seen spinning forever in the server thread's first matmul
+        # when several simulations ran in one process (benchmarks, `tune --sweep`).
+        with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
             warnings.simplefilter("ignore")
             run_simulation(
                 server_app=build_server_app(server_main),
