@@ -54,10 +54,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        simulated = train(data, TrainConfig(clients=CLIENTS, rounds=ROUNDS, local_iters=ITERS), Path(tmp) / "sim")
+        config = TrainConfig(clients=CLIENTS, rounds=ROUNDS, local_iters=ITERS)
+        simulated = train(data, config, Path(tmp) / "sim")
         simulation_s = time.perf_counter() - start
         start = time.perf_counter()
-        path = federation.up(data, CLIENTS, Path(tmp) / "dep", rounds=ROUNDS, local_iters=ITERS, on_started=sample)
+        path = federation.up(data, config, Path(tmp) / "dep", on_started=sample)
         deployment_s = time.perf_counter() - start
         stop.set()
         deployed = LinearModel.load(path)

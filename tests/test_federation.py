@@ -32,8 +32,9 @@ def orphans(folder: Path) -> list[str]:
 
 
 def test_deployment_with_tls_and_auth_gives_the_simulation_model(tmp_path, digits):
-    path = federation.up(digits, 3, tmp_path / "deployed", rounds=2, local_iters=10)
-    simulated = train(digits, TrainConfig(clients=3, rounds=2, local_iters=10), tmp_path / "simulated")
+    config = TrainConfig(clients=3, rounds=2, local_iters=10)
+    path = federation.up(digits, config, tmp_path / "deployed")
+    simulated = train(digits, config, tmp_path / "simulated")
     deployed = LinearModel.load(path)
     # Same files, same config, replies summed in content order: the same model. Not asserted bit for
     # bit: a ClientApp process may use more BLAS threads than a Ray actor, which reorders float sums.
@@ -60,9 +61,8 @@ def kill_after_round_one(out: Path):
 
 def test_killed_supernode_run_completes_with_the_others(tmp_path, digits):
     out = tmp_path / "run"
-    federation.up(
-        digits, 3, out, rounds=2, local_iters=10, min_clients=2, round_timeout=20, on_started=kill_after_round_one(out)
-    )
+    config = TrainConfig(clients=3, rounds=2, local_iters=10, min_clients=2, round_timeout=20)
+    federation.up(digits, config, out, on_started=kill_after_round_one(out))
     metrics = LinearModel.load(out / "model.npz").metadata["metrics"]
     assert metrics["final"]["score"] > 0.85
     failures = json.loads((out / "metrics.json").read_text())["failures"]
@@ -73,16 +73,8 @@ def test_killed_supernode_run_completes_with_the_others(tmp_path, digits):
 def test_killed_supernode_below_the_minimum_ends_with_a_clear_message(tmp_path, digits):
     out = tmp_path / "run"
     with pytest.raises(FedfheError, match=r"ended finished:failed: .*only 2 of 3 clients"):
-        federation.up(
-            digits,
-            3,
-            out,
-            rounds=2,
-            local_iters=10,
-            min_clients=3,
-            round_timeout=20,
-            on_started=kill_after_round_one(out),
-        )
+        config = TrainConfig(clients=3, rounds=2, local_iters=10, min_clients=3, round_timeout=20)
+        federation.up(digits, config, out, on_started=kill_after_round_one(out))
     assert orphans(tmp_path) == []
 
 
@@ -130,16 +122,10 @@ def test_deployment_trains_a_regressor_on_ranges_the_owners_share(tmp_path):
     from fedfhe.data import load_dataset
 
     diabetes = load_dataset("diabetes", seed=0)
-    path = federation.up(
-        diabetes,
-        3,
-        tmp_path / "run",
-        rounds=1,
-        local_iters=5,
-        model="ridge",
-        params={"alpha": 0.1},
-        input_ranges="clients",
+    config = TrainConfig(
+        clients=3, rounds=1, local_iters=5, model="ridge", params={"alpha": 0.1}, input_ranges="clients"
     )
+    path = federation.up(diabetes, config, tmp_path / "run")
     model = LinearModel.load(path)
     assert model.kind == "ridge" and model.metadata["training"]["params"] == {"alpha": 0.1}
     assert model.metadata["metrics"]["final"]["score"] > 0.2  # R2 after one round

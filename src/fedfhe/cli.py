@@ -349,6 +349,7 @@ def tune(
 
     from fedfhe import tuning
     from fedfhe.data import load_dataset
+    from fedfhe.federated.task import score_names
     from fedfhe.fhe import check_n_bits
     from fedfhe.model import MODEL_FILE, LinearModel
     from fedfhe.training import saved_config
@@ -379,7 +380,7 @@ def tune(
         points = tuning.tune(
             model, split.X_test, split.y_test, grid, latency_samples, lambda p: progress.advance(bar), retrain
         )
-    key = tuning.metric(model)
+    key = score_names(model.kind)[0]  # accuracy, or r2 for a regressor
     chosen = tuning.recommend(points, key)
     tuning.write(run, points, chosen, key)
     table = Table(
@@ -440,6 +441,7 @@ def federation_up(
         local_iters=local_iters,
         seed=seed,
         min_clients=min_clients,
+        round_timeout=round_timeout,
         model=model,
         params=parse_params(param),
         input_ranges=input_ranges,
@@ -452,21 +454,7 @@ def federation_up(
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so every started process is stopped
     with _progress() as progress:
         bar = progress.add_task(f"federation of {clients} SuperNodes", total=rounds)
-        path = federation.up(
-            data,
-            clients,
-            out,
-            rounds=rounds,
-            local_iters=local_iters,
-            seed=seed,
-            min_clients=min_clients,
-            round_timeout=round_timeout,
-            model=model,
-            params=config.params,
-            input_ranges=input_ranges,
-            insecure=insecure,
-            on_round=lambda r: progress.update(bar, completed=r),
-        )
+        path = federation.up(data, config, out, insecure=insecure, on_round=lambda r: progress.update(bar, completed=r))
     console.print(f"trained on the Deployment Engine -> {path} (logs in {out / 'federation' / 'logs'})")
 
 

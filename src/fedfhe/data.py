@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from fedfhe.errors import FedfheError
 
@@ -89,10 +88,8 @@ def load_dataset(
 
         X, y = load_diabetes(return_X_y=True, scaled=False)
         target = json.loads((SCHEMAS / "diabetes.json").read_text())["target"]
-        X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, random_state=seed)
-        return _dataset(
-            name, X_train, y_train, X_test, y_test, schema_range(name, X.shape[1]), (target["low"], target["high"])
-        )
+        ranges = schema_range(name, X.shape[1])
+        return _split(name, X, y, ranges, seed, test_size, (target["low"], target["high"]))
     raise FedfheError(f"unknown data set {name!r}; choose one of: {', '.join(DATASETS)}")
 
 
@@ -113,11 +110,20 @@ def as_range(input_range: tuple[float, float] | Range, n_features: int) -> Range
 
 
 def _split(
-    name: str, X: np.ndarray, y: np.ndarray, input_range: tuple[float, float] | Range, seed: int, test_size: float
+    name: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    input_range: tuple[float, float] | Range,
+    seed: int,
+    test_size: float,
+    target_range: tuple[float, float] | None = None,
 ) -> Dataset:
-    """Stratified train/test split, reproducible from the seed."""
-    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, stratify=y, random_state=seed)
-    return _dataset(name, X_train, y_train, X_test, y_test, input_range)
+    """Train/test split reproducible from the seed, stratified by class (regression targets have none)."""
+    from sklearn.model_selection import train_test_split  # not at import: fedfhe.model and the client need none
+
+    stratify = y if target_range is None else None
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, stratify=stratify, random_state=seed)
+    return _dataset(name, X_train, y_train, X_test, y_test, input_range, target_range)
 
 
 def _dataset(

@@ -19,11 +19,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fedfhe.data import Dataset
 from fedfhe.errors import FedfheError
 from fedfhe.partition import partition, save_partitions
+
+if TYPE_CHECKING:  # importing the training config would pull SciPy and scikit-learn into every `federation` use
+    from fedfhe.federated.task import TrainConfig
 
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr live beside python
 APP_DIR = Path(__file__).resolve().parents[2]  # the source tree whose pyproject declares the Flower App
@@ -110,11 +113,12 @@ def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
     return private, public
 
 
-def write_owner_files(dataset: Dataset, owners: int, folder: Path, scheme: str = "iid", seed: int = 0) -> list[Path]:
+def write_owner_files(
+    dataset: Dataset, owners: int, folder: Path, scheme: str = "iid", seed: int = 0, alpha: float = 0.5
+) -> list[Path]:
     """One training file per data owner from a bundled data set, for trying a federation on one machine."""
-    return save_partitions(
-        dataset.X_train, dataset.y_train, partition(dataset.y_train, owners, scheme, seed=seed), folder
-    )
+    parts = partition(dataset.y_train, owners, scheme, alpha, seed)
+    return save_partitions(dataset.X_train, dataset.y_train, parts, folder)
 
 
 CONNECTION = "fedfhe"
@@ -188,26 +192,20 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
 
 def up(
     dataset: Dataset,
-    clients: int,
+    config: TrainConfig,
     out: Path,
     *,
-    rounds: int = 5,
-    local_iters: int = 20,
-    seed: int = 0,
-    min_clients: int = 1,
-    round_timeout: float = 120.0,
-    model: str = "logistic",
-    params: dict[str, Any] | None = None,
-    input_ranges: str = "schema",
     insecure: bool = False,
     on_started: Callable[[Processes], None] | None = None,
     on_round: Callable[[int], None] | None = None,
 ) -> Path:
     """Run one training on a loopback federation; returns out/model.npz. Every process is stopped.
 
-    model, params and input_ranges are as in TrainConfig. insecure=True drops TLS and node
-    authentication: only for debugging.
+    The config is the one `train` takes; SecAgg+ and DP run on the simulation engine only.
+    insecure=True drops TLS and node authentication: only for debugging.
     """
+    if config.secagg or config.dp:
+        raise FedfheError("--secagg and --dp run on the simulation engine only (fedfhe train), not on federation up")
     out = out.resolve()
     work = out / "federation"
     for folder in ("flwr-home", "logs", "data", "keys"):
@@ -220,7 +218,7 @@ def up(
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
     }
-    files = write_owner_files(dataset, clients, work / "data", seed=seed)
+    files = write_owner_files(dataset, config.clients, work / "data", config.partitioning, config.seed, config.alpha)
     connection = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n'
     certs = None if insecure else make_certificates(work / "certs")
     if certs is None:
@@ -236,22 +234,28 @@ def up(
             if certs is not None:
                 private, public = make_node_key(work / "keys", f"node-{i}")
                 flwr(env, "supernode", "register", str(public), CONNECTION)
-            node_config = f"data-file='{data_file}' partition-id={i} num-partitions={clients}"
+            node_config = f"data-file='{data_file}' partition-id={i} num-partitions={config.clients}"
             procs.start(f"supernode-{i}", supernode_command(port, certs, private, node_config), cwd=work / f"node-{i}")
         if on_started is not None:
             on_started(procs)
-        run_config = (
-            f"dataset='{dataset.name}' clients={clients} num-server-rounds={rounds} local-iters={local_iters} "
-            f"seed={seed} min-clients={min_clients} round-timeout={round_timeout} out-dir='{out}' "
-            f"model='{model}' input-ranges='{input_ranges}' "
-            f"params='{' '.join(f'{k}={json.dumps(v)}' for k, v in (params or {}).items())}'"
-        )
-        run_id = flwr(env, "run", str(APP_DIR), CONNECTION, "--run-config", run_config, cwd=APP_DIR)["run-id"]
-        status = _wait_for_run(env, run_id, rounds, out, on_round)
+        settings = run_config(dataset.name, config, out)
+        run_id = flwr(env, "run", str(APP_DIR), CONNECTION, "--run-config", settings, cwd=APP_DIR)["run-id"]
+        status = _wait_for_run(env, run_id, config.rounds, out, on_round)
         if status["status"] != "finished:completed":
             reason = (status.get("status-details") or status["status"]).splitlines()[-1]
             raise FedfheError(f"federated run {run_id} ended {status['status']}: {reason}")
     return out / "model.npz"
+
+
+def run_config(dataset: str, config: TrainConfig, out: Path) -> str:
+    """The `flwr run --run-config` value the ServerApp reads back into the same TrainConfig."""
+    params = " ".join(f"{k}={json.dumps(v)}" for k, v in config.params.items())
+    return (
+        f"dataset='{dataset}' clients={config.clients} num-server-rounds={config.rounds} "
+        f"local-iters={config.local_iters} fraction={config.fraction} seed={config.seed} model='{config.model}' "
+        f"params='{params}' strategy='{config.strategy}' min-clients={config.min_clients} "
+        f"round-timeout={config.round_timeout} input-ranges='{config.input_ranges}' out-dir='{out}'"
+    )
 
 
 def superlink_command(port: int, certs: Path | None, database: Path) -> list[str]:

@@ -22,11 +22,11 @@ def build(compiled: CompiledModel, evaluation: dict[str, Any], fhe_samples: int)
     meta = compiled.source.metadata
     training = meta.get("training", {})
     metrics = meta.get("metrics", {})
-    # training scored the float model: accuracy or R2 first, then (for regressors) MSE as the loss
+    # training scored the float model by accuracy (or R2: "score") and, for regressors, MSE ("loss")
     trained = {"centralized": metrics.get("centralized", {}), "federated": metrics.get("final", {})}
+    groups = {"accuracy": "score"} if "accuracy" in evaluation else {"r2": "score", "mse": "loss"}
     scores = {}
-    for i, name in enumerate(("accuracy",) if "accuracy" in evaluation else ("r2", "mse")):
-        key = "score" if i == 0 else "loss"
+    for name, key in groups.items():
         scores[name] = {
             **{stage: values.get(key) for stage, values in trained.items()},
             **{k: v for k, v in evaluation[name].items() if k != "sklearn"},

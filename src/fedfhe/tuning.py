@@ -9,34 +9,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import r2_score
 from sklearn.model_selection import ParameterGrid
 
 from fedfhe import fhe
 from fedfhe.data import check_features
 from fedfhe.errors import FedfheError
+from fedfhe.federated import task
 from fedfhe.model import LinearModel
 
 DEFAULT_GRID = {"n_bits": [2, 3, 4, 5, 6, 7, 8]}
 TOLERANCE = 0.005  # "within half a point of the best accuracy"
 
 
-def metric(model: LinearModel) -> str:
-    """What a point is scored by: accuracy for classifiers, R2 for regressors."""
-    return "r2" if model.is_regression else "accuracy"
-
-
 def measure(model: LinearModel, n_bits: int, X: np.ndarray, y: np.ndarray, latency_samples: int) -> dict[str, Any]:
     """One grid point: simulated accuracy (or R2) on all rows, real FHE latency and sizes on a few."""
     compiled = fhe.compile_model(model, n_bits)
     predicted = compiled.predict(X, fhe="simulate")
-    score = float(r2_score(y, predicted)) if model.is_regression else float(np.mean(predicted == y))
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = fhe.export(compiled, Path(tmp))
         _, timings = fhe.execute(artifacts, model, X[:latency_samples])
     return {
         "n_bits": n_bits,
-        metric(model): score,
+        task.score_names(model.kind)[0]: task.score(model.is_regression, y, predicted),
         "max_bit_width": compiled.max_bit_width,
         "server_ms": 1000 * timings["server_run_per_sample"],
         "encrypt_ms": 1000 * timings["encrypt_per_sample"],

@@ -131,6 +131,13 @@ class Problem:
         low, high = self.target_range
         return (y - low) / (high - low)
 
+    def unscale_target(self, predicted: np.ndarray) -> np.ndarray:
+        """Predictions made on [0, 1]-scaled targets, back in target units (classes unchanged)."""
+        if self.target_range is None:
+            return predicted
+        low, high = self.target_range
+        return low + (high - low) * np.ravel(predicted)
+
     def unscale(self, params: Params) -> Params:
         """Fold both scalings into the weights so the exported model takes raw features, returns raw targets."""
         low, high = self.input_range
@@ -276,16 +283,18 @@ def evaluate(problem: Problem, params: Params, X: np.ndarray, y: np.ndarray) -> 
     """Score and loss on (X scaled, y raw): accuracy and log-loss or hinge, or R2 and MSE in target units."""
     fitted = estimator(problem.model, params, problem.classes)
     if problem.kind.regression:
-        low, high = problem.target_range or (0.0, 1.0)
-        pred = low + (high - low) * fitted.predict(X)
-        return float(r2_score(y, pred)), float(mean_squared_error(y, pred))
+        pred = problem.unscale_target(fitted.predict(X))
+        return score(True, y, pred), float(mean_squared_error(y, pred))
     if problem.model == "svm":
         decision = fitted.decision_function(X)
-        labels = problem.classes
-        return float(np.mean(fitted.predict(X) == y)), float(hinge_loss(y, decision, labels=labels))
+        return score(False, y, fitted.predict(X)), float(hinge_loss(y, decision, labels=problem.classes))
     proba = fitted.predict_proba(X)
-    accuracy = float(np.mean(fitted.classes_[proba.argmax(axis=1)] == y))
-    return accuracy, float(log_loss(y, proba, labels=problem.classes))
+    return score(False, y, fitted.classes_[proba.argmax(axis=1)]), float(log_loss(y, proba, labels=problem.classes))
+
+
+def score(regression: bool, y: np.ndarray, predicted: np.ndarray) -> float:
+    """Accuracy of predicted classes, or R2 of predicted values (the first of score_names)."""
+    return float(r2_score(y, predicted)) if regression else float(np.mean(predicted == y))
 
 
 def score_names(model: str) -> tuple[str, str]:
