@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from fedfhe import federation
+from fedfhe import TrainConfig, train
 from fedfhe.data import load_dataset
-from fedfhe.federated.task import TrainConfig
+from fedfhe.federated import deployment
 from fedfhe.model import LinearModel
-from fedfhe.training import train
 
 HERE = Path(__file__).resolve().parent
 CLIENTS, ROUNDS, ITERS = 10, 5, 20
@@ -42,7 +41,7 @@ def main() -> None:
     peaks: dict[str, int] = {}
     stop = threading.Event()
 
-    def sample(procs: federation.Processes) -> None:
+    def sample(procs: deployment.Processes) -> None:
         def loop() -> None:
             while not stop.is_set():
                 for name, proc in list(procs.procs.items()):
@@ -58,7 +57,7 @@ def main() -> None:
         simulated = train(data, config, Path(tmp) / "sim")
         simulation_s = time.perf_counter() - start
         start = time.perf_counter()
-        path = federation.up(data, config, Path(tmp) / "dep", on_started=sample)
+        path = deployment.up(data, config, Path(tmp) / "dep", on_started=sample)
         deployment_s = time.perf_counter() - start
         stop.set()
         deployed = LinearModel.load(path)

@@ -14,10 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedfhe import fhe
+from fedfhe import TrainConfig, fhe, train
 from fedfhe.data import load_dataset
-from fedfhe.federated.task import TrainConfig
-from fedfhe.training import train
 
 HERE = Path(__file__).resolve().parent
 BASE = TrainConfig(clients=10, rounds=5, local_iters=20, seed=0)

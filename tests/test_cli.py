@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-FEDFHE = [sys.executable, "-m", "fedfhe"]
-
-
-def fedfhe(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
-    return subprocess.run([*FEDFHE, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+from conftest import fedfhe
 
 
 @pytest.fixture(scope="module")

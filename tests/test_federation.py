@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from conftest import ENV, fedfhe
 
-from fedfhe import federation
+from fedfhe import TrainConfig, train
 from fedfhe.errors import FedfheError
-from fedfhe.federated.task import TrainConfig
+from fedfhe.federated import certificates, deployment
 from fedfhe.model import LinearModel
-from fedfhe.training import train
 
 
 def orphans(folder: Path) -> list[str]:
@@ -33,7 +35,7 @@ def orphans(folder: Path) -> list[str]:
 
 def test_deployment_with_tls_and_auth_gives_the_simulation_model(tmp_path, digits):
     config = TrainConfig(clients=3, rounds=2, local_iters=10)
-    path = federation.up(digits, config, tmp_path / "deployed")
+    path = deployment.up(digits, config, tmp_path / "deployed")
     simulated = train(digits, config, tmp_path / "simulated")
     deployed = LinearModel.load(path)
     # Same files, same config, replies summed in content order: the same model. Not asserted bit for
@@ -47,7 +49,7 @@ def test_deployment_with_tls_and_auth_gives_the_simulation_model(tmp_path, digit
 def kill_after_round_one(out: Path):
     """on_started hook: SIGKILL SuperNode 2 once round 1's checkpoint exists."""
 
-    def hook(procs: federation.Processes) -> None:
+    def hook(procs: deployment.Processes) -> None:
         def killer() -> None:
             deadline = time.monotonic() + 120
             while not (out / "checkpoints" / "round-0001.npz").exists() and time.monotonic() < deadline:
@@ -62,7 +64,7 @@ def kill_after_round_one(out: Path):
 def test_killed_supernode_run_completes_with_the_others(tmp_path, digits):
     out = tmp_path / "run"
     config = TrainConfig(clients=3, rounds=2, local_iters=10, min_clients=2, round_timeout=20)
-    federation.up(digits, config, out, on_started=kill_after_round_one(out))
+    deployment.up(digits, config, out, on_started=kill_after_round_one(out))
     metrics = LinearModel.load(out / "model.npz").metadata["metrics"]
     assert metrics["final"]["score"] > 0.85
     failures = json.loads((out / "metrics.json").read_text())["failures"]
@@ -74,30 +76,30 @@ def test_killed_supernode_below_the_minimum_ends_with_a_clear_message(tmp_path, 
     out = tmp_path / "run"
     with pytest.raises(FedfheError, match=r"ended finished:failed: .*only 2 of 3 clients"):
         config = TrainConfig(clients=3, rounds=2, local_iters=10, min_clients=3, round_timeout=20)
-        federation.up(digits, config, out, on_started=kill_after_round_one(out))
+        deployment.up(digits, config, out, on_started=kill_after_round_one(out))
     assert orphans(tmp_path) == []
 
 
 def test_unregistered_or_untrusting_supernodes_are_refused(tmp_path):
-    certs = federation.make_certificates(tmp_path / "certs")
-    other = federation.make_certificates(tmp_path / "other-ca")
-    port = federation.free_port()
+    certs = certificates.make_certificates(tmp_path / "certs")
+    other = certificates.make_certificates(tmp_path / "other-ca")
+    port = deployment.free_port()
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "home"), "FLWR_TELEMETRY_ENABLED": "0"}
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "{federation.CONNECTION}"\n\n[superlink.{federation.CONNECTION}]\n'
+        f'[superlink]\ndefault = "{deployment.CONNECTION}"\n\n[superlink.{deployment.CONNECTION}]\n'
         f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n'
     )
-    env["PATH"] = f"{federation.BIN}{os.pathsep}{env['PATH']}"
-    registered, public = federation.make_node_key(tmp_path / "keys", "registered")
-    stranger, _ = federation.make_node_key(tmp_path / "keys", "stranger")
-    with federation.Processes(env, tmp_path) as procs:
-        procs.start("superlink", federation.superlink_command(port, certs, tmp_path / "db"), cwd=tmp_path)
-        federation.wait_until(lambda: federation._listening(port), 60, "the SuperLink")
-        federation.flwr(env, "supernode", "register", str(public), federation.CONNECTION)
+    env["PATH"] = f"{deployment.BIN}{os.pathsep}{env['PATH']}"
+    registered, public = certificates.make_node_key(tmp_path / "keys", "registered")
+    stranger, _ = certificates.make_node_key(tmp_path / "keys", "stranger")
+    with deployment.Processes(env, tmp_path) as procs:
+        procs.start("superlink", deployment.superlink_command(port, certs, tmp_path / "db"), cwd=tmp_path)
+        deployment.wait_until(lambda: deployment._listening(port), 60, "the SuperLink")
+        deployment.flwr(env, "supernode", "register", str(public), deployment.CONNECTION)
         cases = {
-            "stranger": (federation.supernode_command(port, certs, stranger, "x=1"), "Failed to activate SuperNode"),
-            "no-ca": (federation.supernode_command(port, other, registered, "x=1"), "CERTIFICATE_VERIFY_FAILED"),
+            "stranger": (deployment.supernode_command(port, certs, stranger, "x=1"), "Failed to activate SuperNode"),
+            "no-ca": (deployment.supernode_command(port, other, registered, "x=1"), "CERTIFICATE_VERIFY_FAILED"),
         }
         for name, (command, message) in cases.items():
             node = procs.start(name, command, cwd=tmp_path / name)
@@ -109,13 +111,14 @@ def test_unregistered_or_untrusting_supernodes_are_refused(tmp_path):
 
 def test_bad_federation_requests(tmp_path, digits):
     with pytest.raises(FedfheError, match="--clients 5000 is more than"):
-        TrainConfig(clients=5000).check(len(digits.y_train))
-    done = subprocess.run(
-        [str(federation.BIN / "fedfhe"), "federation", "up", "--dataset", "nope", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-    )
+        deployment.up(digits, TrainConfig(clients=5000), tmp_path / "many")
+    with pytest.raises(FedfheError, match="--secagg and --dp run on the simulation engine only"):
+        deployment.up(digits, TrainConfig(clients=3, secagg=True), tmp_path / "secagg")
+    done = fedfhe("federation", "up", "--dataset", "nope", "--out", str(tmp_path))
     assert done.returncode == 2 and "unknown data set 'nope'" in done.stderr
+    done = fedfhe("federation", "up", "--dataset", "digits", "--strategy", "fedsgd", "--out", str(tmp_path))
+    assert done.returncode == 2 and "unknown strategy 'fedsgd'" in done.stderr
+    assert not (tmp_path / "many").exists() and orphans(tmp_path) == []
 
 
 def test_deployment_trains_a_regressor_on_ranges_the_owners_share(tmp_path):
@@ -125,10 +128,57 @@ def test_deployment_trains_a_regressor_on_ranges_the_owners_share(tmp_path):
     config = TrainConfig(
         clients=3, rounds=1, local_iters=5, model="ridge", params={"alpha": 0.1}, input_ranges="clients"
     )
-    path = federation.up(diabetes, config, tmp_path / "run")
+    path = deployment.up(diabetes, config, tmp_path / "run")
     model = LinearModel.load(path)
-    assert model.kind == "ridge" and model.metadata["training"]["params"] == {"alpha": 0.1}
+    assert model.kind.name == "ridge" and model.metadata["training"]["params"] == {"alpha": 0.1}
     assert model.metadata["metrics"]["final"]["score"] > 0.2  # R2 after one round
     low, high = model.input_range  # agreed over gRPC by query messages, tighter than the schema
     assert (high < diabetes.input_range[1]).any() and (low <= diabetes.X_train.min(axis=0)).all()
+    assert orphans(tmp_path) == []
+
+
+def test_an_installed_wheel_trains_on_the_deployment_engine_from_outside_the_checkout(tmp_path):
+    root, source = Path(__file__).resolve().parents[1], tmp_path / "source"  # built from a copy: no build/ here
+    shutil.copytree(root / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(tmp_path / "wheel"), str(source)], check=True, timeout=300)
+    (wheel,) = (tmp_path / "wheel").glob("fedfhe-*.whl")
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, timeout=300)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**ENV, "PYTHONPATH": str(site)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import fedfhe; print(fedfhe.__file__)"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert Path(where.stdout.strip()).is_relative_to(site)  # the wheel's copy, not the checkout's
+    args = [
+        "-m",
+        "fedfhe",
+        "federation",
+        "up",
+        "--dataset",
+        "digits",
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        "--out",
+        "run",
+    ]
+    done = subprocess.run(
+        [sys.executable, *args], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = LinearModel.load(elsewhere / "run" / "model.npz")
+    assert model.metadata["training"]["clients"] == 2 and model.metadata["metrics"]["final"]["score"] > 0.8
+    app = elsewhere / "run" / "federation" / "app"
+    assert [p.name for p in app.iterdir()] == ["pyproject.toml"]  # no source: the SuperExec imports the wheel
     assert orphans(tmp_path) == []

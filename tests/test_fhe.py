@@ -10,6 +10,7 @@ import pytest
 from fedfhe import fhe
 from fedfhe.errors import FedfheError
 from fedfhe.model import LinearModel
+from fedfhe.rundir import FHE_DIR
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_bound_inputs_enclose_every_output_over_the_input_box():
 
 
 def test_fhe_agrees_with_the_clear_quantized_model(compiled, federated_run, digits):
-    result = fhe.evaluate(compiled, digits.X_test, digits.y_test, 3, federated_run / fhe.FHE_DIR)
+    result = fhe.evaluate(compiled, digits.X_test, digits.y_test, 3, federated_run / FHE_DIR)
     agreement = result["agreement"]
     assert agreement["execute_vs_simulate"] == 1.0 and agreement["fhe_vs_clear"] == 1.0
     assert agreement["fhe_vs_sklearn"] > 0.95

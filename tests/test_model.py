@@ -7,9 +7,12 @@ import pickle
 import numpy as np
 import pytest
 
+from fedfhe import objective
+from fedfhe.config import TrainConfig, parse_params
 from fedfhe.errors import FedfheError
-from fedfhe.federated import task
+from fedfhe.kinds import KINDS, kind_of
 from fedfhe.model import LinearModel
+from fedfhe.problem import Problem
 
 
 @pytest.fixture
@@ -23,7 +26,7 @@ def test_round_trip_keeps_weights_metadata_and_hash(tmp_path, model):
     model.save(tmp_path / "m.npz")
     loaded = LinearModel.load(tmp_path / "m.npz")
     assert np.array_equal(loaded.coef, model.coef) and loaded.metadata == {"dataset": "x"}
-    assert loaded.sha256 == model.sha256 and loaded.kind == "logistic"
+    assert loaded.sha256 == model.sha256 and loaded.kind.name == "logistic"
     assert all(np.array_equal(a, b) for a, b in zip(loaded.input_range, model.input_range))
 
 
@@ -63,7 +66,7 @@ def test_unscaled_weights_on_raw_inputs_equal_scaled_weights_on_scaled_inputs():
     coef, intercept = rng.normal(size=(1, 6)), rng.normal(size=1)
     low, high = rng.uniform(-5, 0, size=6), rng.uniform(1, 300, size=6)
     X = rng.uniform(low, high, size=(20, 6))
-    problem = task.Problem("ridge", np.array([]), (low, high), (25.0, 346.0))
+    problem = Problem(KINDS["ridge"], np.array([]), (low, high), (25.0, 346.0))
     raw_coef, raw_intercept = problem.unscale([coef, intercept])
     scaled_prediction = problem.scale(X) @ coef.T + intercept
     assert np.allclose(X @ raw_coef.T + raw_intercept, 25.0 + 321.0 * scaled_prediction)
@@ -75,27 +78,29 @@ def test_unscaled_weights_on_raw_inputs_equal_scaled_weights_on_scaled_inputs():
 def test_fit_keeps_rows_for_classes_a_client_lacks(name):
     rng = np.random.default_rng(0)
     X, y = rng.uniform(0, 1, size=(30, 5)), rng.integers(0, 2, size=30)
-    problem = task.Problem(name, np.arange(4), (np.zeros(5), np.ones(5)))
-    params = task.fit(problem, problem.initial_params(), X, y, {"C": 1.0}, iterations=20)
+    problem = Problem(KINDS[name], np.arange(4), (np.zeros(5), np.ones(5)))
+    params = objective.fit(problem, problem.initial_params(), X, y, {"C": 1.0}, iterations=20)
     assert params[0].shape == (4, 5) and params[1].shape == (4,)
-    assert set(task.estimator(name, params, problem.classes).predict(X)) <= {0, 1}
+    assert set(KINDS[name].fitted(params, problem.classes).predict(X)) <= {0, 1}
 
 
 def test_params_are_checked_against_the_estimator():
-    assert task.resolve_params("svm", {"C": 0.5})["C"] == 0.5
-    assert task.parse_params(["C=0.5", "penalty=l1", "fit_intercept=false", "tol=None"]) == {
+    assert KINDS["svm"].resolve({"C": 0.5})["C"] == 0.5
+    assert parse_params(["C=0.5", "penalty=l1", "fit_intercept=false", "tol=None"]) == {
         "C": 0.5,
         "penalty": "l1",
         "fit_intercept": False,
         "tol": None,
     }
     with pytest.raises(FedfheError, match="unknown parameter 'gamma' for Ridge; valid: alpha, copy_X"):
-        task.resolve_params("ridge", {"gamma": 1})
+        KINDS["ridge"].resolve({"gamma": 1})
     with pytest.raises(FedfheError, match="--param: The 'C' parameter of LogisticRegression must be"):
-        task.resolve_params("logistic", {"C": -1})
+        KINDS["logistic"].resolve({"C": -1})
+    with pytest.raises(FedfheError, match="--param: Solver lbfgs supports only 'l2' or None penalties"):
+        KINDS["logistic"].resolve({"penalty": "l1"})  # a combination scikit-learn refuses, found before training
     with pytest.raises(FedfheError, match="NAME=VALUE"):
-        task.parse_params(["C"])
+        parse_params(["C"])
     with pytest.raises(FedfheError, match="unknown model 'forest'"):
-        task.resolve_params("forest", {})
+        kind_of("forest")
     with pytest.raises(FedfheError, match="--param penalty applies to centralized training"):
-        task.TrainConfig(clients=3, params={"penalty": "l1", "solver": "saga"}).check(100)
+        TrainConfig(clients=3, params={"penalty": "l1", "solver": "saga"})

@@ -6,14 +6,13 @@ import json
 
 import numpy as np
 import pytest
-from test_cli import fedfhe
+from conftest import fedfhe
 
+from fedfhe import TrainConfig, train
 from fedfhe.data import load_dataset
 from fedfhe.errors import FedfheError
-from fedfhe.federated import task
-from fedfhe.federated.task import TrainConfig
 from fedfhe.fhe import compile_model, evaluate
-from fedfhe.training import train
+from fedfhe.problem import shared_range
 
 
 @pytest.mark.parametrize(
@@ -61,7 +60,7 @@ def test_owners_share_rounded_ranges_never_rows(tmp_path):
 
 def test_shared_range_rounds_outward():
     X = np.array([[0.0, 0.05263, 143.5, -3.21, 7.0], [0.0, 0.1634, 2501.0, 7.71, 7.0]])
-    low, high = task.shared_range(X)
+    low, high = shared_range(X)
     assert np.allclose(low, [0.0, 0.052, 140.0, -3.3, 7.0]) and np.allclose(high[1:4], [0.17, 2600.0, 7.8])
     assert (high > low).all()  # constant features still get a non-empty range
 

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from fedfhe import TrainConfig, objective, train
 from fedfhe.errors import FedfheError
-from fedfhe.federated import task
-from fedfhe.federated.server_app import Outcome, RoundLog, make_server_main
+from fedfhe.federated.privacy import privacy_spent
+from fedfhe.federated.server_app import ServerRun
 from fedfhe.federated.simulation import simulate
-from fedfhe.federated.task import TrainConfig
 from fedfhe.partition import partition, save_partitions
-from fedfhe.training import privacy_spent, train
+from fedfhe.problem import Problem
+from fedfhe.rundir import RunDir
 
 BASE = TrainConfig(clients=4, rounds=1, local_iters=10, seed=0)
 
@@ -25,6 +27,7 @@ class RecordingGrid:
 
     def __init__(self, grid: Any) -> None:
         self.grid, self.replies = grid, []
+        self.updates: list[tuple[np.ndarray, float]] = []  # (flat weights, weight) of each update, as received
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.grid, name)
@@ -32,12 +35,16 @@ class RecordingGrid:
     def send_and_receive(self, *args: Any, **kwargs: Any) -> Any:
         replies = list(self.grid.send_and_receive(*args, **kwargs))
         self.replies += replies
+        for m in replies:  # copied now: aggregation may release the arrays it has read
+            if not m.has_error() and "arrays" in m.content.array_records:
+                arrays = m.content.array_records["arrays"].to_numpy_ndarrays()
+                self.updates.append((np.concatenate([a.ravel() for a in arrays]), m.content["metrics"]["weight"]))
         return replies
 
 
-def problem(digits) -> task.Problem:
+def problem(digits) -> Problem:
     """The digits problem every test here trains."""
-    return task.Problem("logistic", digits.classes, digits.input_range)
+    return BASE.problem(digits)
 
 
 def run(digits, config: TrainConfig, folder: Path, broken: int | None = None, grid_box: list | None = None):
@@ -46,17 +53,16 @@ def run(digits, config: TrainConfig, folder: Path, broken: int | None = None, gr
     save_partitions(digits.X_train, digits.y_train, parts, folder / "p")
     if broken is not None:
         (folder / "p" / f"client-{broken}.npz").write_bytes(b"corrupt")
-    log, outcome = RoundLog(), Outcome()
-    main = make_server_main(config, problem(digits), digits.X_test, digits.y_test, folder / "ck", log, outcome)
+    server = ServerRun(config, config.problem(digits), digits.X_test, digits.y_test, RunDir(folder / "ck"))
 
     def recorded(grid, context):
         grid = RecordingGrid(grid)
         if grid_box is not None:
             grid_box.append(grid)
-        main(grid, context)
+        server(grid, context)
 
     simulate(config, recorded, folder / "p")
-    return outcome.params, log, parts
+    return server.params, server.log, parts
 
 
 def test_secagg_matches_fedavg_within_the_quantization_bound(tmp_path, digits):
@@ -89,7 +95,7 @@ def test_server_receives_only_masked_vectors(tmp_path, digits):
         coef = next(a for a in map(bytes_to_ndarray, blobs) if a.shape == (10, 64)).astype(np.float64)
         X = problem(digits).scale(digits.X_train[parts[client]])
         start = problem(digits).initial_params()
-        true = task.fit(problem(digits), start, X, digits.y_train[parts[client]], {"C": 4.0}, 10)[0]
+        true = objective.fit(problem(digits), start, X, digits.y_train[parts[client]], BASE.client_hyper(), 10)[0]
         assert abs(np.corrcoef(coef.ravel(), true.ravel())[0, 1]) < 0.15  # nothing of the update shows
         assert coef.min() < 2**28 and coef.max() > 2**31  # spread over the whole modulus
 
@@ -99,11 +105,11 @@ def test_secagg_survives_a_client_dropping_after_key_sharing(tmp_path, digits):
     config = dataclasses.replace(BASE, secagg=True)
     params, log, _ = run(digits, config, tmp_path, broken=1)
     assert log.rows[1]["failures"] == 1
-    assert task.evaluate(problem(digits), params, problem(digits).scale(digits.X_test), digits.y_test)[0] > 0.85
+    assert objective.evaluate(problem(digits), params, problem(digits).scale(digits.X_test), digits.y_test)[0] > 0.85
 
 
 def test_failing_client_is_counted_and_the_minimum_enforced(tmp_path, digits):
-    params, log, _ = run(digits, BASE, tmp_path / "a", broken=2)
+    _, log, _ = run(digits, BASE, tmp_path / "a", broken=2)
     assert log.rows[1]["failures"] == 1 and [c["client"] for c in log.rows[1]["clients"]] == [0, 1, 3]
     with pytest.raises(FedfheError, match=r"round 1: only 3 of 4 clients returned an update \(--min-clients 4\)"):
         run(digits, dataclasses.replace(BASE, min_clients=4), tmp_path / "b", broken=2)
@@ -114,6 +120,8 @@ def test_dp_adds_noise_and_reports_epsilon(tmp_path, digits):
     model = train(digits, config, tmp_path)
     privacy = model.metadata["metrics"]["privacy"]
     assert 0 < privacy["epsilon"] < float("inf") and privacy["delta"] == 1e-5
+    rows = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    assert len(rows[-1]["clients"]) == BASE.clients  # clipping wraps training only: clients still evaluate
     plain = train(digits, BASE, tmp_path / "plain")
     assert not np.allclose(model.coef, plain.coef)
 
@@ -124,10 +132,50 @@ def test_more_noise_spends_less_epsilon():
     assert privacy_spent(dataclasses.replace(BASE, dp=True, rounds=10))["epsilon"] > eps[1]
 
 
+def fit_all(config: TrainConfig, digits, parts: list[np.ndarray], mu: float) -> list[list[np.ndarray]]:
+    """Each client's round-1 update, computed here from its partition as its ClientApp should."""
+    task = config.problem(digits)
+    return [
+        objective.fit(
+            task,
+            task.initial_params(),
+            task.scale(digits.X_train[p]),
+            digits.y_train[p],
+            config.client_hyper(),
+            config.local_iters,
+            mu,
+        )
+        for p in parts
+    ]
+
+
 @pytest.mark.parametrize("strategy", ["fedmedian", "krum", "trimmed-mean", "fedprox"])
 def test_strategies_by_name(tmp_path, digits, strategy):
-    model = train(digits, dataclasses.replace(BASE, strategy=strategy), tmp_path)
-    assert model.metadata["metrics"]["final"]["score"] > 0.8
+    config = dataclasses.replace(BASE, clients=5, strategy=strategy)
+    box: list = []
+    params, _, parts = run(digits, config, tmp_path, grid_box=box)
+    updates = np.stack([update for update, _ in box[0].updates])
+    weights = np.array([weight for _, weight in box[0].updates], dtype=np.float64)
+    assert len(updates) == config.clients
+    final = np.concatenate([a.ravel() for a in params])
+    fedavg = weights @ updates / weights.sum()
+    expected = {
+        "fedmedian": np.median(updates, axis=0),
+        "trimmed-mean": np.sort(updates, axis=0)[1:-1].mean(axis=0),  # beta 0.2 of 5: one cut at each end
+        "fedprox": fedavg,
+    }
+    if strategy == "krum":  # one client's update, chosen whole
+        assert any(np.array_equal(final, u) for u in updates)
+    else:
+        assert np.allclose(final, expected[strategy], rtol=0, atol=1e-12)
+    if strategy == "fedprox":  # the proximal term reached every client: updates are fit with mu, not without
+        flat = [np.concatenate([a.ravel() for a in u]) for u in fit_all(config, digits, parts, config.proximal_mu)]
+        plain = [np.concatenate([a.ravel() for a in u]) for u in fit_all(config, digits, parts, 0.0)]
+        assert all(any(np.allclose(u, f, rtol=0, atol=1e-9) for f in flat) for u in updates)
+        assert not any(np.allclose(u, f, rtol=0, atol=1e-6) for u in updates for f in plain)
+    else:
+        assert not np.allclose(final, fedavg, rtol=0, atol=1e-6)
+    assert objective.evaluate(problem(digits), params, problem(digits).scale(digits.X_test), digits.y_test)[0] > 0.8
 
 
 def test_resumed_run_ends_with_the_same_model(tmp_path, digits):
@@ -150,8 +198,10 @@ def test_resumed_run_ends_with_the_same_model(tmp_path, digits):
 
 def test_bad_privacy_settings(digits):
     with pytest.raises(FedfheError, match="--secagg needs"):
-        dataclasses.replace(BASE, secagg=True, strategy="krum").check(100)
+        dataclasses.replace(BASE, secagg=True, strategy="krum")
     with pytest.raises(FedfheError, match="unknown strategy 'fedsgd'"):
-        dataclasses.replace(BASE, strategy="fedsgd").check(100)
+        dataclasses.replace(BASE, strategy="fedsgd")
     with pytest.raises(FedfheError, match="--min-clients must be between 1 and the 4"):
-        dataclasses.replace(BASE, min_clients=9).check(100)
+        dataclasses.replace(BASE, min_clients=9)
+    with pytest.raises(FedfheError, match="--dp protects each client of a federation"):
+        dataclasses.replace(BASE, clients=1, dp=True)

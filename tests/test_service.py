@@ -7,10 +7,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,21 +19,14 @@ from typing import NamedTuple
 import httpx
 import numpy as np
 import pytest
+from conftest import ENV, FEDFHE, fedfhe, free_port, wait_for
 
 from fedfhe.errors import FedfheError
 from fedfhe.service.client import EncryptedClient, image_row
 from fedfhe.service.keystore import KeyStore, UnknownKey
 from fedfhe.service.protocol import BatchTooLarge, decode_frames, encode_frames
 
-FEDFHE = [sys.executable, "-m", "fedfhe"]
 OCTET = {"content-type": "application/octet-stream"}
-ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Served(NamedTuple):
@@ -78,8 +69,9 @@ def serving(run_dir: Path, store: Path, log: Path, *options: str) -> Iterator[Se
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("service") / "run"
-    args = ["run", "--dataset", "digits", "--clients", "1", "--n-bits", "6", "--fhe-samples", "0", "--out", str(out)]
-    done = subprocess.run([*FEDFHE, *args], check=False, capture_output=True, text=True, env=ENV, timeout=300)
+    done = fedfhe(
+        "run", "--dataset", "digits", "--clients", "1", "--n-bits", "6", "--fhe-samples", "0", "--out", str(out)
+    )
     assert done.returncode == 0, done.stderr
     return out
 
@@ -285,10 +277,13 @@ def test_request_ids_json_logs_and_metrics(server):
     assert 'fedfhe_requests_total{route="/v1/health",method="GET",status="200"}' in metrics
     assert 'fedfhe_request_seconds_count{route="/v1/predict"}' in metrics
     assert "fedfhe_request_errors_total" in metrics
-    time.sleep(0.2)
-    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-    mine = [line for line in lines if line.get("request_id") == "test-123"]
-    assert mine and mine[0]["path"] == "/v1/health" and mine[0]["status"] == 200
+
+    def mine() -> list[dict]:
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        return [line for line in lines if line.get("request_id") == "test-123"]
+
+    wait_for(lambda: bool(mine()), 10, "the request's log line")
+    assert mine()[0]["path"] == "/v1/health" and mine()[0]["status"] == 200
 
 
 def test_cli_predict_prints_json(server, rows, truth, tmp_path):
@@ -302,15 +297,12 @@ def test_cli_predict_prints_json(server, rows, truth, tmp_path):
         "--json",
         str(tmp_path / "rows.npy"),
     ]
-    done = subprocess.run([*FEDFHE, *args], check=False, capture_output=True, text=True, env=ENV, timeout=120)
+    done = fedfhe(*args)
     assert done.returncode == 0, done.stderr
     assert [row["class"] for row in json.loads(done.stdout)] == truth.tolist()
-    down = ["predict", "--server", f"http://127.0.0.1:{free_port()}", str(tmp_path / "rows.npy")]
-    refused = subprocess.run([*FEDFHE, *down], check=False, capture_output=True, text=True)
+    refused = fedfhe("predict", "--server", f"http://127.0.0.1:{free_port()}", str(tmp_path / "rows.npy"))
     assert refused.returncode == 2 and "refused" in refused.stderr.lower()
-    missing = subprocess.run(
-        [*FEDFHE, "predict", "--server", server.url, "nope.npy"], check=False, capture_output=True, text=True
-    )
+    missing = fedfhe("predict", "--server", server.url, "nope.npy")
     assert missing.returncode == 2 and "nope.npy: file not found" in missing.stderr
 
 
@@ -337,23 +329,32 @@ def test_a_dead_worker_is_replaced(server, alice, rows, truth):
     pids = [int(p) for p in children if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
     assert len(pids) == 2
     os.kill(pids[0], signal.SIGKILL)
-    time.sleep(1)  # the pool notices the death and marks itself broken
+    # The pool marks itself broken before it reaps its dead worker: once the pid is gone, it has noticed.
+    wait_for(lambda: not Path(f"/proc/{pids[0]}").exists(), 30, "the pool to reap its killed worker")
     np.testing.assert_array_equal(alice.predict(rows).predicted, truth)
 
 
-def test_cli_predict_reads_an_image(server, tmp_path):
+def test_cli_predict_reads_an_image(server, run_dir, digits, tmp_path):
     from PIL import Image
 
-    Image.fromarray(np.kron(np.eye(8, dtype=np.uint8) * 255, np.ones((4, 4), dtype=np.uint8))).save(tmp_path / "x.png")
-    args = ["predict", "--server", server.url, "--key-dir", str(tmp_path / "keys"), "--json", str(tmp_path / "x.png")]
-    done = subprocess.run([*FEDFHE, *args], check=False, capture_output=True, text=True, env=ENV, timeout=120)
+    from fedfhe.model import LinearModel
+
+    # A real test digit the model classifies confidently, saved as a 32x32 grayscale PNG (light on dark).
+    scores = LinearModel.load(run_dir / "model.npz").to_sklearn().decision_function(digits.X_test)
+    right = np.flatnonzero(scores.argmax(axis=1) == digits.y_test)
+    i = int(right[np.argmax(np.sort(scores[right], axis=1)[:, -1] - np.sort(scores[right], axis=1)[:, -2])])
+    pixels = np.round(digits.X_test[i].reshape(8, 8) / 16 * 255).astype(np.uint8)
+    Image.fromarray(np.kron(pixels, np.ones((4, 4), dtype=np.uint8))).save(tmp_path / "digit.png")
+    done = fedfhe(
+        "predict", "--server", server.url, "--key-dir", str(tmp_path / "keys"), "--json", str(tmp_path / "digit.png")
+    )
     assert done.returncode == 0, done.stderr
     (row,) = json.loads(done.stdout)
-    assert row["class"] in range(10) and abs(sum(row["scores"].values()) - 1) < 0.05
+    assert row["class"] == digits.y_test[i] and abs(sum(row["scores"].values()) - 1) < 0.05
 
 
 def test_serve_refuses_a_run_without_artifacts(tmp_path):
-    done = subprocess.run([*FEDFHE, "serve", "--run", str(tmp_path)], check=False, capture_output=True, text=True)
+    done = fedfhe("serve", "--run", str(tmp_path))
     assert done.returncode == 2 and "model file not found" in done.stderr
 
 
@@ -409,7 +410,7 @@ def test_a_regressor_with_per_feature_ranges_is_served(tmp_path):
 
     run = tmp_path / "run"
     args = ["run", "--dataset", "diabetes", "--model", "ridge", "--clients", "1", "--fhe-samples", "0"]
-    done = subprocess.run([*FEDFHE, *args, "--out", str(run)], check=False, capture_output=True, text=True, env=ENV)
+    done = fedfhe(*args, "--out", str(run))
     assert done.returncode == 0, done.stderr
     rows = load_dataset("diabetes", seed=0).X_test[:4]
     expected = load_compiled(run, LinearModel.load(run / "model.npz")).predict(rows, fhe="simulate")
@@ -417,11 +418,11 @@ def test_a_regressor_with_per_feature_ranges_is_served(tmp_path):
     with serving(run, tmp_path / "store", tmp_path / "server.log") as served:
         assert httpx.get(f"{served.url}/v1/model").json()["kind"] == "ridge"
         predict = ["predict", "--server", served.url, "--key-dir", str(tmp_path / "keys"), "--json"]
-        done = subprocess.run([*FEDFHE, *predict, str(tmp_path / "rows.npy")], capture_output=True, text=True, env=ENV)
+        done = fedfhe(*predict, str(tmp_path / "rows.npy"))
         assert done.returncode == 0, done.stderr
         np.testing.assert_allclose([row["value"] for row in json.loads(done.stdout)], expected, rtol=1e-9)
         too_high = rows[:1].copy()
         too_high[0, 9] = 400.0  # glucose above the declared 150
         np.save(tmp_path / "bad.npy", too_high)
-        done = subprocess.run([*FEDFHE, *predict, str(tmp_path / "bad.npy")], capture_output=True, text=True, env=ENV)
+        done = fedfhe(*predict, str(tmp_path / "bad.npy"))
         assert done.returncode == 2 and "column 9 has values in [400, 400]" in done.stderr

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import fedfhe
 
-from fedfhe import tuning
+from fedfhe import TrainConfig, train, tuning
 from fedfhe.errors import FedfheError
-from fedfhe.federated.task import TrainConfig
-from fedfhe.training import train
+from fedfhe.rundir import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_sweep_measures_every_point_and_recommends_the_fastest_accurate_one(cent
     assert chosen["accuracy"] >= best - tuning.TOLERANCE
     assert all(p["server_ms"] >= chosen["server_ms"] for p in points if p["accuracy"] >= best - tuning.TOLERANCE)
     assert all(p["param"] == {} for p in points) and tuning.label(points[0]) == "3 bits"
-    tuning.write(tmp_path, points, chosen)
+    tuning.write(RunDir(tmp_path), points, chosen)
     assert json.loads((tmp_path / "tune.json").read_text())["recommended"]["n_bits"] == chosen["n_bits"]
     assert "(recommended)" in (tmp_path / "tune.md").read_text()
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
@@ -51,8 +51,6 @@ def test_bad_tuning_requests(central_model, digits):
 
 
 def test_sweep_retrains_per_regularisation_value_without_touching_the_run(tmp_path):
-    from test_cli import fedfhe
-
     run = tmp_path / "run"
     args = ["--dataset", "breast-cancer", "--model", "svm", "--clients", "3", "--rounds", "1", "--local-iters", "5"]
     assert fedfhe("train", *args, "--out", str(run)).returncode == 0

@@ -7,6 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,8 +58,8 @@ class Dataset:
 def load_dataset(
     name: str,
     *,
-    data_dir: Path | None = None,
-    cache_dir: Path = DEFAULT_CACHE,
+    data_dir: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] = DEFAULT_CACHE,
     seed: int = 0,
     test_size: float = 0.2,
 ) -> Dataset:
@@ -151,8 +152,9 @@ def _dataset(
     )
 
 
-def read_idx(path: Path, magic: int) -> np.ndarray:
+def read_idx(path: str | os.PathLike[str], magic: int) -> np.ndarray:
     """Read one (optionally gzipped) IDX file of unsigned bytes, checking magic and length."""
+    path = Path(path)
     if not path.is_file():
         raise FedfheError(f"{path}: file not found")
     try:
@@ -177,8 +179,9 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def load_mnist_idx(data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def load_mnist_idx(data_dir: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Read the four official MNIST IDX files; the official train/test split is kept."""
+    data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FedfheError(f"{data_dir}: data directory not found")
     parts = []
@@ -199,7 +202,7 @@ def load_mnist_idx(data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return parts[0], parts[1], parts[2], parts[3]
 
 
-def fetch_mnist_openml(cache_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def fetch_mnist_openml(cache_dir: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Download mnist_784 from OpenML into the cache; split 60,000/10,000 like the official files."""
     from sklearn.datasets import fetch_openml
 
@@ -216,8 +219,9 @@ def fetch_mnist_openml(cache_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndar
     return X[:MNIST_TRAIN_SIZE], y[:MNIST_TRAIN_SIZE], X[MNIST_TRAIN_SIZE:], y[MNIST_TRAIN_SIZE:]
 
 
-def read_table(path: Path, label_column: str = "label") -> tuple[np.ndarray, np.ndarray | None]:
+def read_table(path: str | os.PathLike[str], label_column: str = "label") -> tuple[np.ndarray, np.ndarray | None]:
     """Read user data: .npy rows, .npz with X (and y), or .csv with a header (and a label column)."""
+    path = Path(path)
     if not path.is_file():
         raise FedfheError(f"{path}: file not found")
     try:
@@ -227,7 +231,7 @@ def read_table(path: Path, label_column: str = "label") -> tuple[np.ndarray, np.
             with np.load(path, allow_pickle=False) as f:
                 return np.asarray(f["X"], dtype=np.float64), _labels(f["y"]) if "y" in f.files else None
         if path.suffix == ".csv":
-            table = np.genfromtxt(path, delimiter=",", names=True, dtype=np.float64)
+            table: Any = np.genfromtxt(path, delimiter=",", names=True, dtype=np.float64)
             names = [n for n in table.dtype.names or () if n != label_column]
             X = np.column_stack([np.atleast_1d(table[n]) for n in names])
             labelled = label_column in (table.dtype.names or ())
@@ -255,7 +259,7 @@ def check_features(
     if not np.isfinite(X).all():
         raise FedfheError(f"{name} contains NaN or infinite values")
     low, high = as_range(input_range, n_features)
-    outside = np.flatnonzero(((X < low) | (X > high)).any(axis=0)) if X.size else []
+    outside = np.flatnonzero(((X < low) | (X > high)).any(axis=0)) if X.size else np.array([], dtype=np.int64)
     if len(outside):
         j = int(outside[0])
         column = X[:, j]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -17,14 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from fedfhe.artifacts import check_n_bits, read_artifacts
 from fedfhe.data import check_features
 from fedfhe.errors import FedfheError
+from fedfhe.kinds import Kind
 from fedfhe.model import LinearModel
-
-N_BITS_RANGE = (2, 12)
-FHE_DIR = "fhe"
-INFO_FILE = "fhe.json"
-COMPILE_INPUTS_FILE = "compile_inputs.npy"
+from fedfhe.rundir import COMPILE_INPUTS, FHE_INFO, RunDir
 
 
 def bound_inputs(model: LinearModel) -> np.ndarray:
@@ -41,18 +40,15 @@ def bound_inputs(model: LinearModel) -> np.ndarray:
     return np.unique(np.array(rows), axis=0)
 
 
-def concrete_class(kind: str) -> Any:
+def concrete_class(kind: Kind) -> Any:
     """Concrete ML's estimator for a model kind (same name as scikit-learn's)."""
-    from fedfhe.federated.task import kind_of
-
-    return getattr(_concrete("concrete.ml.sklearn"), kind_of(kind).estimator.__name__)
+    return getattr(_concrete("concrete.ml.sklearn"), kind.class_name)
 
 
-def check_n_bits(*values: int) -> None:
-    """Refuse quantization widths outside what fedfhe compiles, before any work starts."""
-    low, high = N_BITS_RANGE
-    if not all(low <= v <= high for v in values):
-        raise FedfheError(f"--n-bits must be between {low} and {high} (got {', '.join(map(str, values))})")
+def fit_concrete(kind: Kind, params: dict[str, Any], X: np.ndarray, y: np.ndarray) -> Any:
+    """Concrete ML's own estimator of this kind, fitted (and quantized) on the given rows."""
+    with quiet():
+        return concrete_class(kind)(**params).fit(X, y)
 
 
 @dataclass
@@ -79,7 +75,7 @@ class CompiledModel:
         """What fhe.json records about this compilation."""
         return {
             "model_sha256": self.source.sha256,
-            "kind": self.source.kind,
+            "kind": self.source.kind.name,
             "n_bits": self.n_bits,
             "calibration": self.calibration,
             "max_bit_width": self.max_bit_width,
@@ -111,15 +107,15 @@ def _compile(model: LinearModel, n_bits: int, scaled_inputs: np.ndarray, calibra
     return CompiledModel(concrete, model, n_bits, scaled_inputs, calibration, time.perf_counter() - start)
 
 
-def export(compiled: CompiledModel, run_dir: Path) -> Path:
+def export(compiled: CompiledModel, run_dir: str | os.PathLike[str]) -> Path:
     """Write client.zip, server.zip, the compile inputs and fhe.json into run_dir/fhe (replaced whole)."""
-    target = run_dir / FHE_DIR
+    target = RunDir(run_dir).fhe
     staging = Path(tempfile.mkdtemp(prefix=".fhe-", dir=run_dir))
     try:
         with quiet():
             _concrete("concrete.ml.deployment").FHEModelDev(str(staging), compiled.concrete).save()
-        np.save(staging / COMPILE_INPUTS_FILE, compiled.compile_inputs)
-        (staging / INFO_FILE).write_text(json.dumps(compiled.info(), indent=2))
+        np.save(staging / COMPILE_INPUTS, compiled.compile_inputs)
+        (staging / FHE_INFO).write_text(json.dumps(compiled.info(), indent=2))
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
@@ -128,22 +124,16 @@ def export(compiled: CompiledModel, run_dir: Path) -> Path:
     return target
 
 
-def load_compiled(run_dir: Path, model: LinearModel) -> CompiledModel:
+def load_compiled(run_dir: str | os.PathLike[str], model: LinearModel) -> CompiledModel:
     """Recompile exactly as `export` recorded, after checking the artifacts belong to this model."""
-    info_path = run_dir / FHE_DIR / INFO_FILE
-    if not info_path.is_file():
-        raise FedfheError(f"{run_dir}: no compiled model (run `fedfhe compile` first)")
-    try:
-        info = json.loads(info_path.read_text())
-        inputs = np.load(run_dir / FHE_DIR / COMPILE_INPUTS_FILE, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise FedfheError(f"{run_dir / FHE_DIR}: unreadable FHE artifacts ({exc})") from None
-    if info.get("model_sha256") != model.sha256:
-        raise FedfheError(f"{run_dir / FHE_DIR}: FHE artifacts were compiled for another model; compile again")
-    check_n_bits(int(info["n_bits"]))
-    if inputs.ndim != 2 or inputs.shape[1] != model.n_features or not np.isfinite(inputs).all():
-        raise FedfheError(f"{run_dir / FHE_DIR / COMPILE_INPUTS_FILE}: compile inputs do not fit the model")
-    return _compile(model, int(info["n_bits"]), inputs, str(info["calibration"]))
+    artifacts = read_artifacts(RunDir(run_dir), model)
+    return _compile(model, artifacts.n_bits, artifacts.compile_inputs, artifacts.calibration)
+
+
+def check_fhe_samples(fhe_samples: int, n_test: int) -> None:
+    """--fhe-samples must fit in the test set."""
+    if not 0 <= fhe_samples <= n_test:
+        raise FedfheError(f"--fhe-samples must be between 0 and the {n_test} test samples (got {fhe_samples})")
 
 
 def evaluate(
@@ -151,7 +141,7 @@ def evaluate(
     X: np.ndarray,
     y: np.ndarray,
     fhe_samples: int,
-    artifacts: Path,
+    artifacts: str | os.PathLike[str],
     on_sample: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Score float, quantized-clear and simulated FHE on all rows, real FHE on the first fhe_samples.
@@ -161,8 +151,7 @@ def evaluate(
     """
     model = compiled.source
     X = check_features(X, model.n_features, model.input_range, "test data")
-    if not 0 <= fhe_samples <= len(X):
-        raise FedfheError(f"--fhe-samples must be between 0 and the {len(X)} test samples (got {fhe_samples})")
+    check_fhe_samples(fhe_samples, len(X))
     sklearn_pred = model.to_sklearn().predict(X)
     clear_pred = compiled.predict(X, fhe="disable")
     start = time.perf_counter()
@@ -213,7 +202,7 @@ def _agree(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def execute(
-    artifacts: Path, model: LinearModel, X: np.ndarray, on_sample: Callable[[int], None] | None = None
+    artifacts: str | os.PathLike[str], model: LinearModel, X: np.ndarray, on_sample: Callable[[int], None] | None = None
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Real FHE through the exported client.zip/server.zip: keygen, scale + encrypt, run, decrypt per row."""
     deployment = _concrete("concrete.ml.deployment")
@@ -225,8 +214,7 @@ def execute(
         client.generate_private_and_evaluation_keys()
         keys = client.get_serialized_evaluation_keys()
         keygen = time.perf_counter() - start
-        server = deployment.FHEModelServer(str(artifacts))
-        server.load()
+        server = deployment.FHEModelServer(str(artifacts))  # loads server.zip
         predictions, encrypt, run, decrypt, sizes = [], [], [], [], []
         for i, row in enumerate(model.scale(X)):
             t0 = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +14,9 @@ import numpy as np
 
 from fedfhe.data import Range, as_range
 from fedfhe.errors import FedfheError
+from fedfhe.kinds import KINDS, Kind, kind_of
 
 FORMAT = "fedfhe-linear-model/2"
-MODEL_FILE = "model.npz"  # the name a run directory keeps its model under
 
 
 @dataclass
@@ -29,13 +30,15 @@ class LinearModel:
     coef: np.ndarray
     intercept: np.ndarray
     classes: np.ndarray
-    input_range: Range | tuple[float, float]
+    input_range: Range  # one (low, high) for every feature is accepted too
     metadata: dict[str, Any] = field(default_factory=dict)
-    kind: str = "logistic"
+    kind: Kind = KINDS["logistic"]
 
     def __post_init__(self) -> None:
-        """Accept one range for all features and keep it per feature."""
+        """Accept one range for all features (kept per feature) and a kind's name (resolved)."""
         self.input_range = as_range(self.input_range, int(np.shape(self.coef)[1]))
+        if isinstance(self.kind, str):
+            self.kind = kind_of(self.kind)
 
     @property
     def n_features(self) -> int:
@@ -54,7 +57,7 @@ class LinearModel:
         for array in (self.coef, self.intercept, self.classes, *self.input_range):
             digest.update(str((array.dtype.str, array.shape)).encode())
             digest.update(np.ascontiguousarray(array).tobytes())
-        digest.update(json.dumps([self.kind, self.metadata], sort_keys=True).encode())
+        digest.update(json.dumps([self.kind.name, self.metadata], sort_keys=True).encode())
         return digest.hexdigest()
 
     def scale(self, X: np.ndarray) -> np.ndarray:
@@ -68,25 +71,22 @@ class LinearModel:
 
     def to_scaled_sklearn(self) -> Any:
         """The same model as a scikit-learn estimator taking scaled features (see `scale`)."""
-        from fedfhe.federated.task import estimator
-
         low, high = self.input_range
-        return estimator(self.kind, [self.coef * (high - low), self.intercept + self.coef @ low], self.classes)
+        return self.kind.fitted([self.coef * (high - low), self.intercept + self.coef @ low], self.classes)
 
     def to_sklearn(self) -> Any:
         """The fitted scikit-learn estimator of this kind holding these weights."""
-        from fedfhe.federated.task import estimator
+        return self.kind.fitted([self.coef, self.intercept], self.classes)
 
-        return estimator(self.kind, [self.coef, self.intercept], self.classes)
-
-    def save(self, path: Path) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically: a crash mid-write never leaves a half file under the real name."""
         header = {
             "format": FORMAT,
-            "kind": self.kind,
+            "kind": self.kind.name,
             "metadata": self.metadata,
             "sha256": self.sha256,
         }
+        path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
             np.savez(
@@ -101,8 +101,9 @@ class LinearModel:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path) -> LinearModel:
+    def load(cls, path: str | os.PathLike[str]) -> LinearModel:
         """Read a model file, refusing anything that is not an untouched fedfhe model."""
+        path = Path(path)
         if not path.is_file():
             raise FedfheError(f"{path}: model file not found")
         try:
@@ -121,7 +122,7 @@ class LinearModel:
                 classes=arrays["classes"],
                 input_range=as_range((arrays["input_low"], arrays["input_high"]), arrays["coef"].shape[1]),
                 metadata=header["metadata"],
-                kind=str(header["kind"]),
+                kind=KINDS[str(header["kind"])],
             )
         except (ValueError, KeyError, TypeError, IndexError):
             raise FedfheError(f"{path}: not a fedfhe model file") from None

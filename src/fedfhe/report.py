@@ -9,11 +9,8 @@ from typing import Any
 import numpy as np
 
 from fedfhe.fhe import CompiledModel
+from fedfhe.rundir import RunDir
 
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
-CONFUSION_PNG = "confusion_matrix.png"
-SCATTER_PNG = "predictions.png"
 SCORES = ("accuracy", "r2", "mse")
 
 
@@ -33,7 +30,7 @@ def build(compiled: CompiledModel, evaluation: dict[str, Any], fhe_samples: int)
         }
     return {
         "dataset": meta.get("dataset"),
-        "model": compiled.source.kind,
+        "model": compiled.source.kind.name,
         "n_train": meta.get("n_train"),
         "n_test": len(evaluation["predictions"]["y_true"]),
         "clients": training.get("clients"),
@@ -56,17 +53,17 @@ def build(compiled: CompiledModel, evaluation: dict[str, Any], fhe_samples: int)
     }
 
 
-def write(run_dir: Path, report: dict[str, Any], evaluation: dict[str, Any]) -> None:
+def write(run: RunDir, report: dict[str, Any], evaluation: dict[str, Any]) -> None:
     """Write report.json, report.md, evaluation.json and the confusion matrix (or prediction plot)."""
-    (run_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
-    (run_dir / REPORT_JSON).write_text(json.dumps(report, indent=2))
-    (run_dir / REPORT_MD).write_text(markdown(report))
+    run.evaluation_file.write_text(json.dumps(evaluation, indent=2))
+    run.report_json.write_text(json.dumps(report, indent=2))
+    run.report_md.write_text(markdown(report))
     preds = evaluation["predictions"]
     y_true, y_pred = np.array(preds["y_true"]), np.array(preds["fhe_simulate"])
     if "accuracy" in evaluation:
-        plot_confusion(y_true, y_pred, run_dir / CONFUSION_PNG)
+        plot_confusion(y_true, y_pred, run.confusion_plot)
     else:
-        plot_predictions(y_true, y_pred, run_dir / SCATTER_PNG)
+        plot_predictions(y_true, y_pred, run.predictions_plot)
 
 
 def _fmt(value: Any, percent: bool = False) -> str:
@@ -92,9 +89,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# fedfhe run: {report['model']} on {report['dataset']}",
         "",
-        f"{report['n_train']} training and {report['n_test']} test samples, {report['clients']} client(s), "
-        f"{report['rounds']} round(s), input ranges from {ranges}, n_bits {report['n_bits']}, "
-        f"compiled on {report['calibration']}, largest circuit integer {report['circuit']['max_bit_width']} bits.",
+        (
+            f"{report['n_train']} training and {report['n_test']} test samples, {report['clients']} client(s), "
+            f"{report['rounds']} round(s), input ranges from {ranges}, n_bits {report['n_bits']}, "
+            f"compiled on {report['calibration']}, largest circuit integer {report['circuit']['max_bit_width']} bits."
+        ),
         "",
         *scores,
         "| agreement | value |",

@@ -14,8 +14,8 @@ from sklearn.model_selection import ParameterGrid
 from fedfhe import fhe
 from fedfhe.data import check_features
 from fedfhe.errors import FedfheError
-from fedfhe.federated import task
 from fedfhe.model import LinearModel
+from fedfhe.rundir import RunDir
 
 DEFAULT_GRID = {"n_bits": [2, 3, 4, 5, 6, 7, 8]}
 TOLERANCE = 0.005  # "within half a point of the best accuracy"
@@ -30,7 +30,7 @@ def measure(model: LinearModel, n_bits: int, X: np.ndarray, y: np.ndarray, laten
         _, timings = fhe.execute(artifacts, model, X[:latency_samples])
     return {
         "n_bits": n_bits,
-        task.score_names(model.kind)[0]: task.score(model.is_regression, y, predicted),
+        model.kind.score_names[0]: model.kind.score(y, predicted),
         "max_bit_width": compiled.max_bit_width,
         "server_ms": 1000 * timings["server_run_per_sample"],
         "encrypt_ms": 1000 * timings["encrypt_per_sample"],
@@ -45,13 +45,13 @@ def tune(
     y: np.ndarray,
     grid: dict[str, list[Any]] = DEFAULT_GRID,
     latency_samples: int = 5,
-    on_point: Callable[[dict[str, Any]], None] | None = None,
+    on_point: Callable[[int], None] | None = None,
     retrain: Callable[[str, float], LinearModel] | None = None,
 ) -> list[dict[str, Any]]:
     """Measure every point of the grid (scikit-learn's ParameterGrid) on the given labelled rows.
 
     Besides n_bits the grid may hold one estimator parameter (e.g. C); `retrain(name, value)` then
-    gives the model trained with that value, once per value.
+    gives the model trained with that value, once per value; `on_point(n)` follows the n-th point.
     """
     X = check_features(X, model.n_features, model.input_range, "tuning data")
     if not 1 <= latency_samples <= len(X):
@@ -65,40 +65,13 @@ def tune(
         current, retrained = model, {name: float(params[name]) for name in extra}
         for name, value in retrained.items():
             if value not in trained:
+                assert retrain is not None  # refused above otherwise
                 trained[value] = retrain(name, value)
             current = trained[value]
         points.append({**measure(current, int(params["n_bits"]), X, y, latency_samples), "param": retrained})
         if on_point is not None:
-            on_point(points[-1])
+            on_point(len(points))
     return points
-
-
-def retrainer(run_dir: Path, on_trained: Callable[[Path], None] | None = None) -> Callable[[str, float], LinearModel]:
-    """Train the run's federation again with one parameter changed, into run_dir/tune/NAME=VALUE.
-
-    The run's own model is never touched: every retrained model lives in its own directory.
-    """
-    from dataclasses import replace
-
-    from fedfhe.data import load_dataset
-    from fedfhe.training import saved_config, train
-
-    name_of_data, config = saved_config(run_dir)
-    data = load_dataset(name_of_data, seed=config.seed)
-
-    def retrain(name: str, value: float) -> LinearModel:
-        out = retrained_dir(run_dir, name, value)
-        model = train(data, replace(config, params={**config.params, name: value}), out)
-        if on_trained is not None:
-            on_trained(out)
-        return model
-
-    return retrain
-
-
-def retrained_dir(run_dir: Path, name: str, value: float) -> Path:
-    """Where `retrainer` puts the model trained with NAME=VALUE."""
-    return run_dir / "tune" / f"{name}={value:g}"
 
 
 def recommend(points: list[dict[str, Any]], key: str = "accuracy", tolerance: float = TOLERANCE) -> dict[str, Any]:
@@ -117,9 +90,9 @@ def shown(point: dict[str, Any], key: str) -> str:
     return f"{100 * point[key]:.2f}%" if key == "accuracy" else f"{point[key]:.4f}"
 
 
-def write(run_dir: Path, points: list[dict[str, Any]], chosen: dict[str, Any], key: str = "accuracy") -> None:
+def write(run: RunDir, points: list[dict[str, Any]], chosen: dict[str, Any], key: str = "accuracy") -> None:
     """tune.json, tune.md and the score-latency plot (pareto.png)."""
-    (run_dir / "tune.json").write_text(json.dumps({"points": points, "recommended": chosen}, indent=2))
+    run.tune_json.write_text(json.dumps({"points": points, "recommended": chosen}, indent=2))
     lines = [
         f"| point | {key} | server ms/sample | circuit bits | input bytes | output bytes |",
         "|---|---|---|---|---|---|",
@@ -130,8 +103,8 @@ def write(run_dir: Path, points: list[dict[str, Any]], chosen: dict[str, Any], k
             f"| {label(p)}{mark} | {shown(p, key)} | {p['server_ms']:.1f} | {p['max_bit_width']} "
             f"| {p['input_bytes']} | {p['output_bytes']} |"
         )
-    (run_dir / "tune.md").write_text("\n".join(lines) + "\n")
-    plot(points, chosen, run_dir / "pareto.png", key)
+    run.tune_md.write_text("\n".join(lines) + "\n")
+    plot(points, chosen, run.pareto_plot, key)
 
 
 def plot(points: list[dict[str, Any]], chosen: dict[str, Any], path: Path, key: str = "accuracy") -> None:

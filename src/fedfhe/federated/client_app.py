@@ -8,26 +8,29 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
+from fedfhe import objective
 from fedfhe.data import load_dataset, read_table
 from fedfhe.errors import FedfheError
-from fedfhe.federated import task
+from fedfhe.kinds import Params
 from fedfhe.partition import partition
+from fedfhe.problem import Problem, shared_range
 
 
-def _request(msg: Message) -> tuple[task.Params, ConfigRecord | dict, bool]:
+def _request(msg: Message) -> tuple[Params, Mapping[str, Any], bool]:
     """Global weights, server config, and whether the message uses the legacy layout."""
     content = msg.content
     if "arrays" in content.array_records:
-        return content["arrays"].to_numpy_ndarrays(), content["config"], False
+        return content.array_records["arrays"].to_numpy_ndarrays(), content.config_records["config"], False
     ins = (
         compat.recorddict_to_fitins(content, True)
         if "fitins.parameters" in content.array_records
@@ -57,10 +60,10 @@ def _owner_data(node_config: tuple[tuple[str, Any], ...], partition_dir: Path | 
 
 
 def _local_data(
-    config: ConfigRecord | dict, context: Context, partition_dir: Path | None
-) -> tuple[task.Problem, np.ndarray, np.ndarray]:
+    config: Mapping[str, Any], context: Context, partition_dir: Path | None
+) -> tuple[Problem, np.ndarray, np.ndarray]:
     """The problem as the server states it, and the owner's features scaled as it asks, with labels."""
-    problem = task.Problem.from_config(config)
+    problem = Problem.from_config(config)
     X, y = _checked_data(context, partition_dir, len(problem.input_range[0]))
     return problem, problem.scale(X), y
 
@@ -73,23 +76,27 @@ def _checked_data(context: Context, partition_dir: Path | None, n_features: int)
     return X, y
 
 
-def build_client_app(partition_dir: Path | None, mods: list | None = None) -> ClientApp:
-    """A ClientApp whose nodes read their data from files, never from the server."""
-    app = ClientApp(mods=mods or [])
+def build_client_app(partition_dir: Path | None, train_mods: list | None = None) -> ClientApp:
+    """A ClientApp whose nodes read their data from files, never from the server.
 
-    @app.train()
+    `train_mods` (SecAgg+ masking, DP clipping) wrap training only: they expect an update in the reply,
+    which evaluation and queries do not send.
+    """
+    app = ClientApp()
+
+    @app.train(mods=train_mods or [])
     def train(msg: Message, context: Context) -> Message:
         """Warm-start from the global weights, train locally, send back weights and metrics."""
         start, config, legacy = _request(msg)
         problem, X, y = _local_data(config, context, partition_dir)
         hyper = json.loads(str(config["hyper"]))
-        params = task.fit(
+        params = objective.fit(
             problem, start, X, problem.scale_target(y), hyper, int(config["local-iters"]), float(config["mu"])
         )
-        score, loss = task.evaluate(problem, params, X, y)
+        score, loss = objective.evaluate(problem, params, X, y)
         # DP needs every client to weigh the same; otherwise FedAvg weighs by data size.
         weight = 1 if bool(config["uniform-weights"]) else len(y)
-        metrics = {"weight": weight, "train-score": score, "train-loss": loss}
+        metrics: dict[str, Any] = {"weight": weight, "train-score": score, "train-loss": loss}
         if legacy:
             res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(params), weight, metrics)
             return Message(compat.fitres_to_recorddict(res, True), reply_to=msg)
@@ -100,9 +107,9 @@ def build_client_app(partition_dir: Path | None, mods: list | None = None) -> Cl
         """Score the global weights on local data; the partition id lets the server report per client."""
         params, config, legacy = _request(msg)
         problem, X, y = _local_data(config, context, partition_dir)
-        score, loss = task.evaluate(problem, params, X, y)
+        score, loss = objective.evaluate(problem, params, X, y)
         client = int(context.node_config.get("partition-id", context.node_id))
-        metrics = {"weight": len(y), "score": score, "loss": loss, "client": client}
+        metrics: dict[str, Any] = {"weight": len(y), "score": score, "loss": loss, "client": client}
         if legacy:
             res = EvaluateRes(Status(Code.OK, ""), loss, len(y), metrics)
             return Message(compat.evaluateres_to_recorddict(res), reply_to=msg)
@@ -110,9 +117,9 @@ def build_client_app(partition_dir: Path | None, mods: list | None = None) -> Cl
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        """Share this owner's per-feature min and max, rounded outward (task.shared_range): never a row."""
-        X, _ = _checked_data(context, partition_dir, int(msg.content["config"]["n-features"]))
-        return Message(RecordDict({"range": ArrayRecord(list(task.shared_range(X)))}), reply_to=msg)
+        """Share this owner's per-feature min and max, rounded outward (problem.shared_range): never a row."""
+        X, _ = _checked_data(context, partition_dir, cast(int, msg.content.config_records["config"]["n-features"]))
+        return Message(RecordDict({"range": ArrayRecord(list(shared_range(X)))}), reply_to=msg)
 
     return app
 

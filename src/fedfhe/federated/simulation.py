@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flwr.app import Context
+from flwr.serverapp import Grid
 from flwr.simulation import run_simulation
 from threadpoolctl import threadpool_limits
 
-from fedfhe.federated import task
+from fedfhe.config import TrainConfig
 from fedfhe.federated.client_app import build_client_app
-from fedfhe.federated.server_app import ServerMain, build_server_app
+from fedfhe.federated.server_app import build_server_app
 
 
-def client_mods(config: task.TrainConfig) -> list[Any]:
-    """Client-side privacy layers: SecAgg+ masking, and clipping of the update for DP (inside it)."""
+def client_mods(config: TrainConfig) -> list[Any]:
+    """Client-side privacy layers around training: SecAgg+ masking, and clipping of the update for DP (inside it)."""
     if config.secagg:
         from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 
@@ -28,9 +31,11 @@ def client_mods(config: task.TrainConfig) -> list[Any]:
     return []
 
 
-def simulate(config: task.TrainConfig, server_main: ServerMain, partition_dir: Path, verbose: bool = False) -> None:
+def simulate(
+    config: TrainConfig, server_main: Callable[[Grid, Context], None], partition_dir: Path, verbose: bool = False
+) -> None:
     """Run the server main against one virtual SuperNode per partition file."""
-    backend_config = {
+    backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {
             "include_dashboard": False,

@@ -21,7 +21,8 @@ import numpy as np
 
 from fedfhe.data import Range, check_features, read_table
 from fedfhe.errors import FedfheError
-from fedfhe.service.protocol import API, CLIENT_SPEC, OCTET_STREAM, SPEC_HASH_HEADER, decode_frames, encode_frames
+from fedfhe.rundir import CLIENT_SPEC
+from fedfhe.service.protocol import API, OCTET_STREAM, SPEC_HASH_HEADER, decode_frames, encode_frames
 
 SESSION_FILE = "session.json"
 KEYS_DIR = "keys"
@@ -48,8 +49,8 @@ class Prediction:
 class EncryptedClient:
     """Talks to `fedfhe serve`; encrypts, sends, decrypts. Private keys never leave key_dir. One per thread."""
 
-    def __init__(self, url: str, key_dir: Path, timeout: float = 120.0) -> None:
-        self.url, self.key_dir, self.timeout = url.rstrip("/"), key_dir, timeout
+    def __init__(self, url: str, key_dir: str | os.PathLike[str], timeout: float = 120.0) -> None:
+        self.url, self.key_dir, self.timeout = url.rstrip("/"), Path(key_dir), timeout
         self._http = httpx.Client(base_url=self.url, timeout=timeout)
         self._model: dict[str, Any] | None = None
         self._fhe: Any = None

@@ -13,7 +13,7 @@ class Metrics:
     def __init__(self) -> None:
         self.requests: Counter[tuple[str, str, int]] = Counter()
         self.buckets: defaultdict[str, list[int]] = defaultdict(lambda: [0] * len(BUCKETS))
-        self.latency_sum: Counter[str] = Counter()
+        self.latency_sum: defaultdict[str, float] = defaultdict(float)
         self.latency_count: Counter[str] = Counter()
         self.ciphertexts = 0
 

@@ -1,4 +1,4 @@
-"""What client and server agree on: paths, artifact names, the spec hash header and the framing of batches.
+"""What client and server agree on: paths, the spec hash header and the framing of batches.
 
 Framing (request and response bodies of /v1/predict, content type application/octet-stream):
 a 4-byte big-endian count N, then N frames, each a 4-byte big-endian length L and L bytes.
@@ -13,8 +13,6 @@ from fedfhe.errors import FedfheError
 
 API = "/v1"
 OCTET_STREAM = "application/octet-stream"
-CLIENT_SPEC = "client.zip"
-SERVER_SPEC = "server.zip"
 SPEC_HASH_HEADER = "X-Client-Spec-SHA256"
 _U32 = struct.Struct(">I")
 

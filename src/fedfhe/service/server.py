@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -26,15 +27,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from fedfhe.artifacts import read_artifacts
 from fedfhe.errors import FedfheError
+from fedfhe.rundir import RunDir
 from fedfhe.service.evaluator import EvaluationTimeout, Evaluator, Rejected, WorkerDied
 from fedfhe.service.keystore import KEY_ID, KeyStore, KeyTooLarge, UnknownKey
 from fedfhe.service.metrics import Metrics
 from fedfhe.service.protocol import (
     API,
-    CLIENT_SPEC,
     OCTET_STREAM,
-    SERVER_SPEC,
     SPEC_HASH_HEADER,
     BatchTooLarge,
     decode_frames,
@@ -104,37 +105,24 @@ class KeyId(BaseModel):
     key_id: str
 
 
-def load_model_info(run_dir: Path, limits: Limits) -> tuple[ModelInfo, bytes]:
-    """Read and cross-check the run's artifacts; returns the model facts and the client.zip bytes."""
-    from fedfhe.fhe import FHE_DIR, INFO_FILE
-    from fedfhe.model import MODEL_FILE, LinearModel
-
-    model = LinearModel.load(run_dir / MODEL_FILE)
-    fhe_dir = run_dir / FHE_DIR
-    for name in (INFO_FILE, CLIENT_SPEC, SERVER_SPEC):
-        if not (fhe_dir / name).is_file():
-            raise FedfheError(f"{fhe_dir / name}: not found (run `fedfhe compile` first)")
-    try:
-        info = json.loads((fhe_dir / INFO_FILE).read_text())
-    except ValueError as exc:
-        raise FedfheError(f"{fhe_dir / INFO_FILE}: unreadable ({exc})") from None
-    if info.get("model_sha256") != model.sha256:
-        raise FedfheError(f"{fhe_dir}: FHE artifacts were compiled for another model; compile again")
-    spec = (fhe_dir / CLIENT_SPEC).read_bytes()
+def load_model_info(run: RunDir, limits: Limits) -> tuple[ModelInfo, bytes]:
+    """The model facts a client needs and the client.zip bytes, from artifacts checked against the model."""
+    model = run.load_model()
+    artifacts = read_artifacts(run, model)
     return ModelInfo(
         dataset=str(model.metadata.get("dataset", "unknown")),
-        kind=model.kind,
+        kind=model.kind.name,
         n_features=model.n_features,
         classes=[int(c) for c in model.classes],
         input_low=model.input_range[0].tolist(),
         input_high=model.input_range[1].tolist(),
-        n_bits=int(info["n_bits"]),
-        max_bit_width=int(info["max_bit_width"]),
+        n_bits=artifacts.n_bits,
+        max_bit_width=artifacts.max_bit_width,
         model_sha256=model.sha256,
-        client_spec_sha256=hashlib.sha256(spec).hexdigest(),
+        client_spec_sha256=hashlib.sha256(artifacts.client_spec).hexdigest(),
         max_batch=limits.max_batch,
         max_body_bytes=limits.max_body_bytes,
-    ), spec
+    ), artifacts.client_spec
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -154,20 +142,24 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(run_dir: Path, key_dir: Path | None = None, workers: int = 2, limits: Limits = Limits()) -> FastAPI:
+def create_app(
+    run_dir: str | os.PathLike[str],
+    key_dir: str | os.PathLike[str] | None = None,
+    workers: int = 2,
+    limits: Limits = Limits(),
+) -> FastAPI:
     """The service for one run directory; keys default to RUN/keys. Bad artifacts fail here, before serving."""
-    from fedfhe.fhe import FHE_DIR
-
-    info, spec = load_model_info(run_dir, limits)
-    keys = KeyStore(key_dir or run_dir / "keys", limits.max_keys, limits.max_key_store_bytes)
-    evaluator = Evaluator(run_dir / FHE_DIR, workers)
+    run = RunDir(run_dir)
+    info, spec = load_model_info(run, limits)
+    keys = KeyStore(Path(key_dir) if key_dir is not None else run.keys, limits.max_keys, limits.max_key_store_bytes)
+    evaluator = Evaluator(run.fhe, workers)
     metrics = Metrics()
     spec_header = {SPEC_HASH_HEADER: info.client_spec_sha256}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await evaluator.warm_up()
-        _log(event="ready", run=str(run_dir), keys=str(keys.root), workers=workers, model=info.model_sha256)
+        _log(event="ready", run=str(run.path), keys=str(keys.root), workers=workers, model=info.model_sha256)
         yield
         evaluator.close()
         _log(event="stopped")

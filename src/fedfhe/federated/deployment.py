@@ -8,8 +8,7 @@ at its owner's data file, `flwr run`, then it stops every process it started, wh
 from __future__ import annotations
 
 import contextlib
-import datetime
-import ipaddress
+import importlib.metadata
 import json
 import os
 import signal
@@ -19,106 +18,32 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Self
 
+from fedfhe.config import RunConfig, TrainConfig
 from fedfhe.data import Dataset
 from fedfhe.errors import FedfheError
+from fedfhe.federated.certificates import make_certificates, make_node_key
 from fedfhe.partition import partition, save_partitions
-
-if TYPE_CHECKING:  # importing the training config would pull SciPy and scikit-learn into every `federation` use
-    from fedfhe.federated.task import TrainConfig
+from fedfhe.rundir import RunDir
 
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr live beside python
-APP_DIR = Path(__file__).resolve().parents[2]  # the source tree whose pyproject declares the Flower App
-
-
-def _private_pem(key: object) -> bytes:
-    """PEM of an unencrypted private key; the files are written 0600."""
-    from cryptography.hazmat.primitives import serialization
-
-    return key.private_bytes(  # type: ignore[attr-defined]
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _write_secret(path: Path, data: bytes) -> None:
-    """Write a private key readable by its owner only."""
-    path.write_bytes(data)
-    path.chmod(0o600)
-
-
-def make_certificates(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), days: int = 365) -> Path:
-    """A local CA (ca.crt) and a SuperLink certificate for `hosts` signed by it (server.pem/.key)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedfhe local CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    (folder / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write_secret(folder / "ca.key", _private_pem(ca_key))
-    (folder / "server.pem").write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    _write_secret(folder / "server.key", _private_pem(server_key))
-    return folder
-
-
-def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
-    """An EC key pair identifying one SuperNode: private key (OpenSSH PEM, 0600) and public key."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    folder.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
-    private, public = folder / name, folder / f"{name}.pub"
-    _write_secret(
-        private,
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        ),
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
-    )
-    return private, public
+SERVER_APP = "fedfhe.federated.server_app:app"
+CLIENT_APP = "fedfhe.federated.client_app:app"
+RUN_SETTINGS: RunConfig = {"dataset": "mnist-5k", "out-dir": "runs/flower"}  # run-config keys besides training
 
 
 def write_owner_files(
-    dataset: Dataset, owners: int, folder: Path, scheme: str = "iid", seed: int = 0, alpha: float = 0.5
+    dataset: Dataset,
+    owners: int,
+    folder: str | os.PathLike[str],
+    scheme: str = "iid",
+    seed: int = 0,
+    alpha: float = 0.5,
 ) -> list[Path]:
     """One training file per data owner from a bundled data set, for trying a federation on one machine."""
     parts = partition(dataset.y_train, owners, scheme, alpha, seed)
-    return save_partitions(dataset.X_train, dataset.y_train, parts, folder)
+    return save_partitions(dataset.X_train, dataset.y_train, parts, Path(folder))
 
 
 CONNECTION = "fedfhe"
@@ -135,7 +60,8 @@ class Processes:
     """Every process the federation starts; all of them (and their children) stop on exit."""
 
     def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.env, self.log_dir, self.procs = env, log_dir, {}
+        self.env, self.log_dir = env, log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, args: list[str], cwd: Path) -> subprocess.Popen:
         """Start one long-running process in its own process group, logging to <name>.log."""
@@ -159,7 +85,7 @@ class Processes:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
-    def __enter__(self) -> Processes:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -170,7 +96,13 @@ class Processes:
 def flwr(env: dict[str, str], *args: str, cwd: Path | None = None) -> dict:
     """Call the `flwr` CLI with JSON output; its errors become one-line FedfheErrors."""
     done = subprocess.run(
-        [str(BIN / "flwr"), *args, "--format", "json"], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
+        [str(BIN / "flwr"), *args, "--format", "json"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     try:
         answer = json.loads(done.stdout)
@@ -193,7 +125,7 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
 def up(
     dataset: Dataset,
     config: TrainConfig,
-    out: Path,
+    out: str | os.PathLike[str],
     *,
     insecure: bool = False,
     on_started: Callable[[Processes], None] | None = None,
@@ -206,8 +138,9 @@ def up(
     """
     if config.secagg or config.dp:
         raise FedfheError("--secagg and --dp run on the simulation engine only (fedfhe train), not on federation up")
-    out = out.resolve()
-    work = out / "federation"
+    config.problem(dataset)
+    run = RunDir(Path(out).resolve()).create()
+    work = run.federation
     for folder in ("flwr-home", "logs", "data", "keys"):
         (work / folder).mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -226,6 +159,9 @@ def up(
     else:
         connection += f'root-certificates = "{certs / "ca.crt"}"\n'
     (work / "flwr-home" / "config.toml").write_text(connection)
+    app = write_app(work / "app")
+    settings = work / "run_config.toml"
+    settings.write_text(to_toml({**config.to_run_config(), "dataset": dataset.name, "out-dir": str(run.path)}))
     with Processes(env, work / "logs") as procs:
         procs.start("superlink", superlink_command(port, certs, work / "superlink.db"), cwd=work)
         wait_until(lambda: _listening(port), 60, "the SuperLink")
@@ -238,24 +174,45 @@ def up(
             procs.start(f"supernode-{i}", supernode_command(port, certs, private, node_config), cwd=work / f"node-{i}")
         if on_started is not None:
             on_started(procs)
-        settings = run_config(dataset.name, config, out)
-        run_id = flwr(env, "run", str(APP_DIR), CONNECTION, "--run-config", settings, cwd=APP_DIR)["run-id"]
-        status = _wait_for_run(env, run_id, config.rounds, out, on_round)
+        run_id = flwr(env, "run", str(app), CONNECTION, "--run-config", str(settings), cwd=app)["run-id"]
+        status = _wait_for_run(env, run_id, run, on_round)
         if status["status"] != "finished:completed":
             reason = (status.get("status-details") or status["status"]).splitlines()[-1]
             raise FedfheError(f"federated run {run_id} ended {status['status']}: {reason}")
-    return out / "model.npz"
+    return run.model_file
 
 
-def run_config(dataset: str, config: TrainConfig, out: Path) -> str:
-    """The `flwr run --run-config` value the ServerApp reads back into the same TrainConfig."""
-    params = " ".join(f"{k}={json.dumps(v)}" for k, v in config.params.items())
-    return (
-        f"dataset='{dataset}' clients={config.clients} num-server-rounds={config.rounds} "
-        f"local-iters={config.local_iters} fraction={config.fraction} seed={config.seed} model='{config.model}' "
-        f"params='{params}' strategy='{config.strategy}' min-clients={config.min_clients} "
-        f"round-timeout={config.round_timeout} input-ranges='{config.input_ranges}' out-dir='{out}'"
+def write_app(folder: Path) -> Path:
+    """A Flower App for the installed fedfhe: its components by module path, every run-config key and default.
+
+    `flwr run` sends this folder to the SuperLink; the SuperExec then imports the ServerApp and
+    ClientApp from the installed package, wherever it is.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    version = importlib.metadata.version("fedfhe")
+    project = {"name": "fedfhe", "version": version, "description": "fedfhe", "license": "Apache-2.0"}
+    (folder / "pyproject.toml").write_text(
+        "[project]\n"
+        + to_toml(project)
+        + 'dependencies = []\n\n[tool.flwr.app]\npublisher = "fedfhe"\n\n[tool.flwr.app.components]\n'
+        + to_toml({"serverapp": SERVER_APP, "clientapp": CLIENT_APP})
+        + "\n[tool.flwr.app.config]\n"
+        + to_toml({**RUN_SETTINGS, **TrainConfig().to_run_config()})
     )
+    return folder
+
+
+def to_toml(entries: dict[str, Any]) -> str:
+    """Flat TOML key = value lines for strings, numbers and booleans."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        return json.dumps(str(v), ensure_ascii=False).replace("\x7f", "\\u007f")
+
+    return "".join(f"{key} = {value(v)}\n" for key, v in entries.items())
 
 
 def superlink_command(port: int, certs: Path | None, database: Path) -> list[str]:
@@ -301,17 +258,15 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _wait_for_run(
-    env: dict[str, str], run_id: int, rounds: int, out: Path, on_round: Callable[[int], None] | None
-) -> dict:
+def _wait_for_run(env: dict[str, str], run_id: int, run: RunDir, on_round: Callable[[int], None] | None) -> dict:
     """Poll the run until it ends, reporting rounds as their checkpoints appear."""
     seen = 0
     while True:
         runs = flwr(env, "ls", CONNECTION, "--run-id", str(run_id))["runs"]
-        done = len(list((out / "checkpoints").glob("round-*.npz")))
+        done = run.checkpointed_rounds()
         if on_round is not None and done > seen:
             seen = done
             on_round(done)
         if runs and str(runs[0]["status"]).startswith("finished"):
-            return runs[0]
+            return dict(runs[0])
         time.sleep(1.0)

@@ -1,0 +1,227 @@
+"""How a federation trains: the one place every training default and check lives.
+
+The CLI builds its options from these fields, the Flower apps read them back from the run config,
+and the model file records them; nothing below re-defaults or re-validates them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+from fedfhe.errors import FedfheError
+from fedfhe.kinds import KINDS, Kind, kind_of
+from fedfhe.partition import SCHEMES
+from fedfhe.problem import Problem
+
+if TYPE_CHECKING:
+    from fedfhe.data import Dataset
+
+STRATEGIES = ("fedavg", "fedprox", "fedmedian", "krum", "trimmed-mean")
+INPUT_RANGES = ("schema", "clients")  # the data set's declared ranges, or the owners' shared min/max
+ENGINES = ("sklearn", "concrete")
+RunConfig = dict[str, bool | int | float | str]
+SECAGG, DP = "Secure aggregation", "Differential privacy"  # option panels in --help
+
+
+def option(default: Any, help: str, panel: str = "Training", key: str | None = None) -> Any:
+    """A config field with its CLI option's help and panel and, if not the field's name, its run-config key."""
+    metadata = {"help": help, "panel": panel, **({"key": key} if key else {})}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _choices(names: Any) -> str:
+    """Choices as a help text lists them."""
+    return " | ".join(names)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training setting, checked when the config is made: an invalid TrainConfig cannot exist."""
+
+    clients: int = option(10, "Data owners (Flower clients); 1 trains centrally on one machine.")
+    rounds: int = option(5, "Federated rounds.", key="num-server-rounds")
+    local_iters: int = option(20, "Local optimiser iterations per client per round.")
+    fraction: float = option(1.0, "Fraction of clients that train in each round.")
+    partitioning: str = option("iid", f"How the data is split among clients: {_choices(SCHEMES)}.")
+    alpha: float = option(0.5, "Dirichlet concentration (smaller = more label skew).")
+    seed: int = option(0, "Seed of the split, the partitions and client sampling.")
+    model: str = option("logistic", "logistic | svm (classifiers); linear | ridge | lasso | elasticnet (regressors).")
+    params: dict[str, Any] = option({}, "Estimator parameter NAME=VALUE (repeatable), e.g. --param C=0.5.")
+    engine: str = option("sklearn", f"{_choices(ENGINES)} (fit Concrete ML's own estimator; --clients 1).")
+    input_ranges: str = option(
+        "schema", "schema (the data set's declared ranges) | clients (owners share rounded min/max)."
+    )
+    strategy: str = option("fedavg", f"Aggregation: {_choices(STRATEGIES)}.")
+    proximal_mu: float = option(0.1, "FedProx proximal strength, relative to the mean loss.")
+    min_clients: int = option(1, "Fewest successful clients a round accepts.")
+    round_timeout: float = option(600.0, "Seconds to wait for the clients in a round.")
+    secagg: bool = option(False, "SecAgg+: the server only learns the sum of updates.", SECAGG)
+    secagg_shares: float = option(0.5, "SecAgg+ shares per client (a fraction of the clients if < 1).", SECAGG)
+    secagg_threshold: float = option(0.6, "SecAgg+ shares needed to reconstruct (fraction if < 1).", SECAGG)
+    secagg_clipping_range: float = option(16.0, "SecAgg+ clipping range of each weighted parameter.", SECAGG)
+    secagg_quantization_range: int = option(2**22, "SecAgg+ quantization levels over the clipping range.", SECAGG)
+    secagg_max_weight: float = option(10_000.0, "SecAgg+ bound on a client's sample count.", SECAGG)
+    dp: bool = option(False, "Central DP: client-side clipping, Gaussian noise on the sum.", DP)
+    noise_multiplier: float = option(1.0, "DP noise standard deviation / clipping norm.", DP)
+    clipping_norm: float = option(1.0, "DP bound on the L2 norm of a client's update.", DP)
+    target_delta: float = option(1e-5, "DP delta at which epsilon is reported.", DP)
+
+    def __post_init__(self) -> None:
+        """Check types, then every rule that does not depend on the data."""
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _typed(f, getattr(self, f.name), f"--{f.name.replace('_', '-')}"))
+        self._check()
+
+    @property
+    def kind(self) -> Kind:
+        """The resolved model kind."""
+        return KINDS[self.model]
+
+    @property
+    def sampled(self) -> int:
+        """Clients sampled for training in each round."""
+        return max(int(self.clients * self.fraction), 1)
+
+    def _check(self) -> None:
+        """Refuse settings that cannot run, naming the option."""
+        if self.clients < 1:
+            raise FedfheError(f"--clients must be at least 1 (got {self.clients})")
+        if self.rounds < 1:
+            raise FedfheError(f"--rounds must be at least 1 (got {self.rounds})")
+        if self.local_iters < 1:
+            raise FedfheError(f"--local-iters must be at least 1 (got {self.local_iters})")
+        if not 0 < self.fraction <= 1:
+            raise FedfheError(f"--fraction must be in (0, 1] (got {self.fraction})")
+        if self.partitioning not in SCHEMES:
+            raise FedfheError(f"unknown partitioning {self.partitioning!r}; choose one of: {', '.join(SCHEMES)}")
+        if not self.alpha > 0:
+            raise FedfheError(f"--alpha must be > 0 (got {self.alpha})")
+        kind = kind_of(self.model)
+        kind.check_names(self.params)
+        central_only = sorted(set(self.params) - set(kind.federated))
+        if self.clients > 1 and central_only:
+            honoured = ", ".join(kind.federated) or "none"
+            raise FedfheError(
+                f"--param {central_only[0]} applies to centralized training (--clients 1) only; "
+                f"federated {self.model} uses: {honoured}"
+            )
+        kind.resolve(self.params)
+        if self.input_ranges not in INPUT_RANGES:
+            raise FedfheError(f"unknown input ranges {self.input_ranges!r}; choose one of: {', '.join(INPUT_RANGES)}")
+        if self.engine not in ENGINES:
+            raise FedfheError(f"unknown engine {self.engine!r}; choose one of: {', '.join(ENGINES)}")
+        if self.engine == "concrete" and self.clients != 1:
+            raise FedfheError("--engine concrete fits Concrete ML's estimator on one machine: use --clients 1")
+        if self.strategy not in STRATEGIES:
+            raise FedfheError(f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+        if self.strategy == "fedprox" and not kind.smooth:
+            raise FedfheError(f"fedprox needs an L-BFGS model (not {self.model}, trained by coordinate descent)")
+        if not self.proximal_mu >= 0:
+            raise FedfheError(f"--proximal-mu must be >= 0 (got {self.proximal_mu})")
+        if not 1 <= self.min_clients <= self.sampled:
+            raise FedfheError(f"--min-clients must be between 1 and the {self.sampled} clients sampled per round")
+        if not self.round_timeout > 0:
+            raise FedfheError(f"--round-timeout must be > 0 seconds (got {self.round_timeout})")
+        if self.secagg and (self.strategy not in ("fedavg", "fedprox") or self.sampled < 3):
+            raise FedfheError("--secagg needs fedavg or fedprox and at least 3 clients per round")
+        if self.dp and (self.noise_multiplier < 0 or self.clipping_norm <= 0 or not 0 < self.target_delta < 1):
+            raise FedfheError("--dp needs --noise-multiplier >= 0, --clipping-norm > 0 and 0 < --target-delta < 1")
+        if self.dp and self.strategy not in ("fedavg", "fedprox"):
+            raise FedfheError("--dp works with fedavg or fedprox (its noise assumes an average of clipped updates)")
+        if self.dp and self.clients < 2:
+            raise FedfheError("--dp protects each client of a federation: use --clients 2 or more")
+
+    def problem(self, dataset: Dataset) -> Problem:
+        """The training problem on this data set, refusing what the data cannot support."""
+        if self.clients > len(dataset.y_train):
+            raise FedfheError(f"--clients {self.clients} is more than the {len(dataset.y_train)} training samples")
+        if self.kind.regression != dataset.is_regression:
+            fitting = [name for name, kind in KINDS.items() if kind.regression == dataset.is_regression]
+            raise FedfheError(
+                f"model {self.model} does not fit data set {dataset.name} "
+                f"({'regression' if dataset.is_regression else 'classification'}); use one of: {', '.join(fitting)}"
+            )
+        if dataset.is_regression and self.clients > 1 and self.partitioning != "iid":
+            raise FedfheError(f"{self.partitioning} partitioning skews class labels; {dataset.name} has none (use iid)")
+        return Problem(self.kind, dataset.classes, dataset.input_range, dataset.target_range)
+
+    def client_hyper(self) -> dict[str, float]:
+        """Each client's share of the regularisation, so the clients' objectives add up to the central one.
+
+        Summed objectives (L-BFGS kinds) split the penalty across clients; Lasso and ElasticNet average
+        their loss over samples, so every client keeps the same alpha.
+        """
+        resolved = self.kind.resolve(self.params)
+        hyper = {name: float(resolved[name]) for name in self.kind.federated}
+        if self.kind.smooth and "C" in hyper:
+            hyper["C"] *= self.clients
+        if self.kind.smooth and "alpha" in hyper:
+            hyper["alpha"] /= self.clients
+        return hyper
+
+    def to_run_config(self) -> RunConfig:
+        """Every field as a Flower run-config entry (TOML scalars); `from_run_config` reads it back."""
+        entries: RunConfig = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "params":
+                value = " ".join(shlex.quote(f"{k}={json.dumps(v)}") for k, v in sorted(value.items()))
+            entries[run_config_key(f)] = value
+        return entries
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> TrainConfig:
+        """The config a Flower run was started with; keys it lacks keep their defaults."""
+        settings: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            key = run_config_key(f)
+            if key not in run_config:
+                continue
+            value = run_config[key]
+            if f.name == "params":
+                try:
+                    value = parse_params(shlex.split(str(value)))
+                except ValueError as exc:
+                    raise FedfheError(f"run config params: {exc}") from None
+            settings[f.name] = _typed(f, value, f"run config {key}")
+        return cls(**settings)
+
+
+def run_config_key(f: dataclasses.Field) -> str:
+    """The run-config key of a config field (its name with dashes, unless it declares one)."""
+    return str(f.metadata.get("key", f.name.replace("_", "-")))
+
+
+def _typed(f: dataclasses.Field, value: Any, name: str) -> Any:
+    """The value as the field's type (an int for a float field is fine), or a one-line error."""
+    types: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "bool": bool, "str": str}
+    expected = types.get(str(f.type))
+    if expected is None:  # params
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise FedfheError(f"{name} must map parameter names to values (got {value!r})")
+        return dict(value)
+    if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+        raise FedfheError(f"{name} must be {f.type!s} (got {value!r})")
+    return float(cast(float, value)) if str(f.type) == "float" else value
+
+
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    """NAME=VALUE strings to a dict; values are JSON (numbers, true/false, null) or plain strings."""
+    params: dict[str, Any] = {}
+    words = {"None": None, "True": True, "False": False}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.strip():
+            raise FedfheError(f"--param must look like NAME=VALUE (got {pair!r})")
+        try:
+            value = words[text] if text in words else json.loads(text)
+        except ValueError:
+            value = text
+        params[name.strip()] = value
+    return params

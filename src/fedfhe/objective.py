@@ -1,0 +1,98 @@
+"""What a client optimises in a round, and how any party scores weights on its own data."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.special import logsumexp
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import hinge_loss, log_loss, mean_squared_error
+
+from fedfhe.kinds import Params
+from fedfhe.problem import Problem
+
+
+def fit(
+    problem: Problem,
+    params: Params,
+    X: np.ndarray,
+    y: np.ndarray,
+    hyper: dict[str, float],
+    iterations: int,
+    mu: float = 0.0,
+) -> Params:
+    """Train from `params` on local data (X scaled, y scaled targets or labels); returns the new weights."""
+    if problem.kind.smooth:
+        return _lbfgs(problem, params, X, y, hyper, iterations, mu)
+    local = problem.kind.estimator(**hyper, warm_start=True, max_iter=iterations)
+    local.coef_ = np.array(params[0][0], dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        local.fit(X, y)
+    return [local.coef_[None, :], np.array([local.intercept_], dtype=np.float64)]
+
+
+def _lbfgs(
+    problem: Problem, params: Params, X: np.ndarray, y: np.ndarray, hyper: dict[str, float], iterations: int, mu: float
+) -> Params:
+    """L-BFGS on weight * sum(loss) + strength * ||W||^2 / 2 (intercept not penalised) + FedProx's term.
+
+    Classifiers use scikit-learn's C * sum(loss) + ||W||^2 / 2 (multinomial log-loss, or LinearSVC's
+    one-vs-rest squared hinge); regressors half of Ridge's ||y - Xw||^2 + alpha ||w||^2. FedProx adds
+    mu/2 * weight * n * ||theta - start||^2 (mu relative to the mean loss, as in the paper), which
+    scikit-learn cannot, hence scipy. Every class keeps its row even when a client has no sample of it.
+    """
+    start = np.concatenate([params[0].ravel(), params[1]])
+    n_out, n_features = params[0].shape
+    weight, strength = (hyper["C"], 1.0) if not problem.kind.regression else (1.0, hyper.get("alpha", 0.0))
+    prox = mu * weight * len(y)
+    target = _targets(problem, y)
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        W, b = theta[:-n_out].reshape(n_out, n_features), theta[-n_out:]
+        loss, dZ = _loss(problem.kind.name, X @ W.T + b, target)
+        diff = theta - start
+        value = weight * loss + 0.5 * strength * float(np.sum(W * W)) + 0.5 * prox * float(diff @ diff)
+        grad = np.concatenate([(weight * dZ.T @ X + strength * W).ravel(), weight * dZ.sum(axis=0)]) + prox * diff
+        return value, grad
+
+    theta = minimize(objective, start, jac=True, method="L-BFGS-B", options={"maxiter": iterations}).x
+    return [theta[:-n_out].reshape(n_out, n_features), theta[-n_out:]]
+
+
+def _targets(problem: Problem, y: np.ndarray) -> np.ndarray:
+    """One-hot labels (one column for binary SVM), or the scaled targets as a column."""
+    if problem.kind.regression:
+        return np.asarray(y, dtype=np.float64)[:, None]
+    onehot = (y[:, None] == problem.classes[None, :]).astype(np.float64)
+    return onehot[:, 1:] if problem.n_outputs == 1 else onehot
+
+
+def _loss(model: str, Z: np.ndarray, T: np.ndarray) -> tuple[float, np.ndarray]:
+    """Summed loss of scores Z against targets T, and its gradient in Z."""
+    if model == "logistic":
+        lse = logsumexp(Z, axis=1)
+        return float(np.sum(lse - np.sum(Z * T, axis=1))), np.exp(Z - lse[:, None]) - T
+    if model == "svm":
+        signs = 2 * T - 1
+        margin = np.maximum(0.0, 1 - signs * Z)
+        return float(np.sum(margin**2)), -2 * signs * margin
+    residual = Z - T
+    return 0.5 * float(np.sum(residual**2)), residual
+
+
+def evaluate(problem: Problem, params: Params, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Score and loss on (X scaled, y raw): accuracy and log-loss or hinge, or R2 and MSE in target units."""
+    kind = problem.kind
+    fitted = kind.fitted(params, problem.classes)
+    if kind.regression:
+        predicted = problem.unscale_target(fitted.predict(X))
+        return kind.score(y, predicted), float(mean_squared_error(y, predicted))
+    if kind.name == "svm":
+        loss = hinge_loss(y, fitted.decision_function(X), labels=problem.classes)
+        return kind.score(y, fitted.predict(X)), float(loss)
+    proba = fitted.predict_proba(X)
+    loss = log_loss(y, proba, labels=problem.classes)
+    return kind.score(y, fitted.classes_[proba.argmax(axis=1)]), float(loss)

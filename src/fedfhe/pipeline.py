@@ -1,0 +1,226 @@
+"""The whole way from a data set to an encrypted-inference report, and the steps users repeat on a run.
+
+`run` trains, compiles without data and evaluates in FHE; `evaluate_run` and `tune_run` work on a
+run directory later. Long steps report through a `Progress`; the CLI only draws it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from fedfhe import fhe, report, training, tuning
+from fedfhe.artifacts import check_n_bits
+from fedfhe.config import TrainConfig
+from fedfhe.data import Dataset, check_features, load_dataset, read_table
+from fedfhe.errors import FedfheError
+from fedfhe.fhe import CompiledModel, check_fhe_samples
+from fedfhe.model import LinearModel
+from fedfhe.rundir import RunDir
+
+PathLike = str | os.PathLike[str]
+
+
+class Progress(Protocol):
+    """Where long steps report. Steps: training, compiling, fhe, tuning."""
+
+    def start(self, step: str, total: int | None = None) -> None:
+        """A step begins; `total` units of it, when known."""
+
+    def update(self, done: int, **figures: float) -> None:
+        """`done` units of the current step are finished (with figures worth showing, e.g. a score)."""
+
+
+class Silent:
+    """A Progress that reports nothing."""
+
+    def start(self, step: str, total: int | None = None) -> None:
+        """Nothing to show."""
+
+    def update(self, done: int, **figures: float) -> None:
+        """Nothing to show."""
+
+
+QUIET: Progress = Silent()
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What `run` leaves besides the files: the model, its circuit and the report's summary."""
+
+    model: LinearModel
+    compiled: CompiledModel
+    summary: dict[str, Any]
+
+
+def run(
+    dataset: Dataset,
+    config: TrainConfig,
+    out: PathLike,
+    *,
+    n_bits: int = 8,
+    calibration: PathLike | None = None,
+    fhe_samples: int = 100,
+    progress: Progress = QUIET,
+    verbose: bool = False,
+) -> RunResult:
+    """Train, compile from the input ranges (or a calibration file) and evaluate; everything lands in `out`.
+
+    Every option is checked before anything is written.
+    """
+    check_n_bits(n_bits)
+    config.problem(dataset)
+    check_fhe_samples(fhe_samples, len(dataset.y_test))
+    sample = None if calibration is None else read_table(calibration)[0]
+    target = RunDir(out).create()
+    model = train(dataset, config, target, progress, verbose)
+    compiled = compile_run(target, n_bits, sample, progress, model)
+    summary = _evaluate(compiled, target, dataset.X_test, dataset.y_test, fhe_samples, progress)
+    return RunResult(model, compiled, summary)
+
+
+def train(
+    dataset: Dataset,
+    config: TrainConfig,
+    out: PathLike,
+    progress: Progress = QUIET,
+    verbose: bool = False,
+    resume: bool = False,
+) -> LinearModel:
+    """training.train, reporting rounds (and the test score after each) as the `training` step."""
+    config.problem(dataset)  # before the run directory is touched
+    progress.start("training", config.rounds if config.clients > 1 else None)
+    score = config.kind.score_names[0]
+
+    def on_round(r: int, metrics: dict[str, float]) -> None:
+        if r > 0:
+            progress.update(r, **{score: metrics["score"]})
+
+    return training.train(dataset, config, RunDir(out).create().path, on_round, verbose, resume)
+
+
+def resume(run_dir: PathLike, data_dir: PathLike | None = None, progress: Progress = QUIET) -> LinearModel:
+    """Continue an interrupted run from its last checkpoint, with the data set and config it started with."""
+    target = RunDir(run_dir)
+    name, config = target.read_config()
+    dataset = load_dataset(name, data_dir=data_dir, seed=config.seed)
+    return train(dataset, config, target.create().path, progress, resume=True)
+
+
+def compile_run(
+    run_dir: PathLike,
+    n_bits: int = 8,
+    calibration: np.ndarray | PathLike | None = None,
+    progress: Progress = QUIET,
+    model: LinearModel | None = None,
+) -> CompiledModel:
+    """Compile the run's model (without data, unless a calibration sample is given) and export the artifacts."""
+    check_n_bits(n_bits)
+    target = RunDir(run_dir)
+    model = model or target.load_model()
+    if calibration is not None and not isinstance(calibration, np.ndarray):
+        calibration = read_table(calibration)[0]
+    target.create()
+    progress.start("compiling")
+    compiled = fhe.compile_model(model, n_bits, calibration)
+    fhe.export(compiled, target.path)
+    return compiled
+
+
+def evaluate_run(
+    run_dir: PathLike,
+    fhe_samples: int = 100,
+    data: PathLike | None = None,
+    data_dir: PathLike | None = None,
+    progress: Progress = QUIET,
+) -> dict[str, Any]:
+    """Evaluate the run's compiled model on its test split (or a labelled file) and rewrite its report."""
+    target = RunDir(run_dir)
+    model = target.load_model()
+    if data is None:
+        split = load_dataset(model.metadata["dataset"], data_dir=data_dir, seed=model.metadata["training"]["seed"])
+        X, y = split.X_test, split.y_test
+    else:
+        X, labels = read_table(data)
+        if labels is None:
+            raise FedfheError(f"{data}: no labels (need y in the .npz or a label column in the .csv)")
+        X, y = check_features(X, model.n_features, model.input_range, "test data"), labels
+        if len(y) != len(X):
+            raise FedfheError(f"{data}: {len(y)} labels for {len(X)} rows")
+    check_fhe_samples(fhe_samples, len(y))
+    progress.start("compiling")
+    compiled = fhe.load_compiled(target.path, model)
+    return _evaluate(compiled, target.create(), X, y, fhe_samples, progress)
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """Every measured point, the recommended one, and where its model now lives compiled."""
+
+    points: list[dict[str, Any]]
+    chosen: dict[str, Any]
+    score: str  # accuracy, or r2 for a regressor
+    compiled: CompiledModel
+    run: RunDir  # the run itself, or RUN/tune/NAME=VALUE when a retrained model won
+
+
+def tune_run(
+    run_dir: PathLike,
+    n_bits: list[int] = tuning.DEFAULT_GRID["n_bits"],
+    latency_samples: int = 10,
+    sweep: tuple[str, list[float]] | None = None,
+    data_dir: PathLike | None = None,
+    progress: Progress = QUIET,
+) -> TuneResult:
+    """Sweep n_bits (and one retrained parameter): score in FHE simulation vs latency; compile the best point.
+
+    The run's own model is never replaced: a parameter value is trained again, federated as the run
+    was, into RUN/tune/NAME=VALUE, and the recommended point is compiled where its model lives.
+    """
+    from sklearn.model_selection import ParameterGrid
+
+    check_n_bits(*n_bits)
+    target = RunDir(run_dir)
+    model = target.load_model()
+    split = load_dataset(model.metadata["dataset"], data_dir=data_dir, seed=model.metadata["training"]["seed"])
+    if not 1 <= latency_samples <= len(split.y_test):
+        raise FedfheError(f"--latency-samples must be between 1 and the {len(split.y_test)} test samples")
+    grid: dict[str, list[Any]] = {"n_bits": sorted(set(n_bits))}
+    retrain = None
+    if sweep is not None:
+        name, values = sweep
+        grid[name] = sorted(set(values))
+        _, config = target.read_config()
+        configs = {v: dataclasses.replace(config, params={**config.params, name: v}) for v in grid[name]}
+        for changed in configs.values():  # every setting is checked before any training starts
+            changed.problem(split)
+
+        def retrain(_: str, value: float) -> LinearModel:
+            return training.train(split, configs[value], target.tuned(name, value).path)
+
+    target.create()
+    progress.start("tuning", len(ParameterGrid(grid)))
+    points = tuning.tune(model, split.X_test, split.y_test, grid, latency_samples, progress.update, retrain)
+    score = model.kind.score_names[0]
+    chosen = tuning.recommend(points, score)
+    tuning.write(target, points, chosen, score)
+    where = target
+    for name, value in chosen["param"].items():  # a retrained model wins: compile it where it lives
+        where = target.tuned(name, value)
+    compiled = compile_run(where.path, chosen["n_bits"], progress=progress)
+    return TuneResult(points, chosen, score, compiled, where)
+
+
+def _evaluate(
+    compiled: CompiledModel, target: RunDir, X: np.ndarray, y: np.ndarray, fhe_samples: int, progress: Progress
+) -> dict[str, Any]:
+    """FHE evaluation with progress over the encrypted samples, then report.json/.md and the plot."""
+    progress.start("fhe", fhe_samples)
+    evaluation = fhe.evaluate(compiled, X, y, fhe_samples, target.fhe, progress.update)
+    summary = report.build(compiled, evaluation, fhe_samples)
+    report.write(target, summary, evaluation)
+    return summary

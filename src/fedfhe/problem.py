@@ -1,0 +1,104 @@
+"""What every party agrees on before training: the model kind, the classes, feature and target ranges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedfhe.data import Range
+from fedfhe.kinds import Kind, Params, kind_of
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The shared facts of a federation; features are scaled by the public ranges, never by data."""
+
+    kind: Kind
+    classes: np.ndarray
+    input_range: Range
+    target_range: tuple[float, float] | None = None
+
+    @property
+    def n_outputs(self) -> int:
+        """Rows of the weight matrix."""
+        return self.kind.n_outputs(len(self.classes))
+
+    def initial_params(self) -> Params:
+        """Zero weights: the common starting point of every client."""
+        return [np.zeros((self.n_outputs, len(self.input_range[0]))), np.zeros(self.n_outputs)]
+
+    def scale(self, X: np.ndarray) -> np.ndarray:
+        """Map each feature's declared range to [0, 1]; a fixed map needs no statistics from anyone's data."""
+        low, high = self.input_range
+        return (X - low) / (high - low)
+
+    def scale_target(self, y: np.ndarray) -> np.ndarray:
+        """Regression targets mapped from their declared range to [0, 1]; class labels unchanged."""
+        if self.target_range is None:
+            return y
+        low, high = self.target_range
+        return (y - low) / (high - low)
+
+    def unscale_target(self, predicted: np.ndarray) -> np.ndarray:
+        """Predictions made on [0, 1]-scaled targets, back in target units (classes unchanged)."""
+        if self.target_range is None:
+            return predicted
+        low, high = self.target_range
+        return low + (high - low) * np.ravel(predicted)
+
+    def unscale(self, params: Params) -> Params:
+        """Fold both scalings into the weights so the exported model takes raw features, returns raw targets."""
+        low, high = self.input_range
+        coef, intercept = params[0] / (high - low), np.array(params[1], dtype=np.float64)
+        intercept = intercept - coef @ low
+        if self.target_range is not None:
+            t_low, t_high = self.target_range
+            coef, intercept = coef * (t_high - t_low), intercept * (t_high - t_low) + t_low
+        return [coef, intercept]
+
+    def to_config(self) -> dict[str, Any]:
+        """The problem as config values every Flower layout carries (scalars and strings only)."""
+        return {
+            "model": self.kind.name,
+            "classes": ",".join(str(int(c)) for c in self.classes),
+            "input-low": ",".join(repr(float(v)) for v in self.input_range[0]),
+            "input-high": ",".join(repr(float(v)) for v in self.input_range[1]),
+            "target-range": "" if self.target_range is None else ",".join(map(repr, self.target_range)),
+        }
+
+    @classmethod
+    def from_config(cls, config: Any) -> Problem:
+        """The problem as a client reads it from the server's config."""
+
+        def floats(key: str) -> list[float]:
+            return [float(v) for v in str(config[key]).split(",") if v]
+
+        target = floats("target-range")
+        return cls(
+            kind=kind_of(str(config["model"])),
+            classes=np.array([int(c) for c in str(config["classes"]).split(",") if c], dtype=np.int64),
+            input_range=(np.array(floats("input-low")), np.array(floats("input-high"))),
+            target_range=(target[0], target[1]) if target else None,
+        )
+
+
+def shared_range(X: np.ndarray) -> Range:
+    """A data owner's per-feature min and max, rounded outward to two significant digits.
+
+    This is all an owner reveals to fix the circuit's input ranges: never a row, and the rounding
+    hides the exact extreme values.
+    """
+
+    def outward(values: np.ndarray, direction: Any) -> np.ndarray:
+        magnitude = 10.0 ** (np.floor(np.log10(np.where(values == 0, 1.0, np.abs(values)))) - 1)
+        return direction(values / magnitude) * magnitude
+
+    low, high = outward(X.min(axis=0), np.floor), outward(X.max(axis=0), np.ceil)
+    return low, np.where(high > low, high, low + np.maximum(np.abs(low), 1.0) * 0.01)
+
+
+def merge_ranges(ranges: list[Range]) -> Range:
+    """The smallest per-feature box holding every party's range."""
+    return np.min([r[0] for r in ranges], axis=0), np.max([r[1] for r in ranges], axis=0)

@@ -1,0 +1,77 @@
+"""The end of every training, whichever engine ran it: final score, model file, metrics and their plot."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from fedfhe.config import TrainConfig
+from fedfhe.data import Dataset
+from fedfhe.kinds import Params
+from fedfhe.model import LinearModel
+from fedfhe.objective import evaluate
+from fedfhe.problem import Problem
+from fedfhe.rundir import RunDir
+
+KEPT = ("centralized", "final", "score_names", "concrete_quantized", "train_seconds", "privacy")  # in model.npz
+
+
+def save(
+    run: RunDir, dataset: Dataset, problem: Problem, config: TrainConfig, params: Params, metrics: dict[str, Any]
+) -> LinearModel:
+    """Score the final weights on the test split, then write metrics.json, training.png and model.npz."""
+    score, loss = evaluate(problem, params, problem.scale(dataset.X_test), dataset.y_test)
+    metrics["final"] = {"score": score, "loss": loss}
+    metrics["score_names"] = list(problem.kind.score_names)
+    run.write_metrics(metrics)
+    if metrics.get("rounds"):
+        plot_rounds(metrics, run)
+    coef, intercept = problem.unscale(params)
+    model = LinearModel(
+        coef,
+        intercept,
+        classes=dataset.classes,
+        input_range=problem.input_range,
+        kind=problem.kind,
+        metadata={
+            "dataset": dataset.name,
+            "n_train": len(dataset.y_train),
+            "n_test": len(dataset.y_test),
+            "training": dataclasses.asdict(config),
+            "local_fit": problem.kind.local_fit if config.clients > 1 else "centralized",
+            "metrics": {k: metrics[k] for k in KEPT if k in metrics},
+        },
+    )
+    run.save_model(model)
+    return model
+
+
+def plot_rounds(metrics: dict[str, Any], run: RunDir) -> None:
+    """Score and loss per round: global (server test set), each client, and the baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = metrics["rounds"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, name in zip(axes, ("score", "loss"), metrics["score_names"]):
+        xs = [row["round"] for row in rounds]
+        ax.plot(xs, [row["global"][key] for row in rounds], "o-", color="black", label="global (test set)", zorder=3)
+        per_client: dict[int, list[tuple[int, float]]] = {}
+        for row in rounds:
+            for c in row.get("clients", []):
+                per_client.setdefault(c["client"], []).append((row["round"], c[key]))
+        for i, (_, points) in enumerate(sorted(per_client.items())):
+            ax.plot(*zip(*points), "-", alpha=0.35, lw=1, label="clients (local data)" if i == 0 else None)
+        if "centralized" in metrics:
+            ax.axhline(metrics["centralized"][key], ls="--", color="tab:red", label="centralized baseline")
+        ax.set_xlabel("round")
+        ax.set_ylabel(name)
+        ax.set_xticks(xs)
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="best", fontsize="small")
+    fig.suptitle("Federated training")
+    fig.tight_layout()
+    fig.savefig(run.training_plot, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,158 @@
+"""A run directory: the name of every file a run holds, and the reading and writing of its records.
+
+Training, the Flower apps, FHE compilation, reports, tuning and the service all find their files
+here, so a layout change is made once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedfhe.config import TrainConfig
+from fedfhe.data import Range
+from fedfhe.errors import FedfheError
+from fedfhe.kinds import Params
+from fedfhe.model import LinearModel
+
+FHE_DIR = "fhe"
+FHE_INFO = "fhe.json"
+COMPILE_INPUTS = "compile_inputs.npy"
+CLIENT_SPEC = "client.zip"  # what a client needs to encrypt and decrypt (Concrete ML's deployment files)
+SERVER_SPEC = "server.zip"  # what the server needs to evaluate
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The state after a completed round: enough to resume bit for bit."""
+
+    round: int
+    params: Params
+    rows: list[dict[str, Any]]  # per-round metrics so far
+    input_range: Range
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One run's folder; paths are properties, records have read and write methods."""
+
+    path: Path
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    def __fspath__(self) -> str:
+        """A RunDir is a path-like: it can be passed wherever a path is."""
+        return str(self.path)
+
+    model_file = property(lambda self: self.path / "model.npz", doc="The trained model (safe format).")
+    config_file = property(lambda self: self.path / "train_config.json", doc="Data set and config, for --resume.")
+    metrics_file = property(lambda self: self.path / "metrics.json", doc="Per-round and final training metrics.")
+    training_plot = property(lambda self: self.path / "training.png", doc="Score and loss per round.")
+    partitions = property(lambda self: self.path / "partitions", doc="client-<i>.npz: each owner's data.")
+    partitions_plot = property(lambda self: self.path / "partitions.png", doc="Labels per client.")
+    checkpoints = property(lambda self: self.path / "checkpoints", doc="round-<n>.npz after every round.")
+    fhe = property(lambda self: self.path / FHE_DIR, doc="Concrete ML's deployment artifacts and fhe.json.")
+    keys = property(lambda self: self.path / "keys", doc="The service's default evaluation key store.")
+    evaluation_file = property(lambda self: self.path / "evaluation.json", doc="Every prediction evaluated.")
+    report_json = property(lambda self: self.path / "report.json", doc="The run's summary, for machines.")
+    report_md = property(lambda self: self.path / "report.md", doc="The run's summary, for people.")
+    confusion_plot = property(lambda self: self.path / "confusion_matrix.png", doc="A classifier's FHE results.")
+    predictions_plot = property(lambda self: self.path / "predictions.png", doc="A regressor's FHE results.")
+    tune_json = property(lambda self: self.path / "tune.json", doc="Every tuning point and the recommended one.")
+    tune_md = property(lambda self: self.path / "tune.md", doc="The tuning table.")
+    pareto_plot = property(lambda self: self.path / "pareto.png", doc="Score against FHE latency.")
+    federation = property(lambda self: self.path / "federation", doc="A Deployment Engine run's processes.")
+
+    def create(self) -> RunDir:
+        """Create the folder and prove it is writable, before any long work starts."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.path):
+                pass
+        except OSError as exc:
+            raise FedfheError(f"cannot write to {self.path}: {exc.strerror or exc}") from None
+        return self
+
+    def tuned(self, name: str, value: float) -> RunDir:
+        """Where `tune --sweep` trains the model with NAME=VALUE."""
+        return RunDir(self.path / "tune" / f"{name}={value:g}")
+
+    def write_config(self, dataset: str, config: TrainConfig) -> None:
+        """Record what the run was started with, so --resume can continue it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(json.dumps({"dataset": dataset, "training": dataclasses.asdict(config)}))
+
+    def read_config(self) -> tuple[str, TrainConfig]:
+        """The data set name and training config the run was started with."""
+        try:
+            saved = json.loads(self.config_file.read_text())
+            return str(saved["dataset"]), TrainConfig(**saved["training"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise FedfheError(f"{self.path}: not a resumable run ({exc})") from None
+
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Write a round's state atomically (a crash never leaves half a checkpoint)."""
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        rows = json.dumps([row for row in checkpoint.rows if row["round"] <= checkpoint.round])
+        tmp = self.checkpoints / f".round-{checkpoint.round:04d}.npz"
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                coef=checkpoint.params[0],
+                intercept=checkpoint.params[1],
+                input_low=checkpoint.input_range[0],
+                input_high=checkpoint.input_range[1],
+                rows=np.frombuffer(rows.encode(), dtype=np.uint8),
+            )
+        tmp.replace(self.checkpoints / f"round-{checkpoint.round:04d}.npz")
+
+    def checkpointed_rounds(self) -> int:
+        """How many rounds have a checkpoint."""
+        return len(list(self.checkpoints.glob("round-*.npz")))
+
+    def load_checkpoint(self) -> Checkpoint:
+        """The last completed round's state."""
+        files = sorted(self.checkpoints.glob("round-*.npz"))
+        if not files:
+            raise FedfheError(f"{self.checkpoints}: no checkpoint to resume from")
+        try:
+            with np.load(files[-1], allow_pickle=False) as f:
+                params = [f["coef"], f["intercept"]]
+                input_range = (f["input_low"], f["input_high"])
+                rows = json.loads(f["rows"].tobytes())
+        except (OSError, ValueError, KeyError) as exc:
+            raise FedfheError(f"{files[-1]}: unreadable checkpoint ({exc})") from None
+        return Checkpoint(int(files[-1].stem.split("-")[1]), params, rows, input_range)
+
+    def clear_checkpoints(self) -> None:
+        """Forget an earlier run's checkpoints before a fresh start."""
+        shutil.rmtree(self.checkpoints, ignore_errors=True)
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        """metrics.json."""
+        self.metrics_file.write_text(json.dumps(metrics, indent=2))
+
+    def read_metrics(self) -> dict[str, Any]:
+        """metrics.json, as written."""
+        try:
+            metrics = json.loads(self.metrics_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise FedfheError(f"{self.metrics_file}: unreadable ({exc})") from None
+        return dict(metrics)
+
+    def save_model(self, model: LinearModel) -> None:
+        """model.npz, written atomically."""
+        model.save(self.model_file)
+
+    def load_model(self) -> LinearModel:
+        """model.npz, refused unless an untouched fedfhe model."""
+        return LinearModel.load(self.model_file)
