@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fedfhe run --dataset mnist-5k --clients 10 --rounds 5 --fhe-samples 100 --out runs/demo
+	$(BIN)/fedfhe run --dataset mnist-5k --clients 10 --rounds 5 --fhe-samples 100 --out runs/demo --force
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest

@@ -23,7 +23,7 @@ def one_run(out: Path) -> tuple[float, dict]:
     """Run the demo command once in a fresh process; wall time and its report."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "fedfhe", *COMMAND, "--out", str(out)], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "fedfhe", *COMMAND, "--out", str(out), "--force"], check=True, env=env)
     return time.perf_counter() - start, json.loads((out / "report.json").read_text())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +74,33 @@ def bad_inputs(run: Path, tmp: Path) -> list[tuple[list[str], str]]:
     np.savez(tmp / "nanl.npz", X=np.full((3, 64), np.nan), y=np.zeros(3))
     (tmp / "fake.npz").write_bytes(b"PK\x03\x04 not really")
     (tmp / "afile").write_text("a file where a folder should be")
-    r = str(run)
+    (tmp / "empty.csv").write_text("")
+    (tmp / "ragged.csv").write_text("a,b,label\n1,2,0\n3,4\n")
+    np.save(tmp / "rows.npy", np.zeros((40, 64)))  # 20 KiB
+    with open(tmp / "huge.npy", "wb") as f:  # a header declaring 8 TB of rows, and no rows
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": (10**12, 1)})
+    r, fresh = str(run), str(tmp / "fresh")  # fresh must not even be created
     return [
+        (["train", "--dataset", "digits", "--out", r], f"{r} already holds a run: pass --force to start over"),
+        (["run", "--dataset", "digits", "--out", r], f"or continue it with: fedfhe train --resume {r}"),
+        (["train", "--dataset", "digits", "--seed", "-1", "--out", fresh], "--seed must be between 0 and 2**32 - 1"),
+        (["federation", "split", "--seed", "-1", "--out", fresh], "--seed must be between 0 and 2**32 - 1"),
+        (
+            ["train", "--dataset", "digits", "--clients", "1400", "--partitioning", "dirichlet", "--alpha", "0.001"]
+            + ["--out", fresh],
+            "cannot partition 1437 samples among 1400 clients",
+        ),
+        (["evaluate", "--run", r, "--data", str(tmp / "empty.csv")], "empty.csv: no data"),
+        (["compile", "--run", r, "--calibration", str(tmp / "ragged.csv")], "line 3 has 2 values, the header 3"),
+        (
+            ["evaluate", "--run", r, "--data", str(tmp / "rows.npy"), "--max-input-mb", "0.01"],
+            "MiB on disk, more than the 0.01 MiB allowed",
+        ),
+        (
+            ["compile", "--run", r, "--calibration", str(tmp / "huge.npy")],
+            "MiB declared, more than the 1024 MiB allowed",
+        ),
+        (["compile", "--run", r, "--max-input-mb", "0"], "--max-input-mb must be > 0"),
         (["run", "--dataset", "cifar", "--out", r], "unknown data set 'cifar'"),
         (["run", "--dataset", "digits", "--clients", "5000", "--out", r], "--clients 5000 is more than"),
         (["run", "--dataset", "digits", "--rounds", "0", "--out", r], "--rounds must be at least 1"),
@@ -110,6 +136,17 @@ def test_bad_inputs_give_one_line_and_keep_the_run(cli_run, tmp_path):
         assert len(lines) == 1 and message in lines[0], (args, done.stderr)
         assert "Traceback" not in done.stderr + done.stdout
     assert snapshot(cli_run) == before
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_force_starts_over_removing_only_what_the_old_run_wrote(cli_run, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(cli_run, old)  # a whole run: partitions, checkpoints, model, fhe/, report
+    (old / "notes.txt").write_text("not fedfhe's")
+    done = fedfhe("train", "--dataset", "digits", "--clients", "1", "--force", "--out", str(old))
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in old.iterdir()) == ["metrics.json", "model.npz", "notes.txt", "train_config.json"]
+    assert json.loads((old / "train_config.json").read_text())["training"]["clients"] == 1
 
 
 def test_model_file_from_elsewhere_is_refused(cli_run, tmp_path):

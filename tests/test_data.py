@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import struct
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +131,48 @@ def test_read_table_rejects_pickles_and_garbage(tmp_path):
     with pytest.raises(FedfheError, match="unsupported file type"):
         (tmp_path / "x.txt").write_text("1")
         read_table(tmp_path / "x.txt")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "no data"),
+        ("a,b,label\n", "no data"),
+        ("a,b,label\n1,2,0\n\n3,4\n", "line 4 has 2 values, the header 3"),
+        ("a,b,label\n1,2,0\n3,4,1,5\n", "line 3 has 4 values, the header 3"),
+    ],
+)
+def test_read_table_refuses_empty_and_ragged_csv_in_one_line(tmp_path, text, message):
+    (tmp_path / "data.csv").write_text(text)
+    with warnings.catch_warnings(), pytest.raises(FedfheError, match=message) as info:
+        warnings.simplefilter("error")  # a warning would be one more line on stderr
+        read_table(tmp_path / "data.csv")
+    assert "\n" not in str(info.value) and str(tmp_path / "data.csv") in str(info.value)
+
+
+def write_npy_header(f, shape: tuple[int, ...]) -> None:
+    """A .npy header declaring float64 rows of that shape; no data follows."""
+    np.lib.format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": shape})
+
+
+def test_read_table_refuses_files_larger_than_max_bytes_before_reading(tmp_path):
+    X = np.zeros((100, 8))  # 6,400 bytes of data
+    np.save(tmp_path / "rows.npy", X)
+    np.savez(tmp_path / "rows.npz", X=X, y=np.zeros(100))
+    (tmp_path / "rows.csv").write_text(",".join(f"f{j}" for j in range(8)) + "\n" + "0,0,0,0,0,0,0,0\n" * 100)
+    for name in ("rows.npy", "rows.npz", "rows.csv"):
+        assert read_table(tmp_path / name, max_bytes=1 << 20)[0].shape == (100, 8)
+        with pytest.raises(FedfheError, match=r"MiB on disk, more than the 0.0009537 MiB allowed"):
+            read_table(tmp_path / name, max_bytes=1000)
+    with open(tmp_path / "huge.npy", "wb") as f:  # small files whose headers declare 64 TB
+        write_npy_header(f, (10**12, 8))
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z, z.open("X.npy", "w") as member:
+        write_npy_header(member, (10**12, 8))
+    for name in ("huge.npy", "huge.npz"):
+        with pytest.raises(FedfheError, match=r"MiB declared, more than the 1 MiB allowed"):
+            read_table(tmp_path / name, max_bytes=1 << 20)
+    with pytest.raises(FedfheError, match="must be positive"):
+        read_table(tmp_path / "rows.npy", max_bytes=0)
 
 
 @pytest.mark.parametrize(

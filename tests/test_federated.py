@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from fedfhe import TrainConfig, train
+from fedfhe import TrainConfig, run, train
 from fedfhe.errors import FedfheError
 from fedfhe.model import LinearModel
 
@@ -41,12 +42,31 @@ def test_one_client_trains_centrally(tmp_path, digits):
         ({"clients": 2000}, "--clients 2000 is more than the 1437 training samples"),
         ({"fraction": 1.5}, "--fraction must be in"),
         ({"clients": "3"}, "--clients must be int"),
+        ({"seed": -1}, r"--seed must be between 0 and 2\*\*32 - 1 \(got -1\)"),
+        ({"seed": 2**32}, r"--seed must be between 0 and 2\*\*32 - 1"),
+        ({"clients": 1400, "partitioning": "dirichlet", "alpha": 0.001}, "cannot partition 1437 samples"),
     ],
 )
 def test_bad_training_settings(tmp_path, digits, settings, message):
     with pytest.raises(FedfheError, match=message):
-        train(digits, TrainConfig(**settings), tmp_path)
-    assert not (tmp_path / "train_config.json").exists()
+        train(digits, TrainConfig(**settings), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused: not even the folder is made
+
+
+def test_a_folder_holding_a_run_is_refused_unless_force(tmp_path, digits):
+    config = TrainConfig(clients=1)
+    train(digits, config, tmp_path)
+    (tmp_path / "fhe").mkdir()
+    (tmp_path / "fhe" / "client.zip").write_bytes(b"the old run's circuit")
+    (tmp_path / "report.md").write_text("the old run's report")
+    (tmp_path / "notes.txt").write_text("not fedfhe's")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for again in (lambda: train(digits, config, tmp_path), lambda: run(digits, config, tmp_path, fhe_samples=1)):
+        with pytest.raises(FedfheError, match=re.escape(f"{tmp_path} already holds a run: pass --force")):
+            again()
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    train(digits, config, tmp_path, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "model.npz", "notes.txt", "train_config.json"]
 
 
 def test_same_seed_gives_the_same_model(federated_run, digits, tmp_path):

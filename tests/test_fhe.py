@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import re
+import shutil
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fedfhe
 
 from fedfhe import fhe
+from fedfhe.artifacts import read_artifacts
 from fedfhe.errors import FedfheError
 from fedfhe.model import LinearModel
-from fedfhe.rundir import FHE_DIR
+from fedfhe.rundir import CLIENT_SPEC, COMPILE_INPUTS, FHE_DIR, FHE_INFO, RunDir
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +80,78 @@ def test_evaluate_rejects_bad_requests(compiled, federated_run, digits):
     X[0, 0] = np.nan
     with pytest.raises(FedfheError, match="NaN"):
         fhe.evaluate(compiled, X, digits.y_test, 1, federated_run / "fhe")
+
+
+def edit_info(**changes: object) -> Callable[[Path], None]:
+    """A damage: rewrite fhe.json with some fields changed."""
+    return lambda path: path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def huge_shape(path: Path) -> None:
+    """A damage: an .npy header declaring 10^12 rows of 64 features, with no data behind it."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f8", "fortran_order": False, "shape": (10**12, 64)})
+    path.write_bytes(buffer.getvalue())
+
+
+def zip_of_zeros(path: Path) -> None:
+    """A damage: a 32 KB zip that unpacks to 32 MiB."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("client.specs.json", bytes(32 << 20))
+
+
+BROKEN_ARTIFACTS: dict[str, tuple[str, Callable[[Path], object], str]] = {
+    "fhe.json not JSON": (FHE_INFO, lambda p: p.write_text("{not json"), "Expecting property name"),
+    "fhe.json nested deep": (FHE_INFO, lambda p: p.write_text("[" * 30_000 + "]" * 30_000), "maximum recursion"),
+    "fhe.json a list": (FHE_INFO, lambda p: p.write_text("[8]"), "a JSON list, not an object"),
+    "fhe.json n_bits a string": (FHE_INFO, edit_info(n_bits="8"), "n_bits is str, not int"),
+    "fhe.json n_bits true": (FHE_INFO, edit_info(n_bits=True), "n_bits is bool, not int"),
+    "fhe.json n_bits 40": (FHE_INFO, edit_info(n_bits=40), "--n-bits must be between 2 and 12"),
+    "fhe.json of 3 GiB": (FHE_INFO, lambda p: os.truncate(p, 3 << 30), r"3221225472 bytes, more than the \d+ it"),
+    "compile inputs garbage": (COMPILE_INPUTS, lambda p: p.write_bytes(b"garbage" * 9), "magic string is not correct"),
+    "compile inputs of 10^12 rows": (COMPILE_INPUTS, huge_shape, "0 bytes of data where its header declares 5120"),
+    "compile inputs of another width": (
+        COMPILE_INPUTS,
+        lambda p: np.save(p, np.zeros((3, 5))),
+        r"float64 of shape \(3, 5\), expected 2-D float64, 64 columns",
+    ),
+    "compile inputs with NaN": (COMPILE_INPUTS, lambda p: np.save(p, np.full((3, 64), np.nan)), "inf or NaN"),
+    "compile inputs pickled": (
+        COMPILE_INPUTS,
+        lambda p: np.save(p, np.array([{"x": 1}], dtype=object), allow_pickle=True),
+        r"object of shape \(1,\)",
+    ),
+    "client.zip garbage": (CLIENT_SPEC, lambda p: p.write_bytes(b"garbage"), "File is not a zip file"),
+    "client.zip bomb": (CLIENT_SPEC, zip_of_zeros, "unpacks to 33554432 bytes, more than 16777216"),
+}
+
+
+@pytest.fixture
+def run_copy(compiled, federated_run, tmp_path) -> Path:
+    """The compiled run's model and FHE artifacts, copied for a test to damage."""
+    shutil.copy(federated_run / "model.npz", tmp_path / "model.npz")
+    shutil.copytree(federated_run / FHE_DIR, tmp_path / FHE_DIR)
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", BROKEN_ARTIFACTS)
+def test_broken_artifacts_are_refused_in_one_line_naming_the_file(run_copy, case):
+    name, damage, message = BROKEN_ARTIFACTS[case]
+    model = LinearModel.load(run_copy / "model.npz")
+    assert read_artifacts(RunDir(run_copy), model).n_bits == 6
+    damage(run_copy / FHE_DIR / name)
+    with pytest.raises(FedfheError, match=message) as refused:
+        read_artifacts(RunDir(run_copy), model)
+    assert str(refused.value).startswith(f"{run_copy / FHE_DIR / name}: unreadable FHE artifact (")
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("case", BROKEN_ARTIFACTS)
+def test_cli_refuses_broken_artifacts_in_one_line(run_copy, case):
+    name, damage, message = BROKEN_ARTIFACTS[case]
+    damage(run_copy / FHE_DIR / name)
+    done = fedfhe("evaluate", "--run", str(run_copy), "--fhe-samples", "1", timeout=120)
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("compiling the FHE circuit")]
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr  # after the bar
+    assert f"{name}: unreadable FHE artifact" in done.stderr and re.search(message, done.stderr)
+    assert "Traceback" not in done.stderr and "unexpected" not in done.stderr

@@ -56,6 +56,37 @@ def test_files_that_are_not_models_are_refused(tmp_path, write):
         LinearModel.load(path)
 
 
+@pytest.mark.parametrize(
+    ("coef", "intercept", "classes", "message"),
+    [
+        ([[1.0, np.inf], [0.0, 1.0]], [0.0, 0.0], [0, 1], "coef holds inf or NaN"),
+        ([[1.0, 2.0], [0.0, 1.0]], [np.nan, 0.0], [0, 1], "intercept holds inf or NaN"),
+        (np.eye(2) + 1j, [0.0, 0.0], [0, 1], "coef must hold real numbers, not complex128"),
+        (np.array([[None, 1]], dtype=object), [0.0], [0], "coef must hold real numbers, not object"),
+        (np.eye(2), [0.0, 0.0], [1, 1], r"classes repeat: \[1\]"),
+        (np.eye(2), [0.0, 0.0], [0.5, 1.5], "classes must be integers, not float64"),
+        ([1.0, 2.0], [0.0], [0], "inconsistent weight shapes"),
+    ],
+)
+def test_a_model_no_circuit_could_compute_is_refused_before_it_can_be_saved(coef, intercept, classes, message):
+    with pytest.raises(FedfheError, match=message):
+        LinearModel(np.asarray(coef), np.asarray(intercept), np.asarray(classes), (0.0, 1.0))
+
+
+def test_weights_of_any_real_dtype_are_kept_as_float64_so_the_file_reloads(tmp_path):
+    model = LinearModel(np.ones((2, 3), dtype=np.int32), np.zeros(2, dtype=np.float32), [0, 1], (0.0, 1.0))
+    assert model.coef.dtype == model.intercept.dtype == np.float64 and model.classes.dtype == np.int64
+    model.save(tmp_path / "m.npz")
+    assert LinearModel.load(tmp_path / "m.npz").sha256 == model.sha256
+
+
+def test_a_regressor_has_no_classes_and_round_trips(tmp_path):
+    model = LinearModel(np.ones((1, 3)), np.zeros(1), np.array([]), (0.0, 1.0), kind="ridge")
+    model.save(tmp_path / "m.npz")
+    loaded = LinearModel.load(tmp_path / "m.npz")
+    assert loaded.is_regression and loaded.classes.dtype == np.int64 and loaded.sha256 == model.sha256
+
+
 def test_missing_model_file(tmp_path):
     with pytest.raises(FedfheError, match="model file not found"):
         LinearModel.load(tmp_path / "nope.npz")

@@ -14,7 +14,7 @@ from fedfhe import TrainConfig, objective, train
 from fedfhe.errors import FedfheError
 from fedfhe.federated.privacy import privacy_spent
 from fedfhe.federated.server_app import ServerRun
-from fedfhe.federated.simulation import simulate
+from fedfhe.federated.simulation import run_in_process
 from fedfhe.partition import partition, save_partitions
 from fedfhe.problem import Problem
 from fedfhe.rundir import RunDir
@@ -61,7 +61,7 @@ def run(digits, config: TrainConfig, folder: Path, broken: int | None = None, gr
             grid_box.append(grid)
         server(grid, context)
 
-    simulate(config, recorded, folder / "p")
+    run_in_process(config, recorded, folder / "p")
     return server.params, server.log, parts
 
 

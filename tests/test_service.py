@@ -8,18 +8,14 @@ import os
 import shutil
 import signal
 import struct
-import subprocess
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
 
 import httpx
 import numpy as np
 import pytest
-from conftest import ENV, FEDFHE, fedfhe, free_port, wait_for
+from conftest import Served, fedfhe, fhe_client, free_port, key_id, serving, wait_for
 
 from fedfhe.errors import FedfheError
 from fedfhe.service.client import EncryptedClient, image_row
@@ -29,51 +25,10 @@ from fedfhe.service.protocol import BatchTooLarge, decode_frames, encode_frames
 OCTET = {"content-type": "application/octet-stream"}
 
 
-class Served(NamedTuple):
-    """A running server: its URL, log file, key store and process id."""
-
-    url: str
-    log: Path
-    store: Path
-    pid: int
-
-
-@contextmanager
-def serving(run_dir: Path, store: Path, log: Path, *options: str) -> Iterator[Served]:
-    """A real `fedfhe serve` process on a free loopback port, stopped (and reaped) whatever happens."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    args = ["serve", "--run", str(run_dir), "--port", str(port), "--key-store", str(store), *options]
-    with open(log, "ab") as err:
-        proc = subprocess.Popen([*FEDFHE, *args], stdout=subprocess.DEVNULL, stderr=err, env=ENV)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, f"server exited with {proc.returncode}: {log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, "server did not become healthy in 90 s"
-            try:
-                if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        yield Served(url, log, store, proc.pid)
-    finally:
-        proc.terminate()  # SIGTERM: uvicorn shuts down and the pool stops its workers
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("service") / "run"
-    done = fedfhe(
-        "run", "--dataset", "digits", "--clients", "1", "--n-bits", "6", "--fhe-samples", "0", "--out", str(out)
-    )
-    assert done.returncode == 0, done.stderr
-    return out
+def run_dir(served_run) -> Path:
+    """The compiled digits run every server of this module serves."""
+    return served_run
 
 
 @pytest.fixture(scope="module")
@@ -108,19 +63,6 @@ def alice(server, rows, tmp_path_factory) -> Iterator[EncryptedClient]:
     client.predict(rows[:1])
     yield client
     client.close()
-
-
-def fhe_client(key_dir: Path):
-    """The Concrete client behind an EncryptedClient's key directory (same spec, same private key)."""
-    from concrete.ml.deployment import FHEModelClient
-
-    client = FHEModelClient(str(key_dir), key_dir=str(key_dir / "keys"))
-    client.generate_private_and_evaluation_keys()  # loads the keys already in key_dir
-    return client
-
-
-def key_id(key_dir: Path) -> str:
-    return json.loads((key_dir / "session.json").read_text())["key_id"]
 
 
 def post_predict(url: str, key: str, body: bytes, headers: dict[str, str] = OCTET) -> httpx.Response:

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
 from fedfhe.errors import FedfheError
-from fedfhe.model import LinearModel
+from fedfhe.model import READ_ERRORS, LinearModel, first_line, read_npy
 from fedfhe.rundir import CLIENT_SPEC, COMPILE_INPUTS, FHE_INFO, SERVER_SPEC, RunDir
 
 N_BITS_RANGE = (2, 12)
+# The most each artifact may hold, far above what export writes, so a damaged file is refused before it is read.
+MAX_INFO_BYTES = 64 << 10  # fhe.json: its fields and up to model.MAX_OUTPUTS classes, plus ...
+INFO_BYTES_PER_FEATURE = 64  # ... its input range: two indented numbers of at most 30 characters a feature
+MAX_CLIENT_SPEC_BYTES = 16 << 20  # client.zip, packed or unpacked: about 3 KiB for every model fedfhe trains
+MAX_COMPILE_INPUTS_BYTES = 256 << 20  # 2 x outputs + 2 rows, or a calibration sample (40,000 rows of MNIST)
+INFO_TYPES = {"model_sha256": str, "n_bits": int, "max_bit_width": int, "calibration": str}
+
+T = TypeVar("T")
 
 
 def check_n_bits(*values: int) -> None:
@@ -42,20 +55,62 @@ def read_artifacts(run: RunDir, model: LinearModel) -> Artifacts:
     for name in (CLIENT_SPEC, SERVER_SPEC, COMPILE_INPUTS):
         if not (folder / name).is_file():
             raise FedfheError(f"{folder / name}: not found (run `fedfhe compile` first)")
-    try:
-        info = json.loads((folder / FHE_INFO).read_text())
-        inputs = np.load(folder / COMPILE_INPUTS, allow_pickle=False)
-        spec = (folder / CLIENT_SPEC).read_bytes()
-        if not isinstance(info, dict):
-            raise TypeError(f"{FHE_INFO} holds {type(info).__name__}, not an object")
-        artifacts = Artifacts(
-            folder, int(info["n_bits"]), int(info["max_bit_width"]), str(info["calibration"]), inputs, spec
-        )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise FedfheError(f"{folder}: unreadable FHE artifacts ({exc})") from None
-    if info.get("model_sha256") != model.sha256:
+    info_bytes = MAX_INFO_BYTES + INFO_BYTES_PER_FEATURE * model.n_features
+    info = _read(folder / FHE_INFO, info_bytes, _read_info)
+    inputs = _read(folder / COMPILE_INPUTS, MAX_COMPILE_INPUTS_BYTES, lambda f: _read_inputs(f, model.n_features))
+    spec = _read(folder / CLIENT_SPEC, MAX_CLIENT_SPEC_BYTES, _read_spec)
+    if info["model_sha256"] != model.sha256:
         raise FedfheError(f"{folder}: FHE artifacts were compiled for another model; compile again")
-    check_n_bits(artifacts.n_bits)
-    if inputs.ndim != 2 or inputs.shape[1] != model.n_features or not np.isfinite(inputs).all():
-        raise FedfheError(f"{folder / COMPILE_INPUTS}: compile inputs do not fit the model")
-    return artifacts
+    return Artifacts(folder, info["n_bits"], info["max_bit_width"], info["calibration"], inputs, spec)
+
+
+def _read(path: Path, limit: int, read: Callable[[io.BufferedReader], T]) -> T:
+    """One artifact, refused in one line naming it when larger than `limit` or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise ValueError(f"{size} bytes, more than the {limit} it may hold")
+            return read(f)
+    except READ_ERRORS as exc:
+        raise FedfheError(f"{path}: unreadable FHE artifact ({first_line(exc)}); compile again") from None
+
+
+def _read_info(f: io.BufferedReader) -> dict[str, Any]:
+    """fhe.json, with the fields read_artifacts uses of the types export writes."""
+    info = json.loads(f.read())
+    if isinstance(info, dict):
+        for key, kind in INFO_TYPES.items():
+            if type(info.get(key)) is not kind:  # so neither true nor 8.5 passes for an int
+                raise ValueError(f"{key} is {type(info.get(key)).__name__}, not {kind.__name__}")
+        check_n_bits(info["n_bits"])
+        return info
+    raise ValueError(f"a JSON {type(info).__name__}, not an object")
+
+
+def _read_inputs(f: io.BufferedReader, n_features: int) -> np.ndarray:
+    """compile_inputs.npy: finite float64 rows of the model's width, its header checked before its data is read."""
+    size = os.fstat(f.fileno()).st_size
+    inputs = read_npy(
+        f,
+        size,
+        np.float64,
+        lambda s: len(s) == 2 and s[0] > 0 and s[1] == n_features,
+        f"2-D float64, {n_features} columns",
+    )
+    if not np.isfinite(inputs).all():
+        raise ValueError("inf or NaN in the compile inputs")
+    return inputs
+
+
+def _read_spec(f: io.BufferedReader) -> bytes:
+    """client.zip's bytes, once they prove a sound zip a client can unpack in bounded memory."""
+    spec = f.read()
+    with zipfile.ZipFile(io.BytesIO(spec)) as archive:
+        unpacked = sum(info.file_size for info in archive.infolist())
+        if unpacked > MAX_CLIENT_SPEC_BYTES:
+            raise ValueError(f"unpacks to {unpacked} bytes, more than {MAX_CLIENT_SPEC_BYTES}")
+        broken = archive.testzip()
+    if broken is not None:
+        raise ValueError(f"{broken} is corrupt")
+    return spec

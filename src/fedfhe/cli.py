@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -9,7 +10,7 @@ import os
 import signal
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -40,6 +41,10 @@ FheSamples = Annotated[int, typer.Option(help="Test samples to run with real enc
 RunDirOption = Annotated[Path, typer.Option("--run", help="Run directory.")]
 Out = Annotated[Path, typer.Option(help="Run directory to write into.")]
 Verbose = Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")]
+Force = Annotated[
+    bool, typer.Option("--force", help="Start over where a run already is: the files fedfhe wrote there go first.")
+]
+MaxInputMb = Annotated[float, typer.Option(help="Largest data file read (on disk, or as its header declares), in MiB.")]
 
 
 def training_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -97,11 +102,66 @@ class Bars:
         self.live.update(self.task, completed=done, description=description)
 
 
-def _bars() -> Progress:
-    """The progress display shared by long steps."""
-    return Progress(
+@contextlib.contextmanager
+def _bars() -> Iterator[Progress]:
+    """The progress display shared by long steps; it vanishes if the command fails, so a refusal stays one line."""
+    progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     )
+    progress.start()
+    try:
+        yield progress
+    except BaseException:
+        progress.live.transient = True
+        progress.live.stop()  # not progress.stop(), which adds an empty line on a non-terminal
+        raise
+    progress.stop()
+
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM reached a training command; it exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _training(run_dir: Path) -> Iterator[Bars]:
+    """Progress bars for train and run; Ctrl-C or SIGTERM ends the command in one line naming the last checkpoint.
+
+    The signal becomes an exception, so the training unwinds through its cleanup (the simulation's
+    processes are killed on the way); signals after the first are ignored, so nothing breaks that cleanup.
+    """
+
+    def interrupt(signum: int, _: Any) -> None:
+        for number in SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    for number in SIGNALS:
+        signal.signal(number, interrupt)
+    try:
+        with _bars() as progress:
+            yield Bars(progress)
+    except Interrupted as exc:
+        console.print(_interruption(run_dir), style="yellow", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(128 + exc.signum) from None
+
+
+def _interruption(run_dir: Path) -> str:
+    """Where an interrupted training stopped, and how to go on."""
+    from fedfhe.rundir import RunDir
+
+    run = RunDir(run_dir)
+    done = run.last_round()
+    if done == 0:
+        return "interrupted before the first checkpoint"
+    _, config = run.read_config()
+    return f"interrupted after round {done} of {config.rounds}; resume with: fedfhe train --resume {run_dir}"
 
 
 def _trained(model: Any, out: Path) -> None:
@@ -157,29 +217,35 @@ def train(
     resume: Annotated[
         Path | None, typer.Option(help="Continue an interrupted run from its last checkpoint (other options ignored).")
     ] = None,
+    force: Force = False,
     verbose: Verbose = False,
 ) -> None:
     """Train a linear model with Flower on its simulation engine (or centrally with --clients 1)."""
     from fedfhe import pipeline
     from fedfhe.data import load_dataset
 
-    with _bars() as live:
+    target = out if resume is None else resume
+    with _training(target) as bars:
         if resume is not None:
-            model = pipeline.resume(resume, data_dir, Bars(live))
-            out = resume
+            model = pipeline.resume(resume, data_dir, bars)
         else:
             data = load_dataset(dataset, data_dir=data_dir, seed=config.seed)
-            model = pipeline.train(data, config, out, Bars(live), verbose)
-    _trained(model, out)
+            model = pipeline.train(data, config, out, bars, verbose, force=force)
+    _trained(model, target)
 
 
 @app.command("compile")
-def compile_(run: RunDirOption = Path("runs/latest"), n_bits: NBits = 8, calibration: Calibration = None) -> None:
+def compile_(
+    run: RunDirOption = Path("runs/latest"),
+    n_bits: NBits = 8,
+    calibration: Calibration = None,
+    max_input_mb: MaxInputMb = 1024.0,
+) -> None:
     """Convert the run's model with Concrete ML and compile it, without any training data."""
     from fedfhe import pipeline
 
     with console.status("compiling the FHE circuit"):
-        compiled = pipeline.compile_run(run, n_bits, calibration)
+        compiled = pipeline.compile_run(run, n_bits, calibration, max_input_mb=max_input_mb)
     _compiled(compiled, run)
 
 
@@ -191,12 +257,13 @@ def evaluate(
         Path | None, typer.Option(help="Labelled data (.npz X,y or .csv with label) instead of the test split.")
     ] = None,
     data_dir: DataDir = None,
+    max_input_mb: MaxInputMb = 1024.0,
 ) -> None:
     """Measure float, quantized, simulated and real FHE accuracy and their agreement."""
     from fedfhe import pipeline
 
     with _bars() as live:
-        summary = pipeline.evaluate_run(run, fhe_samples, data, data_dir, Bars(live))
+        summary = pipeline.evaluate_run(run, fhe_samples, data, data_dir, Bars(live), max_input_mb)
     _show(summary, run)
 
 
@@ -210,14 +277,16 @@ def run(
     calibration: Calibration = None,
     fhe_samples: FheSamples = 100,
     out: Out = Path("runs/latest"),
+    force: Force = False,
+    max_input_mb: MaxInputMb = 1024.0,
     verbose: Verbose = False,
 ) -> None:
     """Train, compile and evaluate in one go; everything lands in --out."""
     from fedfhe import pipeline
     from fedfhe.data import load_dataset
 
-    data = load_dataset(dataset, data_dir=data_dir, seed=config.seed)
-    with _bars() as live:
+    with _training(out) as bars:
+        data = load_dataset(dataset, data_dir=data_dir, seed=config.seed)
         result = pipeline.run(
             data,
             config,
@@ -225,8 +294,10 @@ def run(
             n_bits=n_bits,
             calibration=calibration,
             fhe_samples=fhe_samples,
-            progress=Bars(live),
+            progress=bars,
             verbose=verbose,
+            force=force,
+            max_input_mb=max_input_mb,
         )
     _trained(result.model, out)
     _compiled(result.compiled, out)
@@ -343,8 +414,9 @@ def federation_split(
     from fedfhe.federated.deployment import write_owner_files
     from fedfhe.rundir import RunDir
 
+    config = TrainConfig(clients=clients, partitioning=partitioning, seed=seed)
     data = load_dataset(dataset, seed=seed)
-    TrainConfig(clients=clients, partitioning=partitioning, seed=seed).problem(data)
+    config.problem(data)
     files = write_owner_files(data, clients, RunDir(out).create().path, partitioning, seed)
     console.print(f"{len(files)} owner files -> {out}")
 
@@ -353,27 +425,62 @@ def federation_split(
 def serve(
     run: RunDirOption = Path("runs/latest"),
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port (1-65535).")] = 8000,
     workers: Annotated[int, typer.Option(help="FHE worker processes.")] = 2,
     key_store: Annotated[Path | None, typer.Option(help="Evaluation key directory (default RUN/keys).")] = None,
+    max_keys: Annotated[int, typer.Option(help="Most evaluation keys stored (least recently used go first).")] = 1000,
+    max_key_store_mb: Annotated[float, typer.Option(help="Most MiB of evaluation keys stored.")] = 1024.0,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body, in MiB.")] = 16.0,
     max_batch: Annotated[int, typer.Option(help="Most ciphertexts per request.")] = 256,
     timeout: Annotated[float, typer.Option(help="Seconds of FHE work allowed per request.")] = 60.0,
+    read_timeout: Annotated[
+        float, typer.Option(help="Seconds a request may take to arrive whole (headers and body).")
+    ] = 30.0,
+    max_connections: Annotated[
+        int | None, typer.Option(help="Open connections at most (default: what the descriptor limit allows).")
+    ] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="Serve HTTPS with this certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="The certificate's private key (PEM).")] = None,
+    tokens: Annotated[
+        Path | None, typer.Option(help="File of bearer tokens, one per line: then every route but health needs one.")
+    ] = None,
+    rate: Annotated[
+        float | None, typer.Option(help="Requests per minute allowed to each token (with --tokens).")
+    ] = None,
 ) -> None:
-    """Serve encrypted inference over HTTP; the server never holds a private key."""
+    """Serve encrypted inference over HTTP(S); the server never holds a private key."""
     import logging
 
-    import uvicorn
-
+    from fedfhe.rundir import RunDir
+    from fedfhe.service import network
+    from fedfhe.service.access import Access
+    from fedfhe.service.evaluator import Evaluator
     from fedfhe.service.server import Limits, create_app
 
-    if max_body_mb <= 0 or max_batch < 1 or timeout <= 0:
-        raise FedfheError("--max-body-mb and --timeout must be positive and --max-batch at least 1")
+    if max_body_mb <= 0 or max_batch < 1 or timeout <= 0 or max_keys < 1 or max_key_store_mb <= 0:
+        raise FedfheError(
+            "--max-body-mb, --max-key-store-mb and --timeout must be positive, --max-batch and --max-keys at least 1"
+        )
+    if (tls_cert is None) != (tls_key is None):
+        raise FedfheError("--tls-cert and --tls-key go together")
+    if rate is not None and tokens is None:
+        raise FedfheError("--rate limits each token: give --tokens too")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    limits = Limits(max_body_bytes=int(max_body_mb * (1 << 20)), max_batch=max_batch, timeout_s=timeout)
-    uvicorn.run(
-        create_app(run, key_store, workers, limits), host=host, port=port, log_level="warning", access_log=False
+    limits = Limits(
+        max_body_bytes=int(max_body_mb * (1 << 20)),
+        max_batch=max_batch,
+        timeout_s=timeout,
+        max_keys=max_keys,
+        max_key_store_bytes=int(max_key_store_mb * (1 << 20)),
     )
+    access = None if tokens is None else Access.from_file(tokens, rate)
+    pool = Evaluator(RunDir(run).fhe, workers)
+    app = create_app(run, key_store, workers, limits, access, pool)
+    tls = None if tls_cert is None or tls_key is None else (tls_cert, tls_key)
+    listener = network.listener(app, host, port, tls, read_timeout, max_connections)
+    with console.status(f"loading the circuit in {workers} FHE worker(s)"):
+        pool.start()
+    listener.run()
 
 
 @app.command()
@@ -384,6 +491,13 @@ def predict(
         Path | None, typer.Option(help="Where this client keeps its keys (default: per server, in the cache).")
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    token: Annotated[
+        str | None, typer.Option(envvar="FEDFHE_TOKEN", help="Bearer token, for a server started with --tokens.")
+    ] = None,
+    max_input_mb: MaxInputMb = 1024.0,
+    ca_cert: Annotated[
+        Path | None, typer.Option(help="CA certificate (PEM) to verify an https server signed by a private CA.")
+    ] = None,
 ) -> None:
     """Classify (or regress) inputs on a remote server without ever sending them in the clear."""
     import hashlib
@@ -394,9 +508,11 @@ def predict(
 
     if not input.is_file():
         raise FedfheError(f"{input}: file not found")
+    if not max_input_mb > 0:
+        raise FedfheError(f"--max-input-mb must be > 0 (got {max_input_mb})")
     keys = key_dir or DEFAULT_CACHE / "client-keys" / hashlib.sha256(server.rstrip("/").encode()).hexdigest()[:16]
-    with EncryptedClient(server, keys) as client:
-        X = read_inputs(input, client.model["n_features"], client.input_range)
+    with EncryptedClient(server, keys, token=token, ca_cert=ca_cert) as client:
+        X = read_inputs(input, client.model["n_features"], client.input_range, int(max_input_mb * (1 << 20)))
         with console.status(f"encrypting and classifying {len(X)} row(s)"):
             result = client.predict(X)
     classes = client.model["classes"]
@@ -439,6 +555,9 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]")
         sys.exit(130)
+    except Interrupted as exc:  # a signal after the training, while its results were printed
+        console.print("[red]interrupted[/red]")
+        sys.exit(128 + exc.signum)
     except Exception as exc:
         if os.environ.get("FEDFHE_DEBUG"):
             raise

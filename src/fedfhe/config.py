@@ -102,6 +102,8 @@ class TrainConfig:
             raise FedfheError(f"unknown partitioning {self.partitioning!r}; choose one of: {', '.join(SCHEMES)}")
         if not self.alpha > 0:
             raise FedfheError(f"--alpha must be > 0 (got {self.alpha})")
+        if not 0 <= self.seed < 2**32:  # numpy's and the data sets' shuffles take 32-bit seeds
+            raise FedfheError(f"--seed must be between 0 and 2**32 - 1 (got {self.seed})")
         kind = kind_of(self.model)
         kind.check_names(self.params)
         central_only = sorted(set(self.params) - set(kind.federated))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -25,6 +27,7 @@ MNIST_FILES = {
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
 MNIST_TRAIN_SIZE = 60_000
+MiB = 1 << 20
 DEFAULT_CACHE = Path(os.environ.get("FEDFHE_CACHE", Path.home() / ".cache" / "fedfhe"))
 
 
@@ -219,26 +222,78 @@ def fetch_mnist_openml(cache_dir: str | os.PathLike[str]) -> tuple[np.ndarray, n
     return X[:MNIST_TRAIN_SIZE], y[:MNIST_TRAIN_SIZE], X[MNIST_TRAIN_SIZE:], y[MNIST_TRAIN_SIZE:]
 
 
-def read_table(path: str | os.PathLike[str], label_column: str = "label") -> tuple[np.ndarray, np.ndarray | None]:
-    """Read user data: .npy rows, .npz with X (and y), or .csv with a header (and a label column)."""
+def read_table(
+    path: str | os.PathLike[str], label_column: str = "label", max_bytes: int | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read user data: .npy rows, .npz with X (and y), or .csv with a header (and a label column).
+
+    A file larger than `max_bytes` on disk, or a .npy/.npz whose header declares more, is refused before
+    its data is read.
+    """
     path = Path(path)
     if not path.is_file():
         raise FedfheError(f"{path}: file not found")
+    if path.suffix not in (".npy", ".npz", ".csv"):
+        raise FedfheError(f"{path}: unsupported file type (use .npy, .npz with X [and y], or .csv)")
     try:
+        if max_bytes is not None:
+            _check_size(path, max_bytes)
         if path.suffix == ".npy":
             return np.asarray(np.load(path, allow_pickle=False), dtype=np.float64), None
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as f:
                 return np.asarray(f["X"], dtype=np.float64), _labels(f["y"]) if "y" in f.files else None
-        if path.suffix == ".csv":
+        _check_csv(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # genfromtxt warns about what _check_csv has refused
             table: Any = np.genfromtxt(path, delimiter=",", names=True, dtype=np.float64)
-            names = [n for n in table.dtype.names or () if n != label_column]
-            X = np.column_stack([np.atleast_1d(table[n]) for n in names])
-            labelled = label_column in (table.dtype.names or ())
-            return X, _labels(np.atleast_1d(table[label_column])) if labelled else None
+        names = [n for n in table.dtype.names or () if n != label_column]
+        X = np.column_stack([np.atleast_1d(table[n]) for n in names])
+        labelled = label_column in (table.dtype.names or ())
+        return X, _labels(np.atleast_1d(table[label_column])) if labelled else None
+    except FedfheError:
+        raise
     except Exception as exc:  # noqa: BLE001 - corrupt files of any kind end here
-        raise FedfheError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
-    raise FedfheError(f"{path}: unsupported file type (use .npy, .npz with X [and y], or .csv)")
+        raise FedfheError(f"{path}: cannot read ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
+
+
+def _check_size(path: Path, max_bytes: int) -> None:
+    """Refuse a file, or the arrays its .npy/.npz headers declare, larger than max_bytes (no data is read)."""
+    if max_bytes <= 0:
+        raise FedfheError(f"the largest input allowed must be positive (got {max_bytes} bytes)")
+    sizes = {"on disk": path.stat().st_size}
+    if path.suffix == ".npy":
+        with open(path, "rb") as f:
+            sizes["declared"] = _declared_bytes(f)
+    elif path.suffix == ".npz":
+        sizes["declared"] = 0
+        with zipfile.ZipFile(path) as z:
+            for name in set(z.namelist()) & {"X.npy", "y.npy", "X", "y"}:  # the arrays read_table loads
+                with z.open(name) as member:
+                    sizes["declared"] += _declared_bytes(member)
+    for what, size in sizes.items():
+        if size > max_bytes:
+            raise FedfheError(f"{path}: {size / MiB:.4g} MiB {what}, more than the {max_bytes / MiB:.4g} MiB allowed")
+
+
+def _declared_bytes(f: IO[bytes]) -> int:
+    """The size of the array a .npy stream declares in its header."""
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(f)
+    return int(np.prod(shape, dtype=object)) * dtype.itemsize
+
+
+def _check_csv(path: Path) -> None:
+    """Refuse a CSV without a header and rows, or with rows of another width than the header."""
+    text = path.read_text(errors="replace")  # only commas are counted here
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if len(lines) < 2:
+        raise FedfheError(f"{path}: no data (need a header line, then one line per row)")
+    width = lines[0][1].count(",") + 1
+    for n, line in lines[1:]:
+        if not line.lstrip().startswith("#") and line.count(",") + 1 != width:
+            raise FedfheError(f"{path}: line {n} has {line.count(',') + 1} values, the header {width}")
 
 
 def _labels(y: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import json
 import os
 import shutil
@@ -42,7 +43,7 @@ def bound_inputs(model: LinearModel) -> np.ndarray:
 
 def concrete_class(kind: Kind) -> Any:
     """Concrete ML's estimator for a model kind (same name as scikit-learn's)."""
-    return getattr(_concrete("concrete.ml.sklearn"), kind.class_name)
+    return getattr(concrete("concrete.ml.sklearn"), kind.class_name)
 
 
 def fit_concrete(kind: Kind, params: dict[str, Any], X: np.ndarray, y: np.ndarray) -> Any:
@@ -113,7 +114,7 @@ def export(compiled: CompiledModel, run_dir: str | os.PathLike[str]) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".fhe-", dir=run_dir))
     try:
         with quiet():
-            _concrete("concrete.ml.deployment").FHEModelDev(str(staging), compiled.concrete).save()
+            concrete("concrete.ml.deployment").FHEModelDev(str(staging), compiled.concrete).save()
         np.save(staging / COMPILE_INPUTS, compiled.compile_inputs)
         (staging / FHE_INFO).write_text(json.dumps(compiled.info(), indent=2))
         if target.exists():
@@ -205,7 +206,7 @@ def execute(
     artifacts: str | os.PathLike[str], model: LinearModel, X: np.ndarray, on_sample: Callable[[int], None] | None = None
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Real FHE through the exported client.zip/server.zip: keygen, scale + encrypt, run, decrypt per row."""
-    deployment = _concrete("concrete.ml.deployment")
+    deployment = concrete("concrete.ml.deployment")
     if len(X) == 0:
         return np.array([], dtype=np.float64 if model.is_regression else np.int64), {}
     with tempfile.TemporaryDirectory(prefix="fedfhe-keys-") as key_dir, quiet():
@@ -252,9 +253,13 @@ def quiet() -> Iterator[None]:
         yield
 
 
-def _concrete(module: str) -> Any:
-    """Import a Concrete ML module on first use (it costs seconds), quietly."""
-    with quiet():
+def concrete(module: str) -> Any:
+    """Import a Concrete module on first use (it costs seconds), without the notices its dependencies print.
+
+    torch, under Concrete ML, prints "No CUDA runtime is found" to stderr on import wherever nvcc is
+    installed without a GPU; a command's error must stay one line.
+    """
+    with quiet(), contextlib.redirect_stderr(io.StringIO()):
         return importlib.import_module(module)
 
 

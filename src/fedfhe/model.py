@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import zipfile
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -17,6 +20,25 @@ from fedfhe.errors import FedfheError
 from fedfhe.kinds import KINDS, Kind, kind_of
 
 FORMAT = "fedfhe-linear-model/2"
+
+# The most a model file may hold: far above any model fedfhe trains (MNIST's logistic model has 10 x 784
+# weights and a few KiB of metadata), yet read in well under a second, so a hostile file costs little.
+MAX_OUTPUTS = 1_000  # weight rows (one per class, or one) and classes
+MAX_FEATURES = 1_000_000
+MAX_WEIGHTS = 1 << 24  # outputs x features: 128 MiB of float64
+MAX_HEADER = 1 << 20  # bytes of JSON header
+NPY_PREFIX = 16 << 10  # an .npy's magic and array header (numpy refuses headers over 10,000 characters)
+MEMBER_BYTES = {  # data bytes of each member; names are known and unique, so this bounds the total too
+    "header": MAX_HEADER,
+    "coef": 8 * MAX_WEIGHTS,
+    "intercept": 8 * MAX_OUTPUTS,
+    "classes": 8 * MAX_OUTPUTS,
+    "input_low": 8 * MAX_FEATURES,
+    "input_high": 8 * MAX_FEATURES,
+}
+MAX_FILE_BYTES = sum(MEMBER_BYTES.values()) + len(MEMBER_BYTES) * NPY_PREFIX + (64 << 10)  # + zip records
+# What reading a damaged file can raise; RuntimeError covers RecursionError (deeply nested JSON).
+READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, MemoryError)
 
 
 @dataclass
@@ -35,8 +57,13 @@ class LinearModel:
     kind: Kind = KINDS["logistic"]
 
     def __post_init__(self) -> None:
-        """Accept one range for all features (kept per feature) and a kind's name (resolved)."""
-        self.input_range = as_range(self.input_range, int(np.shape(self.coef)[1]))
+        """Refuse what no model can compute with; accept one range for all features and a kind's name."""
+        self.coef, self.intercept = _weights(self.coef, "coef"), _weights(self.intercept, "intercept")
+        self.classes = _classes(self.classes)
+        if self.coef.ndim != 2 or self.intercept.shape != (self.coef.shape[0],) or self.classes.ndim != 1:
+            shapes = f"{self.coef.shape}, {self.intercept.shape} and {self.classes.shape}"
+            raise FedfheError(f"inconsistent weight shapes {shapes} (coef, intercept and classes)")
+        self.input_range = as_range(self.input_range, self.coef.shape[1])
         if isinstance(self.kind, str):
             self.kind = kind_of(self.kind)
 
@@ -102,32 +129,156 @@ class LinearModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LinearModel:
-        """Read a model file, refusing anything that is not an untouched fedfhe model."""
+        """Read a model file, refusing anything that is not an untouched fedfhe model, before reading much."""
         path = Path(path)
         if not path.is_file():
             raise FedfheError(f"{path}: model file not found")
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise FedfheError(f"{path}: not a fedfhe model file ({size} bytes, more than {MAX_FILE_BYTES})")
         try:
-            with np.load(path, allow_pickle=False) as f:
-                arrays = dict(f)
-            header = json.loads(arrays.pop("header").tobytes())
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
-            raise FedfheError(f"{path}: not a fedfhe model file") from None
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            found = header.get("format") if isinstance(header, dict) else None
+            with zipfile.ZipFile(path) as npz:
+                header = _read_header(npz)
+                arrays = _read_arrays(npz) if header.get("format") == FORMAT else {}
+        except READ_ERRORS as exc:
+            raise FedfheError(f"{path}: not a fedfhe model file ({first_line(exc)})") from None
+        if header.get("format") != FORMAT:
+            found = header.get("format")
             raise FedfheError(f"{path}: not a fedfhe model file of this version (format {found!r}, expected {FORMAT})")
+        kind = KINDS.get(str(header.get("kind")))
+        if kind is None or not isinstance(header.get("metadata"), dict):
+            raise FedfheError(f"{path}: not a fedfhe model file (its header lacks a known kind or the metadata)")
         try:
-            model = cls(
-                coef=arrays["coef"],
-                intercept=arrays["intercept"],
-                classes=arrays["classes"],
-                input_range=as_range((arrays["input_low"], arrays["input_high"]), arrays["coef"].shape[1]),
-                metadata=header["metadata"],
-                kind=KINDS[str(header["kind"])],
-            )
-        except (ValueError, KeyError, TypeError, IndexError):
-            raise FedfheError(f"{path}: not a fedfhe model file") from None
-        if header.get("sha256") != model.sha256:
+            input_range = (arrays["input_low"], arrays["input_high"])
+            model = cls(arrays["coef"], arrays["intercept"], arrays["classes"], input_range, header["metadata"], kind)
+            intact = header.get("sha256") == model.sha256
+        except (FedfheError, RecursionError) as exc:
+            raise FedfheError(f"{path}: not a fedfhe model file ({first_line(exc)})") from None
+        if not intact:
             raise FedfheError(f"{path}: content hash mismatch, the file was modified after it was written")
-        if model.coef.ndim != 2 or model.intercept.shape != (model.coef.shape[0],):
-            raise FedfheError(f"{path}: inconsistent weight shapes {model.coef.shape} and {model.intercept.shape}")
         return model
+
+
+def _weights(values: Any, name: str) -> np.ndarray:
+    """Weights as float64, refused unless real and finite: a circuit compiled from inf, NaN or complex is garbage."""
+    array = np.asarray(values)
+    if array.dtype.kind not in "iuf":
+        raise FedfheError(f"{name} must hold real numbers, not {array.dtype}")
+    array = array.astype(np.float64, copy=False)
+    if not np.isfinite(array).all():
+        raise FedfheError(f"{name} holds inf or NaN")
+    return array
+
+
+def _classes(values: Any) -> np.ndarray:
+    """Class labels as int64, refused when one repeats: its weight rows would compete for the same label."""
+    array = np.asarray(values)
+    if array.size and array.dtype.kind not in "iu":
+        raise FedfheError(f"classes must be integers, not {array.dtype}")
+    labels, counts = np.unique(array.astype(np.int64, copy=False), return_counts=True)
+    if (counts > 1).any():
+        raise FedfheError(f"classes repeat: {labels[counts > 1].tolist()}")
+    return array.astype(np.int64, copy=False)
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (numpy's and zipfile's can run to several)."""
+    lines = str(exc).splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def read_npy(
+    f: IO[bytes], size: int, dtype: type, fits: Callable[[tuple[int, ...]], bool], expected: str
+) -> np.ndarray:
+    """An .npy of `size` bytes whose dtype, shape and length are checked from its header before any data is read.
+
+    Raises ValueError saying what the header declares when it does not fit.
+    """
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran_order, found = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran_order, found = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise ValueError(f".npy version {version} is not supported")
+    if found != np.dtype(dtype) or not fits(shape):
+        raise ValueError(f"{found} of shape {shape}, expected {expected}")
+    nbytes, left = math.prod(shape) * found.itemsize, size - f.tell()
+    if left != nbytes:
+        raise ValueError(f"{left} bytes of data where its header declares {nbytes}")
+    array = np.frombuffer(f.read(nbytes), dtype=found)
+    return array.reshape(shape, order="F" if fortran_order else "C").copy()
+
+
+def _read_member(
+    npz: zipfile.ZipFile, name: str, dtype: type, fits: Callable[[tuple[int, ...]], bool], expected: str
+) -> np.ndarray:
+    """One member of a model file, read only if its header declares what `fits`."""
+    if f"{name}.npy" not in npz.namelist():
+        raise ValueError(f"no {name}.npy")
+    info = npz.getinfo(f"{name}.npy")
+    with npz.open(info) as f:
+        try:
+            return read_npy(f, info.file_size, dtype, fits, expected)
+        except ValueError as exc:
+            raise ValueError(f"{name}.npy: {first_line(exc)}") from None
+
+
+def _read_header(npz: zipfile.ZipFile) -> dict[str, Any]:
+    """The JSON header, once every member is known, unique, bounded in size and plainly stored or deflated."""
+    infos = npz.infolist()
+    if len({info.filename for info in infos}) != len(infos):
+        raise ValueError("a member name repeats")
+    for info in infos:
+        name = info.filename.removesuffix(".npy")
+        if name not in MEMBER_BYTES or not info.filename.endswith(".npy"):
+            raise ValueError(f"unknown member {info.filename!r}")
+        if info.file_size > MEMBER_BYTES[name] + NPY_PREFIX:
+            raise ValueError(
+                f"{info.filename} unpacks to {info.file_size} bytes, more than {MEMBER_BYTES[name] + NPY_PREFIX}"
+            )
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.flag_bits & 1:
+            raise ValueError(f"{info.filename} is encrypted or compressed with method {info.compress_type}")
+    raw = _read_member(
+        npz,
+        "header",
+        np.uint8,
+        lambda s: len(s) == 1 and s[0] <= MAX_HEADER,
+        f"1-D uint8 of at most {MAX_HEADER} bytes",
+    )
+    try:
+        header = json.loads(raw.tobytes())
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"header.npy is not JSON: {first_line(exc)}") from None
+    if isinstance(header, dict):
+        return header
+    raise ValueError(f"its header holds a JSON {type(header).__name__}, not an object")
+
+
+def _read_arrays(npz: zipfile.ZipFile) -> dict[str, np.ndarray]:
+    """Weights, classes and input ranges, each read only if its header declares the dtype and shape a model has."""
+    coef = _read_member(
+        npz,
+        "coef",
+        np.float64,
+        lambda s: len(s) == 2 and 0 < s[0] <= MAX_OUTPUTS and 0 < s[1] <= MAX_FEATURES and s[0] * s[1] <= MAX_WEIGHTS,
+        f"2-D float64 of at most {MAX_OUTPUTS} rows, {MAX_FEATURES} columns and {MAX_WEIGHTS} weights",
+    )
+    rows, features = coef.shape
+    return {
+        "coef": coef,
+        "intercept": _read_member(npz, "intercept", np.float64, lambda s: s == (rows,), f"float64 of shape ({rows},)"),
+        "classes": _read_member(
+            npz,
+            "classes",
+            np.int64,
+            lambda s: len(s) == 1 and s[0] <= MAX_OUTPUTS,
+            f"1-D int64 of at most {MAX_OUTPUTS}",
+        ),
+        "input_low": _read_member(
+            npz, "input_low", np.float64, lambda s: s == (features,), f"float64 of shape ({features},)"
+        ),
+        "input_high": _read_member(
+            npz, "input_high", np.float64, lambda s: s == (features,), f"float64 of shape ({features},)"
+        ),
+    }

@@ -7,6 +7,7 @@ run directory later. Long steps report through a `Progress`; the CLI only draws 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -16,7 +17,7 @@ import numpy as np
 from fedfhe import fhe, report, training, tuning
 from fedfhe.artifacts import check_n_bits
 from fedfhe.config import TrainConfig
-from fedfhe.data import Dataset, check_features, load_dataset, read_table
+from fedfhe.data import Dataset, MiB, check_features, load_dataset, read_table
 from fedfhe.errors import FedfheError
 from fedfhe.fhe import CompiledModel, check_fhe_samples
 from fedfhe.model import LinearModel
@@ -67,17 +68,20 @@ def run(
     fhe_samples: int = 100,
     progress: Progress = QUIET,
     verbose: bool = False,
+    force: bool = False,
+    max_input_mb: float | None = None,
 ) -> RunResult:
     """Train, compile from the input ranges (or a calibration file) and evaluate; everything lands in `out`.
 
-    Every option is checked before anything is written.
+    Every option is checked before anything is written; `force` as in `train`.
     """
     check_n_bits(n_bits)
     config.problem(dataset)
     check_fhe_samples(fhe_samples, len(dataset.y_test))
-    sample = None if calibration is None else read_table(calibration)[0]
-    target = RunDir(out).create()
-    model = train(dataset, config, target, progress, verbose)
+    limit = _max_bytes(max_input_mb)
+    sample = None if calibration is None else read_table(calibration, max_bytes=limit)[0]
+    model = train(dataset, config, out, progress, verbose, force=force)
+    target = RunDir(out)
     compiled = compile_run(target, n_bits, sample, progress, model)
     summary = _evaluate(compiled, target, dataset.X_test, dataset.y_test, fhe_samples, progress)
     return RunResult(model, compiled, summary)
@@ -90,8 +94,13 @@ def train(
     progress: Progress = QUIET,
     verbose: bool = False,
     resume: bool = False,
+    force: bool = False,
 ) -> LinearModel:
-    """training.train, reporting rounds (and the test score after each) as the `training` step."""
+    """training.train, reporting rounds (and the test score after each) as the `training` step.
+
+    A folder that already holds a run is refused unless `force` (start over: what that run wrote is
+    removed first) or `resume`.
+    """
     config.problem(dataset)  # before the run directory is touched
     progress.start("training", config.rounds if config.clients > 1 else None)
     score = config.kind.score_names[0]
@@ -100,7 +109,7 @@ def train(
         if r > 0:
             progress.update(r, **{score: metrics["score"]})
 
-    return training.train(dataset, config, RunDir(out).create().path, on_round, verbose, resume)
+    return training.train(dataset, config, out, on_round, verbose, resume, force)
 
 
 def resume(run_dir: PathLike, data_dir: PathLike | None = None, progress: Progress = QUIET) -> LinearModel:
@@ -108,7 +117,7 @@ def resume(run_dir: PathLike, data_dir: PathLike | None = None, progress: Progre
     target = RunDir(run_dir)
     name, config = target.read_config()
     dataset = load_dataset(name, data_dir=data_dir, seed=config.seed)
-    return train(dataset, config, target.create().path, progress, resume=True)
+    return train(dataset, config, target.path, progress, resume=True)
 
 
 def compile_run(
@@ -117,13 +126,18 @@ def compile_run(
     calibration: np.ndarray | PathLike | None = None,
     progress: Progress = QUIET,
     model: LinearModel | None = None,
+    max_input_mb: float | None = None,
 ) -> CompiledModel:
-    """Compile the run's model (without data, unless a calibration sample is given) and export the artifacts."""
+    """Compile the run's model (without data, unless a calibration sample is given) and export the artifacts.
+
+    A calibration file larger than `max_input_mb` MiB is refused before it is read.
+    """
     check_n_bits(n_bits)
+    limit = _max_bytes(max_input_mb)
     target = RunDir(run_dir)
     model = model or target.load_model()
     if calibration is not None and not isinstance(calibration, np.ndarray):
-        calibration = read_table(calibration)[0]
+        calibration = read_table(calibration, max_bytes=limit)[0]
     target.create()
     progress.start("compiling")
     compiled = fhe.compile_model(model, n_bits, calibration)
@@ -137,15 +151,20 @@ def evaluate_run(
     data: PathLike | None = None,
     data_dir: PathLike | None = None,
     progress: Progress = QUIET,
+    max_input_mb: float | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the run's compiled model on its test split (or a labelled file) and rewrite its report."""
+    """Evaluate the run's compiled model on its test split (or a labelled file) and rewrite its report.
+
+    A data file larger than `max_input_mb` MiB is refused before it is read.
+    """
+    limit = _max_bytes(max_input_mb)
     target = RunDir(run_dir)
     model = target.load_model()
     if data is None:
         split = load_dataset(model.metadata["dataset"], data_dir=data_dir, seed=model.metadata["training"]["seed"])
         X, y = split.X_test, split.y_test
     else:
-        X, labels = read_table(data)
+        X, labels = read_table(data, max_bytes=limit)
         if labels is None:
             raise FedfheError(f"{data}: no labels (need y in the .npz or a label column in the .csv)")
         X, y = check_features(X, model.n_features, model.input_range, "test data"), labels
@@ -200,7 +219,7 @@ def tune_run(
             changed.problem(split)
 
         def retrain(_: str, value: float) -> LinearModel:
-            return training.train(split, configs[value], target.tuned(name, value).path)
+            return training.train(split, configs[value], target.tuned(name, value).path, force=True)
 
     target.create()
     progress.start("tuning", len(ParameterGrid(grid)))
@@ -213,6 +232,15 @@ def tune_run(
         where = target.tuned(name, value)
     compiled = compile_run(where.path, chosen["n_bits"], progress=progress)
     return TuneResult(points, chosen, score, compiled, where)
+
+
+def _max_bytes(max_input_mb: float | None) -> int | None:
+    """The --max-input-mb limit in bytes (None: no limit), refused unless positive."""
+    if max_input_mb is None:
+        return None
+    if not max_input_mb > 0:
+        raise FedfheError(f"--max-input-mb must be > 0 (got {max_input_mb})")
+    return math.ceil(max_input_mb * MiB)
 
 
 def _evaluate(

@@ -71,6 +71,24 @@ class RunDir:
     tune_md = property(lambda self: self.path / "tune.md", doc="The tuning table.")
     pareto_plot = property(lambda self: self.path / "pareto.png", doc="Score against FHE latency.")
     federation = property(lambda self: self.path / "federation", doc="A Deployment Engine run's processes.")
+    tune = property(lambda self: self.path / "tune", doc="NAME=VALUE/: the runs `tune --sweep` retrained.")
+
+    def written(self) -> list[Path]:
+        """Every file and folder fedfhe writes here: what starting over (--force) removes, and nothing else."""
+        names = [name for name, value in vars(RunDir).items() if isinstance(value, property)]
+        return [getattr(self, name) for name in names]
+
+    def holds_run(self) -> bool:
+        """Whether a training started here: its config, its model or its checkpoints."""
+        return any(p.exists() for p in (self.config_file, self.model_file, self.checkpoints))
+
+    def clear(self) -> None:
+        """Remove everything an earlier run wrote here (see `written`), so a new one starts from nothing."""
+        for path in self.written():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
     def create(self) -> RunDir:
         """Create the folder and prove it is writable, before any long work starts."""
@@ -84,7 +102,7 @@ class RunDir:
 
     def tuned(self, name: str, value: float) -> RunDir:
         """Where `tune --sweep` trains the model with NAME=VALUE."""
-        return RunDir(self.path / "tune" / f"{name}={value:g}")
+        return RunDir(self.tune / f"{name}={value:g}")
 
     def write_config(self, dataset: str, config: TrainConfig) -> None:
         """Record what the run was started with, so --resume can continue it."""
@@ -119,6 +137,10 @@ class RunDir:
         """How many rounds have a checkpoint."""
         return len(list(self.checkpoints.glob("round-*.npz")))
 
+    def last_round(self) -> int:
+        """The round of the last checkpoint, 0 before the first."""
+        return max((int(p.stem.split("-")[1]) for p in self.checkpoints.glob("round-*.npz")), default=0)
+
     def load_checkpoint(self) -> Checkpoint:
         """The last completed round's state."""
         files = sorted(self.checkpoints.glob("round-*.npz"))
@@ -132,10 +154,6 @@ class RunDir:
         except (OSError, ValueError, KeyError) as exc:
             raise FedfheError(f"{files[-1]}: unreadable checkpoint ({exc})") from None
         return Checkpoint(int(files[-1].stem.split("-")[1]), params, rows, input_range)
-
-    def clear_checkpoints(self) -> None:
-        """Forget an earlier run's checkpoints before a fresh start."""
-        shutil.rmtree(self.checkpoints, ignore_errors=True)
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         """metrics.json."""

@@ -20,7 +20,7 @@ from fedfhe.model import LinearModel
 from fedfhe.objective import evaluate
 from fedfhe.partition import label_counts, partition, plot_label_distribution, save_partitions
 from fedfhe.problem import Problem, merge_ranges, shared_range
-from fedfhe.rundir import RunDir
+from fedfhe.rundir import Checkpoint, RunDir
 
 
 def train(
@@ -30,19 +30,37 @@ def train(
     on_round: RoundCallback | None = None,
     verbose: bool = False,
     resume: bool = False,
+    force: bool = False,
 ) -> LinearModel:
     """Train (federated when clients > 1) and write metrics.json, plots and model.npz into `out`.
 
-    Federated runs checkpoint after every round; resume=True continues from the last one.
+    Federated runs checkpoint after every round; resume=True continues from the last one. A folder that
+    already holds a run is refused unless force=True, which first removes what that run wrote there
+    (RunDir.written, nothing else). Every check comes before anything is written.
     """
     problem = config.problem(dataset)
     run = RunDir(out)
+    federated = config.clients > 1
+    parts: list[np.ndarray] = []  # each client's rows: the split may refuse the data, so it comes first
+    if federated:
+        with warnings.catch_warnings():  # flwr-datasets warns at each failed Dirichlet draw, every alpha listed
+            warnings.simplefilter("ignore")
+            parts = partition(dataset.y_train, config.clients, config.partitioning, config.alpha, config.seed)
+    checkpoint = run.load_checkpoint() if resume and federated else None
+    if not resume and not force and run.holds_run():
+        raise FedfheError(
+            f"{run.path} already holds a run: pass --force to start over (its files are removed first), "
+            f"or continue it with: fedfhe train --resume {run.path}"
+        )
+    run.create()
     if not resume:
+        if force:
+            run.clear()
         run.write_config(dataset.name, config)
     start = time.perf_counter()
     metrics: dict[str, Any] = {"rounds": []}
-    if config.clients > 1:
-        problem, params, metrics = _federate(dataset, problem, config, run, on_round, verbose, resume)
+    if federated:
+        problem, params, metrics = _federate(dataset, problem, config, run, parts, checkpoint, on_round, verbose)
     elif config.input_ranges == "clients":  # the one owner's shared ranges, with the test set's
         ranges = merge_ranges([shared_range(dataset.X_train), shared_range(dataset.X_test)])
         problem = dataclasses.replace(problem, input_range=ranges)
@@ -84,28 +102,22 @@ def _federate(
     problem: Problem,
     config: TrainConfig,
     run: RunDir,
+    parts: list[np.ndarray],
+    start: Checkpoint | None,
     on_round: RoundCallback | None,
     verbose: bool,
-    resume: bool,
 ) -> tuple[Problem, Params, dict[str, Any]]:
-    """Partition, run the Flower simulation (from the last checkpoint when resuming), collect metrics.
+    """Write the partitions, run the Flower simulation (from `start` when resuming), collect metrics.
 
     Returns the problem the federation agreed on (its input ranges may come from the owners).
     """
     from fedfhe.federated.simulation import simulate
 
-    parts = partition(dataset.y_train, config.clients, config.partitioning, config.alpha, config.seed)
     save_partitions(dataset.X_train, dataset.y_train, parts, run.partitions)
     if not dataset.is_regression:
         counts = label_counts(dataset.y_train, parts, dataset.classes)
         plot_label_distribution(counts, dataset.classes, run.partitions_plot)
-    start = run.load_checkpoint() if resume else None
-    if start is None:
-        run.clear_checkpoints()
     server = ServerRun(config, problem, dataset.X_test, dataset.y_test, run, start, on_round)
-    if start is not None and start.round >= config.rounds:
-        return server.problem, start.params, server.metrics()
-    simulate(config, server, run.partitions, verbose)
-    if server.params is None:
-        raise FedfheError("the Flower simulation ended without a model")
-    return server.problem, server.params, server.metrics()
+    if start is None or start.round < config.rounds:
+        simulate(config, server, run.partitions, verbose)
+    return server.problem, server.state().params, server.metrics()

@@ -52,9 +52,10 @@ class ServerRun:
     ) -> None:
         self.config, self.X_test, self.y_test, self.run = config, X_test, y_test, run
         self.start, self.on_round = start, on_round
-        self.problem = problem if start is None else dataclasses.replace(problem, input_range=start.input_range)
-        self.log = RoundLog({row["round"]: row for row in start.rows} if start else {})
+        self.problem, self.log = problem, RoundLog()
         self.params: Params | None = None
+        if start is not None:
+            self.restore(start)
 
     @property
     def offset(self) -> int:
@@ -67,6 +68,22 @@ class ServerRun:
             self.problem = self.gather_ranges(grid)
         rounds = self._secagg_rounds if self.config.secagg else self._message_api_rounds
         self.params = rounds(grid, context)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without on_round: a callback stays in the process that gave it (see simulation.simulate)."""
+        return {**self.__dict__, "on_round": None}
+
+    def state(self) -> Checkpoint:
+        """Where the training stands (weights, rounds so far, agreed ranges): a child process hands this back."""
+        if self.params is None:
+            raise FedfheError("the Flower simulation ended without a model")
+        return Checkpoint(max(self.log.rows, default=0), self.params, self.log.ordered(), self.problem.input_range)
+
+    def restore(self, state: Checkpoint) -> None:
+        """Take up a state: a checkpoint to resume from, or what a child process ended with."""
+        self.params = state.params
+        self.problem = dataclasses.replace(self.problem, input_range=state.input_range)
+        self.log = RoundLog({row["round"]: row for row in state.rows})
 
     def metrics(self) -> dict[str, Any]:
         """The per-round log, failures counted and, under DP, the privacy spent."""

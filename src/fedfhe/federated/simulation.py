@@ -1,10 +1,32 @@
-"""Run the ClientApp and ServerApp together on Flower's in-process simulation engine."""
+"""Run the ClientApp and ServerApp together on Flower's simulation engine (Ray), in a child process.
+
+Why a child process, measured with Flower 1.42 and Ray 2.55 (`fedfhe train --clients 3`, a signal after
+round 1): `run_simulation` installs no signal handler; Ray starts gcs_server, raylet, its two agents and
+the ClientApp workers in the caller's process group, with SIGINT blocked. On Ctrl-C the main thread
+leaves the engine and Ray shuts down, but the ServerApp thread Flower started waits for replies until
+the round timeout, so the process hangs at exit (a second Ctrl-C: a traceback). SIGTERM meets Ray's
+native handler in the driver: a stack dump, then SIGABRT. So the engine runs in a fresh interpreter that
+leads a session of its own (a terminal's Ctrl-C does not reach it) and that Linux kills if its parent
+dies; whatever interrupts the parent's wait kills that whole session's process group, Ray's processes
+in it, at once (about 1 s from Ctrl-C to exit). Checkpoints are written atomically: the run stays
+resumable. Not a fork: a process that has run Ray before forks children that crash in Ray (SIGSEGV).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import traceback
 import warnings
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +36,11 @@ from flwr.simulation import run_simulation
 from threadpoolctl import threadpool_limits
 
 from fedfhe.config import TrainConfig
+from fedfhe.errors import FedfheError
 from fedfhe.federated.client_app import build_client_app
-from fedfhe.federated.server_app import build_server_app
+from fedfhe.federated.server_app import ServerRun, build_server_app
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a Linux process gets when its parent dies
 
 
 def client_mods(config: TrainConfig) -> list[Any]:
@@ -31,10 +56,43 @@ def client_mods(config: TrainConfig) -> list[Any]:
     return []
 
 
-def simulate(
+def simulate(config: TrainConfig, server: ServerRun, partition_dir: Path, verbose: bool = False) -> None:
+    """Run the server's rounds against one virtual SuperNode per partition file, in a child process.
+
+    `server.on_round` is called here after each round, and the next round waits for it, as if the
+    rounds ran here; `server` ends as they left it. Anything that interrupts the wait (Ctrl-C, an
+    exception from on_round or a signal handler) kills the child and all of Ray's processes before it
+    propagates.
+    """
+    here, there = multiprocessing.Pipe()
+    code = f"from fedfhe.federated import simulation; simulation.child({there.fileno()}, {os.getpid()})"
+    child = subprocess.Popen([sys.executable, "-c", code], pass_fds=[there.fileno()], start_new_session=True)
+    try:
+        there.close()
+        here.send((config, server, partition_dir, verbose))
+        while True:
+            try:
+                kind, value = here.recv()
+            except EOFError:
+                raise FedfheError(f"the Flower simulation process died (exit code {child.wait()})") from None
+            if kind == "error":
+                raise value
+            if kind == "done":
+                server.restore(value)
+                return
+            if server.on_round is not None:
+                server.on_round(*value)
+            here.send("go on")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)  # the child's session: Ray's processes are in its group
+        child.wait()
+
+
+def run_in_process(
     config: TrainConfig, server_main: Callable[[Grid, Context], None], partition_dir: Path, verbose: bool = False
 ) -> None:
-    """Run the server main against one virtual SuperNode per partition file."""
+    """Run a server main function against one virtual SuperNode per partition file, Ray started from here."""
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {
@@ -60,3 +118,37 @@ def simulate(
             )
     finally:
         flwr_logger.setLevel(level)
+
+
+def child(fd: int, parent: int) -> None:
+    """The child process: dies with its parent, runs the rounds, sends each round and the outcome (or error) back."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl
+        return
+    parent_end = Connection(fd)
+    config, server, partition_dir, verbose = parent_end.recv()
+
+    def on_round(r: int, metrics: dict[str, float]) -> None:
+        parent_end.send(("round", (r, metrics)))
+        parent_end.recv()  # the parent's on_round has returned
+
+    server.on_round = on_round
+    try:
+        run_in_process(config, server, partition_dir, verbose)
+        parent_end.send(("done", server.state()))
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent
+        parent_end.send(("error", _picklable(exc)))
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    """The exception if it can travel through a pipe, else a RuntimeError naming it; unexpected ones keep their trace."""
+    if isinstance(exc, FedfheError):
+        return exc
+    trace = "".join(traceback.format_exception(exc))
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - whatever pickle objects to
+        exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+    exc.add_note(f"in the simulation process:\n{trace}")  # shown with FEDFHE_DEBUG=1
+    return exc

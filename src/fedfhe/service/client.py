@@ -11,7 +11,9 @@ import hashlib
 import json
 import math
 import os
+import ssl
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -27,6 +29,7 @@ from fedfhe.service.protocol import API, OCTET_STREAM, SPEC_HASH_HEADER, decode_
 SESSION_FILE = "session.json"
 KEYS_DIR = "keys"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+RATE_RETRIES, MAX_RATE_WAIT = 4, 60  # a rate-limited call is tried again this often, if told to wait at most this
 MODEL_FIELDS = {"n_features", "classes", "input_low", "input_high", "client_spec_sha256", "max_batch"}
 
 
@@ -47,11 +50,29 @@ class Prediction:
 
 
 class EncryptedClient:
-    """Talks to `fedfhe serve`; encrypts, sends, decrypts. Private keys never leave key_dir. One per thread."""
+    """Talks to `fedfhe serve`; encrypts, sends, decrypts. Private keys never leave key_dir. One per thread.
 
-    def __init__(self, url: str, key_dir: str | os.PathLike[str], timeout: float = 120.0) -> None:
+    https is verified against the system's CAs, or `ca_cert` for a private CA; `token` is sent as a
+    bearer token (for a server started with --tokens).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        key_dir: str | os.PathLike[str],
+        timeout: float = 120.0,
+        token: str | None = None,
+        ca_cert: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.url, self.key_dir, self.timeout = url.rstrip("/"), Path(key_dir), timeout
-        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+        verify: ssl.SSLContext | bool = True
+        if ca_cert is not None:
+            try:
+                verify = ssl.create_default_context(cafile=os.fspath(ca_cert))
+            except (OSError, ssl.SSLError) as exc:
+                raise FedfheError(f"--ca-cert {ca_cert}: cannot be used ({exc})") from None
+        headers = {} if token is None else {"Authorization": f"Bearer {token.strip()}"}
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, verify=verify, headers=headers)
         self._model: dict[str, Any] | None = None
         self._fhe: Any = None
         self._evaluation_keys = b""
@@ -110,7 +131,7 @@ class EncryptedClient:
         """Pin the client spec, make or load the keys, upload the evaluation keys once."""
         if self._fhe is not None:
             return self._fhe
-        from concrete.ml.deployment import FHEModelClient
+        from fedfhe.fhe import concrete
 
         expected = self.model["client_spec_sha256"]
         _private_dir(self.key_dir)
@@ -128,7 +149,9 @@ class EncryptedClient:
                 raise FedfheError(f"{self.url}: the client spec does not match the hash the server advertises")
             _write_private(spec, data)
         _private_dir(self.key_dir / KEYS_DIR)
-        fhe_client = FHEModelClient(str(self.key_dir), key_dir=str(self.key_dir / KEYS_DIR))
+        fhe_client = concrete("concrete.ml.deployment").FHEModelClient(
+            str(self.key_dir), key_dir=str(self.key_dir / KEYS_DIR)
+        )
         fhe_client.generate_private_and_evaluation_keys()
         for path in (self.key_dir / KEYS_DIR).rglob("*"):
             path.chmod(0o700 if path.is_dir() else 0o600)
@@ -175,13 +198,22 @@ class EncryptedClient:
         return outputs
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """An HTTP call whose failures are one-line FedfheErrors."""
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException:
-            raise FedfheError(f"{self.url}: no answer within {self.timeout:g} s") from None
-        except httpx.HTTPError as exc:
-            raise FedfheError(f"{self.url}: {exc or type(exc).__name__}") from None
+        """An HTTP call whose failures are one-line FedfheErrors; a rate-limited call waits and tries again."""
+        for _ in range(RATE_RETRIES):
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TimeoutException:
+                raise FedfheError(f"{self.url}: no answer within {self.timeout:g} s") from None
+            except httpx.HTTPError as exc:
+                raise FedfheError(
+                    f"{self.url}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                ) from None
+            wait = response.headers.get("retry-after", "")
+            if response.status_code != 429 or not wait.isdigit() or int(wait) > MAX_RATE_WAIT:
+                break
+            time.sleep(int(wait))
+        if response.status_code == 401:
+            raise ServerError(401, f"{self.url}: 401 the server needs a valid token (--token or FEDFHE_TOKEN)")
         if response.is_error:
             try:
                 detail = response.json()["detail"]
@@ -191,11 +223,14 @@ class EncryptedClient:
         return response
 
 
-def read_inputs(path: Path, n_features: int, input_range: Range) -> np.ndarray:
-    """Rows from a .npy/.npz/.csv table, or one row from a PNG/JPEG image."""
+def read_inputs(path: Path, n_features: int, input_range: Range, max_bytes: int | None = None) -> np.ndarray:
+    """Rows from a .npy/.npz/.csv table, or one row from a PNG/JPEG image; a file over `max_bytes` is not read."""
     if path.suffix.lower() in IMAGE_SUFFIXES:
+        size, mib = path.stat().st_size, 1 << 20
+        if max_bytes is not None and size > max_bytes:
+            raise FedfheError(f"{path}: {size / mib:.4g} MiB on disk, more than the {max_bytes / mib:.4g} MiB allowed")
         return image_row(path, n_features, input_range)
-    return read_table(path)[0]
+    return read_table(path, max_bytes=max_bytes)[0]
 
 
 def image_row(path: Path, n_features: int, input_range: Range) -> np.ndarray:
@@ -220,8 +255,11 @@ def image_row(path: Path, n_features: int, input_range: Range) -> np.ndarray:
 
 def _private_dir(path: Path) -> None:
     """Create a directory only its owner may enter."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.chmod(0o700)
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.chmod(0o700)
+    except OSError as exc:
+        raise FedfheError(f"{path}: cannot be a key directory ({exc.strerror or exc})") from None
 
 
 def _write_private(path: Path, data: bytes) -> None:

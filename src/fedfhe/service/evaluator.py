@@ -1,16 +1,35 @@
-"""FHE evaluation in worker processes, so a slow or failing circuit never blocks the event loop."""
+"""FHE evaluation in worker processes, so a slow or failing circuit never blocks the event loop.
+
+Workers hold the circuit and a small cache of deserialized evaluation keys, read from the key store
+by path: a request ships ciphertexts and a key id, never the keys. Workers die with the server
+(Linux parent-death signal, and a watchdog elsewhere); a dead worker's pool is replaced by a warmed
+one in the background, and requests wait for it instead of meeting a cold worker.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import functools
 import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 from fedfhe.errors import FedfheError
+from fedfhe.fhe import concrete
+from fedfhe.service.keystore import UnknownKey
+
+KEYS_PER_WORKER = 8  # deserialized evaluation keys each worker keeps (least recently used go first)
+_keys: OrderedDict[str, Any] = OrderedDict()
 
 
 class Rejected(FedfheError):
@@ -22,20 +41,13 @@ class EvaluationTimeout(FedfheError):
 
 
 class WorkerDied(FedfheError):
-    """A worker process crashed; the pool is replaced and the request may be retried."""
+    """Every worker is gone and none came back in time; the request may be retried."""
 
 
 @functools.cache
 def _server(fhe_dir: str) -> Any:
     """One FHEModelServer per worker process, loaded once."""
-    from concrete.ml.deployment import FHEModelServer
-
-    return FHEModelServer(fhe_dir)
-
-
-def _ready(fhe_dir: str) -> None:
-    """Load the circuit in this worker (a no-op once loaded)."""
-    _server(fhe_dir)
+    return concrete("concrete.ml.deployment").FHEModelServer(fhe_dir)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -43,85 +55,201 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
-def _run(fhe_dir: str, ciphertext: bytes, key: bytes) -> bytes:
-    """Evaluate one ciphertext; Concrete's errors become Rejected so they cross the process boundary cleanly."""
+def _start_worker(fhe_dir: str, parent: int) -> None:
+    """Die with the server (a SIGKILLed server cannot stop its workers); load the circuit before any work."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the kernel kills us when our parent dies
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    with contextlib.suppress(Exception):  # a circuit that cannot load is reported by _ready, in one line
+        _server(fhe_dir)
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit once the server is gone (where no parent-death signal exists)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _ready(fhe_dir: str) -> None:
+    """Check that this worker holds the circuit; a server.zip Concrete cannot load is one line."""
     try:
-        return _server(fhe_dir).run(ciphertext, key)
+        _server(fhe_dir)
+    except Exception as exc:  # noqa: BLE001 - Concrete and zipfile raise many kinds; all mean a bad server.zip
+        raise Rejected(f"{Path(fhe_dir) / 'server.zip'}: cannot be loaded ({_first_line(exc)})") from None
+
+
+def _evaluation_keys(key_id: str, path: str) -> Any:
+    """The deserialized evaluation keys of this id, from this worker's cache or the key store."""
+    from concrete import fhe  # concrete-python: no torch, no notice to silence
+
+    if key_id in _keys:
+        _keys.move_to_end(key_id)
+        return _keys[key_id]
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UnknownKey(f"unknown key id {key_id}; upload the evaluation keys again") from None
+    try:
+        keys = fhe.EvaluationKeys.deserialize(data)
+    except (RuntimeError, ValueError) as exc:
+        raise Rejected(f"stored evaluation keys are unreadable ({_first_line(exc)})") from None
+    _keys[key_id] = keys
+    if len(_keys) > KEYS_PER_WORKER:
+        _keys.popitem(last=False)
+    return keys
+
+
+def _run(fhe_dir: str, ciphertext: bytes, key_id: str, key_path: str) -> bytes:
+    """Evaluate one ciphertext; Concrete's errors become Rejected so they cross the process boundary cleanly."""
+    keys = _evaluation_keys(key_id, key_path)
+    try:
+        return _server(fhe_dir).run(ciphertext, keys)  # type: ignore[no-any-return]
     except (RuntimeError, ValueError, AssertionError) as exc:
         raise Rejected(_first_line(exc)) from None
 
 
 def _check_key(key: bytes) -> None:
-    """Deserialize evaluation keys as the circuit will, so garbage is refused at upload time."""
+    """Deserialize evaluation keys as the circuit will; they must serialize back to exactly the bytes sent."""
     from concrete import fhe
 
     try:
-        fhe.EvaluationKeys.deserialize(key)
+        again = fhe.EvaluationKeys.deserialize(key).serialize()
     except (RuntimeError, ValueError) as exc:
         raise Rejected(f"not Concrete evaluation keys ({_first_line(exc)})") from None
+    if again != key:
+        raise Rejected(f"not Concrete evaluation keys alone: {len(key)} bytes sent, the keys in them are {len(again)}")
 
 
 class Evaluator:
-    """A pool of N worker processes, each holding the circuit; replaced whole if a worker dies."""
+    """N worker processes, each holding the circuit; replaced whole, warmed, when a worker dies."""
 
     def __init__(self, fhe_dir: Path, workers: int) -> None:
         if workers < 1:
             raise FedfheError(f"--workers must be at least 1 (got {workers})")
         self.fhe_dir, self.workers = str(fhe_dir), workers
-        self._pool = self._new_pool()
+        self._pool: ProcessPoolExecutor | None = None
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        """Spawned (not forked) workers: the server process has threads, which fork does not copy safely."""
-        return ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ready, initargs=(self.fhe_dir,)
-        )
+    def start(self) -> None:
+        """Start the workers and load the circuit in each, once; a circuit that cannot load is one line."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = self._warm_pool()
+                self._ready.set()
 
-    async def warm_up(self) -> None:
-        """Start every worker and load the circuit before the first request arrives."""
-        await self._submit([(_ready, self.fhe_dir)] * self.workers, timeout=600)
+    def alive(self) -> int:
+        """Workers of the current pool that are running."""
+        return 0 if self._pool is None else sum(1 for pid in _pids(self._pool) if _running(pid))
+
+    async def supervise(self, every: float = 0.5) -> None:
+        """Replace the pool as soon as a worker is found dead (ProcessPoolExecutor then fails whole)."""
+        while True:
+            await asyncio.sleep(every)
+            if self._ready.is_set() and self.alive() < self.workers:
+                await asyncio.to_thread(self._replace)
 
     async def check_key(self, key: bytes, timeout: float) -> None:
-        """Refuse keys Concrete cannot read; parsing happens in a worker, never in the server process."""
-        (result,) = await self._submit([(_check_key, key)], timeout)
-        if isinstance(result, Rejected):
-            raise result
+        """Refuse keys Concrete cannot read, or that carry anything more; parsing happens in a worker."""
+        await self._submit([(_check_key, key)], timeout)
 
-    async def run(self, ciphertexts: list[bytes], key: bytes, timeout: float) -> list[bytes]:
-        """Evaluate a batch across the workers; the whole batch shares one deadline."""
-        results = await self._submit([(_run, self.fhe_dir, c, key) for c in ciphertexts], timeout)
-        for i, result in enumerate(results):
-            if isinstance(result, Rejected):
-                raise Rejected(f"ciphertext {i}: {result}")
-        return results
+    async def run(self, ciphertexts: list[bytes], key_id: str, key_path: Path, timeout: float) -> list[bytes]:
+        """Evaluate a batch across the workers under one deadline; the first bad frame stops the batch."""
+        return await self._submit([(_run, self.fhe_dir, c, key_id, str(key_path)) for c in ciphertexts], timeout)
 
     async def _submit(self, calls: list[tuple[Any, ...]], timeout: float) -> list[Any]:
-        """Run calls in the pool under one deadline; Rejected comes back as a value, anything else is raised."""
+        """Run calls in the pool under one deadline; a pool found broken is replaced (warm) and tried once more."""
+        deadline = time.monotonic() + timeout
+        for attempt in (1, 2):
+            if not await asyncio.to_thread(self._ready.wait, max(deadline - time.monotonic(), 0)):
+                raise WorkerDied(f"no FHE worker came back within {timeout:g} s; retry later")
+            try:
+                return await self._gather(calls, deadline, timeout)
+            except (BrokenProcessPool, RuntimeError):  # RuntimeError: the pool was shut down for a replacement
+                if attempt == 2 or time.monotonic() > deadline:
+                    break
+                await asyncio.to_thread(self._replace)
+        raise WorkerDied("an FHE worker died twice on this request; retry it later")
+
+    async def _gather(self, calls: list[tuple[Any, ...]], deadline: float, timeout: float) -> list[Any]:
+        """Submit every call, collect in order; the first error cancels what has not started."""
         loop = asyncio.get_running_loop()
-        pool = self._pool
+        jobs = [loop.run_in_executor(self._pool, *call) for call in calls]
+        index = {job: i for i, job in enumerate(jobs)}
+        results: list[Any] = [None] * len(jobs)
+        pending = set(jobs)
         try:
-            jobs = [loop.run_in_executor(pool, *call) for call in calls]
-        except BrokenProcessPool:  # a worker died while idle; nothing of this request ran yet
-            pool = self._replace(pool)
-            jobs = [loop.run_in_executor(pool, *call) for call in calls]
-        try:
-            results = await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), timeout)
-        except TimeoutError:
-            raise EvaluationTimeout(f"FHE evaluation took longer than {timeout:g} s") from None
-        for result in results:
-            if isinstance(result, BrokenProcessPool):
-                self._replace(pool)
-                raise WorkerDied("an FHE worker died; the pool was restarted, retry the request")
-            if isinstance(result, BaseException) and not isinstance(result, Rejected):
-                raise result
+            while pending:
+                remaining = deadline - time.monotonic()
+                done, pending = await asyncio.wait(pending, timeout=max(remaining, 0), return_when="FIRST_EXCEPTION")
+                if not done:
+                    raise EvaluationTimeout(f"FHE evaluation took longer than {timeout:g} s")
+                for job in done:
+                    error = job.exception()
+                    if isinstance(error, Rejected) and len(jobs) > 1:
+                        raise Rejected(f"ciphertext {index[job]}: {error}")
+                    if error is not None:
+                        raise error
+                    results[index[job]] = job.result()
+        finally:
+            for job in pending:
+                job.cancel()
         return results
 
-    def _replace(self, broken: ProcessPoolExecutor) -> ProcessPoolExecutor:
-        """A fresh pool instead of a broken one (once, however many requests saw it break)."""
-        if broken is self._pool:
-            broken.shutdown(wait=False, cancel_futures=True)
-            self._pool = self._new_pool()
-        return self._pool
+    def _warm_pool(self) -> ProcessPoolExecutor:
+        """A new pool whose every worker has loaded the circuit (spawned: the server process has threads)."""
+        pool = ProcessPoolExecutor(
+            self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(self.fhe_dir, os.getpid()),
+        )
+        try:
+            for future in [pool.submit(_ready, self.fhe_dir) for _ in range(self.workers)]:
+                future.result(timeout=600)
+        except BrokenProcessPool:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise FedfheError(f"{self.fhe_dir}: the FHE workers died while loading the circuit") from None
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        return pool
+
+    def _replace(self) -> None:
+        """Swap in a warmed pool; requests wait (up to their deadline) while it loads."""
+        with self._lock:
+            if self.alive() >= self.workers:
+                return
+            self._ready.clear()
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+            try:
+                self._pool = self._warm_pool()
+            finally:
+                self._ready.set()
 
     def close(self) -> None:
         """Stop the workers, dropping queued work; waits, since uvicorn exits by re-raising the signal."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _pids(pool: ProcessPoolExecutor) -> list[int]:
+    """The pool's worker pids (CPython keeps them in `_processes`; nothing public lists them)."""
+    return list(getattr(pool, "_processes", {}) or {})
+
+
+def _running(pid: int) -> bool:
+    """Whether a process is alive (not gone, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().split(b") ", 1)[1][:1] != b"Z"
+    except (FileNotFoundError, IndexError):
+        return False
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.kill(pid, 0)
+            return True
+        return False

@@ -64,13 +64,17 @@ class KeyStore:
 
     def get(self, key_id: str) -> bytes:
         """The key with this id, marked as used; UnknownKey if absent."""
-        path = self._path(key_id)
         try:
-            key = path.read_bytes()
+            return self.locate(key_id).read_bytes()
         except FileNotFoundError:
             raise UnknownKey(f"unknown key id {key_id}; upload the evaluation keys again") from None
-        _mark_used(path)
-        return key
+
+    def locate(self, key_id: str) -> Path:
+        """The file of a stored key, marked as used (workers read it themselves); UnknownKey if absent."""
+        path = self._path(key_id)
+        if not _mark_used(path):
+            raise UnknownKey(f"unknown key id {key_id}; upload the evaluation keys again")
+        return path
 
     def __len__(self) -> int:
         """Number of stored keys."""
@@ -79,7 +83,7 @@ class KeyStore:
     def _path(self, key_id: str) -> Path:
         """The file of a key id; only 64 lowercase hex digits are ids, so no path can escape the store."""
         if not KEY_ID.fullmatch(key_id):
-            raise UnknownKey(f"malformed key id {key_id[:80]!r} (expected 64 lowercase hex digits)")
+            raise UnknownKey("malformed key id (expected 64 lowercase hex digits)")
         return self.root / f"{key_id}{SUFFIX}"
 
     def _entries(self) -> list[tuple[float, int, Path]]:

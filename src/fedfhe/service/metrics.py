@@ -8,18 +8,21 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
 
 
 class Metrics:
-    """Counts by (route, method, status) and a latency histogram per route; updated from the event loop only."""
+    """Counts by (route, method, status) and by token label, latency per route; updated from the event loop only."""
 
     def __init__(self) -> None:
         self.requests: Counter[tuple[str, str, int]] = Counter()
         self.buckets: defaultdict[str, list[int]] = defaultdict(lambda: [0] * len(BUCKETS))
         self.latency_sum: defaultdict[str, float] = defaultdict(float)
         self.latency_count: Counter[str] = Counter()
+        self.by_token: Counter[tuple[str, int]] = Counter()
         self.ciphertexts = 0
 
-    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        """Record one finished request."""
+    def observe(self, route: str, method: str, status: int, seconds: float, token: str | None = None) -> None:
+        """Record one finished request (and, for an authenticated one, under its token's label)."""
         self.requests[route, method, status] += 1
+        if token is not None:
+            self.by_token[token, status] += 1
         counts = self.buckets[route]
         for i, bound in enumerate(BUCKETS):
             if seconds <= bound:
@@ -27,7 +30,7 @@ class Metrics:
         self.latency_sum[route] += seconds
         self.latency_count[route] += 1
 
-    def render(self) -> str:
+    def render(self, workers_alive: int) -> str:
         """The exposition text served at /metrics."""
         lines = [
             "# HELP fedfhe_requests_total HTTP requests by route, method and status.",
@@ -59,5 +62,14 @@ class Metrics:
             "# HELP fedfhe_ciphertexts_total Ciphertexts evaluated successfully.",
             "# TYPE fedfhe_ciphertexts_total counter",
             f"fedfhe_ciphertexts_total {self.ciphertexts}",
+            "# HELP fedfhe_token_requests_total Authenticated requests by token label and status (429: rate limited).",
+            "# TYPE fedfhe_token_requests_total counter",
+            *(
+                f'fedfhe_token_requests_total{{token="{token}",status="{status}"}} {n}'
+                for (token, status), n in sorted(self.by_token.items())
+            ),
+            "# HELP fedfhe_workers_alive FHE worker processes running now.",
+            "# TYPE fedfhe_workers_alive gauge",
+            f"fedfhe_workers_alive {workers_alive}",
         ]
         return "\n".join(lines) + "\n"

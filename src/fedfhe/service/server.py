@@ -8,6 +8,7 @@ the X-Client-Spec-SHA256 header, so a client notices if the server changed circu
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -19,32 +20,41 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
-from fastapi import FastAPI, HTTPException, Query, Request, Response
-from fastapi.exception_handlers import http_exception_handler
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from fedfhe.artifacts import read_artifacts
 from fedfhe.errors import FedfheError
 from fedfhe.rundir import RunDir
+from fedfhe.service.access import Access, RateLimited, Unauthorized
 from fedfhe.service.evaluator import EvaluationTimeout, Evaluator, Rejected, WorkerDied
 from fedfhe.service.keystore import KEY_ID, KeyStore, KeyTooLarge, UnknownKey
 from fedfhe.service.metrics import Metrics
-from fedfhe.service.protocol import (
-    API,
-    OCTET_STREAM,
-    SPEC_HASH_HEADER,
-    BatchTooLarge,
-    decode_frames,
-    encode_frames,
-)
+from fedfhe.service.protocol import API, OCTET_STREAM, SPEC_HASH_HEADER, BatchTooLarge, decode_frames, encode_frames
 
 log = logging.getLogger("fedfhe.service")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-STATUS = {Rejected: 400, UnknownKey: 404, KeyTooLarge: 413, BatchTooLarge: 413, EvaluationTimeout: 504, WorkerDied: 503}
+CLIENT_GONE = 499  # nginx's code for a client that closed the connection before the answer
+STATUS = {
+    Rejected: 400,
+    Unauthorized: 401,
+    UnknownKey: 404,
+    KeyTooLarge: 413,
+    BatchTooLarge: 413,
+    RateLimited: 429,
+    WorkerDied: 503,
+    EvaluationTimeout: 504,
+}
+
+
+class ClientGone(FedfheError):
+    """The client hung up before its request body arrived."""
 
 
 @dataclass(frozen=True)
@@ -59,10 +69,10 @@ class Limits:
 
 
 class Health(BaseModel):
-    """Liveness: answered once every worker has loaded the circuit."""
+    """Liveness: ok while every FHE worker runs, degraded while some are being replaced."""
 
     status: str
-    workers: int
+    workers: int  # alive now
     keys: int
 
 
@@ -89,6 +99,12 @@ class Error(BaseModel):
     detail: str
 
 
+class KeyId(BaseModel):
+    """The id under which uploaded evaluation keys are stored: their sha256."""
+
+    key_id: str
+
+
 BINARY_BODY = {
     "requestBody": {"required": True, "content": {OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}}}
 }
@@ -97,12 +113,6 @@ BINARY_BODY = {
 def _errors(*codes: int) -> dict[int | str, dict]:
     """OpenAPI entries for the error statuses a route can answer."""
     return {code: {"model": Error} for code in codes}
-
-
-class KeyId(BaseModel):
-    """The id under which uploaded evaluation keys are stored: their sha256."""
-
-    key_id: str
 
 
 def load_model_info(run: RunDir, limits: Limits) -> tuple[ModelInfo, bytes]:
@@ -129,17 +139,28 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The raw body, refused with 415 unless octet-stream and with 413 past `limit` (declared or actual)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != OCTET_STREAM:
-        raise HTTPException(415, f"content type must be {OCTET_STREAM} (got {content_type or 'none'!r})")
+        raise HTTPException(415, f"content type must be {OCTET_STREAM} (got {content_type[:40] or 'none'!r})")
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise HTTPException(413, f"body of {declared} bytes is over the limit of {limit}")
+        raise HTTPException(413, f"body of {declared[:20]} bytes is over the limit of {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone(f"client hung up after {size} bytes of the body") from None
     return b"".join(chunks)
+
+
+def key_id_of(request: Request) -> str:
+    """The key_id query parameter, one anchored pattern; 422 without repeating what was sent."""
+    given = request.query_params.get("key_id", "")
+    if not KEY_ID.fullmatch(given):
+        raise HTTPException(422, "key_id must be 64 lowercase hex digits")
+    return given
 
 
 def create_app(
@@ -147,29 +168,48 @@ def create_app(
     key_dir: str | os.PathLike[str] | None = None,
     workers: int = 2,
     limits: Limits = Limits(),
+    access: Access | None = None,
+    evaluator: Evaluator | None = None,
 ) -> FastAPI:
-    """The service for one run directory; keys default to RUN/keys. Bad artifacts fail here, before serving."""
+    """The service for one run directory; keys default to RUN/keys. Bad artifacts fail here, before serving.
+
+    The FHE workers start with the app (or before, when `evaluator` is given already started).
+    With `access`, every route but /v1/health needs a bearer token, at the rate it allows.
+    """
     run = RunDir(run_dir)
     info, spec = load_model_info(run, limits)
     keys = KeyStore(Path(key_dir) if key_dir is not None else run.keys, limits.max_keys, limits.max_key_store_bytes)
-    evaluator = Evaluator(run.fhe, workers)
+    pool = evaluator or Evaluator(run.fhe, workers)
     metrics = Metrics()
     spec_header = {SPEC_HASH_HEADER: info.client_spec_sha256}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await evaluator.warm_up()
-        _log(event="ready", run=str(run.path), keys=str(keys.root), workers=workers, model=info.model_sha256)
+        await asyncio.to_thread(pool.start)
+        supervisor = asyncio.create_task(_supervise(pool))
+        _log(event="ready", run=str(run.path), keys=str(keys.root), workers=pool.workers, model=info.model_sha256)
         yield
-        evaluator.close()
+        supervisor.cancel()
+        pool.close()
         _log(event="stopped")
 
+    async def authorized(request: Request) -> None:
+        """With tokens configured: the request's token, identified and within its rate."""
+        if access is None:
+            return
+        request.state.token = None
+        label = access.identify(request.headers.get("authorization"))
+        request.state.token = label
+        access.admit(label)
+
     app = FastAPI(title="fedfhe encrypted inference", version="1", lifespan=lifespan)
+    protected = APIRouter(prefix=API, dependencies=[Depends(authorized)])
 
     def _finish(request: Request, status: int, seconds: float, error: str | None) -> None:
         """Count the request and write its log line."""
         route = getattr(request.scope.get("route"), "path", "unmatched")
-        metrics.observe(route, request.method, status, seconds)
+        token = getattr(request.state, "token", None)
+        metrics.observe(route, request.method, status, seconds, token)
         _log(
             event="request",
             request_id=request.state.request_id,
@@ -177,6 +217,7 @@ def create_app(
             path=request.url.path,
             status=status,
             seconds=round(seconds, 6),
+            token=token,
             error=error,
         )
 
@@ -197,62 +238,92 @@ def create_app(
         return response
 
     @app.exception_handler(FedfheError)
-    async def domain_error(request: Request, exc: FedfheError) -> JSONResponse:
+    async def domain_error(request: Request, exc: FedfheError) -> Response:
         """Our errors become their HTTP status (400 unless listed in STATUS) with a one-line detail."""
-        status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 400)
         request.state.error = str(exc)
-        return JSONResponse({"detail": str(exc)}, status_code=status)
+        if isinstance(exc, ClientGone):
+            return Response(status_code=CLIENT_GONE)  # nobody reads it; the log line and the count remain
+        status = next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 400)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else {}
+        if isinstance(exc, Unauthorized):
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        """Record the detail for the log line, then answer as FastAPI would."""
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """Record the detail for the log line; answer it as one line."""
         request.state.error = str(exc.detail)
-        return await http_exception_handler(request, exc)
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
-    @app.get(f"{API}/health")
-    def health() -> Health:
-        """Liveness and the number of stored keys."""
-        return Health(status="ok", workers=workers, keys=len(keys))
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        """A malformed request in one line naming the field, never repeating the input."""
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        request.state.error = f"{where}: {first.get('msg', 'invalid')}"
+        return JSONResponse({"detail": request.state.error}, status_code=422)
 
-    @app.get(f"{API}/model")
+    @app.get(f"{API}/health", responses=_errors(503))
+    def health(response: Response) -> Health:
+        """Liveness, the FHE workers alive and the number of stored keys; 503 while no worker runs."""
+        alive = pool.alive()
+        if alive == 0:
+            response.status_code = 503
+        status = "ok" if alive == pool.workers else "degraded" if alive else "starting"
+        return Health(status=status, workers=alive, keys=len(keys))
+
+    @protected.get("/model", responses=_errors(401, 429))
     def model() -> ModelInfo:
         """The served model's facts and artifact hashes."""
         return info
 
-    @app.get(f"{API}/client-spec", response_class=Response, responses={200: {"content": {"application/zip": {}}}})
+    @protected.get("/client-spec", response_class=Response, responses={200: {"content": {"application/zip": {}}}})
     def client_spec() -> Response:
         """client.zip: the quantizers and crypto parameters a client needs to encrypt and decrypt."""
         return Response(spec, media_type="application/zip", headers=spec_header)
 
-    @app.post(f"{API}/keys", openapi_extra=BINARY_BODY, responses=_errors(400, 413, 415, 504))
+    @protected.post("/keys", openapi_extra=BINARY_BODY, responses=_errors(400, 401, 413, 415, 429, 504))
     async def upload_key(request: Request) -> KeyId:
         """Store evaluation keys (raw bytes); uploading the same keys again returns the same id."""
         body = await read_body(request, limits.max_body_bytes)
-        await evaluator.check_key(body, limits.timeout_s)
+        await pool.check_key(body, limits.timeout_s)
         return KeyId(key_id=await run_in_threadpool(keys.put, body))
 
-    @app.post(
-        f"{API}/predict",
+    @protected.post(
+        "/predict",
         response_class=Response,
-        openapi_extra=BINARY_BODY,
-        responses={200: {"content": {OCTET_STREAM: {}}}, **_errors(400, 404, 413, 415, 503, 504)},
+        openapi_extra={**BINARY_BODY, "parameters": [{"name": "key_id", "in": "query", "required": True}]},
+        responses={200: {"content": {OCTET_STREAM: {}}}, **_errors(400, 401, 404, 413, 415, 422, 429, 503, 504)},
     )
-    async def predict(request: Request, key_id: Annotated[str, Query(pattern=KEY_ID.pattern)]) -> Response:
+    async def predict(request: Request, key_id: str = Depends(key_id_of)) -> Response:
         """Evaluate a framed batch of ciphertexts (see protocol.py) and answer the framed encrypted outputs."""
-        key = await run_in_threadpool(keys.get, key_id)
+        key_path = await run_in_threadpool(keys.locate, key_id)
         frames = decode_frames(await read_body(request, limits.max_body_bytes), limits.max_batch)
-        outputs = await evaluator.run(frames, key, limits.timeout_s)
+        outputs = await pool.run(frames, key_id, key_path, limits.timeout_s)
         metrics.ciphertexts += len(outputs)
         return Response(encode_frames(outputs), media_type=OCTET_STREAM, headers=spec_header)
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(authorized)])
     def prometheus() -> str:
-        """Counters and latency histograms in Prometheus' text format."""
-        return metrics.render()
+        """Counters, latency histograms and the live workers, in Prometheus' text format."""
+        return metrics.render(pool.alive())
 
+    app.include_router(protected)
     return app
+
+
+async def _supervise(pool: Evaluator) -> None:
+    """Keep the worker pool whole; a failure to restart it is logged, then tried again."""
+    while True:
+        try:
+            await pool.supervise()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the service goes on answering health and errors
+            _log(event="workers-restart-failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            await asyncio.sleep(5)
 
 
 def _log(**fields: object) -> None:
     """One JSON object per line, so logs can be parsed without guessing."""
-    log.info(json.dumps({"ts": round(time.time(), 3), **fields}))
+    log.info(json.dumps({"ts": round(time.time(), 3), **{k: v for k, v in fields.items() if v is not None}}))

@@ -1,0 +1,270 @@
+"""`fedfhe serve` as an attacker and a careless operator meet it: slow clients, junk, hang-ups, kill -9, TLS, tokens."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+from conftest import ENV, FEDFHE, Served, fedfhe, fhe_client, key_id, serving, wait_for
+
+from fedfhe.errors import FedfheError
+from fedfhe.federated.certificates import make_certificates
+from fedfhe.service.access import token_label
+from fedfhe.service.client import EncryptedClient
+
+OCTET = {"content-type": "application/octet-stream"}
+
+
+@pytest.fixture(scope="module")
+def rows(digits) -> np.ndarray:
+    return digits.X_test[:4]
+
+
+@pytest.fixture(scope="module")
+def guarded(served_run, tmp_path_factory) -> Iterator[Served]:
+    """One worker, a 3 s read deadline, at most 2 stored keys and 1 MiB of them."""
+    tmp = tmp_path_factory.mktemp("guarded")
+    options = ("--workers", "1", "--read-timeout", "3", "--max-keys", "2", "--max-key-store-mb", "1")
+    with serving(served_run, tmp / "keys", tmp / "server.log", *options) as served:
+        yield served
+
+
+def log_lines(served: Served) -> list[str]:
+    return served.log.read_text().splitlines()
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The server's FHE worker processes."""
+    return [c.pid for c in psutil.Process(pid).children() if "spawn_main" in " ".join(c.cmdline())]
+
+
+def test_slow_clients_cannot_stop_the_service(served_run, rows, tmp_path):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 1300:
+        pytest.skip(f"this test opens 1,100 sockets; the descriptor limit here is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1300), hard))
+    with serving(served_run, tmp_path / "keys", tmp_path / "log", "--workers", "1", nofile=1024) as served:
+        port = int(served.url.rsplit(":", 1)[1])
+        attackers = []
+        try:
+            for _ in range(1100):  # never finish their headers
+                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")
+                attackers.append(s)
+            start = time.monotonic()
+            assert httpx.get(f"{served.url}/v1/health", timeout=2).status_code == 200
+            assert time.monotonic() - start < 2
+            with EncryptedClient(served.url, tmp_path / "client") as client:
+                assert len(client.predict(rows).predicted) == len(rows)
+        finally:
+            for s in attackers:
+                s.close()
+
+
+def test_a_request_must_arrive_whole_within_the_read_timeout(guarded):
+    port = int(guarded.url.rsplit(":", 1)[1])
+    slow = []
+    for _ in range(20):  # a body announced, then never sent
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.sendall(b"POST /v1/keys HTTP/1.1\r\nHost: x\r\ncontent-type: application/octet-stream\r\n")
+        s.sendall(b"content-length: 100000\r\n\r\n" + b"x" * 10)
+        slow.append(s)
+    start = time.monotonic()
+    for s in slow:
+        assert s.recv(1024) == b""  # closed by the server, 3 s after the request began
+        s.close()
+    assert 2 < time.monotonic() - start < 8
+    assert httpx.get(f"{guarded.url}/v1/health").status_code == 200
+
+
+def test_a_client_hanging_up_mid_body_is_one_log_line_not_a_500(guarded):
+    port = int(guarded.url.rsplit(":", 1)[1])
+    before = len(log_lines(guarded))
+    for _ in range(200):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /v1/keys HTTP/1.1\r\nHost: x\r\ncontent-type: application/octet-stream\r\n")
+            s.sendall(b"content-length: 100000\r\n\r\n" + b"x" * 100)
+    wait_for(lambda: sum('"status": 499' in line for line in log_lines(guarded)[before:]) == 200, 30, "200 log lines")
+    new = log_lines(guarded)[before:]
+    assert not any("Traceback" in line or '"status": 500' in line for line in new)
+    assert 'status="500"' not in httpx.get(f"{guarded.url}/metrics").text
+
+
+def test_evaluation_keys_must_be_the_keys_alone(guarded, rows, tmp_path):
+    with EncryptedClient(guarded.url, tmp_path / "a") as client:
+        client.predict(rows[:1])
+    keys = fhe_client(tmp_path / "a").get_serialized_evaluation_keys()
+    stored = httpx.get(f"{guarded.url}/v1/health").json()["keys"]
+    response = httpx.post(f"{guarded.url}/v1/keys", content=keys + os.urandom(15 << 20), headers=OCTET, timeout=60)
+    assert response.status_code == 400 and "not Concrete evaluation keys alone" in response.json()["detail"]
+    assert httpx.get(f"{guarded.url}/v1/health").json()["keys"] == stored
+
+
+def test_max_keys_and_max_key_store_mb_bound_the_store(guarded, rows, tmp_path):
+    def stale(name: str, size: int, mtime: int) -> None:
+        """A key some earlier client left, last used at `mtime`."""
+        path = guarded.store / f"{name * 64}.key"
+        path.write_bytes(b"k" * size)
+        os.utime(path, (mtime, mtime))
+
+    with EncryptedClient(guarded.url, tmp_path / "client") as client:
+        client.predict(rows[:1])
+        own = guarded.store / f"{key_id(tmp_path / 'client')}.key"
+        stale("c", 10, 0)
+        stale("d", 10, 1)
+        own.unlink()  # evicted meanwhile: the client uploads it again, and the store makes room by count
+        client.predict(rows[:1])
+        assert sorted(p.name[0] for p in guarded.store.glob("*.key")) == sorted(["d", own.name[0]])
+        stale("e", 2 << 20, 2)
+        own.unlink()  # again; now 2 MiB of keys are over --max-key-store-mb 1
+        client.predict(rows[:1])
+        assert [p.name for p in guarded.store.glob("*.key")] == [own.name]
+
+
+@pytest.mark.parametrize("given", ["0" * 10_000, "a" * 64 + ".key", "../" * 30, "A" * 64, "", "%00" * 64])
+def test_a_bad_key_id_is_always_422_without_its_echo(guarded, given):
+    response = httpx.post(f"{guarded.url}/v1/predict", params={"key_id": given}, content=b"x", headers=OCTET)
+    assert response.status_code == 422
+    assert response.json() == {"detail": "key_id must be 64 lowercase hex digits"}
+    no_id = httpx.post(f"{guarded.url}/v1/predict", content=b"x", headers=OCTET)
+    assert no_id.status_code == 422
+
+
+def test_health_counts_live_workers_and_a_dead_one_is_replaced_warm(guarded, rows, tmp_path):
+    (first,) = worker_pids(guarded.pid)
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: httpx.get(f"{guarded.url}/v1/health").json()["workers"] == 0, 10, "health to count the death")
+    assert httpx.get(f"{guarded.url}/v1/health").status_code == 503
+    wait_for(lambda: httpx.get(f"{guarded.url}/v1/health").json()["status"] == "ok", 120, "a warmed replacement")
+    (second,) = worker_pids(guarded.pid)
+    assert second != first
+    with EncryptedClient(guarded.url, tmp_path / "after") as client:
+        assert len(client.predict(rows).predicted) == len(rows)
+
+
+def test_kill_9_of_the_server_takes_its_workers_with_it(served_run, tmp_path):
+    with serving(served_run, tmp_path / "keys", tmp_path / "log", "--workers", "2") as served:
+        children = [psutil.Process(p) for p in worker_pids(served.pid)]
+        tracker = [c for c in psutil.Process(served.pid).children() if "resource_tracker" in " ".join(c.cmdline())]
+        assert len(children) == 2
+        os.kill(served.pid, signal.SIGKILL)
+        wait_for(lambda: all(gone(p) for p in children + tracker), 5, "the workers and the resource tracker to exit")
+
+
+def gone(process: psutil.Process) -> bool:
+    """Exited (a zombie waiting to be reaped counts as gone)."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_https_with_a_private_ca_and_bearer_tokens_with_a_rate(served_run, rows, tmp_path):
+    certs = make_certificates(tmp_path / "certs", ("127.0.0.1",))
+    tokens = [secrets.token_hex(16), secrets.token_hex(16)]
+    (tmp_path / "tokens").write_text("# who may call\n" + "\n".join(tokens) + "\n")
+    options = ("--workers", "1", "--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key"))
+    options += ("--tokens", str(tmp_path / "tokens"), "--rate", "30")
+    ca = str(certs / "ca.crt")
+    with serving(served_run, tmp_path / "keys", tmp_path / "log", *options, verify=ca) as served:
+        assert httpx.get(f"{served.url}/v1/health", verify=ca).status_code == 200  # health needs no token
+        refused = httpx.get(f"{served.url}/v1/model", verify=ca)
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        wrong = {"authorization": f"Bearer {secrets.token_hex(16)}"}
+        assert httpx.get(f"{served.url}/v1/model", headers=wrong, verify=ca).status_code == 401
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(served.url.replace("https", "http") + "/v1/health")
+        with EncryptedClient(served.url, tmp_path / "c", token=tokens[0], ca_cert=ca) as client:
+            assert len(client.predict(rows).predicted) == len(rows)
+        with pytest.raises(FedfheError, match="CERTIFICATE_VERIFY_FAILED"):
+            _ = EncryptedClient(served.url, tmp_path / "d", token=tokens[0]).model
+        with pytest.raises(FedfheError, match="needs a valid token"):
+            _ = EncryptedClient(served.url, tmp_path / "e", ca_cert=ca).model
+        second = {"authorization": f"Bearer {tokens[1]}"}
+        answers = [httpx.get(f"{served.url}/v1/model", headers=second, verify=ca) for _ in range(31)]
+        assert [a.status_code for a in answers[:30]] == [200] * 30
+        assert answers[30].status_code == 429 and int(answers[30].headers["retry-after"]) == 2
+        metrics = httpx.get(f"{served.url}/metrics", headers=second, verify=ca)
+        assert metrics.status_code == 429  # the rate counts every route
+        time.sleep(2.1)
+        text = httpx.get(f"{served.url}/metrics", headers=second, verify=ca).text
+        assert f'fedfhe_token_requests_total{{token="{token_label(tokens[1])}",status="429"}} 2' in text
+        assert f'token="{token_label(tokens[0])}",status="200"' in text
+        args = ["--server", served.url, "--ca-cert", ca, "--key-dir", str(tmp_path / "cli"), "--json"]
+        done = fedfhe_with_token(tokens[0], "predict", *args, rows_file(rows, tmp_path))
+        assert done.returncode == 0, done.stderr
+        log = served.log.read_text()
+        assert all(token not in log for token in tokens)
+
+
+def rows_file(rows: np.ndarray, folder: Path) -> str:
+    path = folder / "rows.npy"
+    np.save(path, rows)
+    return str(path)
+
+
+def fedfhe_with_token(token: str, *args: str) -> subprocess.CompletedProcess:
+    """The CLI with the token in FEDFHE_TOKEN, as a user would export it."""
+    env = {**ENV, "FEDFHE_TOKEN": token}
+    return subprocess.run([*FEDFHE, *args], capture_output=True, text=True, env=env, timeout=120, check=False)
+
+
+def test_careless_predict_options_are_one_line(guarded, rows, tmp_path):
+    np.save(tmp_path / "rows.npy", np.repeat(rows, 8, axis=0))  # 32 rows: 16 KiB
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "big.png").write_bytes(b"\x89PNG" + b"\x00" * (2 << 20))
+    cases = [
+        (["--key-dir", str(tmp_path / "a-file"), str(tmp_path / "rows.npy")], "cannot be a key directory"),
+        (["--max-input-mb", "0.01", str(tmp_path / "rows.npy")], "MiB on disk, more than the 0.0099"),
+        (["--max-input-mb", "1", str(tmp_path / "big.png")], "more than the 1 MiB allowed"),
+        (["--max-input-mb", "0", str(tmp_path / "rows.npy")], "--max-input-mb must be > 0"),
+    ]
+    for options, message in cases:
+        done = fedfhe("predict", "--server", guarded.url, *options)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and message in lines[0], (options, done.stderr)
+
+
+def test_bad_serve_options_are_one_line_and_start_nothing(served_run, tmp_path):
+    garbage = tmp_path / "garbage-run"
+    shutil.copytree(served_run, garbage, ignore=shutil.ignore_patterns("keys"))
+    (garbage / "fhe" / "server.zip").write_bytes(b"PK\x03\x04 not a circuit")
+    (tmp_path / "empty").write_text("# nobody\n")
+    (tmp_path / "short").write_text("abc\n")
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    run = str(served_run)
+    cases = [
+        (["--port", "70000"], "--port must be between 1 and 65535"),
+        (["--port", "0"], "--port must be between 1 and 65535"),
+        (["--tls-cert", str(tmp_path / "junk.pem")], "--tls-cert and --tls-key go together"),
+        (["--tls-cert", str(tmp_path / "junk.pem"), "--tls-key", str(tmp_path / "junk.pem")], "cannot be used"),
+        (["--rate", "10"], "--rate limits each token: give --tokens too"),
+        (["--tokens", str(tmp_path / "empty")], "the token list is empty"),
+        (["--tokens", str(tmp_path / "short")], "shorter than 16 characters"),
+        (["--tokens", str(tmp_path / "none")], "cannot read the token file"),
+        (["--workers", "0"], "--workers must be at least 1"),
+        (["--read-timeout", "0"], "--read-timeout must be > 0"),
+        (["--max-keys", "0"], "--max-keys at least 1"),
+    ]
+    for options, message in cases:
+        done = fedfhe("serve", "--run", run, *options, timeout=120)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and message in lines[0], (options, done.stderr)
+    done = fedfhe("serve", "--run", str(garbage), "--port", "0", timeout=120)
+    assert done.returncode == 2 and "--port" in done.stderr  # options are checked before any worker starts
+    done = fedfhe("serve", "--run", str(garbage), "--workers", "1", timeout=120)
+    lines = [line for line in done.stderr.strip().splitlines() if not re.search(r"CUDA", line)]
+    assert done.returncode == 2 and len(lines) == 1 and "server.zip: cannot be loaded" in lines[0], done.stderr
