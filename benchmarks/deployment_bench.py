@@ -1,7 +1,11 @@
-"""Simulation engine vs Deployment Engine (loopback, TLS, node auth): wall time and SuperNode memory.
+"""Simulation engine vs Deployment Engine (loopback, TLS, node auth): wall time, where a round goes, memory.
 
-mnist-5k, 10 clients, 5 rounds, 20 local iterations, both measured in this one run; memory is the
-peak resident set of each SuperNode process with its children (the ClientApp processes).
+mnist-5k, 20 local iterations; 3 nodes x 3 rounds and 10 nodes x 5 rounds, each engine measured in
+this one run on the same data and config. Per deployed round (metrics.json `timing`): the round's wall
+time, a node's ClientApp process before its handler runs (one per message, forked by fedfhe-supernode
+from its warm process), local training, aggregation, and the rest: waiting (idle SuperNodes pull every
+0.5 s, each SuperExec looks for work every 0.25 s, and on one 2-core machine every process queues for
+the CPU). Memory: the peak resident set of each SuperNode with its warm process and ClientApp children.
 Usage: .venv/bin/python benchmarks/deployment_bench.py  -> results/deployment.json
 """
 
@@ -13,6 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -23,7 +28,8 @@ from fedfhe.federated import deployment
 from fedfhe.model import LinearModel
 
 HERE = Path(__file__).resolve().parent
-CLIENTS, ROUNDS, ITERS = 10, 5, 20
+CASES = ((3, 3), (10, 5))  # (nodes, rounds)
+ITERS = 20
 
 
 def tree_rss(pid: int) -> int:
@@ -35,9 +41,17 @@ def tree_rss(pid: int) -> int:
         return 0
 
 
-def main() -> None:
-    """Time both engines on the same data and config, sample SuperNode memory meanwhile."""
-    data = load_dataset("mnist-5k", seed=0)
+def breakdown(run: Path) -> dict[str, Any]:
+    """Per-round timing of a deployed run, and the medians across its rounds."""
+    rows = [row["timing"] for row in json.loads((run / "metrics.json").read_text())["rounds"] if "timing" in row]
+    for t in rows:
+        t["waiting_s"] = t["round_s"] - t["client_process_s"] - t["client_train_s"] - t["aggregate_s"]
+    return {"rounds": rows, "median": {key: statistics.median(t[key] for t in rows) for key in rows[0]}}
+
+
+def one_case(data: Any, nodes: int, rounds: int, tmp: Path) -> dict[str, Any]:
+    """Both engines on one setting."""
+    config = TrainConfig(clients=nodes, rounds=rounds, local_iters=ITERS)
     peaks: dict[str, int] = {}
     stop = threading.Event()
 
@@ -51,18 +65,17 @@ def main() -> None:
 
         threading.Thread(target=loop, daemon=True).start()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        config = TrainConfig(clients=CLIENTS, rounds=ROUNDS, local_iters=ITERS)
-        simulated = train(data, config, Path(tmp) / "sim")
-        simulation_s = time.perf_counter() - start
-        start = time.perf_counter()
-        path = deployment.up(data, config, Path(tmp) / "dep", on_started=sample)
-        deployment_s = time.perf_counter() - start
-        stop.set()
-        deployed = LinearModel.load(path)
-    result = {
-        "setup": {"dataset": "mnist-5k", "clients": CLIENTS, "rounds": ROUNDS, "local_iters": ITERS, "tls": True},
+    start = time.perf_counter()
+    simulated = train(data, config, tmp / f"sim-{nodes}")
+    simulation_s = time.perf_counter() - start
+    start = time.perf_counter()
+    path = deployment.up(data, config, tmp / f"dep-{nodes}", on_started=sample)
+    deployment_s = time.perf_counter() - start
+    stop.set()
+    deployed = LinearModel.load(path)
+    return {
+        "nodes": nodes,
+        "rounds": rounds,
         "simulation_s": simulation_s,
         "deployment_s": deployment_s,
         "ratio": deployment_s / simulation_s,
@@ -74,14 +87,39 @@ def main() -> None:
             "deployment": deployed.metadata["metrics"]["final"]["score"],
             "simulation": simulated.metadata["metrics"]["final"]["score"],
         },
+        "round_breakdown": breakdown(path.parent),
         "supernode_peak_rss_mb": {
             "median": statistics.median(peaks.values()) / 2**20,
             "max": max(peaks.values()) / 2**20,
         },
     }
+
+
+def main() -> None:
+    """Every case, one after the other."""
+    data = load_dataset("mnist-5k", seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = [one_case(data, nodes, rounds, Path(tmp)) for nodes, rounds in CASES]
+    result = {
+        "setup": {
+            "dataset": "mnist-5k",
+            "local_iters": ITERS,
+            "tls": True,
+            "node_auth": True,
+            "supernode": "fedfhe-supernode (warm ClientApps, --poll-interval 0.5)",
+            "superexec_poll_s": float(deployment.POLL),
+        },
+        "cases": cases,
+    }
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "deployment.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    for case in cases:
+        median = case["round_breakdown"]["median"]
+        print(
+            f"{case['nodes']} nodes x {case['rounds']} rounds: simulation {case['simulation_s']:.1f} s, deployment "
+            f"{case['deployment_s']:.1f} s ({case['ratio']:.2f}x); per round {median['round_s']:.1f} s = process "
+            f"{median['client_process_s']:.1f} + train {median['client_train_s']:.1f} + waiting {median['waiting_s']:.1f}"
+        )
 
 
 if __name__ == "__main__":

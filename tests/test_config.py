@@ -24,6 +24,7 @@ from fedfhe.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 POSITIVE = st.floats(min_value=1e-6, max_value=1e6, allow_nan=False)
+SHARE = st.one_of(st.floats(0.01, 0.99), st.integers(1, 100).map(float))  # a fraction or a count
 
 
 @st.composite
@@ -68,8 +69,8 @@ def configs(draw: Any) -> TrainConfig:
         min_clients=draw(st.integers(1, sampled)),
         round_timeout=draw(POSITIVE),
         secagg=draw(st.booleans()) and averaging and sampled >= 3,
-        secagg_shares=draw(POSITIVE),
-        secagg_threshold=draw(POSITIVE),
+        secagg_shares=draw(SHARE),
+        secagg_threshold=draw(SHARE),
         secagg_clipping_range=draw(POSITIVE),
         secagg_quantization_range=draw(st.integers(2, 2**40)),
         secagg_max_weight=draw(POSITIVE),

@@ -45,6 +45,7 @@ def test_one_client_trains_centrally(tmp_path, digits):
         ({"seed": -1}, r"--seed must be between 0 and 2\*\*32 - 1 \(got -1\)"),
         ({"seed": 2**32}, r"--seed must be between 0 and 2\*\*32 - 1"),
         ({"clients": 1400, "partitioning": "dirichlet", "alpha": 0.001}, "cannot partition 1437 samples"),
+        ({"secagg_threshold": 1.5}, r"--secagg-threshold must be a fraction in \(0, 1\) or a whole number"),
     ],
 )
 def test_bad_training_settings(tmp_path, digits, settings, message):
@@ -73,3 +74,16 @@ def test_same_seed_gives_the_same_model(federated_run, digits, tmp_path):
     again = train(digits, TrainConfig(clients=3, rounds=2, local_iters=10, seed=0), tmp_path)
     first = LinearModel.load(federated_run / "model.npz")
     assert (again.coef == first.coef).all() and (again.intercept == first.intercept).all()
+
+
+def test_evaluate_messages_every_round_score_what_the_train_replies_scored(federated_run, digits, tmp_path):
+    """By default a train reply scores the model it received; evaluate messages per round give the same figures."""
+    every = train(digits, TrainConfig(clients=3, rounds=2, local_iters=10, seed=0, evaluate_every_round=True), tmp_path)
+    default = LinearModel.load(federated_run / "model.npz")
+    assert (every.coef == default.coef).all()
+    rows = {name: json.loads((run / "metrics.json").read_text())["rounds"] for name, run in
+            (("every", tmp_path), ("default", federated_run))}  # fmt: skip
+    assert "clients" not in rows["every"][0]  # round 0's model is scored by round 1's train replies only
+    assert "clients" in rows["default"][0]
+    for every_row, default_row in zip(rows["every"][1:], rows["default"][1:]):
+        assert every_row["clients"] == default_row["clients"]  # the same model scored on the same data

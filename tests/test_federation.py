@@ -33,17 +33,151 @@ def orphans(folder: Path) -> list[str]:
     return found
 
 
-def test_deployment_with_tls_and_auth_gives_the_simulation_model(tmp_path, digits):
-    config = TrainConfig(clients=3, rounds=2, local_iters=10)
-    path = deployment.up(digits, config, tmp_path / "deployed")
-    simulated = train(digits, config, tmp_path / "simulated")
-    deployed = LinearModel.load(path)
+PLAIN = TrainConfig(clients=3, rounds=2, local_iters=10)
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, digits) -> tuple[Path, list[tuple[int, dict]]]:
+    """One training on the Deployment Engine (3 SuperNodes, TLS, node auth): its run folder and its progress."""
+    out = tmp_path_factory.mktemp("deployed") / "run"
+    progress: list[tuple[int, dict]] = []
+    deployment.up(digits, PLAIN, out, on_round=lambda r, m: progress.append((r, m)))
+    return out, progress
+
+
+def test_deployment_with_tls_and_auth_gives_the_simulation_model(deployed, tmp_path, digits):
+    out, progress = deployed
+    simulated = train(digits, PLAIN, tmp_path / "simulated")
+    model = LinearModel.load(out / "model.npz")
     # Same files, same config, replies summed in content order: the same model. Not asserted bit for
     # bit: a ClientApp process may use more BLAS threads than a Ray actor, which reorders float sums.
-    assert np.allclose(deployed.coef, simulated.coef, rtol=0, atol=1e-8)
-    assert np.allclose(deployed.intercept, simulated.intercept, rtol=0, atol=1e-8)
-    assert (tmp_path / "deployed" / "federation" / "certs" / "ca.crt").is_file()
+    assert np.allclose(model.coef, simulated.coef, rtol=0, atol=1e-8)
+    assert np.allclose(model.intercept, simulated.intercept, rtol=0, atol=1e-8)
+    assert (out / "federation" / "certs" / "ca.crt").is_file()
+    rows = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [r for r, _ in progress] == [1, 2]  # reported as each round's checkpoint landed, with its test score
+    assert [m["score"] for _, m in progress] == [rows[1]["global"]["score"], rows[2]["global"]["score"]]
+    assert orphans(out.parent) == []
+
+
+def test_a_deployed_run_is_a_run_directory(deployed, digits, tmp_path):
+    out, _ = deployed
+    rows = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [row["round"] for row in rows] == [0, 1, 2]
+    for row in rows:  # every round's model scored by each owner: in the next train reply, or at the end
+        assert [c["client"] for c in row["clients"]] == [0, 1, 2]
+    assert all(set(row["timing"]) >= {"round_s", "client_process_s", "client_train_s"} for row in rows[1:])
+    assert rows[2]["timing"]["client_process_s"] > 0  # each message started a fresh ClientApp process
+    for name in ("training.png", "train_config.json", "checkpoints/round-0002.npz"):
+        assert (out / name).is_file(), name
+    assert fedfhe("compile", "--run", str(out), "--n-bits", "6").returncode == 0
+    done = fedfhe("evaluate", "--run", str(out), "--fhe-samples", "2")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "report.json").read_text())["agreement"]["fhe_vs_clear"] == 1.0
+    done = fedfhe("tune", "--run", str(out), "--n-bits", "4,6", "--latency-samples", "1")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "tune.json").read_text())["recommended"]["n_bits"] in (4, 6)
+    from conftest import serving
+
+    from fedfhe.fhe import load_compiled
+    from fedfhe.service.client import EncryptedClient
+
+    rows_in = digits.X_test[:3]
+    expected = load_compiled(out, LinearModel.load(out / "model.npz")).predict(rows_in, fhe="simulate")
+    with (
+        serving(out, tmp_path / "keys", tmp_path / "log", "--workers", "1") as served,
+        EncryptedClient(served.url, tmp_path / "client") as client,
+    ):
+        np.testing.assert_array_equal(client.predict(rows_in).predicted, expected)
+
+
+def masked_updates(audit: Path) -> list[np.ndarray]:
+    """The masked vectors the server received, as it kept them (one per client that reached that stage)."""
+    from flwr.common import bytes_to_ndarray
+
+    vectors = []
+    for reply in sorted(audit.glob("reply-*.npz")):
+        with np.load(reply) as kept:
+            blobs = sorted((k for k in kept.files if "/masked_params/" in k), key=lambda k: int(k.rsplit("/", 1)[1]))
+            if blobs:
+                vectors.append(np.concatenate([bytes_to_ndarray(kept[k].tobytes()).ravel() for k in blobs]))
+    return vectors
+
+
+def test_secagg_on_the_deployment_engine_shows_the_server_only_masked_vectors(tmp_path, digits):
+    from fedfhe import objective
+
+    config = TrainConfig(clients=3, rounds=1, local_iters=10, secagg=True)
+    deployment.up(digits, config, tmp_path / "secagg", audit=True)
+    secure = LinearModel.load(tmp_path / "secagg" / "model.npz")
+    plain = train(digits, TrainConfig(clients=3, rounds=1, local_iters=10), tmp_path / "plain")
+    simulated = train(digits, config, tmp_path / "simulated")
+    # Each client's ratio * w (ratio = n_k / max_weight) is rounded to a grid of step 2 * clip / Q, the sum
+    # divided by sum(ratio): within step / mean(ratio) of plain FedAvg, in the scaled space clients train in.
+    sizes = [len(np.load(f)["y"]) for f in sorted((tmp_path / "secagg" / "federation" / "data").glob("*.npz"))]
+    step = 2 * config.secagg_clipping_range / config.secagg_quantization_range
+    bound = step / (np.mean(sizes) / config.secagg_max_weight) + 1e-7
+    width = digits.input_range[1] - digits.input_range[0]  # saved weights take raw features: coef / width
+    for model in (secure, simulated):  # each within the bound of plain FedAvg, so within twice it of each other
+        assert np.abs((model.coef - plain.coef) * width).max() <= bound
+        assert np.abs(model.intercept - plain.intercept).max() <= bound
+    assert not np.array_equal(secure.coef, plain.coef)
+    audit = tmp_path / "secagg" / "federation" / "audit"
+    assert not [k for f in audit.glob("*.npz") for k in np.load(f).files if k.startswith("array/")]  # no update
+    vectors = masked_updates(audit)
+    assert len(vectors) == config.clients
+    task = config.problem(digits)
+    for i, vector in enumerate(vectors):
+        with np.load(tmp_path / "secagg" / "federation" / "data" / f"client-{i}.npz") as f:
+            X, y = f["X"], f["y"]
+        true = objective.fit(task, task.initial_params(), task.scale(X), y, config.client_hyper(), 10)[0].ravel()
+        coef = vector[: true.size].astype(np.float64)
+        assert abs(np.corrcoef(coef, true)[0, 1]) < 0.15  # nothing of any client's update shows
+        assert coef.min() < 2**28 and coef.max() > 2**31  # spread over the whole modulus
+
+
+def kill_inside_a_secagg_round(out: Path, nodes: tuple[int, ...] = (2,)):
+    """on_started hook: SIGKILL SuperNodes once every node has shared its keys (the masked vectors come next)."""
+
+    def hook(procs: deployment.Processes) -> None:
+        def killer() -> None:
+            audit = out / "federation" / "audit"
+            deadline = time.monotonic() + 120
+            while len(list(audit.glob("reply-*.npz"))) < 6 and time.monotonic() < deadline:  # 3 keys + 3 shares
+                time.sleep(0.05)
+            for node in nodes:
+                procs.stop(f"supernode-{node}", signal.SIGKILL)
+
+        threading.Thread(target=killer, daemon=True).start()
+
+    return hook
+
+
+def test_a_supernode_killed_inside_a_secagg_round_is_recovered_from_the_others_shares(tmp_path, digits):
+    from fedfhe.federated.privacy import privacy_spent
+
+    config = TrainConfig(
+        clients=3, rounds=1, local_iters=10, secagg=True, secagg_shares=3, secagg_threshold=2, min_clients=2,
+        dp=True, noise_multiplier=0.1, clipping_norm=5.0, round_timeout=15,
+    )  # fmt: skip
+    out = tmp_path / "run"
+    deployment.up(digits, config, out, audit=True, on_started=kill_inside_a_secagg_round(out))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["failures"] == 1 and metrics["final"]["score"] > 0.5
+    simulated = train(digits, config, tmp_path / "simulated")
+    assert metrics["privacy"] == simulated.metadata["metrics"]["privacy"] == privacy_spent(config)
     assert orphans(tmp_path) == []
+
+
+def test_a_secagg_round_without_enough_shares_left_ends_in_one_line(tmp_path, digits):
+    config = TrainConfig(
+        clients=3, rounds=1, local_iters=10, secagg=True, secagg_shares=3, secagg_threshold=2, round_timeout=15,
+    )  # fmt: skip
+    out = tmp_path / "run"
+    with pytest.raises(FedfheError, match=r"SecAgg\+ could not unmask the sum") as refused:  # 1 share left, 2 needed
+        deployment.up(digits, config, out, audit=True, on_started=kill_inside_a_secagg_round(out, (1, 2)))
+    assert "\n" not in str(refused.value)
+    assert not (out / "model.npz").exists() and orphans(tmp_path) == []
 
 
 def kill_after_round_one(out: Path):
@@ -109,11 +243,14 @@ def test_unregistered_or_untrusting_supernodes_are_refused(tmp_path):
     assert orphans(tmp_path) == []
 
 
-def test_bad_federation_requests(tmp_path, digits):
+def test_bad_federation_requests(tmp_path, digits, deployed):
     with pytest.raises(FedfheError, match="--clients 5000 is more than"):
         deployment.up(digits, TrainConfig(clients=5000), tmp_path / "many")
-    with pytest.raises(FedfheError, match="--secagg and --dp run on the simulation engine only"):
-        deployment.up(digits, TrainConfig(clients=3, secagg=True), tmp_path / "secagg")
+    out, _ = deployed
+    model = (out / "model.npz").read_bytes()
+    with pytest.raises(FedfheError, match="already holds a run: pass --force"):
+        deployment.up(digits, PLAIN, out)
+    assert (out / "model.npz").read_bytes() == model
     done = fedfhe("federation", "up", "--dataset", "nope", "--out", str(tmp_path))
     assert done.returncode == 2 and "unknown data set 'nope'" in done.stderr
     done = fedfhe("federation", "up", "--dataset", "digits", "--strategy", "fedsgd", "--out", str(tmp_path))

@@ -135,3 +135,29 @@ def test_params_are_checked_against_the_estimator():
         kind_of("forest")
     with pytest.raises(FedfheError, match="--param penalty applies to centralized training"):
         TrainConfig(clients=3, params={"penalty": "l1", "solver": "saga"})
+
+
+@pytest.mark.parametrize(
+    "name, n_classes, rows",
+    [("logistic", 10, 10), ("logistic", 2, 2), ("logistic", 2, 1), ("svm", 10, 10), ("svm", 2, 1), ("ridge", 0, 1)],
+)
+def test_numpy_scoring_equals_scikit_learns_metrics(name, n_classes, rows):
+    from sklearn.metrics import hinge_loss, log_loss, mean_squared_error, r2_score
+
+    rng = np.random.default_rng(3)
+    X = rng.uniform(0, 1, size=(200, 6))
+    classes = np.arange(n_classes)
+    y = rng.choice(classes, size=200) if n_classes else rng.uniform(0, 100, size=200)
+    params = [rng.normal(size=(rows, 6)) * 3, rng.normal(size=rows)]
+    problem = Problem(KINDS[name], classes, (np.zeros(6), np.ones(6)), None if n_classes else (0.0, 100.0))
+    score, loss = objective.evaluate(problem, params, X, y)
+    fitted = KINDS[name].fitted(params, classes)
+    if not n_classes:
+        predicted = problem.unscale_target(fitted.predict(X))
+        assert (score, loss) == pytest.approx((r2_score(y, predicted), mean_squared_error(y, predicted)), rel=1e-12)
+    elif name == "svm":
+        expected = hinge_loss(y, fitted.decision_function(X), labels=classes)
+        assert (score, loss) == pytest.approx((fitted.score(X, y), expected), rel=1e-12)
+    else:
+        expected = log_loss(y, fitted.predict_proba(X), labels=classes)
+        assert (score, loss) == pytest.approx((fitted.score(X, y), expected), rel=1e-12)

@@ -367,6 +367,10 @@ def federation_up(
     dataset: DatasetName = "mnist-5k",
     out: Out = Path("runs/federation"),
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication (not advised).")] = False,
+    audit: Annotated[
+        bool, typer.Option("--audit", help="Keep every reply the server receives in OUT/federation/audit/.")
+    ] = False,
+    force: Force = False,
 ) -> None:
     """Start a SuperLink and N SuperNodes on loopback (TLS, node auth), train, stop them all."""
     from fedfhe.data import load_dataset
@@ -376,9 +380,19 @@ def federation_up(
     if insecure:
         console.print("[yellow]warning:[/yellow] --insecure: traffic is not encrypted and any SuperNode may join")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so every started process is stopped
+    score = config.kind.score_names[0]
     with _bars() as live:
-        bar = live.add_task(f"federation of {config.clients} SuperNodes", total=config.rounds)
-        path = deployment.up(data, config, out, insecure=insecure, on_round=lambda r: live.update(bar, completed=r))
+        bars = Bars(live)
+        bars.start("training", config.rounds)
+        path = deployment.up(
+            data,
+            config,
+            out,
+            insecure=insecure,
+            audit=audit,
+            force=force,
+            on_round=lambda r, m: bars.update(r, **({score: m["score"]} if "score" in m else {})),
+        )
     console.print(f"trained on the Deployment Engine -> {path} (logs in {out / 'federation' / 'logs'})")
 
 

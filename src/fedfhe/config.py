@@ -61,6 +61,11 @@ class TrainConfig:
     proximal_mu: float = option(0.1, "FedProx proximal strength, relative to the mean loss.")
     min_clients: int = option(1, "Fewest successful clients a round accepts.")
     round_timeout: float = option(600.0, "Seconds to wait for the clients in a round.")
+    evaluate_every_round: bool = option(
+        False,
+        "Send evaluate messages every round (by default a train reply carries the client's score of the model "
+        "it received, and one evaluation follows the last round).",
+    )
     secagg: bool = option(False, "SecAgg+: the server only learns the sum of updates.", SECAGG)
     secagg_shares: float = option(0.5, "SecAgg+ shares per client (a fraction of the clients if < 1).", SECAGG)
     secagg_threshold: float = option(0.6, "SecAgg+ shares needed to reconstruct (fraction if < 1).", SECAGG)
@@ -132,6 +137,11 @@ class TrainConfig:
             raise FedfheError(f"--round-timeout must be > 0 seconds (got {self.round_timeout})")
         if self.secagg and (self.strategy not in ("fedavg", "fedprox") or self.sampled < 3):
             raise FedfheError("--secagg needs fedavg or fedprox and at least 3 clients per round")
+        for name in ("secagg_shares", "secagg_threshold"):
+            value = getattr(self, name)
+            if not (0 < value < 1 or (value >= 1 and float(value).is_integer())):
+                flag = "--" + name.replace("_", "-")
+                raise FedfheError(f"{flag} must be a fraction in (0, 1) or a whole number of clients (got {value})")
         if self.dp and (self.noise_multiplier < 0 or self.clipping_norm <= 0 or not 0 < self.target_delta < 1):
             raise FedfheError("--dp needs --noise-multiplier >= 0, --clipping-norm > 0 and 0 < --target-delta < 1")
         if self.dp and self.strategy not in ("fedavg", "fedprox"):
@@ -176,6 +186,13 @@ class TrainConfig:
                 value = " ".join(shlex.quote(f"{k}={json.dumps(v)}") for k, v in sorted(value.items()))
             entries[run_config_key(f)] = value
         return entries
+
+    @classmethod
+    def setting(cls, run_config: dict[str, Any], name: str) -> Any:
+        """One field's value in a run config, typed, without checking a whole config (a ClientApp asks per message)."""
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        key = run_config_key(f)
+        return _typed(f, run_config[key], f"run config {key}") if key in run_config else f.default
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> TrainConfig:

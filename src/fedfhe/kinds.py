@@ -96,12 +96,14 @@ class Kind:
         return estimator
 
     def score(self, y: np.ndarray, predicted: np.ndarray) -> float:
-        """Accuracy of predicted classes, or R2 of predicted values (the first of score_names)."""
-        if self.regression:
-            from sklearn.metrics import r2_score
-
-            return float(r2_score(y, predicted))
-        return float(np.mean(predicted == y))
+        """Accuracy of predicted classes, or R2 of predicted values (the first of score_names), as scikit-learn has them."""
+        if not self.regression:
+            return float(np.mean(predicted == y))
+        residual = float(np.sum((y - predicted) ** 2))
+        total = float(np.sum((y - np.mean(y)) ** 2))
+        if total == 0:  # scikit-learn's force_finite: a constant target scores 1 if matched exactly, else 0
+            return 1.0 if residual == 0 else 0.0
+        return 1 - residual / total
 
 
 KINDS = {

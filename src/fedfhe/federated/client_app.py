@@ -2,12 +2,17 @@
 
 One implementation serves both ways the server can talk: Flower's Message API (arrays + config
 records) and the legacy record layout that SecAgg+ still requires in Flower 1.42 (fitins/fitres).
+A train reply also carries the client's score of the global model it received, so rounds need no
+evaluate messages; on the Deployment Engine every message starts a fresh process, so this module
+imports little (scikit-learn and SciPy load only when a handler needs them).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -15,10 +20,12 @@ from typing import Any, cast
 import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, EvaluateRes, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
 from fedfhe import objective
+from fedfhe.config import TrainConfig
 from fedfhe.data import load_dataset, read_table
 from fedfhe.errors import FedfheError
 from fedfhe.kinds import Params
@@ -76,6 +83,36 @@ def _checked_data(context: Context, partition_dir: Path | None, n_features: int)
     return X, y
 
 
+def client_mods(secagg: bool, dp: bool) -> list[Any]:
+    """Client-side privacy layers around training: SecAgg+ masking, and clipping of the update for DP (inside it)."""
+    if secagg:
+        from flwr.client.mod import fixedclipping_mod, secaggplus_mod
+
+        return [secaggplus_mod, fixedclipping_mod] if dp else [secaggplus_mod]
+    if dp:
+        from flwr.clientapp.mod import fixedclipping_mod
+
+        return [fixedclipping_mod]
+    return []
+
+
+def configured_mods(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The privacy layers a deployed run asks for in its run config (the simulation passes them directly)."""
+    from flwr.client.mod import make_ffn
+
+    secagg, dp = (TrainConfig.setting(context.run_config, name) for name in ("secagg", "dp"))
+    return make_ffn(call_next, client_mods(secagg, dp))(msg, context)
+
+
+def _started() -> float:
+    """Seconds since this process started: what a fresh ClientApp process costs before its handler runs."""
+    with open(f"/proc/{os.getpid()}/stat", "rb") as f:
+        ticks = int(f.read().split(b") ", 1)[1].split()[19])  # field 22, starttime, in clock ticks after boot
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return uptime - ticks / os.sysconf("SC_CLK_TCK")
+
+
 def build_client_app(partition_dir: Path | None, train_mods: list | None = None) -> ClientApp:
     """A ClientApp whose nodes read their data from files, never from the server.
 
@@ -86,17 +123,31 @@ def build_client_app(partition_dir: Path | None, train_mods: list | None = None)
 
     @app.train(mods=train_mods or [])
     def train(msg: Message, context: Context) -> Message:
-        """Warm-start from the global weights, train locally, send back weights and metrics."""
+        """Score the global weights received, warm-start from them, train locally, send back both."""
+        waited = _started() if partition_dir is None else 0.0  # a deployed node's fresh process
         start, config, legacy = _request(msg)
         problem, X, y = _local_data(config, context, partition_dir)
+        received = objective.evaluate(problem, start, X, y)
         hyper = json.loads(str(config["hyper"]))
+        began = time.perf_counter()
         params = objective.fit(
             problem, start, X, problem.scale_target(y), hyper, int(config["local-iters"]), float(config["mu"])
         )
+        trained = time.perf_counter() - began
         score, loss = objective.evaluate(problem, params, X, y)
         # DP needs every client to weigh the same; otherwise FedAvg weighs by data size.
         weight = 1 if bool(config["uniform-weights"]) else len(y)
-        metrics: dict[str, Any] = {"weight": weight, "train-score": score, "train-loss": loss}
+        metrics: dict[str, Any] = {
+            "weight": weight,
+            "train-score": score,
+            "train-loss": loss,
+            "score": received[0],  # of the global model this client received, on its own data
+            "loss": received[1],
+            "examples": len(y),
+            "client": _client_id(context),
+            "process-seconds": waited,
+            "train-seconds": trained,
+        }
         if legacy:
             res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(params), weight, metrics)
             return Message(compat.fitres_to_recorddict(res, True), reply_to=msg)
@@ -108,8 +159,7 @@ def build_client_app(partition_dir: Path | None, train_mods: list | None = None)
         params, config, legacy = _request(msg)
         problem, X, y = _local_data(config, context, partition_dir)
         score, loss = objective.evaluate(problem, params, X, y)
-        client = int(context.node_config.get("partition-id", context.node_id))
-        metrics: dict[str, Any] = {"weight": len(y), "score": score, "loss": loss, "client": client}
+        metrics: dict[str, Any] = {"weight": len(y), "score": score, "loss": loss, "client": _client_id(context)}
         if legacy:
             res = EvaluateRes(Status(Code.OK, ""), loss, len(y), metrics)
             return Message(compat.evaluateres_to_recorddict(res), reply_to=msg)
@@ -124,5 +174,11 @@ def build_client_app(partition_dir: Path | None, train_mods: list | None = None)
     return app
 
 
-# What `flwr run` loads on a SuperNode (pyproject [tool.flwr.app.components]): data from node config.
-app = build_client_app(None)
+def _client_id(context: Context) -> int:
+    """The data owner's number for per-client reports: its partition id, or its node id."""
+    return int(context.node_config.get("partition-id", context.node_id))
+
+
+# What `flwr run` loads on a SuperNode (pyproject [tool.flwr.app.components]): data from node config,
+# privacy layers from the run config.
+app = build_client_app(None, [configured_mods])

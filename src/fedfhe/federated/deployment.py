@@ -16,7 +16,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self
 
@@ -30,7 +31,9 @@ from fedfhe.rundir import RunDir
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr live beside python
 SERVER_APP = "fedfhe.federated.server_app:app"
 CLIENT_APP = "fedfhe.federated.client_app:app"
-RUN_SETTINGS: RunConfig = {"dataset": "mnist-5k", "out-dir": "runs/flower"}  # run-config keys besides training
+RUN_SETTINGS: RunConfig = {"dataset": "mnist-5k", "out-dir": "runs/flower", "audit-dir": ""}  # besides training
+POLL = "0.25"  # seconds between the SuperExec's looks for work (Flower's default: 1)
+STATUS_EVERY = 5.0  # seconds between asks for a run's status
 
 
 def write_owner_files(
@@ -89,14 +92,18 @@ class Processes:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Signal every group first (the nodes, then the SuperLink), then wait for each."""
+        for proc in list(self.procs.values())[::-1]:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
         for name in list(self.procs)[::-1]:
             self.stop(name)
 
 
-def flwr(env: dict[str, str], *args: str, cwd: Path | None = None) -> dict:
-    """Call the `flwr` CLI with JSON output; its errors become one-line FedfheErrors."""
+def flwr(env: dict[str, str], *args: str, cwd: Path | None = None, via: Sequence[str] = ()) -> dict:
+    """Call the `flwr` CLI with JSON output (through `via`, e.g. `ip netns exec NS`); errors become one line."""
     done = subprocess.run(
-        [str(BIN / "flwr"), *args, "--format", "json"],
+        [*via, str(BIN / "flwr"), *args, "--format", "json"],
         env=env,
         cwd=cwd,
         capture_output=True,
@@ -128,18 +135,24 @@ def up(
     out: str | os.PathLike[str],
     *,
     insecure: bool = False,
+    audit: bool = False,
+    force: bool = False,
     on_started: Callable[[Processes], None] | None = None,
-    on_round: Callable[[int], None] | None = None,
+    on_round: Callable[[int, dict[str, float]], None] | None = None,
 ) -> Path:
     """Run one training on a loopback federation; returns out/model.npz. Every process is stopped.
 
-    The config is the one `train` takes; SecAgg+ and DP run on the simulation engine only.
-    insecure=True drops TLS and node authentication: only for debugging.
+    The config is the one `train` takes, SecAgg+ and DP included. insecure=True drops TLS and node
+    authentication: only for debugging. audit=True keeps every reply the server receives in
+    out/federation/audit/. A folder holding a run is refused unless force=True (its files go first).
     """
-    if config.secagg or config.dp:
-        raise FedfheError("--secagg and --dp run on the simulation engine only (fedfhe train), not on federation up")
     config.problem(dataset)
-    run = RunDir(Path(out).resolve()).create()
+    run = RunDir(Path(out).resolve())
+    if run.holds_run() and not force:
+        raise FedfheError(f"{run.path} already holds a run: pass --force to start over (its files are removed first)")
+    if force:
+        run.clear()
+    run.create()
     work = run.federation
     for folder in ("flwr-home", "logs", "data", "keys"):
         (work / folder).mkdir(parents=True, exist_ok=True)
@@ -150,6 +163,7 @@ def up(
         "FLWR_HOME": str(work / "flwr-home"),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": POLL,
     }
     files = write_owner_files(dataset, config.clients, work / "data", config.partitioning, config.seed, config.alpha)
     connection = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n'
@@ -161,20 +175,28 @@ def up(
     (work / "flwr-home" / "config.toml").write_text(connection)
     app = write_app(work / "app")
     settings = work / "run_config.toml"
-    settings.write_text(to_toml({**config.to_run_config(), "dataset": dataset.name, "out-dir": str(run.path)}))
+    where = {"dataset": dataset.name, "out-dir": str(run.path), "audit-dir": str(work / "audit") if audit else ""}
+    settings.write_text(to_toml({**config.to_run_config(), **where}))
     with Processes(env, work / "logs") as procs:
         procs.start("superlink", superlink_command(port, certs, work / "superlink.db"), cwd=work)
         wait_until(lambda: _listening(port), 60, "the SuperLink")
-        for i, data_file in enumerate(files):
-            private = None
-            if certs is not None:
-                private, public = make_node_key(work / "keys", f"node-{i}")
+        keys = [None if certs is None else make_node_key(work / "keys", f"node-{i}") for i in range(len(files))]
+
+        def join(i: int) -> None:
+            """Register node i's key (a `flwr` process: a second of imports), then start its SuperNode."""
+            pair, private = keys[i], None
+            if pair is not None:
+                private, public = pair
                 flwr(env, "supernode", "register", str(public), CONNECTION)
-            node_config = f"data-file='{data_file}' partition-id={i} num-partitions={config.clients}"
+            node_config = f"data-file='{files[i]}' partition-id={i} num-partitions={config.clients}"
             procs.start(f"supernode-{i}", supernode_command(port, certs, private, node_config), cwd=work / f"node-{i}")
+
+        with ThreadPoolExecutor(4) as pool:  # the run is submitted while nodes join: the ServerApp waits for them
+            submitted = pool.submit(flwr, env, "run", str(app), CONNECTION, "--run-config", str(settings), cwd=app)
+            list(pool.map(join, range(len(files))))
+            run_id = submitted.result()["run-id"]
         if on_started is not None:
             on_started(procs)
-        run_id = flwr(env, "run", str(app), CONNECTION, "--run-config", str(settings), cwd=app)["run-id"]
         status = _wait_for_run(env, run_id, run, on_round)
         if status["status"] != "finished:completed":
             reason = (status.get("status-details") or status["status"]).splitlines()[-1]
@@ -215,8 +237,8 @@ def to_toml(entries: dict[str, Any]) -> str:
     return "".join(f"{key} = {value(v)}\n" for key, v in entries.items())
 
 
-def superlink_command(port: int, certs: Path | None, database: Path) -> list[str]:
-    """The coordinator's SuperLink: TLS with our certificates and registered SuperNodes only."""
+def superlink_command(port: int, certs: Path | None, database: Path, host: str = "127.0.0.1") -> list[str]:
+    """The coordinator's SuperLink on host:port (Fleet, Control and Runtime APIs): TLS, registered SuperNodes only."""
     tls = (
         ["--insecure"]
         if certs is None
@@ -230,20 +252,25 @@ def superlink_command(port: int, certs: Path | None, database: Path) -> list[str
     return [
         str(BIN / "flower-superlink"),
         *tls,
-        "--host=127.0.0.1",
+        f"--host={host}",
         f"--port={port}",
         "--disable-runtime-dependency-installation",
         f"--database={database}",
     ]
 
 
-def supernode_command(port: int, certs: Path | None, private_key: Path | None, node_config: str) -> list[str]:
-    """A data owner's SuperNode: trusts our CA, proves its identity with its private key."""
+def supernode_command(
+    port: int, certs: Path | None, private_key: Path | None, node_config: str, superlink: str = "127.0.0.1"
+) -> list[str]:
+    """A data owner's SuperNode reaching the SuperLink at superlink:port: trusts our CA, proves itself with its key.
+
+    fedfhe-supernode is flower-supernode with warm ClientApp processes and a 0.2 s idle poll (supernode.py).
+    """
     tls = ["--insecure"] if certs is None else [f"--root-certificates={certs / 'ca.crt'}"]
     auth = [] if private_key is None else [f"--auth-supernode-private-key={private_key}"]
     return [
-        str(BIN / "flower-supernode"),
-        f"--superlink=127.0.0.1:{port}",
+        str(BIN / "fedfhe-supernode"),
+        f"--superlink={superlink}:{port}",
         *tls,
         *auth,
         f"--port={free_port()}",
@@ -258,15 +285,24 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _wait_for_run(env: dict[str, str], run_id: int, run: RunDir, on_round: Callable[[int], None] | None) -> dict:
-    """Poll the run until it ends, reporting rounds as their checkpoints appear."""
-    seen = 0
+def _wait_for_run(
+    env: dict[str, str], run_id: int, run: RunDir, on_round: Callable[[int, dict[str, float]], None] | None
+) -> dict:
+    """Watch the run until it ends, reporting each round, with the global model's test score, as its checkpoint lands.
+
+    The run folder is watched closely; `flwr ls` (a process of its own, a second of CPU) is asked every
+    STATUS_EVERY seconds for a run that failed, and often once the model is written.
+    """
+    seen, asked = 0, 0.0
     while True:
-        runs = flwr(env, "ls", CONNECTION, "--run-id", str(run_id))["runs"]
-        done = run.checkpointed_rounds()
+        done = run.last_round()
         if on_round is not None and done > seen:
             seen = done
-            on_round(done)
-        if runs and str(runs[0]["status"]).startswith("finished"):
-            return dict(runs[0])
-        time.sleep(1.0)
+            rows = run.load_checkpoint().rows
+            on_round(done, dict(rows[-1].get("global", {})) if rows else {})
+        if run.model_file.exists() or time.monotonic() - asked > STATUS_EVERY:
+            asked = time.monotonic()
+            runs = flwr(env, "ls", CONNECTION, "--run-id", str(run_id))["runs"]
+            if runs and str(runs[0]["status"]).startswith("finished"):
+                return dict(runs[0])
+        time.sleep(0.2)

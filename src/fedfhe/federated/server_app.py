@@ -23,8 +23,9 @@ from fedfhe import result
 from fedfhe.config import TrainConfig
 from fedfhe.data import load_dataset
 from fedfhe.errors import FedfheError
+from fedfhe.federated.grids import AuditGrid, PromptGrid
 from fedfhe.federated.privacy import privacy_spent
-from fedfhe.federated.strategy import WEIGHT, Guarded, RoundLog, make_strategy, per_client_metrics, wait_for_nodes
+from fedfhe.federated.strategy import WEIGHT, Guarded, RoundLog, evaluate_everyone, make_strategy, wait_for_nodes
 from fedfhe.kinds import Params
 from fedfhe.objective import evaluate
 from fedfhe.problem import Problem, merge_ranges, shared_range
@@ -149,7 +150,11 @@ class ServerRun:
             evaluate_config=ConfigRecord(shared),
             evaluate_fn=lambda r, arrays: MetricRecord(self.evaluate_round(r, arrays.to_numpy_ndarrays())),
         )
-        return outcome.arrays.to_numpy_ndarrays() if len(outcome.arrays) else initial
+        final = outcome.arrays if len(outcome.arrays) else ArrayRecord(initial)
+        if not self.config.evaluate_every_round:  # train replies scored each round's model but the last
+            reports = evaluate_everyone(grid, final, ConfigRecord(shared), self.config.round_timeout)
+            self.log.record_clients(self.config.rounds, reports)
+        return final.to_numpy_ndarrays()
 
     def _secagg_rounds(self, grid: Grid, context: Context) -> Params:
         """The same rounds through SecAgg+: the server only ever sees the masked sum of updates."""
@@ -160,11 +165,13 @@ class ServerRun:
         from flwr.server.workflow import DefaultWorkflow
 
         config, log, shared = self.config, self.log, self.client_config()
-        current = {"round": 0}
+        current = {"round": 0, "aggregated": 0}
 
         def fit_config(server_round: int) -> dict[str, Any]:
-            """Called just before sampling: seed it as the Message API path does."""
+            """Called just before sampling: wait for the nodes and seed it, as the Message API path does."""
             current["round"] = server_round + self.offset
+            wanted = config.clients if server_round == 1 else config.min_clients
+            wait_for_nodes(grid, wanted, config.round_timeout, f"round {current['round']}")
             random.seed(f"{config.seed}/{server_round + self.offset}")
             return dict(shared)
 
@@ -172,27 +179,37 @@ class ServerRun:
             """Count the clients whose masked update was lost, keep the mean training metrics."""
             row = log.row(current["round"])
             row["failures"] = config.sampled - len(results)
+            if len(results) < config.min_clients:
+                raise FedfheError(
+                    f"round {current['round']}: only {len(results)} of {config.sampled} clients' masked updates "
+                    f"arrived (--min-clients {config.min_clients})"
+                )
             total = sum(n for n, _ in results) or 1
             row["train"] = {k: sum(n * m[k] for n, m in results) / total for k in ("train-score", "train-loss")}
+            current["aggregated"] = current["round"]
             return dict(row["train"])
 
         def evaluate_metrics(results: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
             """Per-client figures, as the Message API path records them."""
-            records = [RecordDict({"metrics": MetricRecord({**m, WEIGHT: n})}) for n, m in results]
-            merged = dict(per_client_metrics(records, WEIGHT))
-            log.record_clients(current["round"], merged)
-            return {"score": merged["score"], "loss": merged["loss"]}
+            log.record_clients(current["round"], [{**m, WEIGHT: n} for n, m in results])
+            return dict(log.row(current["round"]).get("clients_mean", {}))
 
         def evaluate_fn(server_round: int, params: Params, _: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+            """The server's test score; a round SecAgg+ could not aggregate (Flower only logs it) stops the run."""
+            if server_round > 0 and current["aggregated"] != server_round + self.offset:
+                raise FedfheError(
+                    f"round {server_round + self.offset}: SecAgg+ could not unmask the sum: too few clients kept "
+                    f"their masked updates and shares (reconstruction threshold {config.secagg_threshold:g})"
+                )
             metrics = self.evaluate_round(server_round, params)
             return metrics["loss"], dict(metrics)
 
         strategy: Any = LegacyFedAvg(
             fraction_fit=config.fraction,
             fraction_evaluate=1.0,
-            min_fit_clients=config.sampled,
+            min_fit_clients=1,  # fit_config has waited for the nodes; fraction_fit sizes the sample
             min_evaluate_clients=1,
-            min_available_clients=config.clients,
+            min_available_clients=config.min_clients,
             evaluate_fn=evaluate_fn,
             on_fit_config_fn=fit_config,
             on_evaluate_config_fn=lambda _: dict(shared),
@@ -202,7 +219,8 @@ class ServerRun:
         )
         if config.dp:
             strategy = LegacyDP(strategy, config.noise_multiplier, config.clipping_norm, config.sampled)
-        legacy = LegacyContext(context, ServerConfig(num_rounds=config.rounds - self.offset), strategy)
+        rounds = ServerConfig(num_rounds=config.rounds - self.offset, round_timeout=config.round_timeout)
+        legacy = LegacyContext(context, rounds, strategy)
         DefaultWorkflow(fit_workflow=secagg_workflow(config))(grid, legacy)
         return legacy.state.array_records["parameters"].to_numpy_ndarrays()
 
@@ -211,13 +229,18 @@ def secagg_workflow(config: TrainConfig) -> Any:
     """SecAgg+ with our shares, threshold, clipping and quantization range."""
     from flwr.server.workflow import SecAggPlusWorkflow
 
+    def share(value: float) -> int | float:
+        """Flower reads an int as a number of clients and a float as a fraction of them."""
+        return int(value) if value >= 1 else value
+
     return SecAggPlusWorkflow(
-        num_shares=config.secagg_shares,
-        reconstruction_threshold=config.secagg_threshold,
+        num_shares=share(config.secagg_shares),
+        reconstruction_threshold=share(config.secagg_threshold),
         clipping_range=config.secagg_clipping_range,
         quantization_range=config.secagg_quantization_range,
         # Updates are scaled by weight / max_weight before quantization: keep the ratio near 1.
         max_weight=1.0 if config.dp else config.secagg_max_weight,
+        timeout=config.round_timeout,  # each of SecAgg+'s four stages; without it a dead node stalls the run
     )
 
 
@@ -232,14 +255,14 @@ def deployment_main(grid: Grid, context: Context) -> None:
     """What `flwr run` starts on the SuperLink: the config from the run config, outputs to out-dir."""
     settings = context.run_config
     config = TrainConfig.from_run_config(settings)
-    if config.secagg or config.dp:  # the deployed ClientApp has no SecAgg+ or clipping mods yet
-        raise FedfheError("secagg and dp run on the simulation engine only (fedfhe train), not on a SuperLink")
     dataset = load_dataset(str(settings["dataset"]), seed=config.seed)
     run = RunDir(Path(str(settings["out-dir"])).resolve())
     run.path.mkdir(parents=True, exist_ok=True)
+    run.write_config(dataset.name, config)
+    audit = str(settings.get("audit-dir", ""))
     server = ServerRun(config, config.problem(dataset), dataset.X_test, dataset.y_test, run)
     started = time.perf_counter()
-    server(grid, context)
+    server(AuditGrid(grid, Path(audit)) if audit else PromptGrid(grid), context)
     metrics = {**server.metrics(), "train_seconds": time.perf_counter() - started}
     if server.params is None:
         raise FedfheError("the federated run ended without a model")

@@ -37,23 +37,10 @@ from threadpoolctl import threadpool_limits
 
 from fedfhe.config import TrainConfig
 from fedfhe.errors import FedfheError
-from fedfhe.federated.client_app import build_client_app
+from fedfhe.federated.client_app import build_client_app, client_mods
 from fedfhe.federated.server_app import ServerRun, build_server_app
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a Linux process gets when its parent dies
-
-
-def client_mods(config: TrainConfig) -> list[Any]:
-    """Client-side privacy layers around training: SecAgg+ masking, and clipping of the update for DP (inside it)."""
-    if config.secagg:
-        from flwr.client.mod import fixedclipping_mod, secaggplus_mod
-
-        return [secaggplus_mod, fixedclipping_mod] if config.dp else [secaggplus_mod]
-    if config.dp:
-        from flwr.clientapp.mod import fixedclipping_mod
-
-        return [fixedclipping_mod]
-    return []
 
 
 def simulate(config: TrainConfig, server: ServerRun, partition_dir: Path, verbose: bool = False) -> None:
@@ -112,7 +99,7 @@ def run_in_process(
             warnings.simplefilter("ignore")
             run_simulation(
                 server_app=build_server_app(server_main),
-                client_app=build_client_app(partition_dir, client_mods(config)),
+                client_app=build_client_app(partition_dir, client_mods(config.secagg, config.dp)),
                 num_supernodes=config.clients,
                 backend_config=backend_config,
             )

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -18,7 +18,6 @@ from flwr.serverapp.strategy import (
     Krum,
     Strategy,
 )
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedfhe.config import TrainConfig
 from fedfhe.errors import FedfheError
@@ -40,26 +39,20 @@ class RoundLog:
         """Every round's record, first round first."""
         return [self.rows[r] for r in sorted(self.rows)]
 
-    def record_clients(self, server_round: int, metrics: dict[str, Any]) -> None:
-        """Split aggregated client metrics (see per_client_metrics) into mean and per-client rows."""
+    def record_clients(self, server_round: int, replies: list[dict[str, Any]]) -> None:
+        """Each client's score and loss of one round's global model, and their mean weighted by the client's examples."""
+        if not replies:
+            return
         row = self.row(server_round)
-        row["clients_mean"] = {"score": metrics["score"], "loss": metrics["loss"]}
-        row["clients"] = [
-            {"client": c, "score": a, "loss": l}
-            for c, a, l in zip(metrics["clients"], metrics["client-score"], metrics["client-loss"])
-        ]
-
-
-def per_client_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Weighted means across clients, plus each client's own score and loss as lists."""
-    merged = aggregate_metricrecords(records, weight_key)
-    del merged["client"]
-    metrics: list[Any] = [r["metrics"] for r in records]
-    rows = sorted((m["client"], m["score"], m["loss"]) for m in metrics)
-    merged["clients"] = [int(row[0]) for row in rows]
-    merged["client-score"] = [float(row[1]) for row in rows]
-    merged["client-loss"] = [float(row[2]) for row in rows]
-    return merged
+        weights = [float(r.get("examples", r[WEIGHT])) for r in replies]
+        row["clients_mean"] = {
+            key: sum(w * float(r[key]) for w, r in zip(weights, replies)) / (sum(weights) or 1)
+            for key in ("score", "loss")
+        }
+        row["clients"] = sorted(
+            ({"client": int(r["client"]), "score": float(r["score"]), "loss": float(r["loss"])} for r in replies),
+            key=lambda c: c["client"],
+        )
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float, what: str) -> list[int]:
@@ -77,7 +70,7 @@ class Guarded(Strategy):
 
     def __init__(self, inner: Strategy, config: TrainConfig, log: RoundLog, offset: int) -> None:
         self.inner, self.config, self.log, self.offset = inner, config, log, offset
-        self.sampled = 0
+        self.sampled, self.started = 0, time.monotonic()
 
     def summary(self) -> None:
         """Log the wrapped strategy's summary."""
@@ -86,7 +79,7 @@ class Guarded(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Wait for the nodes, then sample with a seed of (seed, round).
+        """Wait for the nodes, then sample with a seed of (seed, round); the round's clock starts.
 
         FedAvg sizes its sample from the nodes connected at that moment, so the first round waits
         for every node (sampling earlier would silently train on fewer); later rounds go on with
@@ -96,13 +89,17 @@ class Guarded(Strategy):
         wait_for_nodes(grid, wanted, self.config.round_timeout, f"round {server_round + self.offset}")
         random.seed(f"{self.config.seed}/{server_round + self.offset}")
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        self.sampled = len(messages)
+        self.sampled, self.started = len(messages), time.monotonic()
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Drop failed replies (counted), require --min-clients, aggregate in content-hash order."""
+        """Drop failed replies (counted), require --min-clients, aggregate in content-hash order.
+
+        Each reply also scored the global model it received: the previous round's clients row.
+        """
+        arrived = time.monotonic()
         ok = sorted((m for m in replies if not m.has_error()), key=lambda m: m.content["arrays"].object_id)
         absolute = server_round + self.offset
         row = self.log.row(absolute)
@@ -112,9 +109,18 @@ class Guarded(Strategy):
                 f"round {absolute}: only {len(ok)} of {self.sampled} clients returned an update "
                 f"(--min-clients {self.config.min_clients})"
             )
+        reports: list[dict[str, Any]] = [dict(m.content.metric_records["metrics"]) for m in ok]
+        if not self.config.evaluate_every_round:
+            self.log.record_clients(absolute - 1, reports)
         arrays, metrics = self.inner.aggregate_train(server_round, ok)
         if metrics is not None:
-            row["train"] = dict(metrics)
+            row["train"] = {key: metrics[key] for key in ("train-score", "train-loss")}
+        row["timing"] = {  # where a round's time goes: a node's fresh process, its training, the rest is waiting
+            "round_s": time.monotonic() - self.started,
+            "aggregate_s": time.monotonic() - arrived,
+            "client_process_s": sum(float(r["process-seconds"]) for r in reports) / len(reports),
+            "client_train_s": sum(float(r["train-seconds"]) for r in reports) / len(reports),
+        }
         return arrays, metrics
 
     def configure_evaluate(
@@ -125,22 +131,20 @@ class Guarded(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Aggregate failed-free replies and keep the per-client figures."""
-        metrics = self.inner.aggregate_evaluate(server_round, [m for m in replies if not m.has_error()])
-        if metrics is not None:
-            self.log.record_clients(server_round + self.offset, dict(metrics))
-        return metrics
+        ok = [m for m in replies if not m.has_error()]
+        self.log.record_clients(server_round + self.offset, [dict(m.content.metric_records["metrics"]) for m in ok])
+        return self.inner.aggregate_evaluate(server_round, ok)
 
 
 def make_strategy(config: TrainConfig) -> Strategy:
     """The Message API strategy named by --strategy, wrapped for DP when asked."""
     common: dict[str, Any] = {
         "fraction_train": config.fraction,
-        "fraction_evaluate": 1.0,
+        "fraction_evaluate": 1.0 if config.evaluate_every_round else 0.0,
         "min_train_nodes": 1,
         "min_evaluate_nodes": 1,
         "min_available_nodes": config.min_clients,  # Guarded waits for every node before round 1
         "weighted_by_key": WEIGHT,
-        "evaluate_metrics_aggr_fn": per_client_metrics,
     }
     strategy: Strategy
     if config.strategy in ("fedavg", "fedprox"):  # FedProx = FedAvg + the proximal term on the clients
@@ -156,3 +160,11 @@ def make_strategy(config: TrainConfig) -> Strategy:
             strategy, config.noise_multiplier, config.clipping_norm, config.sampled
         )
     return strategy
+
+
+def evaluate_everyone(grid: Grid, arrays: ArrayRecord, config: ConfigRecord, timeout: float) -> list[dict[str, Any]]:
+    """Every connected client's score and loss of the final model, in one evaluate message each."""
+    content = RecordDict({"arrays": arrays, "config": config})
+    messages = [Message(content, dst_node_id=node, message_type=MessageType.EVALUATE) for node in grid.get_node_ids()]
+    replies = grid.send_and_receive(messages, timeout=timeout)
+    return [dict(m.content.metric_records["metrics"]) for m in replies if not m.has_error()]

@@ -1,0 +1,184 @@
+"""A data owner's SuperNode, warm: Flower's own SuperNode with its ClientApps forked from a process that has imported them.
+
+Flower 1.42 starts a fresh `flwr-clientapp` process for every message (a second of imports, two on a busy
+2-core machine) and lets an idle SuperNode sleep 3 s between pulls. `fedfhe-supernode` takes every option
+of `flower-supernode` and changes only those two costs: a process that has already imported Flower, the
+ClientApp and SciPy forks a child per message that runs Flower's own `flwr-clientapp` code, and the idle
+pull waits `--poll-interval` seconds. Without the warm process (it died, or `flower-supernode` runs the
+node) the `flwr-clientapp` on PATH starts Flower's own command, as before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, NoReturn
+
+SOCKET = "FEDFHE_CLIENTAPP_SOCKET"  # where the shim finds the warm process
+PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "fedfhe.federated.client_app", "scipy.optimize")
+FDS = 3  # stdin, stdout and stderr travel with each request
+
+# The `flwr-clientapp` Flower's SuperExec finds first on PATH: standard library only, so it starts in ~20 ms.
+SHIM = """#!{python} -IS
+import json, os, signal, socket, sys
+real = {real!r}
+try:
+    conn = socket.socket(socket.AF_UNIX)
+    conn.connect(os.environ[{env!r}])
+except (KeyError, OSError):
+    os.execv(real, [real, *sys.argv[1:]])
+request = json.dumps({{"argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ)}}).encode()
+socket.send_fds(conn, [len(request).to_bytes(4, "big")], [0, 1, 2])
+conn.sendall(request)
+replies = conn.makefile()
+child = int(replies.readline() or 0)
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda s, _: child and os.kill(child, s))
+sys.exit(int(replies.readline() or 1))
+"""
+
+
+class _Clock:
+    """The `time` module as Flower's SuperNode sees it, its sleeps (3 s when idle) capped at the poll interval."""
+
+    def __init__(self, poll: float) -> None:
+        self.poll = poll
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.poll))
+
+
+def _receive(conn: socket.socket) -> dict[str, Any]:
+    """One request from the shim: its standard streams become ours, then its argv, cwd and environment."""
+    head, fds, _, _ = socket.recv_fds(conn, 4, FDS)
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    size, body = int.from_bytes(head, "big"), b""
+    while len(body) < size:
+        chunk = conn.recv(size - len(body))
+        if not chunk:
+            raise ConnectionError("the shim hung up")
+        body += chunk
+    request: dict[str, Any] = json.loads(body)
+    return request
+
+
+def _child(conn: socket.socket) -> NoReturn:
+    """Run Flower's `flwr-clientapp` for one message, as the shim's process would have; report the exit code."""
+    code = 1
+    try:
+        for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        request = _receive(conn)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        import numpy as np
+
+        np.random.seed()  # a fresh process would not share its random stream with its siblings
+        conn.sendall(f"{os.getpid()}\n".encode())
+        sys.argv = ["flwr-clientapp", *request["argv"]]
+        from flwr.supernode.cli import flwr_clientapp
+
+        flwr_clientapp()
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else int(done.code is not None)
+    except BaseException:  # noqa: BLE001 - reported on the ClientApp's stderr, as Flower's own process would
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        try:
+            conn.sendall(f"{code}\n".encode())
+        finally:
+            os._exit(code)
+
+
+def _serve(listener: socket.socket, parent: int, folder: Path) -> NoReturn:
+    """Fork one child per request until the SuperNode (our parent) is gone or we are stopped; then tidy up."""
+    me = os.getpid()
+
+    def stop(*_: object) -> None:
+        if os.getpid() != me:  # a child stopped before it took Flower's handlers
+            os._exit(128 + signal.SIGTERM)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the SuperNode; we follow it
+    try:
+        while os.getppid() == parent:
+            if select.select([listener], [], [], 1.0)[0]:
+                conn, _ = listener.accept()
+                if os.fork() == 0:
+                    listener.close()
+                    _child(conn)
+                conn.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    os._exit(0)
+
+
+def _warm() -> None:
+    """Import what a ClientApp needs, fork the warm process, and point Flower's SuperExec at the shim."""
+    for module in PRELOAD:
+        importlib.import_module(module)
+    folder = Path(tempfile.mkdtemp(prefix="fedfhe-supernode-"))  # the warm process removes it when it ends
+    shim = folder / "flwr-clientapp"
+    real = Path(sys.executable).parent / "flwr-clientapp"
+    shim.write_text(SHIM.format(python=sys.executable, real=str(real), env=SOCKET))
+    shim.chmod(0o700)
+    path = folder / "clientapp.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    os.chmod(path, 0o600)
+    listener.listen(64)
+    parent = os.getpid()
+    if os.fork() == 0:
+        _serve(listener, parent, folder)
+    listener.close()
+    os.environ[SOCKET] = str(path)
+    os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ['PATH']}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`fedfhe-supernode [--poll-interval S] [--cold] <flower-supernode options>`."""
+    parser = argparse.ArgumentParser(prog="fedfhe-supernode", description=__doc__.splitlines()[0], add_help=False)
+    parser.add_argument("--poll-interval", type=float, default=0.5, help="seconds an idle node waits to pull")
+    parser.add_argument("--cold", action="store_true", help="Flower's fresh process per message")
+    ours, theirs = parser.parse_known_args(argv)
+    helping = bool({"-h", "--help"} & set(theirs))
+    if helping:
+        parser.print_help()  # then Flower's own options, from flower-supernode below
+    if not 0.01 <= ours.poll_interval <= 60:
+        parser.exit(2, f"fedfhe-supernode: --poll-interval must be within [0.01, 60] s, got {ours.poll_interval}\n")
+    import flwr.supernode.start_client_internal as node
+    from flwr.supernode.cli import flower_supernode
+
+    setattr(node, "time", _Clock(ours.poll_interval))  # noqa: B010 - Flower 1.42 hard-codes its idle sleep
+    # Flower starts flower-superexec by name: found beside our Python even in a venv nobody activated.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    if not (ours.cold or helping):
+        _warm()
+    sys.argv = ["flower-supernode", *theirs]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()

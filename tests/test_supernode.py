@@ -1,0 +1,82 @@
+"""fedfhe-supernode: Flower's SuperNode whose ClientApp processes fork from a warm process instead of importing."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedfhe.federated import deployment, supernode
+
+
+@pytest.fixture
+def node(tmp_path) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """A fedfhe-supernode dialling a SuperLink that is not there; its shim folder (under our TMPDIR)."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    args = [
+        str(deployment.BIN / "fedfhe-supernode"),
+        "--insecure",
+        "--superlink=127.0.0.1:9",
+        f"--port={deployment.free_port()}",
+    ]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deployment.wait_until(lambda: any(tmp_path.glob("fedfhe-supernode-*/clientapp.sock")), 60, "the warm process")
+    (folder,) = tmp_path.glob("fedfhe-supernode-*")
+    yield proc, folder
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def clientapp(folder: Path, *args: str, warm: bool = True) -> tuple[subprocess.CompletedProcess, float]:
+    """The shim as Flower's SuperExec starts it (found on PATH), and the CPU seconds its own process spent."""
+    env = {k: v for k, v in os.environ.items() if k != supernode.SOCKET}
+    if warm:
+        env[supernode.SOCKET] = str(folder / "clientapp.sock")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(
+        [str(folder / "flwr-clientapp"), *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return done, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def test_the_clientapp_runs_flowers_code_in_a_child_of_the_warm_process(node):
+    _, folder = node
+    warm, warm_cpu = clientapp(folder, "--help")
+    cold, cold_cpu = clientapp(folder, "--help", warm=False)  # no socket: the shim becomes Flower's own command
+    assert warm.returncode == cold.returncode == 0
+    assert "Run a Flower ClientApp" in warm.stdout and warm.stdout == cold.stdout  # the child's stdout is the shim's
+    assert warm_cpu < cold_cpu / 3, (warm_cpu, cold_cpu)  # the shim imports no Flower: the warm child did the work
+    refused, _ = clientapp(folder, "--runtime-api-address", "127.0.0.1:9")
+    assert refused.returncode == 2 and "one of the arguments --token --token-file is required" in refused.stderr
+
+
+@pytest.mark.parametrize("kill", [os.kill, os.killpg], ids=["the node alone", "its process group"])
+def test_the_warm_process_and_its_folder_end_with_the_supernode(node, kill):
+    proc, folder = node
+    family = psutil.Process(proc.pid).children(recursive=True)  # the warm process, Flower's SuperExec
+    assert family
+    kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert alive == []
+    assert not folder.exists()
+
+
+def test_a_poll_interval_out_of_range_is_one_line():
+    done = subprocess.run(
+        [str(deployment.BIN / "fedfhe-supernode"), "--poll-interval", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == "fedfhe-supernode: --poll-interval must be within [0.01, 60] s, got 0.0"
