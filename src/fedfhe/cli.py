@@ -435,6 +435,33 @@ def federation_split(
     console.print(f"{len(files)} owner files -> {out}")
 
 
+flower_app = typer.Typer(help="Flower's own CLI on fedfhe: `flwr run .` on a local SuperLink that installs nothing.")
+app.add_typer(flower_app, name="flower")
+
+
+@flower_app.command("start")
+def flower_start(
+    supernodes: Annotated[int, typer.Option(help="Simulated SuperNodes per run (Flower's num-supernodes).")] = 10,
+) -> None:
+    """Start Flower's local SuperLink here, running the installed fedfhe; it keeps running for `flwr run .`."""
+    from fedfhe.federated import local
+
+    link = local.start(supernodes)
+    console.print(
+        f"local SuperLink on 127.0.0.1:{local.PORT} (pid {link.pid}, {supernodes} SuperNodes per run, runs land "
+        f"in {link.cwd}): now `flwr run .`; `fedfhe flower stop` ends it"
+    )
+
+
+@flower_app.command("stop")
+def flower_stop() -> None:
+    """Stop the SuperLink on Flower's local port (fedfhe's or Flower's own) and the runs it is running."""
+    from fedfhe.federated import local
+
+    pid = local.stop()
+    console.print("no local SuperLink was running" if pid is None else f"stopped the local SuperLink (pid {pid})")
+
+
 @app.command()
 def serve(
     run: RunDirOption = Path("runs/latest"),

@@ -47,8 +47,10 @@ def _request(msg: Message) -> tuple[Params, Mapping[str, Any], bool]:
 
 
 @functools.lru_cache(maxsize=4)
-def _owner_data(node_config: tuple[tuple[str, Any], ...], partition_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """Read a node's data once per process: its `data-file`, a demo partition, or its simulation file."""
+def _owner_data(
+    node_config: tuple[tuple[str, Any], ...], partition_dir: Path | None, share_of: tuple[str, str, float, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read a node's data once per process: its `data-file`, a demo partition, or its simulation share."""
     nc = dict(node_config)
     if "data-file" in nc:
         X, y = read_table(Path(str(nc["data-file"])))
@@ -59,6 +61,12 @@ def _owner_data(node_config: tuple[tuple[str, Any], ...], partition_dir: Path | 
         data = load_dataset(str(nc["dataset"]), seed=int(nc.get("seed", 0)))
         parts = partition(data.y_train, int(nc["num-partitions"]), seed=int(nc.get("seed", 0)))
         idx = parts[int(nc["partition-id"])]
+        return data.X_train[idx], data.y_train[idx]
+    dataset, scheme, alpha, seed = share_of
+    if partition_dir is None and dataset and {"partition-id", "num-partitions"} <= nc.keys():
+        # Flower's simulated SuperNodes (`flwr run .`): the node's share of the run's data set, as `train` splits it
+        data = load_dataset(dataset, seed=seed)
+        idx = partition(data.y_train, int(nc["num-partitions"]), scheme, alpha, seed)[int(nc["partition-id"])]
         return data.X_train[idx], data.y_train[idx]
     if partition_dir is None:
         raise FedfheError("this SuperNode has no data: set node config data-file (or dataset and partition-id)")
@@ -77,7 +85,14 @@ def _local_data(
 
 def _checked_data(context: Context, partition_dir: Path | None, n_features: int) -> tuple[np.ndarray, np.ndarray]:
     """The owner's data, refused unless it has the federation's number of features."""
-    X, y = _owner_data(tuple(sorted(context.node_config.items())), partition_dir)
+    run = context.run_config
+    share_of = (
+        str(run.get("dataset", "")),
+        str(run.get("partitioning", "iid")),
+        float(run.get("alpha", 0.5)),
+        int(run.get("seed", 0)),
+    )
+    X, y = _owner_data(tuple(sorted(context.node_config.items())), partition_dir, share_of)
     if X.ndim != 2 or X.shape[1] != n_features:
         raise FedfheError(f"local data has shape {X.shape}; the federation trains on {n_features} features")
     return X, y
