@@ -80,3 +80,22 @@ def test_a_poll_interval_out_of_range_is_one_line():
     )
     assert done.returncode == 2
     assert done.stderr.strip() == "fedfhe-supernode: --poll-interval must be within [0.01, 60] s, got 0.0"
+
+
+def test_cold_keeps_flowers_process_per_message(tmp_path):
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    args = [str(deployment.BIN / "fedfhe-supernode"), "--cold", "--insecure", "--superlink=127.0.0.1:9"]
+    proc = subprocess.Popen(
+        [*args, f"--port={deployment.free_port()}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+
+        def superexec_started() -> bool:
+            return any("flower-superexec" in " ".join(c.cmdline()) for c in psutil.Process(proc.pid).children())
+
+        deployment.wait_until(superexec_started, 60, "Flower's SuperExec")
+        assert not list(tmp_path.glob("fedfhe-supernode-*"))  # no warm process, no shim: Flower's flwr-clientapp
+    finally:
+        for child in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            child.kill()
+        proc.wait()

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import json
 import os
 import signal
 import sys
@@ -31,6 +32,11 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
+TableData = Annotated[
+    Path | None,
+    typer.Option("--data", help="Your own table (.csv, .parquet, .npz) instead of --dataset; with --schema."),
+]
+TableSchema = Annotated[Path | None, typer.Option("--schema", help="The schema of --data (see `fedfhe schema`).")]
 DatasetName = Annotated[str, typer.Option("--dataset", help=f"{' | '.join(DATASETS)} (diabetes is a regression).")]
 DataDir = Annotated[Path | None, typer.Option(help="Folder with the four MNIST IDX files (mnist only).")]
 NBits = Annotated[int, typer.Option(help="Quantization bits of inputs and weights.")]
@@ -213,6 +219,8 @@ def train(
     config: TrainConfig,
     dataset: DatasetName = "mnist-5k",
     data_dir: DataDir = None,
+    data: TableData = None,
+    schema: TableSchema = None,
     out: Out = Path("runs/latest"),
     resume: Annotated[
         Path | None, typer.Option(help="Continue an interrupted run from its last checkpoint (other options ignored).")
@@ -222,15 +230,14 @@ def train(
 ) -> None:
     """Train a linear model with Flower on its simulation engine (or centrally with --clients 1)."""
     from fedfhe import pipeline
-    from fedfhe.data import load_dataset
 
     target = out if resume is None else resume
     with _training(target) as bars:
         if resume is not None:
             model = pipeline.resume(resume, data_dir, bars)
         else:
-            data = load_dataset(dataset, data_dir=data_dir, seed=config.seed)
-            model = pipeline.train(data, config, out, bars, verbose, force=force)
+            split = pipeline.dataset(dataset, config.seed, data_dir, data, schema)
+            model = pipeline.train(split, config, out, bars, verbose, force=force)
     _trained(model, target)
 
 
@@ -273,6 +280,8 @@ def run(
     config: TrainConfig,
     dataset: DatasetName = "mnist-5k",
     data_dir: DataDir = None,
+    data: TableData = None,
+    schema: TableSchema = None,
     n_bits: NBits = 8,
     calibration: Calibration = None,
     fhe_samples: FheSamples = 100,
@@ -283,12 +292,11 @@ def run(
 ) -> None:
     """Train, compile and evaluate in one go; everything lands in --out."""
     from fedfhe import pipeline
-    from fedfhe.data import load_dataset
 
     with _training(out) as bars:
-        data = load_dataset(dataset, data_dir=data_dir, seed=config.seed)
+        split = pipeline.dataset(dataset, config.seed, data_dir, data, schema)
         result = pipeline.run(
-            data,
+            split,
             config,
             out,
             n_bits=n_bits,
@@ -460,6 +468,55 @@ def flower_stop() -> None:
 
     pid = local.stop()
     console.print("no local SuperLink was running" if pid is None else f"stopped the local SuperLink (pid {pid})")
+
+
+schema_app = typer.Typer(help="A data owner's own table and its schema: draft one, check a file against one.")
+app.add_typer(schema_app, name="schema")
+TableFile = Annotated[
+    Path, typer.Argument(help="A table: .csv with a header, .parquet, or .npz (an array per column).")
+]
+
+
+@schema_app.command("infer")
+def schema_infer(
+    file: TableFile,
+    label: Annotated[str, typer.Option(help="The column to predict.")],
+    out: Annotated[Path | None, typer.Option(help="Write the draft here (default: print it).")] = None,
+) -> None:
+    """Draft a schema from your own table: ranges rounded outward to 2 significant digits, text as categories."""
+    from fedfhe import table
+
+    if out is not None and out.exists():
+        raise FedfheError(f"{out} already exists: choose another --out (nothing was written)")
+    text = json.dumps(table.infer(table.read_frame(file), label, str(file)).to_dict(), indent=1)
+    if out is None:
+        print(text)
+        return
+    out.write_text(text + "\n")
+    console.print(
+        f"draft schema -> {out} (review it: every range and category reveals something of your data)", soft_wrap=True
+    )
+
+
+@schema_app.command("check")
+def schema_check(
+    file: TableFile,
+    schema: Annotated[Path, typer.Option(help="The schema the parties agreed on (JSON).")],
+) -> None:
+    """Read a table as training would: every column by name, every value against the schema; one line per refusal."""
+    from fedfhe import table
+
+    agreed = table.Schema.load(schema)
+    X, y = agreed.encode(table.read_frame(file), str(file))
+    assert y is not None  # encode() reads the label when asked to
+    if agreed.label.classes:
+        counts = ", ".join(f"{c}: {int((y == i).sum())}" for i, c in enumerate(agreed.label.classes))
+    else:
+        counts = f"{agreed.label.name} in [{y.min():g}, {y.max():g}]"
+    console.print(
+        f"{file}: {len(X)} rows, {X.shape[1]} model inputs from {len(agreed.features)} features; {counts}",
+        soft_wrap=True,
+    )
 
 
 @app.command()

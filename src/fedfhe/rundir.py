@@ -55,6 +55,7 @@ class RunDir:
 
     model_file = property(lambda self: self.path / "model.npz", doc="The trained model (safe format).")
     config_file = property(lambda self: self.path / "train_config.json", doc="Data set and config, for --resume.")
+    schema_file = property(lambda self: self.path / "schema.json", doc="A user's table: the schema it was read with.")
     metrics_file = property(lambda self: self.path / "metrics.json", doc="Per-round and final training metrics.")
     training_plot = property(lambda self: self.path / "training.png", doc="Score and loss per round.")
     partitions = property(lambda self: self.path / "partitions", doc="client-<i>.npz: each owner's data.")

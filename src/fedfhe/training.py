@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 import warnings
@@ -57,6 +58,8 @@ def train(
         if force:
             run.clear()
         run.write_config(dataset.name, config)
+        if dataset.schema is not None:
+            run.schema_file.write_text(json.dumps(dataset.schema, indent=1))
     start = time.perf_counter()
     metrics: dict[str, Any] = {"rounds": []}
     if federated:

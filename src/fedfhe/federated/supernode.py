@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     import flwr.supernode.start_client_internal as node
     from flwr.supernode.cli import flower_supernode
 
+    if getattr(node, "time", None) is not time:  # the module-level `time` whose sleep(3) we shorten
+        parser.exit(2, "fedfhe-supernode: this Flower's SuperNode loop is not the one of 1.42; use flower-supernode\n")
     setattr(node, "time", _Clock(ours.poll_interval))  # noqa: B010 - Flower 1.42 hard-codes its idle sleep
     # Flower starts flower-superexec by name: found beside our Python even in a venv nobody activated.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"

@@ -1,0 +1,337 @@
+"""A data owner's own table and its schema: named columns, declared ranges, text categories and labels.
+
+The schema (JSON) is what every party agrees on before training: each feature's range (the FHE circuit
+is compiled for it) or its categories (one-hot encoded on the owner's side, before training and before
+encryption), the label's classes or range, and the columns to ignore. Columns are matched by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedfhe.data import Dataset, split_dataset
+from fedfhe.errors import FedfheError
+from fedfhe.problem import shared_range
+
+FORMATS = (".csv", ".parquet", ".npz")
+MAX_CLASSES = 20  # `schema infer`: a whole-number label with more distinct values is a regression target
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One input column: a number in [low, high], or one of its categories (one-hot)."""
+
+    name: str
+    low: float = 0.0
+    high: float = 1.0
+    categories: tuple[str, ...] = ()
+    missing: Any = None  # the value a missing cell takes; None: missing cells are refused
+
+    @property
+    def encoded(self) -> list[str]:
+        """The model's input columns for this feature."""
+        return [f"{self.name}={c}" for c in self.categories] if self.categories else [self.name]
+
+
+@dataclass(frozen=True)
+class Label:
+    """The column to predict: one of its classes, or a number in [low, high]."""
+
+    name: str
+    classes: tuple[Any, ...] = ()
+    low: float = 0.0
+    high: float = 1.0
+
+
+@dataclass(frozen=True)
+class Schema:
+    """Features in model order, the label, the columns to ignore."""
+
+    features: tuple[Feature, ...]
+    label: Label
+    ignore: tuple[str, ...] = ()
+    description: str = ""
+    source: str = field(default="schema", compare=False)  # the file, for messages
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Schema:
+        """Read and check a schema file; every problem is one line naming the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FedfheError(f"{path}: file not found")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise FedfheError(f"{path}: not valid JSON ({exc})".replace("\n", " ")) from None
+        return cls.from_dict(raw, str(path))
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "schema") -> Schema:
+        """A schema from its JSON form, checked."""
+
+        def fail(message: str) -> FedfheError:
+            return FedfheError(f"{source}: {message}")
+
+        if not isinstance(raw, dict):
+            raise fail("must be a JSON object with features and label")
+        if not isinstance(raw.get("label"), dict) or not isinstance(raw["label"].get("name"), str):
+            raise fail('needs "label": {"name": COLUMN, "classes": [...]} or {"name": COLUMN, "low": L, "high": H}')
+        if not isinstance(raw.get("features"), list) or not raw["features"]:
+            raise fail('needs "features": a list of {"name", "low", "high"} or {"name", "categories"}')
+        features = tuple(_feature(f, i, fail) for i, f in enumerate(raw["features"]))
+        label = _label(raw["label"], fail)
+        ignore = raw.get("ignore", [])
+        if not isinstance(ignore, list) or not all(isinstance(c, str) for c in ignore):
+            raise fail('"ignore" must be a list of column names')
+        names = [f.name for f in features] + [label.name] + ignore
+        if duplicated := sorted({n for n in names if names.count(n) > 1}):
+            raise fail(f"column {duplicated[0]!r} is named more than once")
+        return cls(features, label, tuple(ignore), str(raw.get("description", "")), source)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (what `schema infer` writes)."""
+        features = [
+            {"name": f.name, "categories": list(f.categories)}
+            if f.categories
+            else {"name": f.name, "low": f.low, "high": f.high}
+            for f in self.features
+        ]
+        for entry, f in zip(features, self.features):
+            if f.missing is not None:
+                entry["missing"] = f.missing
+        label: dict[str, Any] = {"name": self.label.name}
+        label.update(
+            {"classes": list(self.label.classes)}
+            if self.label.classes
+            else {"low": self.label.low, "high": self.label.high}
+        )
+        out: dict[str, Any] = {"features": features, "label": label}
+        if self.ignore:
+            out["ignore"] = list(self.ignore)
+        if self.description:
+            out["description"] = self.description
+        return out
+
+    @property
+    def encoded_names(self) -> list[str]:
+        """The model's input columns, one-hot categories expanded, in schema order."""
+        return [name for f in self.features for name in f.encoded]
+
+    @property
+    def input_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per encoded column: the declared range, [0, 1] for a one-hot column."""
+        low = [v for f in self.features for v in ([0.0] * len(f.categories) if f.categories else [f.low])]
+        high = [v for f in self.features for v in ([1.0] * len(f.categories) if f.categories else [f.high])]
+        return np.array(low), np.array(high)
+
+    def encode(self, frame: Any, source: str, labelled: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Check a table against the schema and encode it: features (one-hot expanded) and, if labelled, labels.
+
+        The label column is required when `labelled`, else ignored if present. Every refusal names the
+        file, and the row (1 = the first data row) and column where it applies.
+        """
+        columns = [str(c) for c in frame.columns]
+        if duplicated := sorted({c for c in columns if columns.count(c) > 1}):
+            raise FedfheError(f"{source}: column {duplicated[0]!r} appears more than once")
+        known = {f.name for f in self.features} | {self.label.name} | set(self.ignore)
+        if unknown := [c for c in columns if c not in known]:
+            raise FedfheError(
+                f'{source}: column {unknown[0]!r} is not in the schema (list it under "ignore" to leave it out)'
+            )
+        wanted = [f.name for f in self.features] + ([self.label.name] if labelled else [])
+        if missing := [c for c in wanted if c not in columns]:
+            raise FedfheError(f"{source}: no column {missing[0]!r}, which the schema declares")
+        if len(frame) == 0:
+            raise FedfheError(f"{source}: no rows")
+        blocks = [_encode_feature(f, frame[f.name], source) for f in self.features]
+        X = np.column_stack(blocks).astype(np.float64)
+        return X, _encode_label(self.label, frame[self.label.name], source) if labelled else None
+
+
+def _feature(entry: Any, i: int, fail: Any) -> Feature:
+    """One feature entry, checked: a name, and a finite low < high or a list of distinct categories."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+        raise fail(f"feature {i} needs a name")
+    name = entry["name"]
+    if "categories" in entry:
+        categories = entry["categories"]
+        if not isinstance(categories, list) or not categories or len(set(map(str, categories))) != len(categories):
+            raise fail(f"feature {name!r}: categories must be a non-empty list of distinct values")
+        return Feature(name, categories=tuple(str(c) for c in categories), missing=entry.get("missing"))
+    low, high = _bounds(entry, f"feature {name!r}", '"low" and "high" (finite numbers) or "categories"', fail)
+    missing = entry.get("missing")
+    if missing is not None and not (isinstance(missing, (int, float)) and low <= missing <= high):
+        raise fail(f"feature {name!r}: missing value {missing!r} must be a number within [{low}, {high}]")
+    return Feature(name, low, high, missing=missing)
+
+
+def _label(entry: dict[str, Any], fail: Any) -> Label:
+    """The label entry, checked: classes (text or numbers, distinct) or a finite low < high."""
+    name = entry["name"]
+    if "classes" in entry:
+        classes = entry["classes"]
+        if not isinstance(classes, list) or len(classes) < 2 or len(set(map(str, classes))) != len(classes):
+            raise fail(f"label {name!r}: classes must be a list of at least 2 distinct values")
+        return Label(name, classes=tuple(classes))
+    low, high = _bounds(entry, f"label {name!r}", '"classes" or "low" and "high" (finite numbers)', fail)
+    return Label(name, low=low, high=high)
+
+
+def _bounds(entry: dict[str, Any], what: str, needs: str, fail: Any) -> tuple[float, float]:
+    """An entry's finite low < high."""
+    low, high = entry.get("low"), entry.get("high")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)):
+        raise fail(f"{what} needs {needs}")
+    assert isinstance(low, (int, float)) and isinstance(high, (int, float))  # checked just above
+    if not low < high:
+        raise fail(f"{what}: low {low} must be below high {high}")
+    return float(low), float(high)
+
+
+def _first(mask: np.ndarray) -> int:
+    """The 1-based row of the first True."""
+    return int(np.flatnonzero(mask)[0]) + 1
+
+
+def _encode_feature(feature: Feature, column: Any, source: str) -> np.ndarray:
+    """One feature's column(s): range-checked numbers, or a one-hot block; missing cells as declared."""
+    import pandas as pd
+
+    where = f"{source}: column {feature.name!r}"
+    absent = column.isna().to_numpy()
+    if absent.any() and feature.missing is None:
+        raise FedfheError(f'{where}, row {_first(absent)}: missing value (declare "missing" in the schema to fill it)')
+    if absent.any():
+        column = column.where(~absent, feature.missing)
+    if feature.categories:
+        text = column.astype(str).to_numpy()
+        unknown = ~np.isin(text, feature.categories)
+        if unknown.any():
+            row = _first(unknown)
+            raise FedfheError(
+                f"{where}, row {row}: {text[row - 1]!r} is not one of its categories {list(feature.categories)}"
+            )
+        return (text[:, None] == np.array(feature.categories)[None, :]).astype(np.float64)
+    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
+    if not np.isfinite(values).all():
+        row = _first(~np.isfinite(values))
+        raise FedfheError(f"{where}, row {row}: {column.iloc[row - 1]!r} is not a finite number")
+    outside = (values < feature.low) | (values > feature.high)
+    if outside.any():
+        row = _first(outside)
+        raise FedfheError(
+            f"{where}, row {row}: {values[row - 1]:g} is outside its declared range [{feature.low:g}, {feature.high:g}]"
+        )
+    return values[:, None]
+
+
+def _encode_label(label: Label, column: Any, source: str) -> np.ndarray:
+    """Labels as class indices into the schema's classes, or range-checked numbers."""
+    import pandas as pd
+
+    where = f"{source}: label column {label.name!r}"
+    absent = column.isna().to_numpy()
+    if absent.any():
+        raise FedfheError(f"{where}, row {_first(absent)}: missing label")
+    if label.classes:
+        names = [str(c) for c in label.classes]
+        text = np.array([_as_text(v) for v in column])
+        unknown = ~np.isin(text, names)
+        if unknown.any():
+            row = _first(unknown)
+            raise FedfheError(f"{where}, row {row}: {text[row - 1]!r} is not one of the classes {list(label.classes)}")
+        index = {name: i for i, name in enumerate(names)}
+        return np.array([index[t] for t in text], dtype=np.int64)
+    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values) | (values < label.low) | (values > label.high)
+    if bad.any():
+        row = _first(bad)
+        raise FedfheError(
+            f"{where}, row {row}: {column.iloc[row - 1]!r} is not a number in [{label.low:g}, {label.high:g}]"
+        )
+    return values
+
+
+def _as_text(value: Any) -> str:
+    """A cell as the schema writes it: 1.0 read from a CSV matches the class 1."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def load(path: str | os.PathLike[str], schema: Schema, seed: int = 0, test_size: float = 0.2) -> Dataset:
+    """A user's table as a data set: encoded by the schema, split as the bundled ones (seeded, stratified)."""
+    path = Path(path).resolve()
+    X, y = schema.encode(read_frame(path), str(path))
+    assert y is not None  # encode() reads the label when asked to
+    target = None if schema.label.classes else (schema.label.low, schema.label.high)
+    try:
+        data = split_dataset(str(path), X, y, schema.input_range, seed, test_size, target)
+    except ValueError as exc:  # scikit-learn's split: too few rows, or a class with one row
+        raise FedfheError(f"{path}: cannot split {len(y)} rows into train and test ({exc})") from None
+    return dataclasses.replace(data, schema=schema.to_dict())
+
+
+def read_frame(path: str | os.PathLike[str]) -> Any:
+    """A table with named columns: .csv with a header, .parquet, or .npz with one array per column."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise FedfheError(f"{path}: file not found")
+    if path.suffix not in FORMATS:
+        raise FedfheError(f"{path}: unsupported table format (use {', '.join(FORMATS)})")
+    try:
+        if path.suffix == ".csv":
+            header = path.read_text(errors="replace").split("\n", 1)[0].rstrip("\r").split(",")
+            if duplicated := sorted({c for c in header if header.count(c) > 1}):  # pandas would rename them
+                raise FedfheError(f"{path}: column {duplicated[0]!r} appears more than once")
+            return pd.read_csv(path, skipinitialspace=True)
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        with np.load(path, allow_pickle=False) as f:
+            return pd.DataFrame({name: f[name] for name in f.files})
+    except FedfheError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - corrupt files of any kind end here
+        raise FedfheError(f"{path}: cannot read ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
+
+
+def infer(frame: Any, label: str, source: str = "table") -> Schema:
+    """A draft schema from one owner's table: ranges rounded outward to 2 significant digits, text as categories."""
+    import pandas as pd
+
+    if label not in frame.columns:
+        raise FedfheError(f"{source}: no column {label!r} to use as the label")
+    features = []
+    for name in frame.columns:
+        if name == label:
+            continue
+        column = frame[name].dropna()
+        if column.empty:
+            raise FedfheError(f"{source}: column {name!r} has no values")
+        if pd.api.types.is_numeric_dtype(column):
+            low, high = shared_range(column.to_numpy(dtype=np.float64)[:, None])
+            features.append(Feature(str(name), float(low[0]), float(high[0])))
+        else:
+            features.append(Feature(str(name), categories=tuple(sorted(column.astype(str).unique()))))
+    target = frame[label].dropna()
+    whole = pd.api.types.is_numeric_dtype(target) and bool((target % 1 == 0).all())
+    if not pd.api.types.is_numeric_dtype(target) or (whole and target.nunique() <= MAX_CLASSES):
+        classes = sorted(target.unique().tolist(), key=str)
+        return Schema(tuple(features), Label(label, classes=tuple(_plain(c) for c in classes)))
+    low, high = shared_range(target.to_numpy(dtype=np.float64)[:, None])
+    return Schema(tuple(features), Label(label, low=float(low[0]), high=float(high[0])))
+
+
+def _plain(value: Any) -> Any:
+    """NumPy scalars as the JSON numbers and strings they are."""
+    return value.item() if hasattr(value, "item") else value

@@ -1,0 +1,223 @@
+"""A data owner's own table and its schema: drafted from the owner's file, checked, encoded; every bad input one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import fedfhe
+
+from fedfhe import TrainConfig, table, train
+from fedfhe.errors import FedfheError
+from fedfhe.model import LinearModel
+
+CSV = """patient,age,ward,bmi,outcome
+p1,34,cardiology,22.5,discharged
+p2,71,oncology,31.0,readmitted
+p3,55,cardiology,,discharged
+p4,18,surgery,19.2,discharged
+"""
+
+
+@pytest.fixture
+def owner(tmp_path):
+    """A hospital's table as it would hold it: a header, an identifier, a text category, text labels, a gap."""
+    path = tmp_path / "hospital-a.csv"
+    path.write_text(CSV)
+    return path
+
+
+def schema_file(tmp_path, **changes) -> str:
+    """The schema the hospitals agreed on, with changes; its path."""
+    schema = {
+        "features": [
+            {"name": "age", "low": 0, "high": 120},
+            {"name": "ward", "categories": ["cardiology", "oncology", "surgery"]},
+            {"name": "bmi", "low": 10, "high": 60, "missing": 25},
+        ],
+        "label": {"name": "outcome", "classes": ["discharged", "readmitted"]},
+        "ignore": ["patient"],
+    }
+    schema.update(changes)
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    return str(path)
+
+
+def test_a_table_is_encoded_by_name_with_one_hot_categories(owner, tmp_path):
+    schema = table.Schema.load(schema_file(tmp_path))
+    X, y = schema.encode(table.read_frame(owner), str(owner))
+    assert schema.encoded_names == ["age", "ward=cardiology", "ward=oncology", "ward=surgery", "bmi"]
+    assert X.tolist()[2] == [55, 1, 0, 0, 25]  # the gap takes the declared missing value
+    assert y.tolist() == [0, 1, 0, 0]
+    low, high = schema.input_range
+    assert low.tolist() == [0, 0, 0, 0, 10] and high.tolist() == [120, 1, 1, 1, 60]
+    shuffled = tmp_path / "shuffled.csv"  # columns in any order
+    table.read_frame(owner)[["outcome", "bmi", "patient", "ward", "age"]].to_csv(shuffled, index=False)
+    again, _ = schema.encode(table.read_frame(shuffled), "shuffled")
+    assert np.array_equal(X, again)
+
+
+def test_parquet_and_npz_tables_read_as_the_csv(owner, tmp_path):
+    frame = table.read_frame(owner)
+    frame.to_parquet(tmp_path / "t.parquet")
+    np.savez(
+        tmp_path / "t.npz", **{c: frame[c].to_numpy(dtype=str if frame[c].dtype == object else float) for c in frame}
+    )
+    schema = table.Schema.load(schema_file(tmp_path))
+    X, y = schema.encode(frame, "csv")
+    for name in ("t.parquet", "t.npz"):
+        X2, y2 = schema.encode(table.read_frame(tmp_path / name), name)
+        assert np.array_equal(X, X2) and np.array_equal(y, y2)
+
+
+def test_schema_infer_drafts_ranges_and_categories_from_the_owners_file(owner, tmp_path):
+    out = tmp_path / "draft.json"
+    done = fedfhe("schema", "infer", str(owner), "--label", "outcome", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    draft = json.loads(out.read_text())
+    features = {f["name"]: f for f in draft["features"]}
+    assert features["age"] == {"name": "age", "low": 18.0, "high": 71.0}  # 2 significant digits, outward
+    assert features["bmi"] == {"name": "bmi", "low": 19.0, "high": 31.0}
+    assert features["ward"]["categories"] == ["cardiology", "oncology", "surgery"]
+    assert features["patient"]["categories"] == ["p1", "p2", "p3", "p4"]  # the owner decides what to ignore
+    assert draft["label"] == {"name": "outcome", "classes": ["discharged", "readmitted"]}
+    again = fedfhe("schema", "infer", str(owner), "--label", "outcome", "--out", str(out))
+    assert again.returncode == 2 and "already exists" in again.stderr  # nothing saved is lost
+    regression = tmp_path / "stay.csv"
+    regression.write_text("age,days\n30,2.5\n40,11.25\n")
+    inferred = table.infer(table.read_frame(regression), "days")
+    assert inferred.label == table.Label("days", low=2.5, high=12.0)
+
+
+def test_schema_check_reports_what_training_would_read(owner, tmp_path):
+    done = fedfhe("schema", "check", str(owner), "--schema", schema_file(tmp_path))
+    assert done.returncode == 0, done.stderr
+    said = done.stdout + done.stderr
+    assert "4 rows, 5 model inputs from 3 features; discharged: 3, readmitted: 1" in said
+
+
+@pytest.mark.parametrize(
+    "csv, changes, message",
+    [
+        (CSV.replace("patient,", "site,"), {}, "column 'site' is not in the schema"),
+        (CSV.replace(",ward,", ",room,"), {"ignore": ["patient", "room"]}, "no column 'ward'"),
+        (CSV.replace("patient,age,", "patient,age,age,").replace("p1,34,", "p1,34,34,").replace("p2,71,", "p2,71,71,")
+         .replace("p3,55,", "p3,55,55,").replace("p4,18,", "p4,18,18,"), {}, "column 'age' appears more than once"),
+        (CSV.replace("surgery", "dermatology"), {}, "row 4: 'dermatology' is not one of its categories"),
+        (CSV.replace("p2,71", "p2,171"), {}, "row 2: 171 is outside its declared range \\[0, 120\\]"),
+        (CSV, {"features": [{"name": "age", "low": 0, "high": 120}, {"name": "ward", "categories": ["cardiology",
+         "oncology", "surgery"]}, {"name": "bmi", "low": 10, "high": 60}]}, "column 'bmi', row 3: missing value"),
+        (CSV.replace("readmitted", "deceased"), {}, "row 2: 'deceased' is not one of the classes"),
+        (CSV.replace("p1,34", "p1,old"), {}, "row 1: 'old' is not a finite number"),
+        ("patient,age,ward,bmi,outcome\n", {}, "no rows"),
+    ],
+)  # fmt: skip
+def test_bad_tables_are_one_line(tmp_path, csv, changes, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(csv)
+    with pytest.raises(FedfheError, match=message):
+        table.Schema.load(schema_file(tmp_path, **changes)).encode(table.read_frame(path), str(path))
+    done = fedfhe("schema", "check", str(path), "--schema", schema_file(tmp_path, **changes))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"features": [{"name": "a", "low": 0, "high": 1}]}), 'needs "label"'),
+        (json.dumps({"features": [], "label": {"name": "y", "classes": [0, 1]}}), 'needs "features"'),
+        (json.dumps({"features": [{"name": "a", "low": 1, "high": 0}], "label": {"name": "y", "classes": [0, 1]}}),
+         "low 1 must be below high 0"),
+        (json.dumps({"features": [{"name": "a"}], "label": {"name": "y", "classes": [0, 1]}}), 'needs "low" and "high"'),
+        (json.dumps({"features": [{"name": "y", "low": 0, "high": 1}], "label": {"name": "y", "classes": [0, 1]}}),
+         "column 'y' is named more than once"),
+        (json.dumps({"features": [{"name": "a", "low": 0, "high": 1}], "label": {"name": "y", "classes": [1]}}),
+         "at least 2 distinct"),
+    ],
+)  # fmt: skip
+def test_bad_schemas_are_one_line(owner, tmp_path, text, message):
+    path = tmp_path / "schema.json"
+    path.write_text(text)
+    with pytest.raises(FedfheError, match=message):
+        table.Schema.load(path)
+    done = fedfhe("schema", "check", str(owner), "--schema", str(path))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_table_file_that_is_not_one_is_refused(tmp_path):
+    for name, content, message in [
+        ("t.xlsx", b"PK", "unsupported table format"),
+        ("t.parquet", b"not parquet", "cannot read"),
+        ("missing.csv", None, "file not found"),
+    ]:
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(FedfheError, match=message):
+            table.read_frame(path)
+    frame = pd.DataFrame({"a": [1.0]})
+    with pytest.raises(FedfheError, match="no column 'y' to use as the label"):
+        table.infer(frame, "y")
+    out = tmp_path / "draft.json"
+    done = fedfhe("schema", "infer", str(tmp_path / "t.parquet"), "--label", "y", "--out", str(out))
+    assert done.returncode == 2 and "cannot read" in done.stderr and not out.exists()
+
+
+def hospital(path, rows: int = 300, seed: int = 0):
+    """A synthetic hospital table as an owner would hold it: readmission depends on age, ward and BMI."""
+    rng = np.random.default_rng(seed)
+    age, bmi = rng.integers(18, 95, rows), rng.uniform(15, 45, rows).round(1)
+    ward = rng.choice(["cardiology", "oncology", "surgery"], rows)
+    risk = (age - 55) / 15 + 2.0 * (ward == "oncology") + (bmi - 30) / 6 + rng.normal(0, 0.5, rows)
+    outcome = np.where(risk > 0.5, "readmitted", "discharged")
+    ids = [f"p{i}" for i in range(rows)]
+    pd.DataFrame({"patient": ids, "age": age, "ward": ward, "bmi": bmi, "outcome": outcome}).to_csv(path, index=False)
+    return path
+
+
+def test_train_compile_and_evaluate_on_your_own_table(tmp_path):
+    data, out = hospital(tmp_path / "hospital.csv"), tmp_path / "run"
+    schema = schema_file(tmp_path)
+    done = fedfhe("run", "--data", str(data), "--schema", schema, "--clients", "3", "--rounds", "3",
+                  "--fhe-samples", "10", "--out", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "schema.json").read_text()) == json.loads(Path(schema).read_text())
+    model = LinearModel.load(out / "model.npz")
+    assert model.metadata["schema"]["label"]["classes"] == ["discharged", "readmitted"]
+    assert model.n_features == 5 and model.input_range[1].tolist() == [120, 1, 1, 1, 60]
+    assert model.metadata["metrics"]["final"]["score"] > 0.8
+    report = json.loads((out / "report.json").read_text())
+    assert all(value == 1.0 for value in report["agreement"].values() if value is not None), report["agreement"]
+    again = fedfhe("evaluate", "--run", str(out), "--fhe-samples", "5")  # the run's table, read with its schema
+    assert again.returncode == 0, again.stderr
+
+
+def test_a_regressor_on_your_own_table(tmp_path):
+    rng = np.random.default_rng(1)
+    age, ward = rng.integers(18, 95, 200), rng.choice(["a", "b"], 200)
+    days = (age / 10 + 3 * (ward == "b") + rng.normal(0, 0.5, 200)).clip(0, 30).round(2)
+    pd.DataFrame({"age": age, "ward": ward, "days": days}).to_csv(tmp_path / "stay.csv", index=False)
+    schema = tmp_path / "stay.json"
+    schema.write_text(json.dumps({"features": [{"name": "age", "low": 0, "high": 120},
+                                               {"name": "ward", "categories": ["a", "b"]}],
+                                  "label": {"name": "days", "low": 0, "high": 30}}))  # fmt: skip
+    model = train(
+        table.load(tmp_path / "stay.csv", table.Schema.load(schema)),
+        TrainConfig(clients=2, rounds=2, model="ridge", params={"alpha": 0.1}),
+        tmp_path / "run",
+    )
+    assert model.kind.name == "ridge" and model.metadata["metrics"]["final"]["score"] > 0.8  # R2
+
+
+def test_data_without_its_schema_is_one_line_and_writes_nothing(tmp_path):
+    data, out = hospital(tmp_path / "hospital.csv"), tmp_path / "run"
+    done = fedfhe("train", "--data", str(data), "--out", str(out))
+    assert done.returncode == 2 and "--data and --schema go together" in done.stderr and not out.exists()
+    (tmp_path / "bad.csv").write_text(CSV.replace("surgery", "dermatology"))
+    done = fedfhe("train", "--data", str(tmp_path / "bad.csv"), "--schema", schema_file(tmp_path), "--out", str(out))
+    assert done.returncode == 2 and "dermatology" in done.stderr and not out.exists()
