@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,3 +101,29 @@ def test_cold_keeps_flowers_process_per_message(tmp_path):
         for child in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
             child.kill()
         proc.wait()
+
+
+def test_a_node_removes_the_folders_of_warm_processes_killed_outright(tmp_path):
+    def dead_folder(name: str, age_s: float) -> Path:
+        """A warm process's folder whose process is gone (SIGKILL): its socket file, nobody listening."""
+        folder = tmp_path / name
+        folder.mkdir()
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(folder / "clientapp.sock"))
+        os.utime(folder, (time.time() - age_s, time.time() - age_s))
+        return folder
+
+    stale, recent = dead_folder("fedfhe-supernode-old", 120), dead_folder("fedfhe-supernode-new", 0)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    args = [str(deployment.BIN / "fedfhe-supernode"), "--insecure", "--superlink=127.0.0.1:9"]
+    proc = subprocess.Popen(
+        [*args, f"--port={deployment.free_port()}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deployment.wait_until(lambda: len(list(tmp_path.glob("fedfhe-supernode-*/flwr-clientapp"))) == 1, 60, "a node")
+        assert not stale.exists()  # over a minute old and nobody answers: gone
+        assert recent.exists()  # may be a node still starting: kept
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -28,6 +28,8 @@ from typing import Any, NoReturn
 SOCKET = "FEDFHE_CLIENTAPP_SOCKET"  # where the shim finds the warm process
 PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "fedfhe.federated.client_app", "scipy.optimize")
 FDS = 3  # stdin, stdout and stderr travel with each request
+PREFIX = "fedfhe-supernode-"  # each warm process's folder in the temporary directory: shim and socket
+STALE_S = 60.0
 
 # The `flwr-clientapp` Flower's SuperExec finds first on PATH: standard library only, so it starts in ~20 ms.
 SHIM = """#!{python} -IS
@@ -65,6 +67,8 @@ class _Clock:
 def _receive(conn: socket.socket) -> dict[str, Any]:
     """One request from the shim: its standard streams become ours, then its argv, cwd and environment."""
     head, fds, _, _ = socket.recv_fds(conn, 4, FDS)
+    if not head:
+        raise ConnectionAbortedError("a probe: connected and left")
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
@@ -96,6 +100,8 @@ def _child(conn: socket.socket) -> NoReturn:
         from flwr.supernode.cli import flwr_clientapp
 
         flwr_clientapp()
+        code = 0
+    except ConnectionAbortedError:  # another node's sweep checked that we are alive
         code = 0
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else int(done.code is not None)
@@ -135,11 +141,29 @@ def _serve(listener: socket.socket, parent: int, folder: Path) -> NoReturn:
     os._exit(0)
 
 
+def _sweep(tmp: Path) -> None:
+    """Remove the folders of warm processes that were killed outright (SIGKILL leaves no time to tidy up).
+
+    A folder is stale when it is ours, over a minute old, and nothing answers on its socket.
+    """
+    for folder in tmp.glob(f"{PREFIX}*"):
+        try:
+            if folder.stat().st_uid != os.getuid() or time.time() - folder.stat().st_mtime < STALE_S:
+                continue
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(str(folder / "clientapp.sock"))
+        except ConnectionRefusedError:  # bound by a process that is gone
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # no socket (yet), or not ours to judge
+            continue
+
+
 def _warm() -> None:
     """Import what a ClientApp needs, fork the warm process, and point Flower's SuperExec at the shim."""
     for module in PRELOAD:
         importlib.import_module(module)
-    folder = Path(tempfile.mkdtemp(prefix="fedfhe-supernode-"))  # the warm process removes it when it ends
+    _sweep(Path(tempfile.gettempdir()))
+    folder = Path(tempfile.mkdtemp(prefix=PREFIX))  # the warm process removes it when it ends
     shim = folder / "flwr-clientapp"
     real = Path(sys.executable).parent / "flwr-clientapp"
     shim.write_text(SHIM.format(python=sys.executable, real=str(real), env=SOCKET))
