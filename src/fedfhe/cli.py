@@ -364,7 +364,12 @@ def tune(
     )
 
 
-federation_app = typer.Typer(help="Train across processes on Flower's Deployment Engine (SuperLink + SuperNodes).")
+federation_app = typer.Typer(
+    help="Train across processes on Flower's Deployment Engine (SuperLink + SuperNodes).",
+    epilog="On other machines: each data owner runs fedfhe-supernode --superlink HOST:PORT (flower-supernode's "
+    "options, plus --poll-interval S and --cold), the coordinator flower-superlink with "
+    "--disable-runtime-dependency-installation; see docs/multi-host.md.",
+)
 app.add_typer(federation_app, name="federation")
 
 
@@ -447,7 +452,10 @@ flower_app = typer.Typer(help="Flower's own CLI on fedfhe: `flwr run .` on a loc
 app.add_typer(flower_app, name="flower")
 
 
-@flower_app.command("start")
+@flower_app.command(
+    "start",
+    epilog='Then, from the app\'s folder: flwr run . --stream --run-config "..."; flwr ls; flwr log RUN-ID --show.',
+)
 def flower_start(
     supernodes: Annotated[int, typer.Option(help="Simulated SuperNodes per run (Flower's num-supernodes).")] = 10,
 ) -> None:

@@ -19,7 +19,6 @@ import ctypes
 import logging
 import multiprocessing
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -63,7 +62,7 @@ def simulate(config: TrainConfig, server: ServerRun, partition_dir: Path, verbos
             except EOFError:
                 raise FedfheError(f"the Flower simulation process died (exit code {child.wait()})") from None
             if kind == "error":
-                raise value
+                raise _rebuilt(*value)
             if kind == "done":
                 server.restore(value)
                 return
@@ -125,17 +124,19 @@ def child(fd: int, parent: int) -> None:
         run_in_process(config, server, partition_dir, verbose)
         parent_end.send(("done", server.state()))
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent
-        parent_end.send(("error", _picklable(exc)))
+        parent_end.send(("error", _described(exc)))
 
 
-def _picklable(exc: BaseException) -> BaseException:
-    """The exception if it can travel through a pipe, else a RuntimeError naming it; unexpected ones keep their trace."""
-    if isinstance(exc, FedfheError):
-        return exc
-    trace = "".join(traceback.format_exception(exc))
-    try:
-        pickle.loads(pickle.dumps(exc))
-    except Exception:  # noqa: BLE001 - whatever pickle objects to
-        exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+def _described(exc: BaseException) -> tuple[bool, str, str]:
+    """A failure as plain strings (no exception object crosses the pipe): ours or not, its line, its trace."""
+    mine = isinstance(exc, FedfheError)
+    return mine, str(exc) if mine else f"{type(exc).__name__}: {exc}", "".join(traceback.format_exception(exc))
+
+
+def _rebuilt(mine: bool, message: str, trace: str) -> Exception:
+    """The child's failure in the parent: our one-line error, or a RuntimeError that keeps the child's trace."""
+    if mine:
+        return FedfheError(message)
+    exc = RuntimeError(message)
     exc.add_note(f"in the simulation process:\n{trace}")  # shown with FEDFHE_DEBUG=1
     return exc
