@@ -87,6 +87,12 @@ def test_schema_infer_drafts_ranges_and_categories_from_the_owners_file(owner, t
     assert draft["label"] == {"name": "outcome", "classes": ["discharged", "readmitted"]}
     again = fedfhe("schema", "infer", str(owner), "--label", "outcome", "--out", str(out))
     assert again.returncode == 2 and "already exists" in again.stderr  # nothing saved is lost
+    out.unlink()
+    done = fedfhe("schema", "infer", str(owner), "--label", "outcome", "--ignore", "patient", "--out", str(out))
+    assert done.returncode == 0 and json.loads(out.read_text())["ignore"] == ["patient"], done.stderr
+    assert "patient" not in {f["name"] for f in json.loads(out.read_text())["features"]}
+    with pytest.raises(FedfheError, match="no column 'nurse' to ignore"):
+        table.infer(table.read_frame(owner), "outcome", ignore=("nurse",))
     regression = tmp_path / "stay.csv"
     regression.write_text("age,days\n30,2.5\n40,11.25\n")
     inferred = table.infer(table.read_frame(regression), "days")
@@ -168,11 +174,14 @@ def test_a_table_file_that_is_not_one_is_refused(tmp_path):
     assert done.returncode == 2 and "cannot read" in done.stderr and not out.exists()
 
 
-def hospital(path, rows: int = 300, seed: int = 0):
-    """A synthetic hospital table as an owner would hold it: readmission depends on age, ward and BMI."""
+def hospital(path, rows: int = 300, seed: int = 0, wards: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)):
+    """A synthetic hospital table as an owner would hold it: readmission depends on age, ward and BMI.
+
+    `wards` weighs the hospital's wards: owners with other weights have other readmission rates (label skew).
+    """
     rng = np.random.default_rng(seed)
     age, bmi = rng.integers(18, 95, rows), rng.uniform(15, 45, rows).round(1)
-    ward = rng.choice(["cardiology", "oncology", "surgery"], rows)
+    ward = rng.choice(["cardiology", "oncology", "surgery"], rows, p=wards)
     risk = (age - 55) / 15 + 2.0 * (ward == "oncology") + (bmi - 30) / 6 + rng.normal(0, 0.5, rows)
     outcome = np.where(risk > 0.5, "readmitted", "discharged")
     ids = [f"p{i}" for i in range(rows)]
@@ -197,17 +206,26 @@ def test_train_compile_and_evaluate_on_your_own_table(tmp_path):
     assert again.returncode == 0, again.stderr
 
 
+STAY_SCHEMA = {
+    "features": [{"name": "age", "low": 0, "high": 120}, {"name": "ward", "categories": ["a", "b"]}],
+    "label": {"name": "days", "low": 0, "high": 30},
+}
+
+
+def stay(path, rows: int = 200, seed: int = 1):
+    """A synthetic length-of-stay table: days grow with age and in ward b."""
+    rng = np.random.default_rng(seed)
+    age, ward = rng.integers(18, 95, rows), rng.choice(["a", "b"], rows)
+    days = (age / 10 + 3 * (ward == "b") + rng.normal(0, 0.5, rows)).clip(0, 30).round(2)
+    pd.DataFrame({"age": age, "ward": ward, "days": days}).to_csv(path, index=False)
+    return path
+
+
 def test_a_regressor_on_your_own_table(tmp_path):
-    rng = np.random.default_rng(1)
-    age, ward = rng.integers(18, 95, 200), rng.choice(["a", "b"], 200)
-    days = (age / 10 + 3 * (ward == "b") + rng.normal(0, 0.5, 200)).clip(0, 30).round(2)
-    pd.DataFrame({"age": age, "ward": ward, "days": days}).to_csv(tmp_path / "stay.csv", index=False)
     schema = tmp_path / "stay.json"
-    schema.write_text(json.dumps({"features": [{"name": "age", "low": 0, "high": 120},
-                                               {"name": "ward", "categories": ["a", "b"]}],
-                                  "label": {"name": "days", "low": 0, "high": 30}}))  # fmt: skip
+    schema.write_text(json.dumps(STAY_SCHEMA))
     model = train(
-        table.load(tmp_path / "stay.csv", table.Schema.load(schema)),
+        table.load(stay(tmp_path / "stay.csv"), table.Schema.load(schema)),
         TrainConfig(clients=2, rounds=2, model="ridge", params={"alpha": 0.1}),
         tmp_path / "run",
     )
@@ -217,7 +235,7 @@ def test_a_regressor_on_your_own_table(tmp_path):
 def test_data_without_its_schema_is_one_line_and_writes_nothing(tmp_path):
     data, out = hospital(tmp_path / "hospital.csv"), tmp_path / "run"
     done = fedfhe("train", "--data", str(data), "--out", str(out))
-    assert done.returncode == 2 and "--data and --schema go together" in done.stderr and not out.exists()
+    assert done.returncode == 2 and "--data (or --owners) and --schema go together" in done.stderr and not out.exists()
     (tmp_path / "bad.csv").write_text(CSV.replace("surgery", "dermatology"))
     done = fedfhe("train", "--data", str(tmp_path / "bad.csv"), "--schema", schema_file(tmp_path), "--out", str(out))
     assert done.returncode == 2 and "dermatology" in done.stderr and not out.exists()

@@ -36,7 +36,16 @@ TableData = Annotated[
     Path | None,
     typer.Option("--data", help="Your own table (.csv, .parquet, .npz) instead of --dataset; with --schema."),
 ]
-TableSchema = Annotated[Path | None, typer.Option("--schema", help="The schema of --data (see `fedfhe schema`).")]
+TableSchema = Annotated[
+    Path | None, typer.Option("--schema", help="The schema of --data or --owners (see `fedfhe schema`).")
+]
+Owners = Annotated[
+    Path | None,
+    typer.Option(
+        help="A folder with one table per data owner (each a client; --clients is the file count); with --test."
+    ),
+]
+TestFile = Annotated[Path | None, typer.Option("--test", help="The server's held-out test table, with --owners.")]
 DatasetName = Annotated[str, typer.Option("--dataset", help=f"{' | '.join(DATASETS)} (diabetes is a regression).")]
 DataDir = Annotated[Path | None, typer.Option(help="Folder with the four MNIST IDX files (mnist only).")]
 NBits = Annotated[int, typer.Option(help="Quantization bits of inputs and weights.")]
@@ -213,6 +222,16 @@ def _show(summary: dict[str, Any], out: Path) -> None:
     console.print(f"report: {out / 'report.md'}")
 
 
+def _per_owner(config: TrainConfig, split: Any) -> TrainConfig:
+    """One client per owner file, unless --clients was given (then the config's check refuses a mismatch)."""
+    import click
+
+    given = click.get_current_context().get_parameter_source("clients") != click.core.ParameterSource.DEFAULT
+    if not split.owners or given:
+        return config
+    return dataclasses.replace(config, clients=len(split.owners))
+
+
 @app.command()
 @training_options
 def train(
@@ -221,6 +240,8 @@ def train(
     data_dir: DataDir = None,
     data: TableData = None,
     schema: TableSchema = None,
+    owners: Owners = None,
+    test: TestFile = None,
     out: Out = Path("runs/latest"),
     resume: Annotated[
         Path | None, typer.Option(help="Continue an interrupted run from its last checkpoint (other options ignored).")
@@ -236,8 +257,8 @@ def train(
         if resume is not None:
             model = pipeline.resume(resume, data_dir, bars)
         else:
-            split = pipeline.dataset(dataset, config.seed, data_dir, data, schema)
-            model = pipeline.train(split, config, out, bars, verbose, force=force)
+            split = pipeline.dataset(dataset, config.seed, data_dir, data, schema, owners, test)
+            model = pipeline.train(split, _per_owner(config, split), out, bars, verbose, force=force)
     _trained(model, target)
 
 
@@ -261,7 +282,11 @@ def evaluate(
     run: RunDirOption = Path("runs/latest"),
     fhe_samples: FheSamples = 100,
     data: Annotated[
-        Path | None, typer.Option(help="Labelled data (.npz X,y or .csv with label) instead of the test split.")
+        Path | None,
+        typer.Option(
+            help="Labelled data instead of the test split: a table in the run's schema (.csv, .parquet, .npz), "
+            "else .npz with X, y or .csv with a label column."
+        ),
     ] = None,
     data_dir: DataDir = None,
     max_input_mb: MaxInputMb = 1024.0,
@@ -282,6 +307,8 @@ def run(
     data_dir: DataDir = None,
     data: TableData = None,
     schema: TableSchema = None,
+    owners: Owners = None,
+    test: TestFile = None,
     n_bits: NBits = 8,
     calibration: Calibration = None,
     fhe_samples: FheSamples = 100,
@@ -294,10 +321,10 @@ def run(
     from fedfhe import pipeline
 
     with _training(out) as bars:
-        split = pipeline.dataset(dataset, config.seed, data_dir, data, schema)
+        split = pipeline.dataset(dataset, config.seed, data_dir, data, schema, owners, test)
         result = pipeline.run(
             split,
-            config,
+            _per_owner(config, split),
             out,
             n_bits=n_bits,
             calibration=calibration,
@@ -378,6 +405,9 @@ app.add_typer(federation_app, name="federation")
 def federation_up(
     config: TrainConfig,
     dataset: DatasetName = "mnist-5k",
+    owners: Owners = None,
+    test: TestFile = None,
+    schema: TableSchema = None,
     out: Out = Path("runs/federation"),
     insecure: Annotated[bool, typer.Option("--insecure", help="No TLS, no node authentication (not advised).")] = False,
     audit: Annotated[
@@ -385,11 +415,15 @@ def federation_up(
     ] = False,
     force: Force = False,
 ) -> None:
-    """Start a SuperLink and N SuperNodes on loopback (TLS, node auth), train, stop them all."""
-    from fedfhe.data import load_dataset
+    """Start a SuperLink and N SuperNodes on loopback (TLS, node auth), train, stop them all.
+
+    With --owners, SuperNode i reads the i-th owner file itself, encoded by --schema; the server holds --test.
+    """
+    from fedfhe import pipeline
     from fedfhe.federated import deployment
 
-    data = load_dataset(dataset, seed=config.seed)
+    data = pipeline.dataset(dataset, config.seed, schema=schema, owners=owners, test=test)
+    config = _per_owner(config, data)
     if insecure:
         console.print("[yellow]warning:[/yellow] --insecure: traffic is not encrypted and any SuperNode may join")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so every started process is stopped
@@ -489,6 +523,7 @@ TableFile = Annotated[
 def schema_infer(
     file: TableFile,
     label: Annotated[str, typer.Option(help="The column to predict.")],
+    ignore: Annotated[list[str], typer.Option(help="A column to leave out, e.g. an identifier (repeatable).")] = [],  # noqa: B006 - typer's way to declare a repeatable option
     out: Annotated[Path | None, typer.Option(help="Write the draft here (default: print it).")] = None,
 ) -> None:
     """Draft a schema from your own table: ranges rounded outward to 2 significant digits, text as categories."""
@@ -496,7 +531,7 @@ def schema_infer(
 
     if out is not None and out.exists():
         raise FedfheError(f"{out} already exists: choose another --out (nothing was written)")
-    text = json.dumps(table.infer(table.read_frame(file), label, str(file)).to_dict(), indent=1)
+    text = json.dumps(table.infer(table.read_frame(file), label, str(file), tuple(ignore)).to_dict(), indent=1)
     if out is None:
         print(text)
         return
@@ -591,7 +626,12 @@ def serve(
 
 @app.command()
 def predict(
-    input: Annotated[Path, typer.Argument(help="Rows (.npy, .npz with X, .csv) or one image (.png, .jpg).")],
+    input: Annotated[
+        Path,
+        typer.Argument(
+            help="Rows (.npy, .npz with X, .csv), raw rows of a model's table (.csv, .parquet), or one image (.png)."
+        ),
+    ],
     server: Annotated[str, typer.Option(help="URL of `fedfhe serve`.")] = "http://127.0.0.1:8000",
     key_dir: Annotated[
         Path | None, typer.Option(help="Where this client keeps its keys (default: per server, in the cache).")
@@ -611,17 +651,22 @@ def predict(
 
     from fedfhe.data import DEFAULT_CACHE
     from fedfhe.service.client import EncryptedClient, read_inputs
+    from fedfhe.table import read_frame
 
     if not input.is_file():
         raise FedfheError(f"{input}: file not found")
     if not max_input_mb > 0:
         raise FedfheError(f"--max-input-mb must be > 0 (got {max_input_mb})")
     keys = key_dir or DEFAULT_CACHE / "client-keys" / hashlib.sha256(server.rstrip("/").encode()).hexdigest()[:16]
+    limit = int(max_input_mb * (1 << 20))
     with EncryptedClient(server, keys, token=token, ca_cert=ca_cert) as client:
-        X = read_inputs(input, client.model["n_features"], client.input_range, int(max_input_mb * (1 << 20)))
+        if input.suffix in (".csv", ".parquet") and client.schema is not None:  # raw rows, encoded by its schema
+            X = read_frame(input, limit)
+        else:
+            X = read_inputs(input, client.model["n_features"], client.input_range, limit)
         with console.status(f"encrypting and classifying {len(X)} row(s)"):
             result = client.predict(X)
-    classes = client.model["classes"]
+        classes = client.classes.tolist() if client.model["classes"] else []
     if not classes:  # a regressor: one value per row
         if json_out:
             print(json.dumps([{"row": i, "value": float(v)} for i, v in enumerate(result.predicted)]))
@@ -635,8 +680,8 @@ def predict(
         return
     if json_out:
         rows = [
-            {"row": i, "class": int(c), "scores": dict(zip(map(str, classes), map(float, s)))}
-            for i, (c, s) in enumerate(zip(result.predicted, result.scores))
+            {"row": i, "class": c, "scores": dict(zip(map(str, classes), map(float, s)))}
+            for i, (c, s) in enumerate(zip(result.predicted.tolist(), result.scores))
         ]
         print(json.dumps(rows))
         return

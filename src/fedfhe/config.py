@@ -151,7 +151,14 @@ class TrainConfig:
 
     def problem(self, dataset: Dataset) -> Problem:
         """The training problem on this data set, refusing what the data cannot support."""
-        if self.clients > len(dataset.y_train):
+        if dataset.owners and self.clients != len(dataset.owners):
+            raise FedfheError(
+                f"{dataset.name} holds {len(dataset.owners)} owner files, each one client: "
+                f"--clients {self.clients} does not match (leave it out)"
+            )
+        if dataset.owners and self.partitioning != "iid":
+            raise FedfheError(f"--partitioning {self.partitioning} does not apply: each owner's file is its partition")
+        if len(dataset.y_train) and self.clients > len(dataset.y_train):  # a deployed server holds no training rows
             raise FedfheError(f"--clients {self.clients} is more than the {len(dataset.y_train)} training samples")
         if self.kind.regression != dataset.is_regression:
             fitting = [name for name, kind in KINDS.items() if kind.regression == dataset.is_regression]

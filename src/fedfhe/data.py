@@ -47,6 +47,8 @@ class Dataset:
     input_range: Range
     target_range: tuple[float, float] | None = None
     schema: dict[str, Any] | None = None  # a user's table: the schema it was encoded with (JSON form)
+    source: dict[str, str] | None = None  # a user's table: {"data": FILE}, or {"owners": DIR, "test": FILE}
+    owners: tuple[int, ...] = ()  # one file per owner: each owner's rows, in order, in X_train
 
     @property
     def n_features(self) -> int:
@@ -82,7 +84,7 @@ def load_dataset(
         X_train, y_train, X_test, y_test = (
             load_mnist_idx(data_dir) if data_dir is not None else fetch_mnist_openml(cache_dir)
         )
-        return _dataset(name, X_train, y_train, X_test, y_test, (0.0, 255.0))
+        return assemble(name, X_train, y_train, X_test, y_test, (0.0, 255.0))
     if name == "breast-cancer":
         from sklearn.datasets import load_breast_cancer
 
@@ -128,10 +130,10 @@ def split_dataset(
 
     stratify = y if target_range is None else None
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, stratify=stratify, random_state=seed)
-    return _dataset(name, X_train, y_train, X_test, y_test, input_range, target_range)
+    return assemble(name, X_train, y_train, X_test, y_test, input_range, target_range)
 
 
-def _dataset(
+def assemble(
     name: str,
     X_train: np.ndarray,
     y_train: np.ndarray,
@@ -140,7 +142,7 @@ def _dataset(
     input_range: tuple[float, float] | Range,
     target_range: tuple[float, float] | None = None,
 ) -> Dataset:
-    """Cast features to float64, labels to int64 (or float64 targets), collect the classes."""
+    """A Dataset from its splits: features as float64, labels as int64 (or float64 targets), classes collected."""
     label = np.int64 if target_range is None else np.float64
     y_train, y_test = np.asarray(y_train, dtype=label), np.asarray(y_test, dtype=label)
     classes = np.unique(np.concatenate([y_train, y_test])) if target_range is None else np.array([], np.int64)

@@ -12,6 +12,7 @@ import statistics
 import tempfile
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from fedfhe.data import check_features
 from fedfhe.errors import FedfheError
 from fedfhe.kinds import Kind
 from fedfhe.model import LinearModel
-from fedfhe.rundir import COMPILE_INPUTS, FHE_INFO, RunDir
+from fedfhe.rundir import CLIENT_SPEC, COMPILE_INPUTS, FHE_INFO, SPEC_SCHEMA, RunDir
 
 
 def bound_inputs(model: LinearModel) -> np.ndarray:
@@ -115,6 +116,9 @@ def export(compiled: CompiledModel, run_dir: str | os.PathLike[str]) -> Path:
     try:
         with quiet():
             concrete("concrete.ml.deployment").FHEModelDev(str(staging), compiled.concrete).save()
+        if "schema" in compiled.source.metadata:  # pinned with the spec: a client encodes raw rows by it
+            with zipfile.ZipFile(staging / CLIENT_SPEC, "a") as spec:
+                spec.writestr(SPEC_SCHEMA, json.dumps(compiled.source.metadata["schema"]))
         np.save(staging / COMPILE_INPUTS, compiled.compile_inputs)
         (staging / FHE_INFO).write_text(json.dumps(compiled.info(), indent=2))
         if target.exists():

@@ -64,19 +64,31 @@ def dataset(
     data_dir: PathLike | None = None,
     data: PathLike | None = None,
     schema: PathLike | None = None,
+    owners: PathLike | None = None,
+    test: PathLike | None = None,
 ) -> Dataset:
-    """A bundled data set by name, or the user's own table (`data`) read with its schema."""
-    if data is None and schema is None:
+    """A bundled data set by name, or the user's own table (`data`), or one file per owner with a test file."""
+    if data is None and schema is None and owners is None and test is None:
         return load_dataset(name, data_dir=data_dir, seed=seed)
-    if data is None or schema is None:
-        raise FedfheError("--data and --schema go together: your table and the schema the parties agreed on")
-    return table.load(data, table.Schema.load(schema), seed)
+    if data is not None and owners is not None:
+        raise FedfheError("--data or --owners, not both: one table to split, or one file per owner")
+    if (owners is None) != (test is None):
+        raise FedfheError("--owners and --test go together: the owners' files and the server's held-out test file")
+    if schema is None or (data is None and owners is None):
+        raise FedfheError(
+            "--data (or --owners) and --schema go together: your table and the schema the parties agreed on"
+        )
+    agreed = table.Schema.load(schema)
+    if owners is not None and test is not None:
+        return table.load_owners(owners, test, agreed)
+    assert data is not None  # checked above
+    return table.load(data, agreed, seed)
 
 
 def _split_of(target: RunDir, name: str, seed: int, data_dir: PathLike | None) -> Dataset:
-    """The run's data set again: a bundled one by name, or the user's table with the schema the run kept."""
+    """The run's data again: a bundled one by name, or the user's files with the schema the run kept."""
     if target.schema_file.exists():
-        return table.load(name, table.Schema.load(target.schema_file), seed)
+        return table.reload(target.read_source(), table.Schema.load(target.schema_file), seed)
     return load_dataset(name, data_dir=data_dir, seed=seed)
 
 
@@ -184,6 +196,11 @@ def evaluate_run(
     if data is None:
         split = _split_of(target, model.metadata["dataset"], model.metadata["training"]["seed"], data_dir)
         X, y = split.X_test, split.y_test
+    elif "schema" in model.metadata:  # the table's own format: columns by name, text categories and classes
+        X, y = table.read_labelled(
+            data, table.Schema.from_dict(model.metadata["schema"], str(target.model_file)), limit
+        )
+        X = check_features(X, model.n_features, model.input_range, "test data")
     else:
         X, labels = read_table(data, max_bytes=limit)
         if labels is None:

@@ -28,6 +28,7 @@ FHE_INFO = "fhe.json"
 COMPILE_INPUTS = "compile_inputs.npy"
 CLIENT_SPEC = "client.zip"  # what a client needs to encrypt and decrypt (Concrete ML's deployment files)
 SERVER_SPEC = "server.zip"  # what the server needs to evaluate
+SPEC_SCHEMA = "fedfhe-schema.json"  # in client.zip for a user's table: how a client encodes raw rows
 
 
 @dataclass(frozen=True)
@@ -105,10 +106,20 @@ class RunDir:
         """Where `tune --sweep` trains the model with NAME=VALUE."""
         return RunDir(self.tune / f"{name}={value:g}")
 
-    def write_config(self, dataset: str, config: TrainConfig) -> None:
-        """Record what the run was started with, so --resume can continue it."""
+    def write_config(self, dataset: str, config: TrainConfig, source: dict[str, str] | None = None) -> None:
+        """Record what the run was started with (a user's table: the files it was read from), so --resume can continue it."""
         self.path.mkdir(parents=True, exist_ok=True)
-        self.config_file.write_text(json.dumps({"dataset": dataset, "training": dataclasses.asdict(config)}))
+        saved = {"dataset": dataset, "training": dataclasses.asdict(config), **({"source": source} if source else {})}
+        self.config_file.write_text(json.dumps(saved))
+
+    def read_source(self) -> dict[str, str]:
+        """The files a user's table was read from ({"data": FILE} for runs that predate owners)."""
+        try:
+            saved = json.loads(self.config_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise FedfheError(f"{self.config_file}: unreadable ({exc})") from None
+        source = saved.get("source") if isinstance(saved, dict) else None
+        return dict(source) if isinstance(source, dict) else {"data": str(saved.get("dataset", ""))}
 
     def read_config(self) -> tuple[str, TrainConfig]:
         """The data set name and training config the run was started with."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fedfhe.data import Dataset, split_dataset
+from fedfhe.data import Dataset, MiB, assemble, split_dataset
 from fedfhe.errors import FedfheError
 from fedfhe.problem import shared_range
 
@@ -270,18 +270,101 @@ def _as_text(value: Any) -> str:
 def load(path: str | os.PathLike[str], schema: Schema, seed: int = 0, test_size: float = 0.2) -> Dataset:
     """A user's table as a data set: encoded by the schema, split as the bundled ones (seeded, stratified)."""
     path = Path(path).resolve()
-    X, y = schema.encode(read_frame(path), str(path))
-    assert y is not None  # encode() reads the label when asked to
+    X, y = read_labelled(path, schema)
     target = None if schema.label.classes else (schema.label.low, schema.label.high)
     try:
         data = split_dataset(str(path), X, y, schema.input_range, seed, test_size, target)
     except ValueError as exc:  # scikit-learn's split: too few rows, or a class with one row
         raise FedfheError(f"{path}: cannot split {len(y)} rows into train and test ({exc})") from None
-    return dataclasses.replace(data, schema=schema.to_dict())
+    return _checked(dataclasses.replace(data, schema=schema.to_dict(), source={"data": str(path)}), schema)
 
 
-def read_frame(path: str | os.PathLike[str]) -> Any:
-    """A table with named columns: .csv with a header, .parquet, or .npz with one array per column."""
+def owner_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """The data owners' files in a folder (one table each, in name order): each is one client."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FedfheError(f"{folder}: no such folder of owner files")
+    files = sorted(p for p in folder.iterdir() if p.suffix in FORMATS and p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise FedfheError(f"{folder}: no owner files ({', '.join(FORMATS)}), one per data owner")
+    return files
+
+
+def load_owners(
+    folder: str | os.PathLike[str], test: str | os.PathLike[str], schema: Schema, max_bytes: int | None = None
+) -> Dataset:
+    """One file per data owner (each a client, its rows kept together) and the server's held-out test file."""
+    files = [p.resolve() for p in owner_files(folder)]
+    frames = [read_frame(p, max_bytes) for p in files]
+    first = set(map(str, frames[0].columns))
+    for path, frame in zip(files, frames):
+        if len(frame) == 0:
+            raise FedfheError(f"{path}: empty owner file (a header and no rows)")
+        columns = set(map(str, frame.columns))
+        if columns != first:
+            extra, lacking = sorted(columns - first), sorted(first - columns)
+            differs = ", ".join([*(f"has {c!r}" for c in extra), *(f"lacks {c!r}" for c in lacking)])
+            raise FedfheError(f"{path}: owners with different columns: it {differs}, unlike {files[0].name}")
+    encoded = [schema.encode(frame, str(path)) for path, frame in zip(files, frames)]
+    X_test, y_test = read_labelled(Path(test).resolve(), schema, max_bytes)
+    data = assemble(
+        str(Path(folder).resolve()),
+        np.vstack([X for X, _ in encoded]),
+        np.concatenate([y for _, y in encoded if y is not None]),
+        X_test,
+        y_test,
+        schema.input_range,
+        None if schema.label.classes else (schema.label.low, schema.label.high),
+    )
+    source = {"owners": str(Path(folder).resolve()), "test": str(Path(test).resolve())}
+    sizes = tuple(len(X) for X, _ in encoded)
+    return _checked(dataclasses.replace(data, schema=schema.to_dict(), source=source, owners=sizes), schema)
+
+
+def held_out(test: str | os.PathLike[str], schema: Schema) -> Dataset:
+    """The server's test file alone (a deployed federation's server holds no training rows)."""
+    X, y = read_labelled(Path(test).resolve(), schema)
+    target = None if schema.label.classes else (schema.label.low, schema.label.high)
+    data = assemble(str(Path(test).resolve()), X[:0], y[:0], X, y, schema.input_range, target)
+    classes = np.arange(len(schema.label.classes)) if schema.label.classes else data.classes
+    return dataclasses.replace(
+        data, classes=classes, schema=schema.to_dict(), source={"test": str(Path(test).resolve())}
+    )
+
+
+def reload(source: dict[str, str], schema: Schema, seed: int) -> Dataset:
+    """A run's data again, from the files it recorded (evaluate, tune and resume read them anew)."""
+    if "owners" in source:
+        return load_owners(source["owners"], source["test"], schema)
+    if "data" in source:
+        return load(source["data"], schema, seed)
+    return held_out(source["test"], schema)
+
+
+def read_labelled(
+    path: str | os.PathLike[str], schema: Schema, max_bytes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A labelled table, encoded by the schema (a file over `max_bytes` is not read)."""
+    X, y = schema.encode(read_frame(path, max_bytes), str(path))
+    assert y is not None  # encode() reads the label when asked to
+    return X, y
+
+
+def _checked(data: Dataset, schema: Schema) -> Dataset:
+    """Refuse a class the schema declares but no training row has: the model would have no output for it."""
+    absent = [c for i, c in enumerate(schema.label.classes) if not (data.y_train == i).any()]
+    if absent:
+        raise FedfheError(
+            f"{data.name}: class {absent[0]!r} of the schema has no training rows (remove it from the classes)"
+        )
+    return data
+
+
+def read_frame(path: str | os.PathLike[str], max_bytes: int | None = None) -> Any:
+    """A table with named columns: .csv with a header, .parquet, or .npz with one array per column.
+
+    A file larger than `max_bytes` on disk is refused before it is read.
+    """
     import pandas as pd
 
     path = Path(path)
@@ -289,6 +372,10 @@ def read_frame(path: str | os.PathLike[str]) -> Any:
         raise FedfheError(f"{path}: file not found")
     if path.suffix not in FORMATS:
         raise FedfheError(f"{path}: unsupported table format (use {', '.join(FORMATS)})")
+    if max_bytes is not None and path.stat().st_size > max_bytes:
+        raise FedfheError(
+            f"{path}: {path.stat().st_size / MiB:.4g} MiB on disk, more than the {max_bytes / MiB:.4g} MiB allowed"
+        )
     try:
         if path.suffix == ".csv":
             header = path.read_text(errors="replace").split("\n", 1)[0].rstrip("\r").split(",")
@@ -305,15 +392,17 @@ def read_frame(path: str | os.PathLike[str]) -> Any:
         raise FedfheError(f"{path}: cannot read ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
 
 
-def infer(frame: Any, label: str, source: str = "table") -> Schema:
+def infer(frame: Any, label: str, source: str = "table", ignore: tuple[str, ...] = ()) -> Schema:
     """A draft schema from one owner's table: ranges rounded outward to 2 significant digits, text as categories."""
     import pandas as pd
 
     if label not in frame.columns:
         raise FedfheError(f"{source}: no column {label!r} to use as the label")
+    if unknown := [c for c in ignore if c not in frame.columns or c == label]:
+        raise FedfheError(f"{source}: no column {unknown[0]!r} to ignore (besides the label)")
     features = []
     for name in frame.columns:
-        if name == label:
+        if name == label or name in ignore:
             continue
         column = frame[name].dropna()
         if column.empty:
@@ -327,9 +416,9 @@ def infer(frame: Any, label: str, source: str = "table") -> Schema:
     whole = pd.api.types.is_numeric_dtype(target) and bool((target % 1 == 0).all())
     if not pd.api.types.is_numeric_dtype(target) or (whole and target.nunique() <= MAX_CLASSES):
         classes = sorted(target.unique().tolist(), key=str)
-        return Schema(tuple(features), Label(label, classes=tuple(_plain(c) for c in classes)))
+        return Schema(tuple(features), Label(label, classes=tuple(_plain(c) for c in classes)), tuple(ignore))
     low, high = shared_range(target.to_numpy(dtype=np.float64)[:, None])
-    return Schema(tuple(features), Label(label, low=float(low[0]), high=float(high[0])))
+    return Schema(tuple(features), Label(label, low=float(low[0]), high=float(high[0])), tuple(ignore))
 
 
 def _plain(value: Any) -> Any:

@@ -43,7 +43,10 @@ def train(
     run = RunDir(out)
     federated = config.clients > 1
     parts: list[np.ndarray] = []  # each client's rows: the split may refuse the data, so it comes first
-    if federated:
+    if federated and dataset.owners:  # one file per owner: its rows, as they came
+        ends = np.cumsum(dataset.owners)
+        parts = [np.arange(end - size, end) for size, end in zip(dataset.owners, ends)]
+    elif federated:
         with warnings.catch_warnings():  # flwr-datasets warns at each failed Dirichlet draw, every alpha listed
             warnings.simplefilter("ignore")
             parts = partition(dataset.y_train, config.clients, config.partitioning, config.alpha, config.seed)
@@ -57,7 +60,7 @@ def train(
     if not resume:
         if force:
             run.clear()
-        run.write_config(dataset.name, config)
+        run.write_config(dataset.name, config, dataset.source)
         if dataset.schema is not None:
             run.schema_file.write_text(json.dumps(dataset.schema, indent=1))
     start = time.perf_counter()

@@ -31,6 +31,7 @@ from fedfhe.errors import FedfheError
 from fedfhe.kinds import Params
 from fedfhe.partition import partition
 from fedfhe.problem import Problem, shared_range
+from fedfhe.table import Schema, read_labelled
 
 
 def _request(msg: Message) -> tuple[Params, Mapping[str, Any], bool]:
@@ -48,10 +49,15 @@ def _request(msg: Message) -> tuple[Params, Mapping[str, Any], bool]:
 
 @functools.lru_cache(maxsize=4)
 def _owner_data(
-    node_config: tuple[tuple[str, Any], ...], partition_dir: Path | None, share_of: tuple[str, str, float, int]
+    node_config: tuple[tuple[str, Any], ...],
+    partition_dir: Path | None,
+    share_of: tuple[str, str, float, int],
+    schema: str,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Read a node's data once per process: its `data-file`, a demo partition, or its simulation share."""
+    """Read a node's data once per process: its `data-file` (a table, by the run's schema), a demo partition, or its simulation share."""
     nc = dict(node_config)
+    if "data-file" in nc and schema:
+        return read_labelled(str(nc["data-file"]), Schema.from_dict(json.loads(schema), "run config schema"))
     if "data-file" in nc:
         X, y = read_table(Path(str(nc["data-file"])))
         if y is None:
@@ -92,7 +98,8 @@ def _checked_data(context: Context, partition_dir: Path | None, n_features: int)
         float(run.get("alpha", 0.5)),
         int(run.get("seed", 0)),
     )
-    X, y = _owner_data(tuple(sorted(context.node_config.items())), partition_dir, share_of)
+    schema = str(run.get("schema", ""))
+    X, y = _owner_data(tuple(sorted(context.node_config.items())), partition_dir, share_of, schema)
     if X.ndim != 2 or X.shape[1] != n_features:
         raise FedfheError(f"local data has shape {X.shape}; the federation trains on {n_features} features")
     return X, y

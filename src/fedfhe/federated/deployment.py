@@ -27,11 +27,21 @@ from fedfhe.errors import FedfheError
 from fedfhe.federated.certificates import make_certificates, make_node_key
 from fedfhe.partition import partition, save_partitions
 from fedfhe.rundir import RunDir
+from fedfhe.table import owner_files
 
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr live beside python
 SERVER_APP = "fedfhe.federated.server_app:app"
 CLIENT_APP = "fedfhe.federated.client_app:app"
-RUN_SETTINGS: RunConfig = {"dataset": "mnist-5k", "out-dir": "runs/flower", "audit-dir": ""}  # besides training
+# Besides training: where data and outputs are; a user's table adds its schema (JSON), the server's test file
+# and the folder of owner files (on the coordinator's machine, so evaluate and tune can read them again).
+RUN_SETTINGS: RunConfig = {
+    "dataset": "mnist-5k",
+    "out-dir": "runs/flower",
+    "audit-dir": "",
+    "schema": "",
+    "test-file": "",
+    "owners-dir": "",
+}
 POLL = "0.25"  # seconds between the SuperExec's looks for work (Flower's default: 1)
 STATUS_EVERY = 5.0  # seconds between asks for a run's status
 
@@ -165,7 +175,20 @@ def up(
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": POLL,
     }
-    files = write_owner_files(dataset, config.clients, work / "data", config.partitioning, config.seed, config.alpha)
+    if dataset.source is not None and "owners" in dataset.source:  # each SuperNode reads its owner's own file
+        files = owner_files(dataset.source["owners"])
+        table = {
+            "schema": json.dumps(dataset.schema, separators=(",", ":")),
+            "test-file": dataset.source["test"],
+            "owners-dir": dataset.source["owners"],
+        }
+    elif dataset.source is None:
+        files = write_owner_files(
+            dataset, config.clients, work / "data", config.partitioning, config.seed, config.alpha
+        )
+        table = {}
+    else:
+        raise FedfheError("the Deployment Engine trains on one file per owner: use --owners DIR --test FILE")
     connection = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n'
     certs = None if insecure else make_certificates(work / "certs")
     if certs is None:
@@ -175,7 +198,12 @@ def up(
     (work / "flwr-home" / "config.toml").write_text(connection)
     app = write_app(work / "app")
     settings = work / "run_config.toml"
-    where = {"dataset": dataset.name, "out-dir": str(run.path), "audit-dir": str(work / "audit") if audit else ""}
+    where = {
+        "dataset": dataset.name,
+        "out-dir": str(run.path),
+        "audit-dir": str(work / "audit") if audit else "",
+        **table,
+    }
     settings.write_text(to_toml({**config.to_run_config(), **where}))
     with Processes(env, work / "logs") as procs:
         procs.start("superlink", superlink_command(port, certs, work / "superlink.db"), cwd=work)

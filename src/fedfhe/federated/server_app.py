@@ -19,9 +19,9 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedfhe import result
+from fedfhe import result, table
 from fedfhe.config import TrainConfig
-from fedfhe.data import load_dataset
+from fedfhe.data import Dataset, load_dataset
 from fedfhe.errors import FedfheError
 from fedfhe.federated.grids import AuditGrid, PromptGrid
 from fedfhe.federated.privacy import privacy_spent
@@ -255,10 +255,12 @@ def deployment_main(grid: Grid, context: Context) -> None:
     """What `flwr run` starts on the SuperLink: the config from the run config, outputs to out-dir."""
     settings = context.run_config
     config = TrainConfig.from_run_config(settings)
-    dataset = load_dataset(str(settings["dataset"]), seed=config.seed)
+    dataset = _server_data(settings, config.seed)
     run = RunDir(Path(str(settings["out-dir"])).resolve())
     run.path.mkdir(parents=True, exist_ok=True)
-    run.write_config(dataset.name, config)
+    run.write_config(dataset.name, config, dataset.source)
+    if dataset.schema is not None:
+        run.schema_file.write_text(json.dumps(dataset.schema, indent=1))
     audit = str(settings.get("audit-dir", ""))
     server = ServerRun(config, config.problem(dataset), dataset.X_test, dataset.y_test, run)
     started = time.perf_counter()
@@ -267,6 +269,19 @@ def deployment_main(grid: Grid, context: Context) -> None:
     if server.params is None:
         raise FedfheError("the federated run ended without a model")
     result.save(run, dataset, server.problem, config, server.params, metrics)
+
+
+def _server_data(settings: dict[str, Any], seed: int) -> Dataset:
+    """What the server holds: a bundled data set by name, or (a user's table) its held-out test file and the schema."""
+    if not settings.get("schema"):
+        return load_dataset(str(settings["dataset"]), seed=seed)
+    try:
+        schema = table.Schema.from_dict(json.loads(str(settings["schema"])), "run config schema")
+    except json.JSONDecodeError as exc:
+        raise FedfheError(f"run config schema: not valid JSON ({exc})") from None
+    data = table.held_out(str(settings["test-file"]), schema)
+    owners = str(settings.get("owners-dir", ""))
+    return dataclasses.replace(data, source={"owners": owners, **(data.source or {})}) if owners else data
 
 
 app = build_server_app(deployment_main)

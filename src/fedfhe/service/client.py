@@ -14,6 +14,7 @@ import os
 import ssl
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -23,8 +24,9 @@ import numpy as np
 
 from fedfhe.data import Range, check_features, read_table
 from fedfhe.errors import FedfheError
-from fedfhe.rundir import CLIENT_SPEC
+from fedfhe.rundir import CLIENT_SPEC, SPEC_SCHEMA
 from fedfhe.service.protocol import API, OCTET_STREAM, SPEC_HASH_HEADER, decode_frames, encode_frames
+from fedfhe.table import Schema
 
 SESSION_FILE = "session.json"
 KEYS_DIR = "keys"
@@ -75,6 +77,7 @@ class EncryptedClient:
         self._http = httpx.Client(base_url=self.url, timeout=timeout, verify=verify, headers=headers)
         self._model: dict[str, Any] | None = None
         self._fhe: Any = None
+        self._schema: tuple[Schema | None] | None = None  # read once: (the schema,) or (None,)
         self._evaluation_keys = b""
         self._key_id = ""
 
@@ -109,10 +112,32 @@ class EncryptedClient:
             self.model["input_high"], dtype=np.float64
         )
 
-    def predict(self, X: np.ndarray) -> Prediction:
-        """Check the rows, scale and encrypt each, have the server evaluate them in batches, decrypt."""
+    @property
+    def schema(self) -> Schema | None:
+        """The schema a model trained on a user's table was compiled with, read from the pinned client spec."""
+        if self._schema is None:
+            path = self._spec()
+            try:
+                with zipfile.ZipFile(path) as spec:
+                    raw = json.loads(spec.read(SPEC_SCHEMA)) if SPEC_SCHEMA in spec.namelist() else None
+            except (OSError, ValueError, zipfile.BadZipFile) as exc:
+                raise FedfheError(f"{path}: unreadable client spec ({exc})") from None
+            self._schema = (None if raw is None else Schema.from_dict(raw, f"{self.url} client spec"),)
+        return self._schema[0]
+
+    def predict(self, X: np.ndarray | Any) -> Prediction:
+        """Check the rows, scale and encrypt each, have the server evaluate them in batches, decrypt.
+
+        X is numbers in the model's input order, or (for a model trained on a table) a pandas DataFrame of
+        raw rows: columns by name, text categories, the label column ignored. A model with a schema
+        answers with the schema's class values.
+        """
         model = self.model
         low, high = self.input_range
+        if hasattr(X, "columns"):  # a DataFrame: encoded by the schema, as its owners encoded theirs
+            if self.schema is None:
+                raise FedfheError(f"{self.url} serves a model without a schema: pass numbers, not a table")
+            X, _ = self.schema.encode(X, "inputs", labelled=False)
         X = check_features(X, model["n_features"], (low, high), "inputs")
         width = max(len(model["classes"]), 1)
         if len(X) == 0:
@@ -125,14 +150,16 @@ class EncryptedClient:
         scores = np.vstack([np.reshape(fhe_client.deserialize_decrypt_dequantize(out), (1, -1)) for out in outputs])
         if not model["classes"]:
             return Prediction(scores[:, 0], scores)
-        return Prediction(np.asarray(model["classes"])[scores.argmax(axis=1)], scores)
+        return Prediction(self.classes[scores.argmax(axis=1)], scores)
 
-    def _session(self) -> Any:
-        """Pin the client spec, make or load the keys, upload the evaluation keys once."""
-        if self._fhe is not None:
-            return self._fhe
-        from fedfhe.fhe import concrete
+    @property
+    def classes(self) -> np.ndarray:
+        """What a classifier answers: the schema's class values, or the model's class numbers."""
+        numbers = np.asarray(self.model["classes"])
+        return numbers if self.schema is None else np.asarray(self.schema.label.classes)[numbers]
 
+    def _spec(self) -> Path:
+        """The client spec, fetched once and pinned by the hash the server advertises."""
         expected = self.model["client_spec_sha256"]
         _private_dir(self.key_dir)
         spec = self.key_dir / CLIENT_SPEC
@@ -148,6 +175,15 @@ class EncryptedClient:
             if hashlib.sha256(data).hexdigest() != expected:
                 raise FedfheError(f"{self.url}: the client spec does not match the hash the server advertises")
             _write_private(spec, data)
+        return spec
+
+    def _session(self) -> Any:
+        """Pin the client spec, make or load the keys, upload the evaluation keys once."""
+        if self._fhe is not None:
+            return self._fhe
+        from fedfhe.fhe import concrete
+
+        self._spec()
         _private_dir(self.key_dir / KEYS_DIR)
         fhe_client = concrete("concrete.ml.deployment").FHEModelClient(
             str(self.key_dir), key_dir=str(self.key_dir / KEYS_DIR)

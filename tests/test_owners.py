@@ -1,0 +1,259 @@
+"""One file per data owner: each a client, trained, compiled without data, served; raw CSV rows predicted encrypted."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ENV, fedfhe, serving
+from test_table import STAY_SCHEMA, hospital, schema_file, stay
+
+from fedfhe import TrainConfig, pipeline, table
+from fedfhe.fhe import load_compiled
+from fedfhe.kinds import KINDS
+from fedfhe.model import LinearModel
+from fedfhe.service.client import EncryptedClient
+
+SKEWS = {"hospital-a.csv": (0.9, 0.05, 0.05), "hospital-b.csv": (0.05, 0.9, 0.05), "hospital-c.csv": (0.05, 0.05, 0.9)}
+
+
+@pytest.fixture(scope="module")
+def hospitals(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """Three hospitals' CSV files with label skew (each mostly one ward), the server's test file, the schema."""
+    root = tmp_path_factory.mktemp("hospitals")
+    (root / "owners").mkdir()
+    for seed, (name, wards) in enumerate(SKEWS.items()):
+        hospital(root / "owners" / name, rows=200, seed=seed, wards=wards)
+    hospital(root / "test.csv", rows=150, seed=9)
+    return root / "owners", root / "test.csv", Path(schema_file(root))
+
+
+@pytest.fixture(scope="module")
+def stays(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """Two owners' length-of-stay tables (a regression), a test file and their schema."""
+    root = tmp_path_factory.mktemp("stays")
+    (root / "owners").mkdir()
+    for seed in (1, 2):
+        stay(root / "owners" / f"clinic-{seed}.csv", rows=150, seed=seed)
+    stay(root / "test.csv", rows=100, seed=3)
+    (root / "schema.json").write_text(json.dumps(STAY_SCHEMA))
+    return root / "owners", root / "test.csv", root / "schema.json"
+
+
+@pytest.fixture(scope="module")
+def owners_run(hospitals) -> Path:
+    """`fedfhe run --owners DIR --test FILE --schema S`: one client per hospital, compiled, evaluated in FHE."""
+    owners, test, schema = hospitals
+    out = owners.parent / "run"
+    done = fedfhe("run", "--owners", str(owners), "--test", str(test), "--schema", str(schema),
+                  "--rounds", "3", "--fhe-samples", "10", "--out", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_each_owner_file_is_one_client(owners_run, hospitals):
+    owners, test, _ = hospitals
+    model = LinearModel.load(owners_run / "model.npz")
+    assert model.metadata["training"]["clients"] == 3  # the file count: --clients was left out
+    assert model.metadata["n_train"] == 600 and model.metadata["n_test"] == 150
+    readmitted = []
+    for i, name in enumerate(SKEWS):  # each client trained on exactly its owner's rows, in the file's order
+        with np.load(owners_run / "partitions" / f"client-{i}.npz") as part:
+            X, _ = table.Schema.load(owners_run / "schema.json").encode(pd.read_csv(owners / name), name)
+            np.testing.assert_array_equal(part["X"], X)
+            readmitted.append(part["y"].mean())
+    assert max(readmitted) - min(readmitted) > 0.25, readmitted  # the owners' label skew reached the clients
+    assert model.metadata["metrics"]["final"]["score"] > 0.8
+    report = json.loads((owners_run / "report.json").read_text())
+    assert all(value == 1.0 for value in report["agreement"].values() if value is not None), report["agreement"]
+    source = json.loads((owners_run / "train_config.json").read_text())["source"]
+    assert source == {"owners": str(owners.resolve()), "test": str(test.resolve())}
+    again = fedfhe("evaluate", "--run", str(owners_run), "--fhe-samples", "5", "--data", str(test))
+    assert again.returncode == 0, again.stderr
+
+
+def test_raw_csv_rows_are_predicted_under_encryption_with_the_schemas_classes(owners_run, hospitals, tmp_path):
+    _, test, schema = hospitals
+    rows = pd.read_csv(test).head(6)  # as the partner lab holds them: an id, a text ward, the outcome column
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    encoded, _ = table.Schema.load(schema).encode(rows, "rows", labelled=False)
+    model = LinearModel.load(owners_run / "model.npz")
+    simulated = load_compiled(owners_run, model).predict(encoded, fhe="simulate")
+    expected = [["discharged", "readmitted"][int(c)] for c in simulated]
+    with serving(owners_run, tmp_path / "store", tmp_path / "server.log", "--workers", "1") as served:
+        done = fedfhe("predict", str(tmp_path / "rows.csv"), "--server", served.url, "--key-dir",
+                      str(tmp_path / "keys"), "--json")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        answers = json.loads(done.stdout)
+        assert [a["class"] for a in answers] == expected
+        assert set(answers[0]["scores"]) == {"discharged", "readmitted"}
+        with EncryptedClient(served.url, tmp_path / "keys") as client:  # the API takes the DataFrame itself
+            assert client.predict(rows.drop(columns=["outcome"])).predicted.tolist() == expected
+        bad = rows.head(1).assign(ward="dermatology")
+        bad.to_csv(tmp_path / "bad.csv", index=False)
+        refused = fedfhe("predict", str(tmp_path / "bad.csv"), "--server", served.url, "--key-dir",
+                         str(tmp_path / "keys"))  # fmt: skip
+        assert refused.returncode == 2 and "'dermatology' is not one of its categories" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_a_regressor_from_owner_files_serves_raw_rows(stays, tmp_path):
+    owners, test, schema = stays
+    out = tmp_path / "run"
+    done = fedfhe("run", "--owners", str(owners), "--test", str(test), "--schema", str(schema), "--model", "ridge",
+                  "--rounds", "2", "--fhe-samples", "5", "--n-bits", "10", "--out", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    model = LinearModel.load(out / "model.npz")
+    assert model.metadata["training"]["clients"] == 2 and model.metadata["metrics"]["final"]["score"] > 0.8
+    rows = pd.read_csv(test).head(4)
+    rows.drop(columns=["days"]).to_parquet(tmp_path / "rows.parquet")  # no label column: it is optional
+    encoded, _ = table.Schema.load(schema).encode(rows, "rows", labelled=False)
+    simulated = load_compiled(out, model).predict(encoded, fhe="simulate")
+    with serving(out, tmp_path / "store", tmp_path / "server.log", "--workers", "1") as served:
+        done = fedfhe("predict", str(tmp_path / "rows.parquet"), "--server", served.url, "--key-dir",
+                      str(tmp_path / "keys"), "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose([a["value"] for a in json.loads(done.stdout)], simulated, rtol=1e-9)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_model_kind_trains_from_data_and_owners_compiles_exactly_and_serves_raw_rows(
+    kind, hospitals, stays, tmp_path
+):
+    owners, test, schema_path = hospitals if not KINDS[kind].regression else stays
+    schema = table.Schema.load(schema_path)
+    for name, data, config in [
+        ("data", table.load(test, schema), TrainConfig(clients=1, model=kind)),
+        ("owners", table.load_owners(owners, test, schema), TrainConfig(clients=len(table.owner_files(owners)),
+                                                                        rounds=2, model=kind)),
+    ]:  # fmt: skip
+        result = pipeline.run(data, config, tmp_path / name, fhe_samples=5)
+        agreement = result.summary["agreement"]
+        assert agreement["fhe_vs_clear"] == agreement["execute_vs_simulate"] == 1.0, (name, agreement)
+        assert result.model.metadata["schema"] == schema.to_dict()
+    rows = pd.read_csv(test).head(3)  # the owners' model, served: raw rows in, the schema's values out
+    encoded, _ = schema.encode(rows, "rows", labelled=False)
+    simulated = result.compiled.predict(encoded, fhe="simulate")
+    if schema.label.classes:
+        simulated = np.asarray(schema.label.classes)[simulated.astype(int)]
+    with (
+        serving(tmp_path / "owners", tmp_path / "store", tmp_path / "server.log", "--workers", "1") as served,
+        EncryptedClient(served.url, tmp_path / "keys") as client,
+    ):
+        predicted = client.predict(rows).predicted
+    if schema.label.classes:
+        assert predicted.tolist() == simulated.tolist()
+    else:
+        np.testing.assert_allclose(predicted, simulated, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("empty", "empty owner file (a header and no rows)"),
+        ("extra", "owners with different columns: it has 'note'"),
+        ("lacking", "owners with different columns: it lacks 'bmi'"),
+        ("nothing", "no owner files (.csv, .parquet, .npz)"),
+        ("clients", "holds 3 owner files, each one client: --clients 5 does not match"),
+        ("no-test", "--owners and --test go together"),
+        ("both", "--data or --owners, not both"),
+        ("dirichlet", "--partitioning dirichlet does not apply"),
+        ("absent-class", "class 'readmitted' of the schema has no training rows"),
+    ],
+)
+def test_bad_owner_folders_are_one_line_and_write_nothing(hospitals, tmp_path, change, message):
+    owners, test, schema = hospitals
+    folder = tmp_path / "owners"
+    folder.mkdir()
+    for path in owners.iterdir():
+        (folder / path.name).write_text(path.read_text())
+    first = folder / "hospital-a.csv"
+    frame = pd.read_csv(first)
+    extra: list[str] = []
+    if change == "empty":
+        first.write_text(first.read_text().splitlines()[0] + "\n")
+    elif change == "extra":
+        frame.assign(note="x").to_csv(folder / "hospital-b.csv", index=False)
+    elif change == "lacking":
+        frame.drop(columns=["bmi"]).to_csv(folder / "hospital-b.csv", index=False)
+    elif change == "nothing":
+        for path in folder.iterdir():
+            path.rename(path.with_suffix(".txt"))
+    elif change == "absent-class":
+        for path in folder.iterdir():
+            pd.read_csv(path).assign(outcome="discharged").to_csv(path, index=False)
+    extra = {"clients": ["--clients", "5"], "both": ["--data", str(test)], "dirichlet": ["--partitioning", "dirichlet"]
+             }.get(change, [])  # fmt: skip
+    given = [] if change == "no-test" else ["--test", str(test)]
+    out = tmp_path / "run"
+    done = fedfhe("train", "--owners", str(folder), *given, "--schema", str(schema), *extra, "--out", str(out))
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_the_deployment_engine_trains_on_the_owners_own_files(owners_run, hospitals, tmp_path):
+    owners, test, schema = hospitals
+    out = tmp_path / "deployed"
+    done = fedfhe("federation", "up", "--owners", str(owners), "--test", str(test), "--schema", str(schema),
+                  "--rounds", "3", "--out", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert list((out / "federation" / "data").iterdir()) == []  # no copies: each SuperNode read its CSV
+    model, simulated = LinearModel.load(out / "model.npz"), LinearModel.load(owners_run / "model.npz")
+    assert model.metadata["training"]["clients"] == 3 and model.metadata["schema"] == simulated.metadata["schema"]
+    assert np.allclose(model.coef, simulated.coef, rtol=0, atol=1e-8)  # the simulation's model, as for bundled sets
+    assert fedfhe("compile", "--run", str(out)).returncode == 0
+    done = fedfhe("evaluate", "--run", str(out), "--fhe-samples", "3")  # the owners' files, read again
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "report.json").read_text())["agreement"]["fhe_vs_clear"] == 1.0
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- own-data: tests/test_owners.py runs these lines as written -->", "<!-- own-data: end -->"
+
+
+def test_the_readmes_own_data_walkthrough_runs_as_written(hospitals, tmp_path):
+    from fedfhe.federated.deployment import BIN, free_port
+
+    block = README.read_text().split(BEGIN)[1].split(END)[0].split("```bash\n")[1].split("```")[0]
+    lines = [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+    infer, check, run, serve, predict = lines
+    owners, test, _ = hospitals
+    shutil.copytree(owners, tmp_path / "hospitals")
+    shutil.copy(test, tmp_path / "test.csv")
+    lab = pd.read_csv(test).tail(4).drop(columns=["outcome"])[["ward", "bmi", "patient", "age"]]  # any order
+    lab.to_csv(tmp_path / "lab.csv", index=False)
+    port = str(free_port())  # the README's 8000 may be taken here
+    health = f"import httpx; httpx.get('http://127.0.0.1:{port}/v1/health').raise_for_status()"
+    script = "\n".join(
+        [
+            "set -e",
+            "trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT",
+            infer,
+            check,
+            run,
+            serve.replace("8000", port),
+            f'for i in $(seq 300); do {sys.executable} -c "{health}" 2>/dev/null && break; sleep 0.3; done',
+            predict.replace("8000", port),
+        ]
+    )
+    env = {**ENV, "PATH": f"{BIN}{os.pathsep}{ENV['PATH']}", "FEDFHE_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(
+        ["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    answers = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [a["row"] for a in answers] == [0, 1, 2, 3]
+    assert {a["class"] for a in answers} <= {"discharged", "readmitted"}
+    schema = table.Schema.load(tmp_path / "schema.json")
+    assert schema.ignore == ("patient",) and schema.label.classes == ("discharged", "readmitted")
+    model = LinearModel.load(tmp_path / "runs" / "h" / "model.npz")
+    encoded, _ = schema.encode(lab, "lab", labelled=False)
+    simulated = load_compiled(tmp_path / "runs" / "h", model).predict(encoded, fhe="simulate")
+    assert [a["class"] for a in answers] == [schema.label.classes[int(c)] for c in simulated]
