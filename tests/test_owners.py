@@ -166,6 +166,8 @@ def test_every_model_kind_trains_from_data_and_owners_compiles_exactly_and_serve
         ("both", "--data or --owners, not both"),
         ("dirichlet", "--partitioning dirichlet does not apply"),
         ("absent-class", "class 'readmitted' of the schema has no training rows"),
+        ("stray", "notes.txt: not a table (.csv, .parquet, .npz)"),
+        ("test-inside", "the test file is one of the owners' files"),
     ],
 )
 def test_bad_owner_folders_are_one_line_and_write_nothing(hospitals, tmp_path, change, message):
@@ -185,10 +187,14 @@ def test_bad_owner_folders_are_one_line_and_write_nothing(hospitals, tmp_path, c
         frame.drop(columns=["bmi"]).to_csv(folder / "hospital-b.csv", index=False)
     elif change == "nothing":
         for path in folder.iterdir():
-            path.rename(path.with_suffix(".txt"))
+            path.unlink()
     elif change == "absent-class":
         for path in folder.iterdir():
             pd.read_csv(path).assign(outcome="discharged").to_csv(path, index=False)
+    elif change == "stray":
+        (folder / "notes.txt").write_text("not a table")
+    elif change == "test-inside":
+        test = folder / "hospital-c.csv"
     extra = {"clients": ["--clients", "5"], "both": ["--data", str(test)], "dirichlet": ["--partitioning", "dirichlet"]
              }.get(change, [])  # fmt: skip
     given = [] if change == "no-test" else ["--test", str(test)]
@@ -207,11 +213,34 @@ def test_the_deployment_engine_trains_on_the_owners_own_files(owners_run, hospit
     assert list((out / "federation" / "data").iterdir()) == []  # no copies: each SuperNode read its CSV
     model, simulated = LinearModel.load(out / "model.npz"), LinearModel.load(owners_run / "model.npz")
     assert model.metadata["training"]["clients"] == 3 and model.metadata["schema"] == simulated.metadata["schema"]
+    assert model.metadata["n_train"] == 600  # the server holds only the test file: the nodes reported their rows
     assert np.allclose(model.coef, simulated.coef, rtol=0, atol=1e-8)  # the simulation's model, as for bundled sets
     assert fedfhe("compile", "--run", str(out)).returncode == 0
     done = fedfhe("evaluate", "--run", str(out), "--fhe-samples", "3")  # the owners' files, read again
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "report.json").read_text())["agreement"]["fhe_vs_clear"] == 1.0
+    (owners / "hospital-a.csv").rename(tmp_path / "away.csv")  # evaluating and tuning need only the test file
+    try:
+        tuned = fedfhe("tune", "--run", str(out), "--n-bits", "6,8", "--latency-samples", "1")
+    finally:
+        (tmp_path / "away.csv").rename(owners / "hospital-a.csv")
+    assert tuned.returncode == 0, tuned.stderr
+
+
+def test_owners_may_differ_in_ignored_columns_and_numbers_match_their_classes(tmp_path):
+    (tmp_path / "owners").mkdir()
+    (tmp_path / "owners" / "a.csv").write_text("id,dose,site,cured\nx1,1.5,1,1.0\nx2,2.5,2,0.0\n")
+    (tmp_path / "owners" / "b.CSV").write_text("dose,site,cured\n3.0,,1\n0.5,3,0\n")  # no id; a blank site
+    (tmp_path / "test.csv").write_text("dose,site,cured\n1.0,2,0\n2.0,1,1\n")
+    draft = table.infer(table.read_frame(tmp_path / "owners" / "a.csv"), "cured", ignore=("id",))
+    assert draft.label.classes == (0.0, 1.0) and draft.ignore == ("id",)
+    schema = table.Schema.from_dict(
+        {**draft.to_dict(), "features": [{"name": "dose", "low": 0, "high": 5},
+                                         {"name": "site", "categories": [1, 2, 3], "missing": 1}]}
+    )  # fmt: skip
+    data = table.load_owners(tmp_path / "owners", tmp_path / "test.csv", schema)
+    assert data.owners == (2, 2) and data.y_train.tolist() == [1, 0, 1, 0]  # 1.0 and 1 are the class 1.0
+    assert data.X_train[2].tolist() == [3.0, 1.0, 0.0, 0.0]  # the blank site took the declared 1
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"

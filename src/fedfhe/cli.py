@@ -80,9 +80,19 @@ def training_options(command: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(command)
     def with_config(**options: Any) -> None:
-        """The command, called with a TrainConfig made (and so checked) from its options."""
+        """The command, called with a TrainConfig made (and so checked) from its options.
+
+        With --owners and no --clients, there is one client per owner file.
+        """
+        import click
+
         settings = {f.name: options.pop(f.name) for f in dataclasses.fields(TrainConfig)}
         settings["params"] = parse_params(settings["params"])
+        default = click.get_current_context().get_parameter_source("clients") == click.core.ParameterSource.DEFAULT
+        if options.get("owners") is not None and default:
+            from fedfhe.table import owner_files
+
+            settings["clients"] = len(owner_files(options["owners"]))
         command(config=TrainConfig(**settings), **options)
 
     parameters = [*own, *added]
@@ -222,16 +232,6 @@ def _show(summary: dict[str, Any], out: Path) -> None:
     console.print(f"report: {out / 'report.md'}")
 
 
-def _per_owner(config: TrainConfig, split: Any) -> TrainConfig:
-    """One client per owner file, unless --clients was given (then the config's check refuses a mismatch)."""
-    import click
-
-    given = click.get_current_context().get_parameter_source("clients") != click.core.ParameterSource.DEFAULT
-    if not split.owners or given:
-        return config
-    return dataclasses.replace(config, clients=len(split.owners))
-
-
 @app.command()
 @training_options
 def train(
@@ -258,7 +258,7 @@ def train(
             model = pipeline.resume(resume, data_dir, bars)
         else:
             split = pipeline.dataset(dataset, config.seed, data_dir, data, schema, owners, test)
-            model = pipeline.train(split, _per_owner(config, split), out, bars, verbose, force=force)
+            model = pipeline.train(split, config, out, bars, verbose, force=force)
     _trained(model, target)
 
 
@@ -284,8 +284,8 @@ def evaluate(
     data: Annotated[
         Path | None,
         typer.Option(
-            help="Labelled data instead of the test split: a table in the run's schema (.csv, .parquet, .npz), "
-            "else .npz with X, y or .csv with a label column."
+            help="Labelled data instead of the test split: .npz with X, y; a table in the run's schema "
+            "(.csv, .parquet), else .csv with a label column."
         ),
     ] = None,
     data_dir: DataDir = None,
@@ -324,7 +324,7 @@ def run(
         split = pipeline.dataset(dataset, config.seed, data_dir, data, schema, owners, test)
         result = pipeline.run(
             split,
-            _per_owner(config, split),
+            config,
             out,
             n_bits=n_bits,
             calibration=calibration,
@@ -423,7 +423,6 @@ def federation_up(
     from fedfhe.federated import deployment
 
     data = pipeline.dataset(dataset, config.seed, schema=schema, owners=owners, test=test)
-    config = _per_owner(config, data)
     if insecure:
         console.print("[yellow]warning:[/yellow] --insecure: traffic is not encrypted and any SuperNode may join")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so every started process is stopped
@@ -660,12 +659,12 @@ def predict(
     keys = key_dir or DEFAULT_CACHE / "client-keys" / hashlib.sha256(server.rstrip("/").encode()).hexdigest()[:16]
     limit = int(max_input_mb * (1 << 20))
     with EncryptedClient(server, keys, token=token, ca_cert=ca_cert) as client:
-        if input.suffix in (".csv", ".parquet") and client.schema is not None:  # raw rows, encoded by its schema
+        if input.suffix.lower() in (".csv", ".parquet") and client.schema is not None:  # raw rows, by its schema
             X = read_frame(input, limit)
         else:
             X = read_inputs(input, client.model["n_features"], client.input_range, limit)
         with console.status(f"encrypting and classifying {len(X)} row(s)"):
-            result = client.predict(X)
+            result = client.predict(X, str(input))
         classes = client.classes.tolist() if client.model["classes"] else []
     if not classes:  # a regressor: one value per row
         if json_out:

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -85,10 +86,13 @@ def dataset(
     return table.load(data, agreed, seed)
 
 
-def _split_of(target: RunDir, name: str, seed: int, data_dir: PathLike | None) -> Dataset:
-    """The run's data again: a bundled one by name, or the user's files with the schema the run kept."""
+def _split_of(target: RunDir, name: str, seed: int, data_dir: PathLike | None, test_only: bool = False) -> Dataset:
+    """The run's data again: a bundled one by name, or the user's files with the schema the run kept.
+
+    `test_only`: the test rows are all that is needed (the owners' files are not read again).
+    """
     if target.schema_file.exists():
-        return table.reload(target.read_source(), table.Schema.load(target.schema_file), seed)
+        return table.reload(target.read_source(), table.Schema.load(target.schema_file), seed, test_only)
     return load_dataset(name, data_dir=data_dir, seed=seed)
 
 
@@ -194,9 +198,9 @@ def evaluate_run(
     target = RunDir(run_dir)
     model = target.load_model()
     if data is None:
-        split = _split_of(target, model.metadata["dataset"], model.metadata["training"]["seed"], data_dir)
+        split = _split_of(target, model.metadata["dataset"], model.metadata["training"]["seed"], data_dir, True)
         X, y = split.X_test, split.y_test
-    elif "schema" in model.metadata:  # the table's own format: columns by name, text categories and classes
+    elif "schema" in model.metadata and Path(data).suffix.lower() != ".npz":  # a table: columns by name, text
         X, y = table.read_labelled(
             data, table.Schema.from_dict(model.metadata["schema"], str(target.model_file)), limit
         )
@@ -243,7 +247,8 @@ def tune_run(
     check_n_bits(*n_bits)
     target = RunDir(run_dir)
     model = target.load_model()
-    split = _split_of(target, model.metadata["dataset"], model.metadata["training"]["seed"], data_dir)
+    seed = model.metadata["training"]["seed"]
+    split = _split_of(target, model.metadata["dataset"], seed, data_dir, test_only=sweep is None)
     if not 1 <= latency_samples <= len(split.y_test):
         raise FedfheError(f"--latency-samples must be between 1 and the {len(split.y_test)} test samples")
     grid: dict[str, list[Any]] = {"n_bits": sorted(set(n_bits))}

@@ -35,7 +35,7 @@ def save(
         kind=problem.kind,
         metadata={
             "dataset": dataset.name,
-            "n_train": len(dataset.y_train),
+            "n_train": len(dataset.y_train) or _examples(metrics),
             "n_test": len(dataset.y_test),
             "training": dataclasses.asdict(config),
             "local_fit": problem.kind.local_fit if config.clients > 1 else "centralized",
@@ -45,6 +45,12 @@ def save(
     )
     run.save_model(model)
     return model
+
+
+def _examples(metrics: dict[str, Any]) -> int:
+    """The training rows the clients reported in the last round: what a deployed server knows of them."""
+    rounds = metrics.get("rounds") or [{}]
+    return sum(int(c.get("examples", 0)) for c in rounds[-1].get("clients", []))
 
 
 def plot_rounds(metrics: dict[str, Any], run: RunDir) -> None:

@@ -118,7 +118,9 @@ class RunDir:
             saved = json.loads(self.config_file.read_text())
         except (OSError, ValueError) as exc:
             raise FedfheError(f"{self.config_file}: unreadable ({exc})") from None
-        source = saved.get("source") if isinstance(saved, dict) else None
+        if not isinstance(saved, dict):
+            raise FedfheError(f"{self.config_file}: not a run's config")
+        source = saved.get("source")
         return dict(source) if isinstance(source, dict) else {"data": str(saved.get("dataset", ""))}
 
     def read_config(self) -> tuple[str, TrainConfig]:

@@ -163,9 +163,9 @@ def _feature(entry: Any, i: int, fail: Any) -> Feature:
     name = entry["name"]
     if "categories" in entry:
         categories = entry["categories"]
-        if not isinstance(categories, list) or not categories or len(set(map(str, categories))) != len(categories):
+        if not isinstance(categories, list) or not categories or len(set(map(_as_text, categories))) != len(categories):
             raise fail(f"feature {name!r}: categories must be a non-empty list of distinct values")
-        return Feature(name, categories=tuple(str(c) for c in categories), missing=entry.get("missing"))
+        return Feature(name, categories=tuple(_as_text(c) for c in categories), missing=entry.get("missing"))
     low, high = _bounds(entry, f"feature {name!r}", '"low" and "high" (finite numbers) or "categories"', fail)
     missing = entry.get("missing")
     if missing is not None and not (isinstance(missing, (int, float)) and low <= missing <= high):
@@ -178,7 +178,7 @@ def _label(entry: dict[str, Any], fail: Any) -> Label:
     name = entry["name"]
     if "classes" in entry:
         classes = entry["classes"]
-        if not isinstance(classes, list) or len(classes) < 2 or len(set(map(str, classes))) != len(classes):
+        if not isinstance(classes, list) or len(classes) < 2 or len(set(map(_as_text, classes))) != len(classes):
             raise fail(f"label {name!r}: classes must be a list of at least 2 distinct values")
         return Label(name, classes=tuple(classes))
     low, high = _bounds(entry, f"label {name!r}", '"classes" or "low" and "high" (finite numbers)', fail)
@@ -212,7 +212,7 @@ def _encode_feature(feature: Feature, column: Any, source: str) -> np.ndarray:
     if absent.any():
         column = column.where(~absent, feature.missing)
     if feature.categories:
-        text = column.astype(str).to_numpy()
+        text = np.array([_as_text(v) for v in column])
         unknown = ~np.isin(text, feature.categories)
         if unknown.any():
             row = _first(unknown)
@@ -242,7 +242,7 @@ def _encode_label(label: Label, column: Any, source: str) -> np.ndarray:
     if absent.any():
         raise FedfheError(f"{where}, row {_first(absent)}: missing label")
     if label.classes:
-        names = [str(c) for c in label.classes]
+        names = [_as_text(c) for c in label.classes]
         text = np.array([_as_text(v) for v in column])
         unknown = ~np.isin(text, names)
         if unknown.any():
@@ -284,7 +284,9 @@ def owner_files(folder: str | os.PathLike[str]) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FedfheError(f"{folder}: no such folder of owner files")
-    files = sorted(p for p in folder.iterdir() if p.suffix in FORMATS and p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    if stray := [p for p in files if p.suffix.lower() not in FORMATS or not p.is_file()]:
+        raise FedfheError(f"{stray[0]}: not a table ({', '.join(FORMATS)}); the owners' folder holds one per owner")
     if not files:
         raise FedfheError(f"{folder}: no owner files ({', '.join(FORMATS)}), one per data owner")
     return files
@@ -295,12 +297,14 @@ def load_owners(
 ) -> Dataset:
     """One file per data owner (each a client, its rows kept together) and the server's held-out test file."""
     files = [p.resolve() for p in owner_files(folder)]
+    if Path(test).resolve() in files:
+        raise FedfheError(f"{test}: the test file is one of the owners' files; keep it outside {folder}")
     frames = [read_frame(p, max_bytes) for p in files]
-    first = set(map(str, frames[0].columns))
+    first = set(map(str, frames[0].columns)) - set(schema.ignore)
     for path, frame in zip(files, frames):
         if len(frame) == 0:
             raise FedfheError(f"{path}: empty owner file (a header and no rows)")
-        columns = set(map(str, frame.columns))
+        columns = set(map(str, frame.columns)) - set(schema.ignore)  # an ignored column may be one owner's own
         if columns != first:
             extra, lacking = sorted(columns - first), sorted(first - columns)
             differs = ", ".join([*(f"has {c!r}" for c in extra), *(f"lacks {c!r}" for c in lacking)])
@@ -332,13 +336,13 @@ def held_out(test: str | os.PathLike[str], schema: Schema) -> Dataset:
     )
 
 
-def reload(source: dict[str, str], schema: Schema, seed: int) -> Dataset:
-    """A run's data again, from the files it recorded (evaluate, tune and resume read them anew)."""
+def reload(source: dict[str, str], schema: Schema, seed: int, test_only: bool = False) -> Dataset:
+    """A run's data again, from the files it recorded; `test_only` reads no owner's file when a test file will do."""
+    if "test" in source and (test_only or "owners" not in source):
+        return held_out(source["test"], schema)
     if "owners" in source:
         return load_owners(source["owners"], source["test"], schema)
-    if "data" in source:
-        return load(source["data"], schema, seed)
-    return held_out(source["test"], schema)
+    return load(source["data"], schema, seed)
 
 
 def read_labelled(
@@ -370,19 +374,19 @@ def read_frame(path: str | os.PathLike[str], max_bytes: int | None = None) -> An
     path = Path(path)
     if not path.is_file():
         raise FedfheError(f"{path}: file not found")
-    if path.suffix not in FORMATS:
+    if path.suffix.lower() not in FORMATS:
         raise FedfheError(f"{path}: unsupported table format (use {', '.join(FORMATS)})")
     if max_bytes is not None and path.stat().st_size > max_bytes:
         raise FedfheError(
             f"{path}: {path.stat().st_size / MiB:.4g} MiB on disk, more than the {max_bytes / MiB:.4g} MiB allowed"
         )
     try:
-        if path.suffix == ".csv":
+        if path.suffix.lower() == ".csv":
             header = path.read_text(errors="replace").split("\n", 1)[0].rstrip("\r").split(",")
             if duplicated := sorted({c for c in header if header.count(c) > 1}):  # pandas would rename them
                 raise FedfheError(f"{path}: column {duplicated[0]!r} appears more than once")
             return pd.read_csv(path, skipinitialspace=True)
-        if path.suffix == ".parquet":
+        if path.suffix.lower() == ".parquet":
             return pd.read_parquet(path)
         with np.load(path, allow_pickle=False) as f:
             return pd.DataFrame({name: f[name] for name in f.files})
@@ -398,8 +402,11 @@ def infer(frame: Any, label: str, source: str = "table", ignore: tuple[str, ...]
 
     if label not in frame.columns:
         raise FedfheError(f"{source}: no column {label!r} to use as the label")
-    if unknown := [c for c in ignore if c not in frame.columns or c == label]:
-        raise FedfheError(f"{source}: no column {unknown[0]!r} to ignore (besides the label)")
+    if label in ignore:
+        raise FedfheError(f"{source}: {label!r} is the label; it cannot be ignored too")
+    if unknown := [c for c in ignore if c not in frame.columns]:
+        raise FedfheError(f"{source}: no column {unknown[0]!r} to ignore")
+    ignore = tuple(dict.fromkeys(ignore))  # each once
     features = []
     for name in frame.columns:
         if name == label or name in ignore:
@@ -411,7 +418,7 @@ def infer(frame: Any, label: str, source: str = "table", ignore: tuple[str, ...]
             low, high = shared_range(column.to_numpy(dtype=np.float64)[:, None])
             features.append(Feature(str(name), float(low[0]), float(high[0])))
         else:
-            features.append(Feature(str(name), categories=tuple(sorted(column.astype(str).unique()))))
+            features.append(Feature(str(name), categories=tuple(sorted({_as_text(v) for v in column}))))
     target = frame[label].dropna()
     whole = pd.api.types.is_numeric_dtype(target) and bool((target % 1 == 0).all())
     if not pd.api.types.is_numeric_dtype(target) or (whole and target.nunique() <= MAX_CLASSES):

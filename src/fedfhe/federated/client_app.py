@@ -56,8 +56,14 @@ def _owner_data(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read a node's data once per process: its `data-file` (a table, by the run's schema), a demo partition, or its simulation share."""
     nc = dict(node_config)
-    if "data-file" in nc and schema:
-        return read_labelled(str(nc["data-file"]), Schema.from_dict(json.loads(schema), "run config schema"))
+    if schema and "data-file" not in nc:
+        raise FedfheError("this run trains on tables: set the SuperNode's node config data-file to its owner's table")
+    if schema:
+        try:
+            agreed = Schema.from_dict(json.loads(schema), "run config schema")
+        except json.JSONDecodeError as exc:
+            raise FedfheError(f"run config schema: not valid JSON ({exc})") from None
+        return read_labelled(str(nc["data-file"]), agreed)
     if "data-file" in nc:
         X, y = read_table(Path(str(nc["data-file"])))
         if y is None:

@@ -177,6 +177,8 @@ def up(
     }
     if dataset.source is not None and "owners" in dataset.source:  # each SuperNode reads its owner's own file
         files = owner_files(dataset.source["owners"])
+        if quoted := [f for f in files if "'" in str(f)]:  # Flower's node config quotes values with '
+            raise FedfheError(f"{quoted[0]}: a SuperNode cannot be given a path with a ' in it; rename it")
         table = {
             "schema": json.dumps(dataset.schema, separators=(",", ":")),
             "test-file": dataset.source["test"],

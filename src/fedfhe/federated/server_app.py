@@ -281,7 +281,7 @@ def _server_data(settings: dict[str, Any], seed: int) -> Dataset:
         raise FedfheError(f"run config schema: not valid JSON ({exc})") from None
     data = table.held_out(str(settings["test-file"]), schema)
     owners = str(settings.get("owners-dir", ""))
-    return dataclasses.replace(data, source={"owners": owners, **(data.source or {})}) if owners else data
+    return dataclasses.replace(data, name=owners, source={"owners": owners, **(data.source or {})}) if owners else data
 
 
 app = build_server_app(deployment_main)

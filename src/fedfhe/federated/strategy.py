@@ -50,7 +50,10 @@ class RoundLog:
             for key in ("score", "loss")
         }
         row["clients"] = sorted(
-            ({"client": int(r["client"]), "score": float(r["score"]), "loss": float(r["loss"])} for r in replies),
+            (
+                {"client": int(r["client"]), "score": float(r["score"]), "loss": float(r["loss"]), "examples": int(w)}
+                for r, w in zip(replies, weights)
+            ),
             key=lambda c: c["client"],
         )
 

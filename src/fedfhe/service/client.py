@@ -125,20 +125,20 @@ class EncryptedClient:
             self._schema = (None if raw is None else Schema.from_dict(raw, f"{self.url} client spec"),)
         return self._schema[0]
 
-    def predict(self, X: np.ndarray | Any) -> Prediction:
+    def predict(self, X: np.ndarray | Any, source: str = "inputs") -> Prediction:
         """Check the rows, scale and encrypt each, have the server evaluate them in batches, decrypt.
 
         X is numbers in the model's input order, or (for a model trained on a table) a pandas DataFrame of
         raw rows: columns by name, text categories, the label column ignored. A model with a schema
-        answers with the schema's class values.
+        answers with the schema's class values. `source` names the inputs in error messages (e.g. their file).
         """
         model = self.model
         low, high = self.input_range
         if hasattr(X, "columns"):  # a DataFrame: encoded by the schema, as its owners encoded theirs
             if self.schema is None:
                 raise FedfheError(f"{self.url} serves a model without a schema: pass numbers, not a table")
-            X, _ = self.schema.encode(X, "inputs", labelled=False)
-        X = check_features(X, model["n_features"], (low, high), "inputs")
+            X, _ = self.schema.encode(X, source, labelled=False)
+        X = check_features(X, model["n_features"], (low, high), source)
         width = max(len(model["classes"]), 1)
         if len(X) == 0:
             return Prediction(np.empty(0), np.empty((0, width)))
@@ -154,9 +154,11 @@ class EncryptedClient:
 
     @property
     def classes(self) -> np.ndarray:
-        """What a classifier answers: the schema's class values, or the model's class numbers."""
-        numbers = np.asarray(self.model["classes"])
-        return numbers if self.schema is None else np.asarray(self.schema.label.classes)[numbers]
+        """What a classifier answers: the schema's class values, or the model's class numbers (none: a regressor)."""
+        numbers = np.asarray(self.model["classes"], dtype=np.int64)
+        if self.schema is None or not len(numbers):
+            return numbers
+        return np.asarray(self.schema.label.classes, dtype=object)[numbers]
 
     def _spec(self) -> Path:
         """The client spec, fetched once and pinned by the hash the server advertises."""
