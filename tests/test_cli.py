@@ -57,10 +57,14 @@ def test_compile_and_evaluate_again_on_user_data(cli_run, tmp_path):
     test = load_dataset("digits", seed=0)
     np.savez(tmp_path / "mine.npz", X=test.X_test[:40], y=test.y_test[:40])
     assert fedfhe("compile", "--run", str(cli_run), "--n-bits", "5").returncode == 0
+    own = (cli_run / "report.json").read_bytes()
     done = fedfhe("evaluate", "--run", str(cli_run), "--data", str(tmp_path / "mine.npz"), "--fhe-samples", "2")
     assert done.returncode == 0, done.stderr
-    report = json.loads((cli_run / "report.json").read_text())
+    assert (cli_run / "report.json").read_bytes() == own  # the file's figures never replace the test split's
+    report = json.loads((cli_run / "evaluations" / "mine.npz" / "report.json").read_text())
     assert (report["n_bits"], report["n_test"], report["agreement"]["fhe_vs_clear"]) == (5, 40, 1.0)
+    assert report["evaluated_on"] == str(tmp_path / "mine.npz")
+    assert (cli_run / "evaluations" / "mine.npz" / "confusion_matrix.png").is_file()
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -215,3 +215,13 @@ def test_out_of_range_column_is_named():
         FedfheError, match=r"X column 2 has values in \[0, 7\], outside the model's input range \[0, 5\]"
     ):
         check_features(X, 3, (np.zeros(3), np.full(3, 5.0)))
+
+
+def test_bundled_data_sets_name_their_features_and_classes():
+    from fedfhe.data import bundled_names
+
+    features, classes = bundled_names("breast-cancer", 30, np.array([0, 1]))
+    assert features[:2] == ["mean radius", "mean texture"] and classes == ["malignant", "benign"]
+    features, classes = bundled_names("digits", 64, np.arange(10))
+    assert features[9] == "pixel_1_1" and classes == [str(d) for d in range(10)]
+    assert bundled_names("diabetes", 10, np.array([]))[1] == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -75,8 +77,47 @@ def test_each_owner_file_is_one_client(owners_run, hospitals):
     assert all(value == 1.0 for value in report["agreement"].values() if value is not None), report["agreement"]
     source = json.loads((owners_run / "train_config.json").read_text())["source"]
     assert source == {"owners": str(owners.resolve()), "test": str(test.resolve())}
+    assert report["class_names"] == ["discharged", "readmitted"]
     again = fedfhe("evaluate", "--run", str(owners_run), "--fhe-samples", "5", "--data", str(test))
     assert again.returncode == 0, again.stderr
+    assert json.loads((owners_run / "report.json").read_text()) == report  # its own report, beside the run's
+    external = json.loads((owners_run / "evaluations" / "test.csv" / "report.json").read_text())
+    assert external["evaluated_on"] == str(test.resolve()) and external["n_test"] == 150
+
+
+def test_the_model_card_names_what_answers_and_predict_pins_it(owners_run, hospitals, tmp_path):
+    done = fedfhe("card", "--run", str(owners_run))
+    assert done.returncode == 0, done.stderr
+    card = json.loads((owners_run / "card.json").read_text())
+    model = LinearModel.load(owners_run / "model.npz")
+    assert card["model"]["sha256"] == model.sha256 and card["model"]["training_rows"] == 600
+    names = ["age", "ward=cardiology", "ward=oncology", "ward=surgery", "bmi"]
+    assert [(f["position"], f["name"], f["high"]) for f in card["features"]] == list(
+        zip(range(5), names, [120, 1, 1, 1, 60])
+    )
+    assert card["classes"] == [{"class": 0, "name": "discharged"}, {"class": 1, "name": "readmitted"}]
+    assert card["training"]["clients"] == 3 and card["training"]["dp"] is False
+    spec = (owners_run / "fhe" / "client.zip").read_bytes()
+    assert card["fhe"]["client_spec_sha256"] == hashlib.sha256(spec).hexdigest()
+    assert card["evaluation"]["rows"] == 150 and card["evaluation"]["agreement"]["fhe_vs_clear"] == 1.0
+    assert any("No differential privacy" in limit for limit in card["limits"])
+    assert model.sha256 in (owners_run / "card.md").read_text()
+    _, test, _ = hospitals
+    pd.read_csv(test).head(2).to_csv(tmp_path / "rows.csv", index=False)
+    with serving(owners_run, tmp_path / "store", tmp_path / "server.log", "--workers", "1") as served:
+        info = httpx.get(f"{served.url}/v1/model").json()
+        assert info["feature_names"] == names and info["class_names"] == ["discharged", "readmitted"]
+        wrong = "0" * 64
+        refused = fedfhe("predict", str(tmp_path / "rows.csv"), "--server", served.url, "--key-dir",
+                         str(tmp_path / "wrong"), "--expect-model", wrong)  # fmt: skip
+        assert refused.returncode == 2 and "not the expected 000000000000: nothing was sent" in refused.stderr
+        assert not (tmp_path / "wrong").exists()
+        pinned = fedfhe("predict", str(tmp_path / "rows.csv"), "--server", served.url, "--key-dir",
+                        str(tmp_path / "keys"), "--expect-model", card["model"]["sha256"], "--json")  # fmt: skip
+        assert pinned.returncode == 0, pinned.stderr
+        assert [row["name"] for row in json.loads(pinned.stdout)] == [row["class"] for row in json.loads(pinned.stdout)]
+    bad = fedfhe("predict", str(tmp_path / "rows.csv"), "--expect-model", "abc")
+    assert bad.returncode == 2 and "64 hex digits" in bad.stderr
 
 
 def test_raw_csv_rows_are_predicted_under_encryption_with_the_schemas_classes(owners_run, hospitals, tmp_path):

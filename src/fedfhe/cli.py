@@ -291,12 +291,16 @@ def evaluate(
     data_dir: DataDir = None,
     max_input_mb: MaxInputMb = 1024.0,
 ) -> None:
-    """Measure float, quantized, simulated and real FHE accuracy and their agreement."""
+    """Measure float, quantized, simulated and real FHE accuracy and their agreement.
+
+    On the run's test split the run's report is rewritten; a --data file gets its own, in RUN/evaluations/FILE/.
+    """
     from fedfhe import pipeline
+    from fedfhe.rundir import RunDir
 
     with _bars() as live:
         summary = pipeline.evaluate_run(run, fhe_samples, data, data_dir, Bars(live), max_input_mb)
-    _show(summary, run)
+    _show(summary, run if data is None else RunDir(run).evaluations / data.name)
 
 
 @app.command()
@@ -562,6 +566,16 @@ def schema_check(
 
 
 @app.command()
+def card(run: RunDirOption = Path("runs/latest")) -> None:
+    """Write the run's model card (card.json, card.md): hash, inputs in order, classes, training, scores, limits."""
+    from fedfhe import card as model_card
+    from fedfhe.rundir import RunDir
+
+    written = model_card.write(RunDir(run))
+    console.print(f"model {written['model']['sha256']} -> {run / 'card.md'}, {run / 'card.json'}", soft_wrap=True)
+
+
+@app.command()
 def serve(
     run: RunDirOption = Path("runs/latest"),
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -643,6 +657,10 @@ def predict(
     ca_cert: Annotated[
         Path | None, typer.Option(help="CA certificate (PEM) to verify an https server signed by a private CA.")
     ] = None,
+    expect_model: Annotated[
+        str | None,
+        typer.Option(help="Refuse the server unless it serves this model (sha256 from its model card)."),
+    ] = None,
 ) -> None:
     """Classify (or regress) inputs on a remote server without ever sending them in the clear."""
     import hashlib
@@ -658,7 +676,7 @@ def predict(
         raise FedfheError(f"--max-input-mb must be > 0 (got {max_input_mb})")
     keys = key_dir or DEFAULT_CACHE / "client-keys" / hashlib.sha256(server.rstrip("/").encode()).hexdigest()[:16]
     limit = int(max_input_mb * (1 << 20))
-    with EncryptedClient(server, keys, token=token, ca_cert=ca_cert) as client:
+    with EncryptedClient(server, keys, token=token, ca_cert=ca_cert, expect_model=expect_model) as client:
         if input.suffix.lower() in (".csv", ".parquet") and client.schema is not None:  # raw rows, by its schema
             X = read_frame(input, limit)
         else:
@@ -666,6 +684,7 @@ def predict(
         with console.status(f"encrypting and classifying {len(X)} row(s)"):
             result = client.predict(X, str(input))
         classes = client.classes.tolist() if client.model["classes"] else []
+        names = client.class_names
     if not classes:  # a regressor: one value per row
         if json_out:
             print(json.dumps([{"row": i, "value": float(v)} for i, v in enumerate(result.predicted)]))
@@ -677,9 +696,10 @@ def predict(
             table.add_row(str(i), f"{v:.4g}")
         Console().print(table)
         return
+    named = dict(zip(classes, names))
     if json_out:
         rows = [
-            {"row": i, "class": c, "scores": dict(zip(map(str, classes), map(float, s)))}
+            {"row": i, "class": c, "name": named[c], "scores": dict(zip(names, map(float, s)))}
             for i, (c, s) in enumerate(zip(result.predicted.tolist(), result.scores))
         ]
         print(json.dumps(rows))
@@ -687,9 +707,9 @@ def predict(
     table = Table(title=f"{input.name}: {len(X)} row(s), classified under encryption")
     table.add_column("row", justify="right")
     table.add_column("class", justify="right")
-    table.add_column("scores (" + " ".join(map(str, classes)) + ")")
-    for i, (c, s) in enumerate(zip(result.predicted, result.scores)):
-        table.add_row(str(i), str(c), " ".join(f"{v:.2f}" for v in s))
+    table.add_column("scores (" + " ".join(names) + ")")
+    for i, (c, s) in enumerate(zip(result.predicted.tolist(), result.scores)):
+        table.add_row(str(i), named[c], " ".join(f"{v:.2f}" for v in s))
     Console().print(table)
 
 

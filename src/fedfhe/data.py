@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import warnings
 import zipfile
@@ -98,6 +99,21 @@ def load_dataset(
         ranges = schema_range(name, X.shape[1])
         return split_dataset(name, X, y, ranges, seed, test_size, (target["low"], target["high"]))
     raise FedfheError(f"unknown data set {name!r}; choose one of: {', '.join(DATASETS)}")
+
+
+def bundled_names(name: str, n_features: int, classes: np.ndarray) -> tuple[list[str], list[str]]:
+    """A bundled data set's feature and class names: its schema's, or an image's pixels and digits."""
+    path = SCHEMAS / f"{name}.json"
+    schema = json.loads(path.read_text()) if path.is_file() else {}
+    side = math.isqrt(n_features)
+    if "features" in schema:
+        features = [str(f["name"]) for f in schema["features"]]
+    elif side * side == n_features:
+        features = [f"pixel_{row}_{column}" for row in range(side) for column in range(side)]
+    else:
+        features = [f"x{i}" for i in range(n_features)]
+    labels = schema.get("classes", {})
+    return features, [str(labels.get(str(int(c)), int(c))) for c in classes]
 
 
 def schema_range(name: str, n_features: int) -> Range:

@@ -87,6 +87,18 @@ class LinearModel:
         digest.update(json.dumps([self.kind.name, self.metadata], sort_keys=True).encode())
         return digest.hexdigest()
 
+    @property
+    def feature_names(self) -> list[str]:
+        """The input columns in model order: as trained (a table's one-hot columns expanded), else x0, x1, ..."""
+        names = self.metadata.get("feature_names")
+        return [str(n) for n in names] if isinstance(names, list) else [f"x{i}" for i in range(self.n_features)]
+
+    @property
+    def class_names(self) -> list[str]:
+        """What each class means (the schema's values, e.g. malignant), else its number; none for a regressor."""
+        names = self.metadata.get("class_names")
+        return [str(n) for n in names] if isinstance(names, list) else [str(int(c)) for c in self.classes]
+
     def scale(self, X: np.ndarray) -> np.ndarray:
         """Features mapped to [0, 1] by the public input ranges: what the FHE circuit takes.
 

@@ -190,9 +190,10 @@ def evaluate_run(
     progress: Progress = QUIET,
     max_input_mb: float | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the run's compiled model on its test split (or a labelled file) and rewrite its report.
+    """Evaluate the run's compiled model on its test split (rewriting the run's report), or on a labelled file.
 
-    A data file larger than `max_input_mb` MiB is refused before it is read.
+    A file's report goes to RUN/evaluations/<file name>/, never over the run's. A data file larger than
+    `max_input_mb` MiB is refused before it is read.
     """
     limit = _max_bytes(max_input_mb)
     target = RunDir(run_dir)
@@ -215,7 +216,10 @@ def evaluate_run(
     check_fhe_samples(fhe_samples, len(y))
     progress.start("compiling")
     compiled = fhe.load_compiled(target.path, model)
-    return _evaluate(compiled, target.create(), X, y, fhe_samples, progress)
+    if data is None:
+        return _evaluate(compiled, target.create(), X, y, fhe_samples, progress)
+    elsewhere = RunDir(target.evaluations / Path(data).name).create()
+    return _evaluate(compiled, target, X, y, fhe_samples, progress, elsewhere, str(Path(data).resolve()))
 
 
 @dataclass(frozen=True)
@@ -287,11 +291,22 @@ def _max_bytes(max_input_mb: float | None) -> int | None:
 
 
 def _evaluate(
-    compiled: CompiledModel, target: RunDir, X: np.ndarray, y: np.ndarray, fhe_samples: int, progress: Progress
+    compiled: CompiledModel,
+    target: RunDir,
+    X: np.ndarray,
+    y: np.ndarray,
+    fhe_samples: int,
+    progress: Progress,
+    report_dir: RunDir | None = None,
+    data: str | None = None,
 ) -> dict[str, Any]:
-    """FHE evaluation with progress over the encrypted samples, then report.json/.md and the plot."""
+    """FHE evaluation with progress over the encrypted samples, then report.json/.md and the plot.
+
+    The run's artifacts do the work; the report lands in `report_dir` (default: the run) and names `data`
+    (default: the run's test split).
+    """
     progress.start("fhe", fhe_samples)
     evaluation = fhe.evaluate(compiled, X, y, fhe_samples, target.fhe, progress.update)
-    summary = report.build(compiled, evaluation, fhe_samples)
-    report.write(target, summary, evaluation)
+    summary = report.build(compiled, evaluation, fhe_samples, data)
+    report.write(report_dir or target, summary, evaluation)
     return summary

@@ -14,8 +14,13 @@ from fedfhe.rundir import RunDir
 SCORES = ("accuracy", "r2", "mse")
 
 
-def build(compiled: CompiledModel, evaluation: dict[str, Any], fhe_samples: int) -> dict[str, Any]:
-    """Gather training metadata, compilation facts and evaluation results into one record."""
+def build(
+    compiled: CompiledModel, evaluation: dict[str, Any], fhe_samples: int, data: str | None = None
+) -> dict[str, Any]:
+    """Gather training metadata, compilation facts and evaluation results into one record.
+
+    `data` is the labelled file evaluated on, if not the run's test split.
+    """
     meta = compiled.source.metadata
     training = meta.get("training", {})
     metrics = meta.get("metrics", {})
@@ -30,7 +35,10 @@ def build(compiled: CompiledModel, evaluation: dict[str, Any], fhe_samples: int)
         }
     return {
         "dataset": meta.get("dataset"),
+        "evaluated_on": data or "test split",
         "model": compiled.source.kind.name,
+        "classes": [int(c) for c in compiled.source.classes],
+        "class_names": compiled.source.class_names,
         "n_train": meta.get("n_train"),
         "n_test": len(evaluation["predictions"]["y_true"]),
         "clients": training.get("clients"),
@@ -61,7 +69,7 @@ def write(run: RunDir, report: dict[str, Any], evaluation: dict[str, Any]) -> No
     preds = evaluation["predictions"]
     y_true, y_pred = np.array(preds["y_true"]), np.array(preds["fhe_simulate"])
     if "accuracy" in evaluation:
-        plot_confusion(y_true, y_pred, run.confusion_plot)
+        plot_confusion(y_true, y_pred, run.confusion_plot, dict(zip(report["classes"], report["class_names"])))
     else:
         plot_predictions(y_true, y_pred, run.predictions_plot)
 
@@ -86,11 +94,16 @@ def markdown(report: dict[str, Any]) -> str:
             scores.append("")
     shared = report["training"].get("input_ranges") == "clients"
     ranges = "the owners' shared (rounded) min/max" if shared else "the declared schema"
+    evaluated = (
+        f"{report['n_test']} test samples"
+        if report.get("evaluated_on", "test split") == "test split"
+        else f"evaluated on {report['evaluated_on']} ({report['n_test']} rows)"
+    )
     lines = [
         f"# fedfhe run: {report['model']} on {report['dataset']}",
         "",
         (
-            f"{report['n_train']} training and {report['n_test']} test samples, {report['clients']} client(s), "
+            f"{report['n_train']} training samples, {evaluated}, {report['clients']} client(s), "
             f"{report['rounds']} round(s), input ranges from {ranges}, n_bits {report['n_bits']}, "
             f"compiled on {report['calibration']}, largest circuit integer {report['circuit']['max_bit_width']} bits."
         ),
@@ -126,8 +139,8 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, path: Path) -> None:
-    """Confusion matrix of the FHE predictions."""
+def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, path: Path, names: dict[int, str] | None = None) -> None:
+    """Confusion matrix of the FHE predictions, its classes named (e.g. malignant, benign) when known."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,7 +148,11 @@ def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, path: Path) -> None:
     from sklearn.metrics import ConfusionMatrixDisplay
 
     fig, ax = plt.subplots(figsize=(6, 5.5))
-    ConfusionMatrixDisplay.from_predictions(y_true, y_pred, ax=ax, colorbar=False, cmap="Blues")
+    shown = np.unique(np.concatenate([y_true, y_pred]))
+    labels = [names.get(int(c), str(c)) for c in shown] if names else None
+    ConfusionMatrixDisplay.from_predictions(
+        y_true, y_pred, ax=ax, colorbar=False, cmap="Blues", labels=shown, display_labels=labels
+    )
     ax.set_title(f"FHE predictions (accuracy {np.mean(y_true == y_pred):.1%})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

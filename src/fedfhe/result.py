@@ -6,13 +6,15 @@ import dataclasses
 from typing import Any
 
 from fedfhe.config import TrainConfig
-from fedfhe.data import Dataset
+from fedfhe.data import Dataset, bundled_names
 from fedfhe.kinds import Params
 from fedfhe.model import LinearModel
 from fedfhe.objective import evaluate
 from fedfhe.problem import Problem
 from fedfhe.rundir import RunDir
+from fedfhe.table import Schema
 
+MAX_NAMED = 10_000  # features whose names the model file keeps (MNIST's 784 pixels: 12 KB)
 KEPT = ("centralized", "final", "score_names", "concrete_quantized", "train_seconds", "privacy")  # in model.npz
 
 
@@ -41,10 +43,23 @@ def save(
             "local_fit": problem.kind.local_fit if config.clients > 1 else "centralized",
             "metrics": {k: metrics[k] for k in KEPT if k in metrics},
             **({"schema": dataset.schema} if dataset.schema is not None else {}),
+            **_names(dataset),
         },
     )
     run.save_model(model)
     return model
+
+
+def _names(dataset: Dataset) -> dict[str, list[str]]:
+    """Feature names (unless there are too many to keep in the model file) and class names."""
+    if dataset.schema is not None:
+        schema = Schema.from_dict(dataset.schema)
+        features, classes = schema.encoded_names, [schema.class_names[int(c)] for c in dataset.classes]
+    else:
+        features, classes = bundled_names(dataset.name, dataset.n_features, dataset.classes)
+    return (
+        {"feature_names": features, "class_names": classes} if len(features) <= MAX_NAMED else {"class_names": classes}
+    )
 
 
 def _examples(metrics: dict[str, Any]) -> int:

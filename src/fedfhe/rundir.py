@@ -74,6 +74,9 @@ class RunDir:
     pareto_plot = property(lambda self: self.path / "pareto.png", doc="Score against FHE latency.")
     federation = property(lambda self: self.path / "federation", doc="A Deployment Engine run's processes.")
     tune = property(lambda self: self.path / "tune", doc="NAME=VALUE/: the runs `tune --sweep` retrained.")
+    evaluations = property(lambda self: self.path / "evaluations", doc="FILE/: `evaluate --data FILE` reports.")
+    card_json = property(lambda self: self.path / "card.json", doc="The model card, for machines.")
+    card_md = property(lambda self: self.path / "card.md", doc="The model card, for people.")
 
     def written(self) -> list[Path]:
         """Every file and folder fedfhe writes here: what starting over (--force) removes, and nothing else."""

@@ -126,6 +126,11 @@ class Schema:
         return [name for f in self.features for name in f.encoded]
 
     @property
+    def class_names(self) -> list[str]:
+        """The label's classes as text, in schema order (none for a regressor)."""
+        return [_as_text(c) for c in self.label.classes]
+
+    @property
     def input_range(self) -> tuple[np.ndarray, np.ndarray]:
         """Per encoded column: the declared range, [0, 1] for a one-hot column."""
         low = [v for f in self.features for v in ([0.0] * len(f.categories) if f.categories else [f.low])]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import ssl
 import tempfile
 import time
@@ -55,7 +56,8 @@ class EncryptedClient:
     """Talks to `fedfhe serve`; encrypts, sends, decrypts. Private keys never leave key_dir. One per thread.
 
     https is verified against the system's CAs, or `ca_cert` for a private CA; `token` is sent as a
-    bearer token (for a server started with --tokens).
+    bearer token (for a server started with --tokens). `expect_model` (a model card's sha256) refuses a
+    server that announces any other model before anything is encrypted.
     """
 
     def __init__(
@@ -65,7 +67,11 @@ class EncryptedClient:
         timeout: float = 120.0,
         token: str | None = None,
         ca_cert: str | os.PathLike[str] | None = None,
+        expect_model: str | None = None,
     ) -> None:
+        if expect_model is not None and not re.fullmatch(r"[0-9a-f]{64}", expect_model.strip().lower()):
+            raise FedfheError(f"--expect-model must be a model's sha256, 64 hex digits (got {expect_model!r})")
+        self.expect_model = None if expect_model is None else expect_model.strip().lower()
         self.url, self.key_dir, self.timeout = url.rstrip("/"), Path(key_dir), timeout
         verify: ssl.SSLContext | bool = True
         if ca_cert is not None:
@@ -102,6 +108,12 @@ class EncryptedClient:
                 answer = None
             if not isinstance(answer, dict) or not MODEL_FIELDS <= answer.keys():
                 raise FedfheError(f"{self.url}: not a fedfhe server (unexpected answer to {API}/model)")
+            served = str(answer.get("model_sha256", ""))
+            if self.expect_model is not None and served != self.expect_model:
+                raise FedfheError(
+                    f"{self.url} serves model {served[:12] or 'unknown'}, not the expected "
+                    f"{self.expect_model[:12]}: nothing was sent"
+                )
             self._model = answer
         return self._model
 
@@ -159,6 +171,12 @@ class EncryptedClient:
         if self.schema is None or not len(numbers):
             return numbers
         return np.asarray(self.schema.label.classes, dtype=object)[numbers]
+
+    @property
+    def class_names(self) -> list[str]:
+        """What each of `classes` means, as the server names them (its numbers, from an older server)."""
+        names = self.model.get("class_names")
+        return [str(n) for n in names] if isinstance(names, list) else [str(c) for c in self.model["classes"]]
 
     def _spec(self) -> Path:
         """The client spec, fetched once and pinned by the hash the server advertises."""

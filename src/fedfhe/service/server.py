@@ -82,7 +82,9 @@ class ModelInfo(BaseModel):
     dataset: str
     kind: str
     n_features: int
+    feature_names: list[str]  # the input columns, in the order the client encrypts them
     classes: list[int]  # empty for a regressor
+    class_names: list[str]  # what each class means, e.g. malignant; empty for a regressor
     input_low: list[float]  # per feature: the client scales each to [0, 1] before encrypting
     input_high: list[float]
     n_bits: int
@@ -123,7 +125,9 @@ def load_model_info(run: RunDir, limits: Limits) -> tuple[ModelInfo, bytes]:
         dataset=str(model.metadata.get("dataset", "unknown")),
         kind=model.kind.name,
         n_features=model.n_features,
+        feature_names=model.feature_names,
         classes=[int(c) for c in model.classes],
+        class_names=model.class_names,
         input_low=model.input_range[0].tolist(),
         input_high=model.input_range[1].tolist(),
         n_bits=artifacts.n_bits,

@@ -1,0 +1,156 @@
+"""A model card: what a partner needs to check which model answers and whether it suits them.
+
+Built from the run's own records (model file, FHE artifacts, report), so it states nothing the run
+did not measure. `card.json` for machines (its sha256 is what `predict --expect-model` pins),
+`card.md` for people.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from fedfhe.artifacts import read_artifacts
+from fedfhe.errors import FedfheError
+from fedfhe.rundir import RunDir
+
+
+def build(run: RunDir) -> dict[str, Any]:
+    """The card's facts: model and hash, inputs in order, classes, training and privacy, evaluation, circuit."""
+    model = run.load_model()
+    meta, low_high = model.metadata, zip(*model.input_range)
+    training = dict(meta.get("training", {}))
+    privacy = meta.get("metrics", {}).get("privacy")
+    compiled = None
+    try:
+        artifacts = read_artifacts(run, model)
+        compiled = {
+            "n_bits": artifacts.n_bits,
+            "max_bit_width": artifacts.max_bit_width,
+            "calibration": artifacts.calibration,
+            "client_spec_sha256": hashlib.sha256(artifacts.client_spec).hexdigest(),
+        }
+    except FedfheError:  # not compiled yet (or compiled for another model): the card says so
+        pass
+    report = _report(run, model.sha256)
+    return {
+        "model": {
+            "sha256": model.sha256,
+            "kind": model.kind.name,
+            "task": "regression" if model.is_regression else "classification",
+            "dataset": meta.get("dataset"),
+            "training_rows": meta.get("n_train"),
+        },
+        "features": [
+            {"position": i, "name": name, "low": float(low), "high": float(high)}
+            for i, (name, (low, high)) in enumerate(zip(model.feature_names, low_high))
+        ],
+        "classes": [{"class": int(c), "name": name} for c, name in zip(model.classes, model.class_names)],
+        "training": {
+            **{key: training.get(key) for key in ("clients", "rounds", "local_iters", "strategy", "partitioning")},
+            **{key: training.get(key) for key in ("params", "input_ranges", "secagg", "dp", "seed")},
+            "privacy": privacy,
+        },
+        "evaluation": report,
+        "fhe": compiled,
+        "limits": _limits(model.is_regression, compiled, report, privacy),
+    }
+
+
+def _report(run: RunDir, sha256: str) -> dict[str, Any] | None:
+    """The run's evaluation, if it is of this very model: scores with their row counts, agreement."""
+    try:
+        report = json.loads(run.report_json.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or report.get("model_sha256") != sha256:
+        return None
+    scores = {name: report[name] for name in ("accuracy", "r2", "mse") if name in report}
+    return {
+        "evaluated_on": report.get("evaluated_on", "test split"),
+        "rows": report.get("n_test"),
+        "rows_in_real_fhe": report.get("fhe_samples"),
+        **scores,
+        "agreement": report.get("agreement"),
+    }
+
+
+def _limits(
+    regression: bool, compiled: dict[str, Any] | None, report: dict[str, Any] | None, privacy: dict[str, Any] | None
+) -> list[str]:
+    """What the card's reader must not assume, from what this run did and did not measure."""
+    limits = [
+        "A linear model: each score is a weighted sum of the inputs; interactions it was not given are invisible.",
+        "Inputs outside the declared ranges are refused, not clipped: the circuit is compiled for these ranges.",
+    ]
+    if compiled is None:
+        limits.append("Not compiled: no FHE circuit has been measured for this model.")
+    else:
+        limits.append(f"Inputs and weights are quantized to {compiled['n_bits']} bits inside the encrypted circuit.")
+    if report is None:
+        limits.append("Not evaluated: no score of this model is on record.")
+    else:
+        limits.append(
+            f"Scored on {report['rows']} rows ({report['evaluated_on']}), {report['rows_in_real_fhe']} of them in "
+            "real FHE: validate on your own population before relying on it."
+        )
+    if privacy:
+        limits.append(
+            f"Client-level differential privacy: epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g}."
+        )
+    else:
+        limits.append("No differential privacy: the weights may reveal facts about the owners' training rows.")
+    if not regression:
+        limits.append("Clients decrypt the scores, not only the class: many queries can reveal the weights.")
+    return limits
+
+
+def markdown(card: dict[str, Any]) -> str:
+    """The card for people: headline, inputs, classes, training, evaluation, circuit, limits."""
+    model, training = card["model"], card["training"]
+    lines = [
+        f"# Model card: {model['kind']} on {model['dataset']}",
+        "",
+        f"sha256 `{model['sha256']}` (pin it: `fedfhe predict --expect-model {model['sha256']} ...`)",
+        "",
+        (
+            f"A {model['task']} model trained on {model['training_rows']} rows by {training['clients']} data owner(s), "
+            f"{training['rounds']} round(s), strategy {training['strategy']}, secure aggregation "
+            f"{'on' if training['secagg'] else 'off'}, differential privacy {'on' if training['dp'] else 'off'}."
+        ),
+        "",
+        "| position | input | low | high |",
+        "|---|---|---|---|",
+        *(f"| {f['position']} | {f['name']} | {f['low']:g} | {f['high']:g} |" for f in card["features"]),
+        "",
+    ]
+    if card["classes"]:
+        lines += ["| class | name |", "|---|---|", *(f"| {c['class']} | {c['name']} |" for c in card["classes"]), ""]
+    evaluation = card["evaluation"]
+    if evaluation is not None:
+        lines += [f"Evaluation on {evaluation['rows']} rows ({evaluation['evaluated_on']}):", ""]
+        for name in ("accuracy", "r2", "mse"):
+            for stage, value in (evaluation.get(name) or {}).items():
+                shown = "n/a" if value is None else f"{value:.4g}"
+                lines.append(f"- {name} ({stage}): {shown}")
+        lines.append("")
+    if card["fhe"] is not None:
+        fhe = card["fhe"]
+        lines += [
+            (
+                f"FHE circuit: n_bits {fhe['n_bits']}, largest integer {fhe['max_bit_width']} bits, compiled on "
+                f"{fhe['calibration']}; client spec sha256 `{fhe['client_spec_sha256']}`."
+            ),
+            "",
+        ]
+    lines += ["## Limits", "", *(f"- {limit}" for limit in card["limits"]), ""]
+    return "\n".join(lines)
+
+
+def write(run_dir: RunDir) -> dict[str, Any]:
+    """card.json and card.md in the run."""
+    card = build(run_dir)
+    run_dir.card_json.write_text(json.dumps(card, indent=2))
+    run_dir.card_md.write_text(markdown(card))
+    return card
