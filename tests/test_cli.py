@@ -157,3 +157,21 @@ def test_model_file_from_elsewhere_is_refused(cli_run, tmp_path):
     (tmp_path / "model.npz").write_bytes((cli_run / "model.npz").read_bytes()[:200])
     done = fedfhe("compile", "--run", str(tmp_path))
     assert done.returncode == 2 and "not a fedfhe model file" in done.stderr
+
+
+def test_help_groups_options_with_examples_and_names_typos(tmp_path):
+    shown = fedfhe("run", "--help").stdout
+    for panel in ("Data", "FHE compilation and evaluation", "Output", "Training", "Examples:"):
+        assert panel in shown, panel
+    done = fedfhe("train", "--dataset", "mnist5k", "--run", str(tmp_path / "x"))
+    assert done.returncode == 2 and "unknown data set 'mnist5k' (did you mean 'mnist-5k'?)" in done.stderr
+    done = fedfhe("train", "--model", "logisitc", "--run", str(tmp_path / "x"))
+    assert done.returncode == 2 and "(did you mean 'logistic'?)" in done.stderr and not (tmp_path / "x").exists()
+    done = fedfhe(
+        "train", "--dataset", "digits", "--clients", "1", "--data-dir", str(tmp_path), "--run", str(tmp_path / "r")
+    )
+    assert done.returncode == 0, done.stderr  # --run names the run directory everywhere (--out: the same)
+    assert (
+        "--data-dir applies to --dataset mnist only; ignored" in done.stderr
+        and (tmp_path / "r" / "model.npz").is_file()
+    )

@@ -106,8 +106,12 @@ def test_openml_download_without_network_is_one_clear_error(tmp_path, monkeypatc
 
 
 def test_unknown_data_set_lists_the_choices():
-    with pytest.raises(FedfheError, match="unknown data set 'mnsit'; choose one of: digits, mnist-5k, mnist"):
+    with pytest.raises(
+        FedfheError, match=r"unknown data set 'mnsit' \(did you mean 'mnist'\?\); choose one of: digits"
+    ):
         load_dataset("mnsit")
+    with pytest.raises(FedfheError, match="unknown data set 'cifar'; choose one of: digits, mnist-5k, mnist"):
+        load_dataset("cifar")  # nothing close: no suggestion
 
 
 def test_read_table_formats(tmp_path):

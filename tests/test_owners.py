@@ -78,6 +78,10 @@ def test_each_owner_file_is_one_client(owners_run, hospitals):
     source = json.loads((owners_run / "train_config.json").read_text())["source"]
     assert source == {"owners": str(owners.resolve()), "test": str(test.resolve())}
     assert report["class_names"] == ["discharged", "readmitted"]
+    metrics = report["metrics"]  # on the FHE outputs, with intervals; the positive class by default the last
+    assert metrics["positive_class"] == "readmitted" and metrics["auc"]["rows"] == 150
+    assert metrics["auc"]["low"] <= metrics["auc"]["value"] <= metrics["auc"]["high"]
+    assert (owners_run / "roc.png").is_file() and "sensitivity (readmitted)" in (owners_run / "report.md").read_text()
     again = fedfhe("evaluate", "--run", str(owners_run), "--fhe-samples", "5", "--data", str(test))
     assert again.returncode == 0, again.stderr
     assert json.loads((owners_run / "report.json").read_text()) == report  # its own report, beside the run's
@@ -100,6 +104,8 @@ def test_the_model_card_names_what_answers_and_predict_pins_it(owners_run, hospi
     spec = (owners_run / "fhe" / "client.zip").read_bytes()
     assert card["fhe"]["client_spec_sha256"] == hashlib.sha256(spec).hexdigest()
     assert card["evaluation"]["rows"] == 150 and card["evaluation"]["agreement"]["fhe_vs_clear"] == 1.0
+    auc = card["evaluation"]["figures"]["auc"]
+    assert auc["low"] <= auc["value"] <= auc["high"] and "auc: " in (owners_run / "card.md").read_text()
     assert any("No differential privacy" in limit for limit in card["limits"])
     assert model.sha256 in (owners_run / "card.md").read_text()
     _, test, _ = hospitals
@@ -132,6 +138,7 @@ def test_raw_csv_rows_are_predicted_under_encryption_with_the_schemas_classes(ow
         done = fedfhe("predict", str(tmp_path / "rows.csv"), "--server", served.url, "--key-dir",
                       str(tmp_path / "keys"), "--json")  # fmt: skip
         assert done.returncode == 0, done.stderr
+        assert "KeySetCache" not in done.stderr  # the runtime's own line stays out of the user's way
         answers = json.loads(done.stdout)
         assert [a["class"] for a in answers] == expected
         assert set(answers[0]["scores"]) == {"discharged", "readmitted"}
@@ -153,6 +160,8 @@ def test_a_regressor_from_owner_files_serves_raw_rows(stays, tmp_path):
     assert done.returncode == 0, done.stderr
     model = LinearModel.load(out / "model.npz")
     assert model.metadata["training"]["clients"] == 2 and model.metadata["metrics"]["final"]["score"] > 0.8
+    metrics = json.loads((out / "report.json").read_text())["metrics"]
+    assert set(metrics) == {"mae", "rmse", "r2"} and (out / "residuals.png").is_file()
     rows = pd.read_csv(test).head(4)
     rows.drop(columns=["days"]).to_parquet(tmp_path / "rows.parquet")  # no label column: it is optional
     encoded, _ = table.Schema.load(schema).encode(rows, "rows", labelled=False)

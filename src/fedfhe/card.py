@@ -72,6 +72,7 @@ def _report(run: RunDir, sha256: str) -> dict[str, Any] | None:
         "rows": report.get("n_test"),
         "rows_in_real_fhe": report.get("fhe_samples"),
         **scores,
+        "figures": report.get("metrics"),  # with 95% intervals and row counts
         "agreement": report.get("agreement"),
     }
 
@@ -130,10 +131,10 @@ def markdown(card: dict[str, Any]) -> str:
     evaluation = card["evaluation"]
     if evaluation is not None:
         lines += [f"Evaluation on {evaluation['rows']} rows ({evaluation['evaluated_on']}):", ""]
-        for name in ("accuracy", "r2", "mse"):
-            for stage, value in (evaluation.get(name) or {}).items():
-                shown = "n/a" if value is None else f"{value:.4g}"
-                lines.append(f"- {name} ({stage}): {shown}")
+        for name, figure in (evaluation.get("figures") or {}).items():
+            if isinstance(figure, dict) and figure.get("value") is not None:
+                low, high = (figure[k] if figure[k] is not None else float("nan") for k in ("low", "high"))
+                lines.append(f"- {name}: {figure['value']:.4g} (95% interval {low:.3g} to {high:.3g})")
         lines.append("")
     if card["fhe"] is not None:
         fhe = card["fhe"]

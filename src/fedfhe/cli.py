@@ -32,34 +32,120 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
+DATA, FHE, OUTPUT = "Data", "FHE compilation and evaluation", "Output"  # option panels in --help
 TableData = Annotated[
     Path | None,
-    typer.Option("--data", help="Your own table (.csv, .parquet, .npz) instead of --dataset; with --schema."),
+    typer.Option(
+        "--data",
+        help="Your own table (.csv, .parquet, .npz) instead of --dataset; with --schema.",
+        rich_help_panel=DATA,
+    ),
 ]
 TableSchema = Annotated[
-    Path | None, typer.Option("--schema", help="The schema of --data or --owners (see `fedfhe schema`).")
+    Path | None,
+    typer.Option("--schema", help="The schema of --data or --owners (see `fedfhe schema`).", rich_help_panel=DATA),
 ]
 Owners = Annotated[
     Path | None,
     typer.Option(
-        help="A folder with one table per data owner (each a client; --clients is the file count); with --test."
+        help="A folder with one table per data owner (each a client; --clients is the file count); with --test.",
+        rich_help_panel=DATA,
     ),
 ]
-TestFile = Annotated[Path | None, typer.Option("--test", help="The server's held-out test table, with --owners.")]
-DatasetName = Annotated[str, typer.Option("--dataset", help=f"{' | '.join(DATASETS)} (diabetes is a regression).")]
-DataDir = Annotated[Path | None, typer.Option(help="Folder with the four MNIST IDX files (mnist only).")]
-NBits = Annotated[int, typer.Option(help="Quantization bits of inputs and weights.")]
+TestFile = Annotated[
+    Path | None, typer.Option("--test", help="The server's held-out test table, with --owners.", rich_help_panel=DATA)
+]
+DatasetName = Annotated[
+    str, typer.Option("--dataset", help=f"{' | '.join(DATASETS)} (diabetes is a regression).", rich_help_panel=DATA)
+]
+DataDir = Annotated[
+    Path | None, typer.Option(help="Folder with the four MNIST IDX files (mnist only).", rich_help_panel=DATA)
+]
+NBits = Annotated[int, typer.Option(help="Quantization bits of inputs and weights.", rich_help_panel=FHE)]
 Calibration = Annotated[
-    Path | None, typer.Option(help="Real data (.npy/.npz/.csv) to calibrate on instead of the input-range bounds.")
+    Path | None,
+    typer.Option(
+        help="Real data (.npy/.npz/.csv) to calibrate on instead of the input-range bounds.", rich_help_panel=FHE
+    ),
 ]
-FheSamples = Annotated[int, typer.Option(help="Test samples to run with real encryption.")]
+FheSamples = Annotated[int, typer.Option(help="Test samples to run with real encryption.", rich_help_panel=FHE)]
 RunDirOption = Annotated[Path, typer.Option("--run", help="Run directory.")]
-Out = Annotated[Path, typer.Option(help="Run directory to write into.")]
-Verbose = Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")]
-Force = Annotated[
-    bool, typer.Option("--force", help="Start over where a run already is: the files fedfhe wrote there go first.")
+Out = Annotated[
+    Path, typer.Option("--run", "--out", help="Run directory to write into (--out: the same).", rich_help_panel=OUTPUT)
 ]
-MaxInputMb = Annotated[float, typer.Option(help="Largest data file read (on disk, or as its header declares), in MiB.")]
+Verbose = Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.", rich_help_panel=OUTPUT)]
+Force = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Start over where a run already is: the files fedfhe wrote there go first.",
+        rich_help_panel=OUTPUT,
+    ),
+]
+PositiveClass = Annotated[
+    str | None,
+    typer.Option(
+        help="Two classes: the class (name or number) sensitivity, PPV and AUC are about (default: the last).",
+        rich_help_panel=FHE,
+    ),
+]
+MaxInputMb = Annotated[
+    float,
+    typer.Option(help="Largest data file read (on disk, or as its header declares), in MiB.", rich_help_panel=DATA),
+]
+
+
+EXAMPLES: dict[str, list[str]] = {  # shown under each command's --help
+    "train": [
+        "fedfhe train --dataset breast-cancer --clients 3 --rounds 5 --run runs/bc",
+        "fedfhe train --owners hospitals/ --test test.csv --schema schema.json --run runs/h",
+        "fedfhe train --resume runs/bc",
+    ],
+    "compile": [
+        "fedfhe compile --run runs/bc --n-bits 6",
+        "fedfhe compile --run runs/bc --calibration sample.npy",
+    ],
+    "evaluate": [
+        "fedfhe evaluate --run runs/bc --fhe-samples 20 --positive-class malignant",
+        "fedfhe evaluate --run runs/h --data partner.csv   # report in runs/h/evaluations/partner.csv/",
+    ],
+    "run": [
+        "fedfhe run --dataset mnist-5k --clients 10 --rounds 5 --run runs/demo",
+        "fedfhe run --dataset breast-cancer --model svm --param C=0.5 --positive-class malignant --run runs/bc",
+        "fedfhe run --owners hospitals/ --test test.csv --schema schema.json --run runs/h",
+    ],
+    "tune": [
+        "fedfhe tune --run runs/bc",
+        "fedfhe tune --run runs/bc --n-bits 4,6,8 --sweep C=0.1,1,10",
+    ],
+    "card": [
+        "fedfhe card --run runs/bc   # then: fedfhe predict --expect-model SHA256 ...",
+    ],
+    "serve": [
+        "fedfhe serve --run runs/bc --port 8000 --workers 2",
+        "fedfhe serve --run runs/bc --host 0.0.0.0 --tls-cert server.pem --tls-key server.key --tokens tokens.txt",
+    ],
+    "predict": [
+        "fedfhe predict rows.csv --server http://127.0.0.1:8000 --json",
+        "fedfhe predict digit.png --server https://host:8000 --ca-cert ca.crt --expect-model SHA256",
+    ],
+    "federation up": [
+        "fedfhe federation up --clients 3 --rounds 2 --run runs/fed",
+        "fedfhe federation up --clients 3 --secagg --dp --audit --run runs/fed3",
+        "fedfhe federation up --owners hospitals/ --test test.csv --schema schema.json --run runs/hfed",
+    ],
+    "schema infer": [
+        "fedfhe schema infer hospital-a.csv --label outcome --ignore patient --out schema.json",
+    ],
+    "schema check": [
+        "fedfhe schema check hospital-b.csv --schema schema.json",
+    ],
+}
+
+
+def _examples(command: str) -> str:
+    """A --help epilog: the command's examples, one per line."""
+    return "Examples:\n\n" + "\n\n".join(EXAMPLES[command])
 
 
 def training_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -189,6 +275,12 @@ def _interruption(run_dir: Path) -> str:
     return f"interrupted after round {done} of {config.rounds}; resume with: fedfhe train --resume {run_dir}"
 
 
+def _warn_unused(dataset: str, data_dir: Path | None, own: bool) -> None:
+    """A warning for --data-dir where it does nothing (any data set but mnist, or a user's own table)."""
+    if data_dir is not None and (dataset != "mnist" or own):
+        console.print("[yellow]warning:[/yellow] --data-dir applies to --dataset mnist only; ignored", soft_wrap=True)
+
+
 def _trained(model: Any, out: Path) -> None:
     """One line on the trained model: its score, the centralized baseline, DP's epsilon."""
     config, metrics = model.metadata["training"], model.metadata["metrics"]
@@ -224,6 +316,10 @@ def _show(summary: dict[str, Any], out: Path) -> None:
         for name, value in summary.get(group, {}).items():
             shown = "n/a" if value is None else f"{value:.2%}" if group in ("accuracy", "agreement") else f"{value:.4g}"
             table.add_row(f"{group}.{name}", shown)
+    for name, figure in summary.get("metrics", {}).items():  # with their 95% intervals
+        if isinstance(figure, dict) and figure.get("value") is not None:
+            low, high = (figure[k] if figure[k] is not None else float("nan") for k in ("low", "high"))
+            table.add_row(f"metrics.{name}", f"{figure['value']:.4g} [{low:.3g}, {high:.3g}]")
     for name in ("train", "compile", "fhe_execute_per_sample"):
         value = summary["timing_s"].get(name)
         table.add_row(f"timing_s.{name}", "n/a" if value is None else f"{value:.3f}")
@@ -232,7 +328,7 @@ def _show(summary: dict[str, Any], out: Path) -> None:
     console.print(f"report: {out / 'report.md'}")
 
 
-@app.command()
+@app.command(epilog=_examples("train"))
 @training_options
 def train(
     config: TrainConfig,
@@ -257,12 +353,13 @@ def train(
         if resume is not None:
             model = pipeline.resume(resume, data_dir, bars)
         else:
+            _warn_unused(dataset, data_dir, data is not None or owners is not None)
             split = pipeline.dataset(dataset, config.seed, data_dir, data, schema, owners, test)
             model = pipeline.train(split, config, out, bars, verbose, force=force)
     _trained(model, target)
 
 
-@app.command("compile")
+@app.command("compile", epilog=_examples("compile"))
 def compile_(
     run: RunDirOption = Path("runs/latest"),
     n_bits: NBits = 8,
@@ -277,7 +374,7 @@ def compile_(
     _compiled(compiled, run)
 
 
-@app.command()
+@app.command(epilog=_examples("evaluate"))
 def evaluate(
     run: RunDirOption = Path("runs/latest"),
     fhe_samples: FheSamples = 100,
@@ -290,6 +387,7 @@ def evaluate(
     ] = None,
     data_dir: DataDir = None,
     max_input_mb: MaxInputMb = 1024.0,
+    positive_class: PositiveClass = None,
 ) -> None:
     """Measure float, quantized, simulated and real FHE accuracy and their agreement.
 
@@ -299,11 +397,11 @@ def evaluate(
     from fedfhe.rundir import RunDir
 
     with _bars() as live:
-        summary = pipeline.evaluate_run(run, fhe_samples, data, data_dir, Bars(live), max_input_mb)
+        summary = pipeline.evaluate_run(run, fhe_samples, data, data_dir, Bars(live), max_input_mb, positive_class)
     _show(summary, run if data is None else RunDir(run).evaluations / data.name)
 
 
-@app.command()
+@app.command(epilog=_examples("run"))
 @training_options
 def run(
     config: TrainConfig,
@@ -319,11 +417,13 @@ def run(
     out: Out = Path("runs/latest"),
     force: Force = False,
     max_input_mb: MaxInputMb = 1024.0,
+    positive_class: PositiveClass = None,
     verbose: Verbose = False,
 ) -> None:
-    """Train, compile and evaluate in one go; everything lands in --out."""
+    """Train, compile and evaluate in one go; everything lands in --run."""
     from fedfhe import pipeline
 
+    _warn_unused(dataset, data_dir, data is not None or owners is not None)
     with _training(out) as bars:
         split = pipeline.dataset(dataset, config.seed, data_dir, data, schema, owners, test)
         result = pipeline.run(
@@ -337,13 +437,14 @@ def run(
             verbose=verbose,
             force=force,
             max_input_mb=max_input_mb,
+            positive_class=positive_class,
         )
     _trained(result.model, out)
     _compiled(result.compiled, out)
     _show(result.summary, out)
 
 
-@app.command()
+@app.command(epilog=_examples("tune"))
 def tune(
     run: RunDirOption = Path("runs/latest"),
     n_bits: Annotated[str, typer.Option(help="Comma-separated n_bits values to try.")] = "2,3,4,5,6,7,8",
@@ -404,7 +505,7 @@ federation_app = typer.Typer(
 app.add_typer(federation_app, name="federation")
 
 
-@federation_app.command("up")
+@federation_app.command("up", epilog=_examples("federation up"))
 @training_options
 def federation_up(
     config: TrainConfig,
@@ -522,7 +623,7 @@ TableFile = Annotated[
 ]
 
 
-@schema_app.command("infer")
+@schema_app.command("infer", epilog=_examples("schema infer"))
 def schema_infer(
     file: TableFile,
     label: Annotated[str, typer.Option(help="The column to predict.")],
@@ -544,7 +645,7 @@ def schema_infer(
     )
 
 
-@schema_app.command("check")
+@schema_app.command("check", epilog=_examples("schema check"))
 def schema_check(
     file: TableFile,
     schema: Annotated[Path, typer.Option(help="The schema the parties agreed on (JSON).")],
@@ -565,7 +666,7 @@ def schema_check(
     )
 
 
-@app.command()
+@app.command(epilog=_examples("card"))
 def card(run: RunDirOption = Path("runs/latest")) -> None:
     """Write the run's model card (card.json, card.md): hash, inputs in order, classes, training, scores, limits."""
     from fedfhe import card as model_card
@@ -575,7 +676,7 @@ def card(run: RunDirOption = Path("runs/latest")) -> None:
     console.print(f"model {written['model']['sha256']} -> {run / 'card.md'}, {run / 'card.json'}", soft_wrap=True)
 
 
-@app.command()
+@app.command(epilog=_examples("serve"))
 def serve(
     run: RunDirOption = Path("runs/latest"),
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -637,7 +738,7 @@ def serve(
     listener.run()
 
 
-@app.command()
+@app.command(epilog=_examples("predict"))
 def predict(
     input: Annotated[
         Path,

@@ -12,7 +12,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from fedfhe.errors import FedfheError
+from fedfhe.errors import FedfheError, unknown
 from fedfhe.kinds import KINDS, Kind, kind_of
 from fedfhe.partition import SCHEMES
 from fedfhe.problem import Problem
@@ -104,7 +104,7 @@ class TrainConfig:
         if not 0 < self.fraction <= 1:
             raise FedfheError(f"--fraction must be in (0, 1] (got {self.fraction})")
         if self.partitioning not in SCHEMES:
-            raise FedfheError(f"unknown partitioning {self.partitioning!r}; choose one of: {', '.join(SCHEMES)}")
+            raise unknown("partitioning", self.partitioning, SCHEMES)
         if not self.alpha > 0:
             raise FedfheError(f"--alpha must be > 0 (got {self.alpha})")
         if not 0 <= self.seed < 2**32:  # numpy's and the data sets' shuffles take 32-bit seeds
@@ -120,13 +120,13 @@ class TrainConfig:
             )
         kind.resolve(self.params)
         if self.input_ranges not in INPUT_RANGES:
-            raise FedfheError(f"unknown input ranges {self.input_ranges!r}; choose one of: {', '.join(INPUT_RANGES)}")
+            raise unknown("input ranges", self.input_ranges, INPUT_RANGES)
         if self.engine not in ENGINES:
-            raise FedfheError(f"unknown engine {self.engine!r}; choose one of: {', '.join(ENGINES)}")
+            raise unknown("engine", self.engine, ENGINES)
         if self.engine == "concrete" and self.clients != 1:
             raise FedfheError("--engine concrete fits Concrete ML's estimator on one machine: use --clients 1")
         if self.strategy not in STRATEGIES:
-            raise FedfheError(f"unknown strategy {self.strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+            raise unknown("strategy", self.strategy, STRATEGIES)
         if self.strategy == "fedprox" and not kind.smooth:
             raise FedfheError(f"fedprox needs an L-BFGS model (not {self.model}, trained by coordinate descent)")
         if not self.proximal_mu >= 0:

@@ -14,7 +14,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from fedfhe.errors import FedfheError
+from fedfhe.errors import FedfheError, unknown
 
 DATASETS = ("digits", "mnist-5k", "mnist", "breast-cancer", "diabetes")
 SCHEMAS = Path(__file__).parent / "schemas"
@@ -98,7 +98,7 @@ def load_dataset(
         target = json.loads((SCHEMAS / "diabetes.json").read_text())["target"]
         ranges = schema_range(name, X.shape[1])
         return split_dataset(name, X, y, ranges, seed, test_size, (target["low"], target["high"]))
-    raise FedfheError(f"unknown data set {name!r}; choose one of: {', '.join(DATASETS)}")
+    raise unknown("data set", name, DATASETS)
 
 
 def bundled_names(name: str, n_features: int, classes: np.ndarray) -> tuple[list[str], list[str]]:

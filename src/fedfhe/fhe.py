@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -67,6 +68,13 @@ class CompiledModel:
     def predict(self, X: np.ndarray, fhe: str) -> np.ndarray:
         """Classes or values for raw features, in the clear ("disable") or simulated FHE ("simulate")."""
         return np.ravel(self.concrete.predict(self.source.scale(X), fhe=fhe))
+
+    def classify(self, X: np.ndarray, fhe: str) -> tuple[np.ndarray, np.ndarray]:
+        """A classifier's classes and class probabilities from one pass of the circuit (its decrypted scores)."""
+        scores = np.asarray(self.concrete.decision_function(self.source.scale(X), fhe=fhe))
+        proba = np.asarray(self.concrete.post_processing(scores))
+        picked = (scores > 0).astype(int) if scores.ndim == 1 else scores.argmax(axis=1)
+        return np.asarray(self.concrete.classes_)[picked], proba.reshape(len(X), -1)
 
     @property
     def max_bit_width(self) -> int:
@@ -160,7 +168,10 @@ def evaluate(
     sklearn_pred = model.to_sklearn().predict(X)
     clear_pred = compiled.predict(X, fhe="disable")
     start = time.perf_counter()
-    simulate_pred = compiled.predict(X, fhe="simulate")
+    if model.is_regression:
+        simulate_pred, proba = compiled.predict(X, fhe="simulate"), None
+    else:
+        simulate_pred, proba = compiled.classify(X, fhe="simulate")
     simulate_seconds = time.perf_counter() - start
     execute_pred, timings = execute(artifacts, model, X[:fhe_samples], on_sample)
     pairs = {
@@ -183,6 +194,7 @@ def evaluate(
             "y_true": y.tolist(),
             "fhe_simulate": simulate_pred.tolist(),
             "fhe_execute": execute_pred.tolist(),
+            **({"fhe_simulate_proba": proba.tolist()} if proba is not None else {}),
         },
     }
 
@@ -216,7 +228,8 @@ def execute(
     with tempfile.TemporaryDirectory(prefix="fedfhe-keys-") as key_dir, quiet():
         client = deployment.FHEModelClient(str(artifacts), key_dir=key_dir)
         start = time.perf_counter()
-        client.generate_private_and_evaluation_keys()
+        with native_quiet():
+            client.generate_private_and_evaluation_keys()
         keys = client.get_serialized_evaluation_keys()
         keygen = time.perf_counter() - start
         server = deployment.FHEModelServer(str(artifacts))  # loads server.zip
@@ -255,6 +268,20 @@ def quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         yield
+
+
+@contextlib.contextmanager
+def native_quiet() -> Iterator[None]:
+    """Hide what Concrete's runtime writes straight to the stderr descriptor ("KeySetCache: miss, regenerating")."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def concrete(module: str) -> Any:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from fedfhe.errors import FedfheError
+from fedfhe.errors import FedfheError, unknown
 
 Params = list[np.ndarray]  # [coef (outputs x features), intercept (outputs)]
 LBFGS = "L-BFGS from the global weights on scikit-learn's objective (+ FedProx term)"
@@ -130,5 +130,5 @@ KINDS = {
 def kind_of(name: str) -> Kind:
     """The model kind called `name`, or a one-line error listing the kinds."""
     if name not in KINDS:
-        raise FedfheError(f"unknown model {name!r}; choose one of: {', '.join(KINDS)}")
+        raise unknown("model", name, KINDS)
     return KINDS[name]

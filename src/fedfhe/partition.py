@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedfhe.errors import FedfheError
+from fedfhe.errors import FedfheError, unknown
 
 SCHEMES = ("iid", "dirichlet")
 
@@ -23,7 +23,7 @@ def partition(
     if n_clients > len(y):
         raise FedfheError(f"{n_clients} clients but only {len(y)} training samples")
     if scheme not in SCHEMES:
-        raise FedfheError(f"unknown partitioning {scheme!r}; choose one of: {', '.join(SCHEMES)}")
+        raise unknown("partitioning", scheme, SCHEMES)
     table = HFDataset.from_dict({"index": np.arange(len(y)), "label": np.asarray(y)})
     if scheme == "iid":
         partitioner = IidPartitioner(num_partitions=n_clients)

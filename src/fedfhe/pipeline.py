@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedfhe import fhe, report, table, training, tuning
+from fedfhe import fhe, quality, report, result, table, training, tuning
 from fedfhe.artifacts import check_n_bits
 from fedfhe.config import TrainConfig
 from fedfhe.data import Dataset, MiB, check_features, load_dataset, read_table
@@ -108,20 +108,24 @@ def run(
     verbose: bool = False,
     force: bool = False,
     max_input_mb: float | None = None,
+    positive_class: str | None = None,
 ) -> RunResult:
     """Train, compile from the input ranges (or a calibration file) and evaluate; everything lands in `out`.
 
-    Every option is checked before anything is written; `force` as in `train`.
+    Every option is checked before anything is written; `force` as in `train`; `positive_class` as in
+    `evaluate_run`.
     """
     check_n_bits(n_bits)
     config.problem(dataset)
+    classes, names = [int(c) for c in dataset.classes], result.names(dataset)["class_names"]
+    _check_positive(positive_class, dataset.is_regression, classes, names)
     check_fhe_samples(fhe_samples, len(dataset.y_test))
     limit = _max_bytes(max_input_mb)
     sample = None if calibration is None else read_table(calibration, max_bytes=limit)[0]
     model = train(dataset, config, out, progress, verbose, force=force)
     target = RunDir(out)
     compiled = compile_run(target, n_bits, sample, progress, model)
-    summary = _evaluate(compiled, target, dataset.X_test, dataset.y_test, fhe_samples, progress)
+    summary = _evaluate(compiled, target, dataset.X_test, dataset.y_test, fhe_samples, progress, positive_class)
     return RunResult(model, compiled, summary)
 
 
@@ -189,15 +193,18 @@ def evaluate_run(
     data_dir: PathLike | None = None,
     progress: Progress = QUIET,
     max_input_mb: float | None = None,
+    positive_class: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the run's compiled model on its test split (rewriting the run's report), or on a labelled file.
 
     A file's report goes to RUN/evaluations/<file name>/, never over the run's. A data file larger than
-    `max_input_mb` MiB is refused before it is read.
+    `max_input_mb` MiB is refused before it is read. For two classes, sensitivity, PPV, AUC and Brier
+    are about `positive_class` (a class name or number; default the last class).
     """
     limit = _max_bytes(max_input_mb)
     target = RunDir(run_dir)
     model = target.load_model()
+    _check_positive(positive_class, model.is_regression, [int(c) for c in model.classes], model.class_names)
     if data is None:
         split = _split_of(target, model.metadata["dataset"], model.metadata["training"]["seed"], data_dir, True)
         X, y = split.X_test, split.y_test
@@ -217,9 +224,11 @@ def evaluate_run(
     progress.start("compiling")
     compiled = fhe.load_compiled(target.path, model)
     if data is None:
-        return _evaluate(compiled, target.create(), X, y, fhe_samples, progress)
+        return _evaluate(compiled, target.create(), X, y, fhe_samples, progress, positive_class)
     elsewhere = RunDir(target.evaluations / Path(data).name).create()
-    return _evaluate(compiled, target, X, y, fhe_samples, progress, elsewhere, str(Path(data).resolve()))
+    return _evaluate(
+        compiled, target, X, y, fhe_samples, progress, positive_class, elsewhere, str(Path(data).resolve())
+    )
 
 
 @dataclass(frozen=True)
@@ -281,6 +290,15 @@ def tune_run(
     return TuneResult(points, chosen, score, compiled, where)
 
 
+def _check_positive(value: str | None, regression: bool, classes: list[int], names: list[str]) -> None:
+    """--positive-class names a class of a classifier, or is refused before any work."""
+    if value is None:
+        return
+    if regression:
+        raise FedfheError("--positive-class applies to classifiers; this model is a regressor")
+    quality.positive_index(value, classes, names)
+
+
 def _max_bytes(max_input_mb: float | None) -> int | None:
     """The --max-input-mb limit in bytes (None: no limit), refused unless positive."""
     if max_input_mb is None:
@@ -297,6 +315,7 @@ def _evaluate(
     y: np.ndarray,
     fhe_samples: int,
     progress: Progress,
+    positive_class: str | None = None,
     report_dir: RunDir | None = None,
     data: str | None = None,
 ) -> dict[str, Any]:
@@ -307,6 +326,6 @@ def _evaluate(
     """
     progress.start("fhe", fhe_samples)
     evaluation = fhe.evaluate(compiled, X, y, fhe_samples, target.fhe, progress.update)
-    summary = report.build(compiled, evaluation, fhe_samples, data)
+    summary = report.build(compiled, evaluation, fhe_samples, data, positive_class)
     report.write(report_dir or target, summary, evaluation)
     return summary

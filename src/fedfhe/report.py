@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedfhe import quality
 from fedfhe.fhe import CompiledModel
 from fedfhe.rundir import RunDir
 
 SCORES = ("accuracy", "r2", "mse")
+POSITIVE = ("sensitivity", "ppv", "auc", "brier")  # figures about the positive class (specificity, npv: the other)
 
 
 def build(
-    compiled: CompiledModel, evaluation: dict[str, Any], fhe_samples: int, data: str | None = None
+    compiled: CompiledModel,
+    evaluation: dict[str, Any],
+    fhe_samples: int,
+    data: str | None = None,
+    positive_class: str | None = None,
 ) -> dict[str, Any]:
     """Gather training metadata, compilation facts and evaluation results into one record.
 
-    `data` is the labelled file evaluated on, if not the run's test split.
+    `data` is the labelled file evaluated on, if not the run's test split; `positive_class` (a name or
+    number, default the last class) is what sensitivity, PPV and AUC are about for two classes.
     """
-    meta = compiled.source.metadata
+    model = compiled.source
+    meta = model.metadata
     training = meta.get("training", {})
     metrics = meta.get("metrics", {})
     # training scored the float model by accuracy (or R2: "score") and, for regressors, MSE ("loss")
@@ -48,6 +58,7 @@ def build(
         "calibration": compiled.calibration,
         "model_sha256": compiled.source.sha256,
         **scores,
+        "metrics": _quality(model, evaluation["predictions"], positive_class),
         "agreement": evaluation["agreement"],
         "timing_s": {
             "train": metrics.get("train_seconds"),
@@ -61,6 +72,17 @@ def build(
     }
 
 
+def _quality(model: Any, predictions: dict[str, Any], positive_class: str | None) -> dict[str, Any]:
+    """The figures with intervals, on the FHE outputs (simulated: equal to the decrypted ones, see agreement)."""
+    y, pred = np.array(predictions["y_true"]), np.array(predictions["fhe_simulate"])
+    if model.is_regression:
+        return quality.regressor(y, pred)
+    classes = [int(c) for c in model.classes]
+    positive = quality.positive_index(positive_class, classes, model.class_names)
+    proba = np.array(predictions["fhe_simulate_proba"])
+    return quality.classifier(y, pred, proba, classes, model.class_names, positive, model.kind.name == "logistic")
+
+
 def write(run: RunDir, report: dict[str, Any], evaluation: dict[str, Any]) -> None:
     """Write report.json, report.md, evaluation.json and the confusion matrix (or prediction plot)."""
     run.evaluation_file.write_text(json.dumps(evaluation, indent=2))
@@ -70,8 +92,13 @@ def write(run: RunDir, report: dict[str, Any], evaluation: dict[str, Any]) -> No
     y_true, y_pred = np.array(preds["y_true"]), np.array(preds["fhe_simulate"])
     if "accuracy" in evaluation:
         plot_confusion(y_true, y_pred, run.confusion_plot, dict(zip(report["classes"], report["class_names"])))
+        if "auc" in report["metrics"]:
+            positive = report["class_names"].index(report["metrics"]["positive_class"])
+            hit = y_true == report["classes"][positive]
+            plot_roc(hit, np.array(preds["fhe_simulate_proba"])[:, positive], report["metrics"], run.roc_plot)
     else:
         plot_predictions(y_true, y_pred, run.predictions_plot)
+        plot_residuals(y_true, y_pred, run.residuals_plot)
 
 
 def _fmt(value: Any, percent: bool = False) -> str:
@@ -101,6 +128,8 @@ def markdown(report: dict[str, Any]) -> str:
     )
     lines = [
         f"# fedfhe run: {report['model']} on {report['dataset']}",
+        "",
+        *_figures(report.get("metrics", {})),
         "",
         (
             f"{report['n_train']} training samples, {evaluated}, {report['clients']} client(s), "
@@ -139,42 +168,110 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, path: Path, names: dict[int, str] | None = None) -> None:
-    """Confusion matrix of the FHE predictions, its classes named (e.g. malignant, benign) when known."""
+def _figures(metrics: dict[str, Any]) -> list[str]:
+    """The figures with intervals as a Markdown table: value, 95% interval, rows."""
+    if not metrics:
+        return []
+
+    def row(name: str, f: dict[str, Any]) -> str:
+        shown = [("n/a" if f[k] is None else f"{f[k]:.4g}") for k in ("value", "low", "high")]
+        return f"| {name} | {shown[0]} | {shown[1]} to {shown[2]} | {f['rows']} |"
+
+    lines = ["| figure (FHE outputs) | value | 95% interval | rows |", "|---|---|---|---|"]
+    for name, f in metrics.items():
+        if isinstance(f, dict) and "value" in f:
+            label = f"{name} ({metrics['positive_class']})" if name in POSITIVE else name
+            lines.append(row(label, f))
+    for name, per in metrics.get("per_class", {}).items():
+        lines += [
+            row(f"{name}: precision", per["precision"]),
+            row(f"{name}: recall ({per['rows']} rows)", per["recall"]),
+        ]
+    return [*lines, "", "Intervals: bootstrap percentiles over the evaluated rows (1,000 resamples, seed 0).", ""]
+
+
+@contextlib.contextmanager
+def _saved(path: Path, **layout: Any) -> Iterator[Any]:
+    """Axes of a new headless matplotlib figure, laid out and saved to `path` when the block ends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(**layout)
+    try:
+        yield axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def plot_roc(hit: np.ndarray, score: np.ndarray, metrics: dict[str, Any], path: Path) -> None:
+    """ROC curve of the positive class's decrypted score, and how its probabilities match the observed rates."""
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import roc_curve
+
+    with _saved(path, ncols=2, figsize=(11, 4.8)) as (roc, calibration):
+        fpr, tpr, _ = roc_curve(hit, score)
+        auc = metrics["auc"]
+        roc.plot(fpr, tpr, color="tab:blue", label=f"AUC {_interval(auc)}")
+        roc.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+        roc.set_xlabel("1 - specificity")
+        roc.set_ylabel("sensitivity")
+        roc.set_title(f"ROC, positive class {metrics['positive_class']} ({auc['rows']} rows)")
+        roc.legend(loc="lower right")
+        observed, predicted = calibration_curve(hit, score, n_bins=10, strategy="quantile")
+        brier = f", Brier {_interval(metrics['brier'])}" if "brier" in metrics else " (SVM scores: not probabilities)"
+        calibration.plot(predicted, observed, "o-", color="tab:orange")
+        calibration.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+        calibration.set_xlabel(f"predicted probability of {metrics['positive_class']}")
+        calibration.set_ylabel("observed rate")
+        calibration.set_title(f"Calibration{brier}", fontsize="medium")
+        for ax in (roc, calibration):
+            ax.grid(alpha=0.3)
+
+
+def plot_residuals(y_true: np.ndarray, y_pred: np.ndarray, path: Path) -> None:
+    """A regressor's errors against its predictions: a pattern here is what the linear model misses."""
+    with _saved(path, figsize=(6, 4.5)) as ax:
+        ax.scatter(y_pred, y_true - y_pred, s=12, alpha=0.6)
+        ax.axhline(0, ls="--", color="grey", lw=1)
+        ax.set_xlabel("FHE prediction")
+        ax.set_ylabel("true - predicted")
+        ax.set_title(f"Residuals ({len(y_true)} rows)")
+        ax.grid(alpha=0.3)
+
+
+def _interval(figure: dict[str, Any]) -> str:
+    """A figure and its interval in a few characters."""
+    if figure["value"] is None:
+        return "n/a"
+    return f"{figure['value']:.3f} [{figure['low'] or 0:.3f}, {figure['high'] or 0:.3f}]"
+
+
+def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, path: Path, names: dict[int, str] | None = None) -> None:
+    """Confusion matrix of the FHE predictions, its classes named (e.g. malignant, benign) when known."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    fig, ax = plt.subplots(figsize=(6, 5.5))
-    shown = np.unique(np.concatenate([y_true, y_pred]))
-    labels = [names.get(int(c), str(c)) for c in shown] if names else None
-    ConfusionMatrixDisplay.from_predictions(
-        y_true, y_pred, ax=ax, colorbar=False, cmap="Blues", labels=shown, display_labels=labels
-    )
-    ax.set_title(f"FHE predictions (accuracy {np.mean(y_true == y_pred):.1%})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with _saved(path, figsize=(6, 5.5)) as ax:
+        shown = np.unique(np.concatenate([y_true, y_pred]))
+        labels = [names.get(int(c), str(c)) for c in shown] if names else None
+        ConfusionMatrixDisplay.from_predictions(
+            y_true, y_pred, ax=ax, colorbar=False, cmap="Blues", labels=shown, display_labels=labels
+        )
+        ax.set_title(f"FHE predictions (accuracy {np.mean(y_true == y_pred):.1%})")
 
 
 def plot_predictions(y_true: np.ndarray, y_pred: np.ndarray, path: Path) -> None:
     """A regressor's FHE predictions against the true values, with the identity line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import r2_score
 
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    ax.scatter(y_true, y_pred, s=12, alpha=0.6)
-    low, high = min(y_true.min(), y_pred.min()), max(y_true.max(), y_pred.max())
-    ax.plot([low, high], [low, high], "--", color="grey", lw=1)
-    ax.set_xlabel("true value")
-    ax.set_ylabel("FHE prediction")
-    ax.set_title(f"FHE predictions (R2 {r2_score(y_true, y_pred):.3f})")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with _saved(path, figsize=(5.5, 5)) as ax:
+        ax.scatter(y_true, y_pred, s=12, alpha=0.6)
+        low, high = min(y_true.min(), y_pred.min()), max(y_true.max(), y_pred.max())
+        ax.plot([low, high], [low, high], "--", color="grey", lw=1)
+        ax.set_xlabel("true value")
+        ax.set_ylabel("FHE prediction")
+        ax.set_title(f"FHE predictions (R2 {r2_score(y_true, y_pred):.3f})")
+        ax.grid(alpha=0.3)

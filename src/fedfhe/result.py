@@ -43,14 +43,14 @@ def save(
             "local_fit": problem.kind.local_fit if config.clients > 1 else "centralized",
             "metrics": {k: metrics[k] for k in KEPT if k in metrics},
             **({"schema": dataset.schema} if dataset.schema is not None else {}),
-            **_names(dataset),
+            **names(dataset),
         },
     )
     run.save_model(model)
     return model
 
 
-def _names(dataset: Dataset) -> dict[str, list[str]]:
+def names(dataset: Dataset) -> dict[str, list[str]]:
     """Feature names (unless there are too many to keep in the model file) and class names."""
     if dataset.schema is not None:
         schema = Schema.from_dict(dataset.schema)

@@ -69,6 +69,8 @@ class RunDir:
     report_md = property(lambda self: self.path / "report.md", doc="The run's summary, for people.")
     confusion_plot = property(lambda self: self.path / "confusion_matrix.png", doc="A classifier's FHE results.")
     predictions_plot = property(lambda self: self.path / "predictions.png", doc="A regressor's FHE results.")
+    roc_plot = property(lambda self: self.path / "roc.png", doc="Two classes: ROC curve and calibration.")
+    residuals_plot = property(lambda self: self.path / "residuals.png", doc="A regressor's errors.")
     tune_json = property(lambda self: self.path / "tune.json", doc="Every tuning point and the recommended one.")
     tune_md = property(lambda self: self.path / "tune.md", doc="The tuning table.")
     pareto_plot = property(lambda self: self.path / "pareto.png", doc="Score against FHE latency.")

@@ -201,14 +201,15 @@ class EncryptedClient:
         """Pin the client spec, make or load the keys, upload the evaluation keys once."""
         if self._fhe is not None:
             return self._fhe
-        from fedfhe.fhe import concrete
+        from fedfhe.fhe import concrete, native_quiet
 
         self._spec()
         _private_dir(self.key_dir / KEYS_DIR)
         fhe_client = concrete("concrete.ml.deployment").FHEModelClient(
             str(self.key_dir), key_dir=str(self.key_dir / KEYS_DIR)
         )
-        fhe_client.generate_private_and_evaluation_keys()
+        with native_quiet():
+            fhe_client.generate_private_and_evaluation_keys()
         for path in (self.key_dir / KEYS_DIR).rglob("*"):
             path.chmod(0o700 if path.is_dir() else 0o600)
         self._evaluation_keys = fhe_client.get_serialized_evaluation_keys()
