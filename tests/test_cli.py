@@ -76,6 +76,7 @@ def bad_inputs(run: Path, tmp: Path) -> list[tuple[list[str], str]]:
     np.save(tmp / "nan.npy", np.full((3, 64), np.nan))
     np.savez(tmp / "wrong.npz", X=np.zeros((3, 10)), y=np.zeros(3))
     np.savez(tmp / "nanl.npz", X=np.full((3, 64), np.nan), y=np.zeros(3))
+    np.savez(tmp / "other.npz", X=np.zeros((3, 64)), y=np.array([1, 42, 3]))  # 42: no digit
     (tmp / "fake.npz").write_bytes(b"PK\x03\x04 not really")
     (tmp / "afile").write_text("a file where a folder should be")
     (tmp / "empty.csv").write_text("")
@@ -124,6 +125,8 @@ def bad_inputs(run: Path, tmp: Path) -> list[tuple[list[str], str]]:
         (["evaluate", "--run", r, "--data", str(tmp / "wrong.npz")], "test data has shape (3, 10)"),
         (["evaluate", "--run", r, "--data", str(tmp / "nanl.npz")], "test data contains NaN"),
         (["evaluate", "--run", r, "--data", str(tmp / "fake.npz")], "cannot read"),
+        (["evaluate", "--run", r, "--data", str(tmp / "other.npz")], "label 42 is not one of the model's classes"),
+        (["evaluate", "--run", r, "--positive-class", "3"], "--positive-class applies to two-class models"),
         (["evaluate", "--run", r, "--fhe-samples", "-1"], "--fhe-samples must be between"),
         (["tune", "--run", r, "--n-bits", "4,x"], "--n-bits must be comma-separated integers"),
         (["tune", "--run", r, "--n-bits", "1,4"], "--n-bits must be between 2 and 12"),

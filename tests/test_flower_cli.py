@@ -1,4 +1,4 @@
-"""Flower's own CLI on fedfhe's app: the README's commands, as a Flower user types them from a checkout."""
+"""Flower's own CLI on fedfhe's app: docs/deployment.md's commands, as a Flower user types them from a checkout."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ BEGIN, END = "<!-- flwr-cli: tests/test_flower_cli.py runs these lines as writte
 
 
 def readme_commands() -> list[str]:
-    """The command lines of the README's Flower-CLI block, comments dropped."""
-    block = (ROOT / "README.md").read_text().split(BEGIN)[1].split(END)[0]
+    """The command lines of the Flower-CLI block in docs/deployment.md, comments dropped."""
+    block = (ROOT / "docs" / "deployment.md").read_text().split(BEGIN)[1].split(END)[0]
     lines = block.split("```bash\n")[1].split("```")[0].splitlines()
     return [line.split("  #")[0].strip() for line in lines if line.strip()]
 
@@ -50,7 +50,7 @@ def checkout(tmp_path) -> tuple[Path, dict[str, str]]:
 
 
 def shell(command: str, project: Path, env: dict[str, str], activate: str) -> str:
-    """One README line in bash from the checkout, after the README's activation line; its output, or a failure."""
+    """One documented line in bash from the checkout, after the activation line; its output, or a failure."""
     done = subprocess.run(
         ["bash", "-c", f"{activate} && {command}"],
         cwd=project,
@@ -64,7 +64,7 @@ def shell(command: str, project: Path, env: dict[str, str], activate: str) -> st
     return done.stdout + done.stderr
 
 
-def test_the_readmes_flower_commands_train_the_simulation_model(checkout, tmp_path, digits):
+def test_the_documented_flower_commands_train_the_simulation_model(checkout, tmp_path, digits):
     project, env = checkout
     activate, start, run, ls, log, stop = readme_commands()
     assert activate == "source .venv/bin/activate" and stop == "fedfhe flower stop"

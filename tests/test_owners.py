@@ -294,40 +294,47 @@ def test_owners_may_differ_in_ignored_columns_and_numbers_match_their_classes(tm
 
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BEGIN, END = "<!-- own-data: tests/test_owners.py runs these lines as written -->", "<!-- own-data: end -->"
+
+
+def readme_block(name: str) -> list[str]:
+    """The command lines of a README block between its markers, comments dropped."""
+    begin, end = f"<!-- {name}: tests/test_owners.py runs these lines as written -->", f"<!-- {name}: end -->"
+    block = README.read_text().split(begin)[1].split(end)[0].split("```bash\n")[1].split("```")[0]
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def run_block(lines: list[str], folder: Path) -> str:
+    """README lines in one bash from `folder`, the server line's port made free and waited for; stdout."""
+    from fedfhe.federated.deployment import BIN, free_port
+
+    port = str(free_port())  # the README's 8000 may be taken here
+    health = f"import httpx; httpx.get('http://127.0.0.1:{port}/v1/health').raise_for_status()"
+    wait = f'for i in $(seq 300); do {sys.executable} -c "{health}" 2>/dev/null && break; sleep 0.3; done'
+    script = ["set -e", "trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT"]
+    for line in lines:
+        script += [line.replace("8000", port)] + ([wait] if line.startswith("fedfhe serve") else [])
+    env = {**ENV, "PATH": f"{BIN}{os.pathsep}{ENV['PATH']}", "FEDFHE_CACHE": str(folder / "cache")}
+    done = subprocess.run(
+        ["bash", "-c", "\n".join(script)], cwd=folder, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_the_readmes_quick_start_runs_as_written(tmp_path):
+    out = run_block(readme_block("quick-start"), tmp_path)
+    assert "classified under encryption" in out and ("malignant" in out or "benign" in out)
+    report = json.loads((tmp_path / "runs" / "bc" / "report.json").read_text())
+    assert report["metrics"]["positive_class"] == "malignant" and (tmp_path / "runs" / "bc" / "card.md").is_file()
 
 
 def test_the_readmes_own_data_walkthrough_runs_as_written(hospitals, tmp_path):
-    from fedfhe.federated.deployment import BIN, free_port
-
-    block = README.read_text().split(BEGIN)[1].split(END)[0].split("```bash\n")[1].split("```")[0]
-    lines = [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
-    infer, check, run, serve, predict = lines
     owners, test, _ = hospitals
     shutil.copytree(owners, tmp_path / "hospitals")
     shutil.copy(test, tmp_path / "test.csv")
     lab = pd.read_csv(test).tail(4).drop(columns=["outcome"])[["ward", "bmi", "patient", "age"]]  # any order
     lab.to_csv(tmp_path / "lab.csv", index=False)
-    port = str(free_port())  # the README's 8000 may be taken here
-    health = f"import httpx; httpx.get('http://127.0.0.1:{port}/v1/health').raise_for_status()"
-    script = "\n".join(
-        [
-            "set -e",
-            "trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT",
-            infer,
-            check,
-            run,
-            serve.replace("8000", port),
-            f'for i in $(seq 300); do {sys.executable} -c "{health}" 2>/dev/null && break; sleep 0.3; done',
-            predict.replace("8000", port),
-        ]
-    )
-    env = {**ENV, "PATH": f"{BIN}{os.pathsep}{ENV['PATH']}", "FEDFHE_CACHE": str(tmp_path / "cache")}
-    done = subprocess.run(
-        ["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    answers = json.loads(done.stdout.strip().splitlines()[-1])
+    answers = json.loads(run_block(readme_block("own-data"), tmp_path).strip().splitlines()[-1])
     assert [a["row"] for a in answers] == [0, 1, 2, 3]
     assert {a["class"] for a in answers} <= {"discharged", "readmitted"}
     schema = table.Schema.load(tmp_path / "schema.json")

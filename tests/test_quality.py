@@ -80,4 +80,5 @@ def test_the_positive_class_by_name_or_number_and_bad_ones(tmp_path):
     done = fedfhe("run", "--dataset", "breast-cancer", "--positive-class", "cancer", "--out", str(out))
     assert done.returncode == 2 and "the classes are: malignant, benign" in done.stderr and not out.exists()
     done = fedfhe("run", "--dataset", "diabetes", "--model", "ridge", "--positive-class", "1", "--out", str(out))
-    assert done.returncode == 2 and "applies to classifiers" in done.stderr and not out.exists()
+    assert done.returncode == 2 and "applies to two-class models" in done.stderr and not out.exists()
+    assert quality.positive_index("0", [0, 1], ["1", "0"]) == 1  # a name before a number

@@ -33,7 +33,7 @@ def build(run: RunDir) -> dict[str, Any]:
         }
     except FedfheError:  # not compiled yet (or compiled for another model): the card says so
         pass
-    report = _report(run, model.sha256)
+    report = _report(run, model.sha256, compiled)
     return {
         "model": {
             "sha256": model.sha256,
@@ -58,13 +58,18 @@ def build(run: RunDir) -> dict[str, Any]:
     }
 
 
-def _report(run: RunDir, sha256: str) -> dict[str, Any] | None:
-    """The run's evaluation, if it is of this very model: scores with their row counts, agreement."""
+def _report(run: RunDir, sha256: str, compiled: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The run's evaluation, if it is of this very model and circuit (compile and tune replace the circuit)."""
     try:
         report = json.loads(run.report_json.read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(report, dict) or report.get("model_sha256") != sha256:
+        return None
+    if compiled is None or (report.get("n_bits"), report.get("calibration")) != (
+        compiled["n_bits"],
+        compiled["calibration"],
+    ):
         return None
     scores = {name: report[name] for name in ("accuracy", "r2", "mse") if name in report}
     return {
@@ -90,7 +95,7 @@ def _limits(
     else:
         limits.append(f"Inputs and weights are quantized to {compiled['n_bits']} bits inside the encrypted circuit.")
     if report is None:
-        limits.append("Not evaluated: no score of this model is on record.")
+        limits.append("Not evaluated: no score of this model and circuit is on record (run `fedfhe evaluate`).")
     else:
         limits.append(
             f"Scored on {report['rows']} rows ({report['evaluated_on']}), {report['rows_in_real_fhe']} of them in "

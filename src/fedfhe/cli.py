@@ -137,6 +137,12 @@ EXAMPLES: dict[str, list[str]] = {  # shown under each command's --help
     "schema infer": [
         "fedfhe schema infer hospital-a.csv --label outcome --ignore patient --out schema.json",
     ],
+    "federation certs": [
+        "fedfhe federation certs --out certs --host coordinator.example.org --host 10.0.0.5 --nodes 3",
+    ],
+    "federation split": [
+        "fedfhe federation split --dataset mnist-5k --clients 3 --out owners",
+    ],
     "schema check": [
         "fedfhe schema check hospital-b.csv --schema schema.json",
     ],
@@ -547,7 +553,7 @@ def federation_up(
     console.print(f"trained on the Deployment Engine -> {path} (logs in {out / 'federation' / 'logs'})")
 
 
-@federation_app.command("certs")
+@federation_app.command("certs", epilog=_examples("federation certs"))
 def federation_certs(
     out: Annotated[Path, typer.Option(help="Folder for ca.crt, server.pem and their keys.")] = Path("certs"),
     host: Annotated[list[str], typer.Option(help="Names and IPs the SuperLink certificate is valid for.")] = [  # noqa: B006
@@ -566,7 +572,7 @@ def federation_certs(
     console.print(f"certificates and keys -> {out}")
 
 
-@federation_app.command("split")
+@federation_app.command("split", epilog=_examples("federation split"))
 def federation_split(
     dataset: DatasetName = "mnist-5k",
     clients: Annotated[int, typer.Option(help="Number of data owners.")] = 10,

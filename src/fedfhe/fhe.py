@@ -11,6 +11,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 import zipfile
@@ -270,18 +271,25 @@ def quiet() -> Iterator[None]:
         yield
 
 
+NATIVE_STDERR = threading.Lock()
+
+
 @contextlib.contextmanager
 def native_quiet() -> Iterator[None]:
-    """Hide what Concrete's runtime writes straight to the stderr descriptor ("KeySetCache: miss, regenerating")."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    """Hide what Concrete's runtime writes straight to the stderr descriptor ("KeySetCache: miss, regenerating").
+
+    The descriptor is the process's: one thread at a time swaps it, so it always comes back.
+    """
+    with NATIVE_STDERR:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            with open(os.devnull, "wb") as null:
+                os.dup2(null.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def concrete(module: str) -> Any:

@@ -57,8 +57,8 @@ def label_counts(y: np.ndarray, parts: list[np.ndarray], classes: np.ndarray) ->
     return np.array([[int(np.sum(y[idx] == c)) for c in classes] for idx in parts])
 
 
-def plot_label_distribution(counts: np.ndarray, classes: np.ndarray, path: Path) -> None:
-    """Stacked bars of each client's labels, to see at a glance how skewed the split is."""
+def plot_label_distribution(counts: np.ndarray, classes: np.ndarray | list[str], path: Path) -> None:
+    """Stacked bars of each client's labels (`classes`: their names, in the counts' order), to see the skew."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -220,6 +220,9 @@ def evaluate_run(
         X, y = check_features(X, model.n_features, model.input_range, "test data"), labels
         if len(y) != len(X):
             raise FedfheError(f"{data}: {len(y)} labels for {len(X)} rows")
+    if not model.is_regression and not (known := np.isin(y, model.classes)).all():
+        bad = y[~known][0]
+        raise FedfheError(f"{data}: label {bad!r} is not one of the model's classes {[int(c) for c in model.classes]}")
     check_fhe_samples(fhe_samples, len(y))
     progress.start("compiling")
     compiled = fhe.load_compiled(target.path, model)
@@ -294,8 +297,8 @@ def _check_positive(value: str | None, regression: bool, classes: list[int], nam
     """--positive-class names a class of a classifier, or is refused before any work."""
     if value is None:
         return
-    if regression:
-        raise FedfheError("--positive-class applies to classifiers; this model is a regressor")
+    if regression or len(classes) != 2:
+        raise FedfheError(f"--positive-class applies to two-class models; this one has {len(classes) or 'no'} classes")
     quality.positive_index(value, classes, names)
 
 

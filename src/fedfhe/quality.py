@@ -24,9 +24,10 @@ def positive_index(value: str | None, classes: list[int], names: list[str]) -> i
     """Which class is positive: given by name or number, else the last one."""
     if value is None:
         return len(classes) - 1
-    for i, (number, name) in enumerate(zip(classes, names)):
-        if value in (name, str(number)):
-            return i
+    if value in names:  # a name first: a schema may name class 0 "1"
+        return names.index(value)
+    if value in (numbers := [str(c) for c in classes]):
+        return numbers.index(value)
     raise FedfheError(f"--positive-class {value!r} is not a class; the classes are: {', '.join(names)}")
 
 

@@ -247,7 +247,8 @@ def _interval(figure: dict[str, Any]) -> str:
     """A figure and its interval in a few characters."""
     if figure["value"] is None:
         return "n/a"
-    return f"{figure['value']:.3f} [{figure['low'] or 0:.3f}, {figure['high'] or 0:.3f}]"
+    low, high = ("n/a" if figure[k] is None else f"{figure[k]:.3f}" for k in ("low", "high"))
+    return f"{figure['value']:.3f} [{low}, {high}]"
 
 
 def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, path: Path, names: dict[int, str] | None = None) -> None:

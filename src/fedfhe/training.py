@@ -122,7 +122,7 @@ def _federate(
     save_partitions(dataset.X_train, dataset.y_train, parts, run.partitions)
     if not dataset.is_regression:
         counts = label_counts(dataset.y_train, parts, dataset.classes)
-        plot_label_distribution(counts, dataset.classes, run.partitions_plot)
+        plot_label_distribution(counts, result.names(dataset)["class_names"], run.partitions_plot)
     server = ServerRun(config, problem, dataset.X_test, dataset.y_test, run, start, on_round)
     if start is None or start.round < config.rounds:
         simulate(config, server, run.partitions, verbose)

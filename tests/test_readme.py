@@ -1,0 +1,50 @@
+"""The README and docs/ are a contract: every fedfhe command they show exists with every option it uses."""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import pytest
+from conftest import ENV, FEDFHE
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUPS = ("federation", "flower", "schema")  # commands with subcommands
+
+
+def shown_commands() -> list[tuple[str, str]]:
+    """(file, line) for every `fedfhe ...` line inside a bash block of the README or docs/."""
+    found = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.DOTALL):
+            joined = block.replace("\\\n", " ")  # continued lines are one command
+            found += [(path.name, line.strip()) for line in joined.splitlines() if line.strip().startswith("fedfhe ")]
+    return found
+
+
+@functools.cache
+def help_of(command: tuple[str, ...]) -> str:
+    """A command's --help, wide enough that no option name is cut."""
+    import subprocess
+
+    done = subprocess.run(
+        [*FEDFHE, *command, "--help"], capture_output=True, text=True, env={**ENV, "COLUMNS": "250"}, check=False
+    )
+    assert done.returncode == 0, f"fedfhe {' '.join(command)}: {done.stderr[-300:]}"
+    return done.stdout
+
+
+@pytest.mark.parametrize(("where", "line"), shown_commands())
+def test_every_documented_command_and_option_exists(where, line):
+    words = line.split("  #")[0].split()[1:]
+    command = tuple(words[:2]) if words[0] in GROUPS else (words[0],)
+    shown = help_of(command)
+    for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", line.split("  #")[0]):
+        assert re.search(rf"{re.escape(flag)}(?![\w-])", shown), f"{where}: `fedfhe {' '.join(command)}` has no {flag}"
+
+
+def test_the_check_can_fail():
+    shown = help_of(("run",))
+    assert re.search(r"--positive-class(?![\w-])", shown) and not re.search(r"--positive(?![\w-])", shown)
+    assert len(shown_commands()) > 40  # the README's and docs' commands were all found
