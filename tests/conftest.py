@@ -99,6 +99,13 @@ def key_id(key_dir: Path) -> str:
     return str(json.loads((key_dir / "session.json").read_text())["key_id"])
 
 
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Keep pytest's exit status: tests that import Concrete directly register its exit hook (fhe.keep_exit_status)."""
+    from fedfhe.fhe import keep_exit_status
+
+    keep_exit_status()
+
+
 @pytest.fixture(scope="session")
 def served_run(tmp_path_factory) -> Path:
     """One run to serve: digits, trained centrally, compiled at 6 bits."""

@@ -155,3 +155,16 @@ def test_cli_refuses_broken_artifacts_in_one_line(run_copy, case):
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr  # after the bar
     assert f"{name}: unreadable FHE artifact" in done.stderr and re.search(message, done.stderr)
     assert "Traceback" not in done.stderr and "unexpected" not in done.stderr
+
+
+def test_a_failure_after_fhe_execution_keeps_its_exit_status(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from fedfhe.fhe import concrete; concrete('concrete.ml.deployment'); import concrete.fhe as fhe\n"
+        "c = fhe.compiler({'x': 'encrypted'})(lambda x: x + 1).compile(range(8)); c.keygen(); c.encrypt_run_decrypt(3)\n"
+        "sys.exit(3)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300, check=False)
+    assert done.returncode == 3, done.stderr[-500:]  # Concrete's exit hook would make it 0

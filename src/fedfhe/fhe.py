@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import io
@@ -299,7 +300,21 @@ def concrete(module: str) -> Any:
     installed without a GPU; a command's error must stay one line.
     """
     with quiet(), contextlib.redirect_stderr(io.StringIO()):
-        return importlib.import_module(module)
+        imported = importlib.import_module(module)
+    keep_exit_status()
+    return imported
+
+
+def keep_exit_status() -> None:
+    """Drop Concrete's exit hook, which ends the process with status 0 once a circuit has run.
+
+    concrete.compiler registers `_terminate_df_parallelization` with atexit; after any FHE execution it
+    turns `sys.exit(2)` (a refusal, a failed test run) into exit status 0. fedfhe never starts the
+    dataflow runtime that hook stops, so the hook goes.
+    """
+    compiler = sys.modules.get("concrete.compiler")
+    if compiler is not None:
+        atexit.unregister(compiler._terminate_df_parallelization)
 
 
 def _mean(values: np.ndarray) -> float | None:
