@@ -11,6 +11,7 @@ import hashlib
 import json
 from typing import Any
 
+from fedfhe import quality
 from fedfhe.artifacts import read_artifacts
 from fedfhe.errors import FedfheError
 from fedfhe.rundir import RunDir
@@ -138,8 +139,7 @@ def markdown(card: dict[str, Any]) -> str:
         lines += [f"Evaluation on {evaluation['rows']} rows ({evaluation['evaluated_on']}):", ""]
         for name, figure in (evaluation.get("figures") or {}).items():
             if isinstance(figure, dict) and figure.get("value") is not None:
-                low, high = (figure[k] if figure[k] is not None else float("nan") for k in ("low", "high"))
-                lines.append(f"- {name}: {figure['value']:.4g} (95% interval {low:.3g} to {high:.3g})")
+                lines.append(f"- {name}: {quality.shown(figure)} (value [95% interval])")
         lines.append("")
     if card["fhe"] is not None:
         fhe = card["fhe"]

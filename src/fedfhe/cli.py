@@ -312,6 +312,7 @@ def _compiled(compiled: Any, out: Path) -> None:
 
 def _show(summary: dict[str, Any], out: Path) -> None:
     """Print the headline figures as a table."""
+    from fedfhe import quality
     from fedfhe.report import SCORES
 
     title = f"{summary['model']} on {summary['dataset']}: {summary['clients']} client(s), {summary['rounds']} round(s)"
@@ -324,8 +325,7 @@ def _show(summary: dict[str, Any], out: Path) -> None:
             table.add_row(f"{group}.{name}", shown)
     for name, figure in summary.get("metrics", {}).items():  # with their 95% intervals
         if isinstance(figure, dict) and figure.get("value") is not None:
-            low, high = (figure[k] if figure[k] is not None else float("nan") for k in ("low", "high"))
-            table.add_row(f"metrics.{name}", f"{figure['value']:.4g} [{low:.3g}, {high:.3g}]")
+            table.add_row(f"metrics.{name}", quality.shown(figure))
     for name in ("train", "compile", "fhe_execute_per_sample"):
         value = summary["timing_s"].get(name)
         table.add_row(f"timing_s.{name}", "n/a" if value is None else f"{value:.3f}")

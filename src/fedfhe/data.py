@@ -256,7 +256,7 @@ def read_table(
         raise FedfheError(f"{path}: unsupported file type (use .npy, .npz with X [and y], or .csv)")
     try:
         if max_bytes is not None:
-            _check_size(path, max_bytes)
+            check_size(path, max_bytes)
         if path.suffix == ".npy":
             return np.asarray(np.load(path, allow_pickle=False), dtype=np.float64), None
         if path.suffix == ".npz":
@@ -276,8 +276,8 @@ def read_table(
         raise FedfheError(f"{path}: cannot read ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
 
 
-def _check_size(path: Path, max_bytes: int) -> None:
-    """Refuse a file, or the arrays its .npy/.npz headers declare, larger than max_bytes (no data is read)."""
+def check_size(path: Path, max_bytes: int) -> None:
+    """Refuse a file, or the arrays its .npy/.npz headers declare (X, y), larger than max_bytes (no data is read)."""
     if max_bytes <= 0:
         raise FedfheError(f"the largest input allowed must be positive (got {max_bytes} bytes)")
     sizes = {"on disk": path.stat().st_size}

@@ -9,7 +9,6 @@ move on another test set of the same size, not how good the model is elsewhere.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -44,22 +43,18 @@ def classifier(
     y, pred, proba = np.asarray(y), np.asarray(pred), np.asarray(proba, dtype=np.float64)
     index = {c: i for i, c in enumerate(classes)}
     truth, picked = np.array([index[int(c)] for c in y]), np.array([index[int(c)] for c in pred])
-    k, resamples = len(classes), _resamples(len(y))
-    figures: dict[str, Any] = {"accuracy": _figure(lambda i: float(np.mean(truth[i] == picked[i])), resamples)}
-
-    def confusion(i: np.ndarray) -> np.ndarray:
-        return np.bincount(truth[i] * k + picked[i], minlength=k * k).reshape(k, k)  # rows: truth
-
-    def precision(c: int) -> Callable[[np.ndarray], float]:
-        return lambda i: _ratio(confusion(i)[c, c], confusion(i)[:, c].sum())
-
-    def recall(c: int) -> Callable[[np.ndarray], float]:
-        return lambda i: _ratio(confusion(i)[c, c], confusion(i)[c].sum())
-
+    n, k, resamples = len(y), len(classes), _resamples(len(y))
+    # one confusion matrix per resample (rows: truth), every count-based figure read from them
+    confusion = np.stack([np.bincount(truth[i] * k + picked[i], minlength=k * k) for i in resamples])
+    confusion = confusion.reshape(-1, k, k)
+    hits = confusion[:, np.arange(k), np.arange(k)]
+    with np.errstate(invalid="ignore", divide="ignore"):  # a class nobody predicted: precision undefined
+        precision, recall = hits / confusion.sum(axis=1), hits / confusion.sum(axis=2)
+    figures: dict[str, Any] = {"accuracy": _figure(hits.sum(axis=1) / n, n)}
     figures["per_class"] = {
         name: {
-            "precision": _figure(precision(c), resamples),
-            "recall": _figure(recall(c), resamples),
+            "precision": _figure(precision[:, c], n),
+            "recall": _figure(recall[:, c], n),
             "rows": int((truth == c).sum()),
         }
         for c, name in enumerate(names)
@@ -68,29 +63,28 @@ def classifier(
         negative = 1 - positive
         hit = truth == positive
         figures["positive_class"] = names[positive]
-        figures["sensitivity"] = _figure(recall(positive), resamples)
-        figures["specificity"] = _figure(recall(negative), resamples)
-        figures["ppv"] = _figure(precision(positive), resamples)
-        figures["npv"] = _figure(precision(negative), resamples)
-        figures["auc"] = _figure(lambda i: _auc(hit[i], proba[i, positive]), resamples)
+        figures["sensitivity"] = _figure(recall[:, positive], n)
+        figures["specificity"] = _figure(recall[:, negative], n)
+        figures["ppv"] = _figure(precision[:, positive], n)
+        figures["npv"] = _figure(precision[:, negative], n)
+        figures["auc"] = _figure(np.array([_auc(hit[i], proba[i, positive]) for i in resamples]), n)
         if calibrated:
-            figures["brier"] = _figure(lambda i: float(np.mean((proba[i, positive] - hit[i]) ** 2)), resamples)
+            figures["brier"] = _figure(np.mean((proba[resamples, positive] - hit[resamples]) ** 2, axis=1), n)
     return figures
 
 
 def regressor(y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
     """MAE, RMSE and R2 of the predictions, with their intervals."""
     y, pred = np.asarray(y, dtype=np.float64), np.asarray(pred, dtype=np.float64)
-    resamples = _resamples(len(y))
-
-    def r2(i: np.ndarray) -> float:
-        spread = float(np.sum((y[i] - y[i].mean()) ** 2))
-        return float(1 - np.sum((y[i] - pred[i]) ** 2) / spread) if spread > 0 else float("nan")
-
+    n, resamples = len(y), _resamples(len(y))
+    truth, errors = y[resamples], y[resamples] - pred[resamples]  # one row per resample
+    spread = np.sum((truth - truth.mean(axis=1, keepdims=True)) ** 2, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a resample of one repeated value: R2 undefined
+        r2 = 1 - np.sum(errors**2, axis=1) / spread
     return {
-        "mae": _figure(lambda i: float(np.mean(np.abs(y[i] - pred[i]))), resamples),
-        "rmse": _figure(lambda i: float(np.sqrt(np.mean((y[i] - pred[i]) ** 2))), resamples),
-        "r2": _figure(r2, resamples),
+        "mae": _figure(np.mean(np.abs(errors), axis=1), n),
+        "rmse": _figure(np.sqrt(np.mean(errors**2, axis=1)), n),
+        "r2": _figure(np.where(spread > 0, r2, np.nan), n),
     }
 
 
@@ -100,18 +94,17 @@ def _resamples(n: int) -> np.ndarray:
     return np.vstack([np.arange(n)[None, :], rng.integers(0, n, (RESAMPLES, n))])
 
 
-def _figure(statistic: Callable[[np.ndarray], float], resamples: np.ndarray) -> dict[str, Any]:
-    """The figure on the rows, its 95% percentile interval over the resamples, and the row count."""
-    value = statistic(resamples[0])
-    spread = np.array([statistic(i) for i in resamples[1:]])
-    spread = spread[np.isfinite(spread)]
+def _figure(values: np.ndarray, rows: int) -> dict[str, Any]:
+    """A figure on the rows as they are (values[0]), its 95% percentile interval over the resamples, the row count."""
+    spread = values[1:][np.isfinite(values[1:])]
     low, high = np.percentile(spread, [2.5, 97.5]) if len(spread) else (np.nan, np.nan)
-    return {"value": _finite(value), "low": _finite(low), "high": _finite(high), "rows": int(resamples.shape[1])}
+    return {"value": _finite(values[0]), "low": _finite(low), "high": _finite(high), "rows": rows}
 
 
-def _ratio(hits: int, total: int) -> float:
-    """hits / total, undefined (NaN) when nothing was counted."""
-    return float(hits / total) if total else float("nan")
+def shown(figure: dict[str, Any]) -> str:
+    """A figure and its interval in a few characters: 0.986 [0.964, 0.998]."""
+    value, low, high = ("n/a" if figure[k] is None else f"{figure[k]:.3g}" for k in ("value", "low", "high"))
+    return f"{value} [{low}, {high}]"
 
 
 def _auc(hit: np.ndarray, score: np.ndarray) -> float:

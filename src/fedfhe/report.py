@@ -215,14 +215,16 @@ def plot_roc(hit: np.ndarray, score: np.ndarray, metrics: dict[str, Any], path: 
     with _saved(path, ncols=2, figsize=(11, 4.8)) as (roc, calibration):
         fpr, tpr, _ = roc_curve(hit, score)
         auc = metrics["auc"]
-        roc.plot(fpr, tpr, color="tab:blue", label=f"AUC {_interval(auc)}")
+        roc.plot(fpr, tpr, color="tab:blue", label=f"AUC {quality.shown(auc)}")
         roc.plot([0, 1], [0, 1], "--", color="grey", lw=1)
         roc.set_xlabel("1 - specificity")
         roc.set_ylabel("sensitivity")
         roc.set_title(f"ROC, positive class {metrics['positive_class']} ({auc['rows']} rows)")
         roc.legend(loc="lower right")
         observed, predicted = calibration_curve(hit, score, n_bins=10, strategy="quantile")
-        brier = f", Brier {_interval(metrics['brier'])}" if "brier" in metrics else " (SVM scores: not probabilities)"
+        brier = (
+            f", Brier {quality.shown(metrics['brier'])}" if "brier" in metrics else " (SVM scores: not probabilities)"
+        )
         calibration.plot(predicted, observed, "o-", color="tab:orange")
         calibration.plot([0, 1], [0, 1], "--", color="grey", lw=1)
         calibration.set_xlabel(f"predicted probability of {metrics['positive_class']}")
@@ -241,14 +243,6 @@ def plot_residuals(y_true: np.ndarray, y_pred: np.ndarray, path: Path) -> None:
         ax.set_ylabel("true - predicted")
         ax.set_title(f"Residuals ({len(y_true)} rows)")
         ax.grid(alpha=0.3)
-
-
-def _interval(figure: dict[str, Any]) -> str:
-    """A figure and its interval in a few characters."""
-    if figure["value"] is None:
-        return "n/a"
-    low, high = ("n/a" if figure[k] is None else f"{figure[k]:.3f}" for k in ("low", "high"))
-    return f"{figure['value']:.3f} [{low}, {high}]"
 
 
 def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, path: Path, names: dict[int, str] | None = None) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fedfhe.data import Dataset, MiB, assemble, split_dataset
+from fedfhe.data import Dataset, assemble, check_size, split_dataset
 from fedfhe.errors import FedfheError
 from fedfhe.problem import shared_range
 
@@ -67,11 +67,16 @@ class Schema:
         path = Path(path)
         if not path.is_file():
             raise FedfheError(f"{path}: file not found")
+        return cls.from_json(path.read_bytes(), str(path))
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str = "schema") -> Schema:
+        """A schema from its JSON text (a file, a run config, a client spec), checked."""
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise FedfheError(f"{path}: not valid JSON ({exc})".replace("\n", " ")) from None
-        return cls.from_dict(raw, str(path))
+            raise FedfheError(f"{source}: not valid JSON ({exc})".replace("\n", " ")) from None
+        return cls.from_dict(raw, source)
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = "schema") -> Schema:
@@ -124,6 +129,11 @@ class Schema:
     def encoded_names(self) -> list[str]:
         """The model's input columns, one-hot categories expanded, in schema order."""
         return [name for f in self.features for name in f.encoded]
+
+    @property
+    def target_range(self) -> tuple[float, float] | None:
+        """A regressor's label range (training scales targets with it); None for classes."""
+        return None if self.label.classes else (self.label.low, self.label.high)
 
     @property
     def class_names(self) -> list[str]:
@@ -276,9 +286,8 @@ def load(path: str | os.PathLike[str], schema: Schema, seed: int = 0, test_size:
     """A user's table as a data set: encoded by the schema, split as the bundled ones (seeded, stratified)."""
     path = Path(path).resolve()
     X, y = read_labelled(path, schema)
-    target = None if schema.label.classes else (schema.label.low, schema.label.high)
     try:
-        data = split_dataset(str(path), X, y, schema.input_range, seed, test_size, target)
+        data = split_dataset(str(path), X, y, schema.input_range, seed, test_size, schema.target_range)
     except ValueError as exc:  # scikit-learn's split: too few rows, or a class with one row
         raise FedfheError(f"{path}: cannot split {len(y)} rows into train and test ({exc})") from None
     return _checked(dataclasses.replace(data, schema=schema.to_dict(), source={"data": str(path)}), schema)
@@ -301,8 +310,9 @@ def load_owners(
     folder: str | os.PathLike[str], test: str | os.PathLike[str], schema: Schema, max_bytes: int | None = None
 ) -> Dataset:
     """One file per data owner (each a client, its rows kept together) and the server's held-out test file."""
+    folder, test = Path(folder).resolve(), Path(test).resolve()
     files = [p.resolve() for p in owner_files(folder)]
-    if Path(test).resolve() in files:
+    if test in files:
         raise FedfheError(f"{test}: the test file is one of the owners' files; keep it outside {folder}")
     frames = [read_frame(p, max_bytes) for p in files]
     first = set(map(str, frames[0].columns)) - set(schema.ignore)
@@ -315,30 +325,28 @@ def load_owners(
             differs = ", ".join([*(f"has {c!r}" for c in extra), *(f"lacks {c!r}" for c in lacking)])
             raise FedfheError(f"{path}: owners with different columns: it {differs}, unlike {files[0].name}")
     encoded = [schema.encode(frame, str(path)) for path, frame in zip(files, frames)]
-    X_test, y_test = read_labelled(Path(test).resolve(), schema, max_bytes)
+    X_test, y_test = read_labelled(test, schema, max_bytes)
     data = assemble(
-        str(Path(folder).resolve()),
+        str(folder),
         np.vstack([X for X, _ in encoded]),
         np.concatenate([y for _, y in encoded if y is not None]),
         X_test,
         y_test,
         schema.input_range,
-        None if schema.label.classes else (schema.label.low, schema.label.high),
+        schema.target_range,
     )
-    source = {"owners": str(Path(folder).resolve()), "test": str(Path(test).resolve())}
+    source = {"owners": str(folder), "test": str(test)}
     sizes = tuple(len(X) for X, _ in encoded)
     return _checked(dataclasses.replace(data, schema=schema.to_dict(), source=source, owners=sizes), schema)
 
 
 def held_out(test: str | os.PathLike[str], schema: Schema) -> Dataset:
     """The server's test file alone (a deployed federation's server holds no training rows)."""
-    X, y = read_labelled(Path(test).resolve(), schema)
-    target = None if schema.label.classes else (schema.label.low, schema.label.high)
-    data = assemble(str(Path(test).resolve()), X[:0], y[:0], X, y, schema.input_range, target)
+    test = Path(test).resolve()
+    X, y = read_labelled(test, schema)
+    data = assemble(str(test), X[:0], y[:0], X, y, schema.input_range, schema.target_range)
     classes = np.arange(len(schema.label.classes)) if schema.label.classes else data.classes
-    return dataclasses.replace(
-        data, classes=classes, schema=schema.to_dict(), source={"test": str(Path(test).resolve())}
-    )
+    return dataclasses.replace(data, classes=classes, schema=schema.to_dict(), source={"test": str(test)})
 
 
 def reload(source: dict[str, str], schema: Schema, seed: int, test_only: bool = False) -> Dataset:
@@ -379,19 +387,18 @@ def read_frame(path: str | os.PathLike[str], max_bytes: int | None = None) -> An
     path = Path(path)
     if not path.is_file():
         raise FedfheError(f"{path}: file not found")
-    if path.suffix.lower() not in FORMATS:
+    kind = path.suffix.lower()
+    if kind not in FORMATS:
         raise FedfheError(f"{path}: unsupported table format (use {', '.join(FORMATS)})")
-    if max_bytes is not None and path.stat().st_size > max_bytes:
-        raise FedfheError(
-            f"{path}: {path.stat().st_size / MiB:.4g} MiB on disk, more than the {max_bytes / MiB:.4g} MiB allowed"
-        )
     try:
-        if path.suffix.lower() == ".csv":
+        if max_bytes is not None:
+            check_size(path, max_bytes)
+        if kind == ".csv":
             header = path.read_text(errors="replace").split("\n", 1)[0].rstrip("\r").split(",")
             if duplicated := sorted({c for c in header if header.count(c) > 1}):  # pandas would rename them
                 raise FedfheError(f"{path}: column {duplicated[0]!r} appears more than once")
             return pd.read_csv(path, skipinitialspace=True)
-        if path.suffix.lower() == ".parquet":
+        if kind == ".parquet":
             return pd.read_parquet(path)
         with np.load(path, allow_pickle=False) as f:
             return pd.DataFrame({name: f[name] for name in f.files})

@@ -59,11 +59,7 @@ def _owner_data(
     if schema and "data-file" not in nc:
         raise FedfheError("this run trains on tables: set the SuperNode's node config data-file to its owner's table")
     if schema:
-        try:
-            agreed = Schema.from_dict(json.loads(schema), "run config schema")
-        except json.JSONDecodeError as exc:
-            raise FedfheError(f"run config schema: not valid JSON ({exc})") from None
-        return read_labelled(str(nc["data-file"]), agreed)
+        return read_labelled(str(nc["data-file"]), Schema.from_json(schema, "run config schema"))
     if "data-file" in nc:
         X, y = read_table(Path(str(nc["data-file"])))
         if y is None:

@@ -275,10 +275,7 @@ def _server_data(settings: dict[str, Any], seed: int) -> Dataset:
     """What the server holds: a bundled data set by name, or (a user's table) its held-out test file and the schema."""
     if not settings.get("schema"):
         return load_dataset(str(settings["dataset"]), seed=seed)
-    try:
-        schema = table.Schema.from_dict(json.loads(str(settings["schema"])), "run config schema")
-    except json.JSONDecodeError as exc:
-        raise FedfheError(f"run config schema: not valid JSON ({exc})") from None
+    schema = table.Schema.from_json(str(settings["schema"]), "run config schema")
     data = table.held_out(str(settings["test-file"]), schema)
     owners = str(settings.get("owners-dir", ""))
     return dataclasses.replace(data, name=owners, source={"owners": owners, **(data.source or {})}) if owners else data

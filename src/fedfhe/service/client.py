@@ -131,10 +131,10 @@ class EncryptedClient:
             path = self._spec()
             try:
                 with zipfile.ZipFile(path) as spec:
-                    raw = json.loads(spec.read(SPEC_SCHEMA)) if SPEC_SCHEMA in spec.namelist() else None
-            except (OSError, ValueError, zipfile.BadZipFile) as exc:
+                    raw = spec.read(SPEC_SCHEMA) if SPEC_SCHEMA in spec.namelist() else None
+            except (OSError, zipfile.BadZipFile) as exc:
                 raise FedfheError(f"{path}: unreadable client spec ({exc})") from None
-            self._schema = (None if raw is None else Schema.from_dict(raw, f"{self.url} client spec"),)
+            self._schema = (None if raw is None else Schema.from_json(raw, f"{self.url} client spec"),)
         return self._schema[0]
 
     def predict(self, X: np.ndarray | Any, source: str = "inputs") -> Prediction:
