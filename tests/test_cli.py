@@ -65,6 +65,15 @@ def test_compile_and_evaluate_again_on_user_data(cli_run, tmp_path):
     assert (report["n_bits"], report["n_test"], report["agreement"]["fhe_vs_clear"]) == (5, 40, 1.0)
     assert report["evaluated_on"] == str(tmp_path / "mine.npz")
     assert (cli_run / "evaluations" / "mine.npz" / "confusion_matrix.png").is_file()
+    first = (cli_run / "evaluations" / "mine.npz" / "report.json").read_bytes()
+    (tmp_path / "other").mkdir()  # another partner's file of the same name gets a folder of its own
+    np.savez(tmp_path / "other" / "mine.npz", X=test.X_test[40:70], y=test.y_test[40:70])
+    other = ("--data", str(tmp_path / "other" / "mine.npz"), "--data-dir", str(tmp_path))
+    done = fedfhe("evaluate", "--run", str(cli_run), *other, "--fhe-samples", "2")
+    assert "--data-dir applies to --dataset mnist only; ignored" in done.stderr  # a digits run reads no MNIST files
+    assert done.returncode == 0 and "evaluations/mine.npz-2/report.md" in "".join(done.stderr.split()), done.stderr
+    assert json.loads((cli_run / "evaluations" / "mine.npz-2" / "report.json").read_text())["n_test"] == 30
+    assert (cli_run / "evaluations" / "mine.npz" / "report.json").read_bytes() == first
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

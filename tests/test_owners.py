@@ -343,3 +343,24 @@ def test_the_readmes_own_data_walkthrough_runs_as_written(hospitals, tmp_path):
     encoded, _ = schema.encode(lab, "lab", labelled=False)
     simulated = load_compiled(tmp_path / "runs" / "h", model).predict(encoded, fhe="simulate")
     assert [a["class"] for a in answers] == [schema.label.classes[int(c)] for c in simulated]
+
+
+def test_the_readmes_cheat_sheet_runs_as_written(hospitals, tmp_path):
+    from fedfhe.data import load_dataset
+
+    split = load_dataset("breast-cancer", seed=1)  # rows the partner holds: any from the same population
+    header = ",".join(f"f{i}" for i in range(split.X_test.shape[1]))
+    labelled = np.column_stack([split.X_test[:30], split.y_test[:30]])
+    np.savetxt(tmp_path / "partner.csv", labelled, delimiter=",", header=header + ",label", comments="")
+    np.savetxt(tmp_path / "rows.csv", split.X_test[:2], delimiter=",", header=header, comments="")
+    shutil.copy(hospitals[0] / "hospital-a.csv", tmp_path / "mine.csv")
+    answers = json.loads(run_block(readme_block("cheat-sheet"), tmp_path).strip().splitlines()[-1])
+    assert [a["row"] for a in answers] == [0, 1] and {a["name"] for a in answers} <= {"malignant", "benign"}
+    runs = tmp_path / "runs"
+    evaluated = json.loads((runs / "a" / "evaluations" / "partner.csv" / "report.json").read_text())
+    assert evaluated["n_test"] == evaluated["fhe_samples"] == 30  # by default 100 rows in real FHE, or all of fewer
+    assert evaluated["agreement"]["fhe_vs_clear"] == evaluated["agreement"]["execute_vs_clear"] == 1.0
+    assert [p["n_bits"] for p in json.loads((runs / "a" / "tune.json").read_text())["points"]] == [4, 6, 8]
+    assert (runs / "a" / "card.md").is_file() and (runs / "r" / "model.npz").is_file()
+    assert LinearModel.load(runs / "f" / "model.npz").metadata["training"]["clients"] == 3
+    assert table.Schema.load(tmp_path / "schema.json").label.name == "outcome"

@@ -44,8 +44,13 @@ def test_two_class_figures_equal_scikit_learns_and_carry_intervals(binary):
     for name, value in expected.items():
         f = figures[name]
         assert f["value"] == pytest.approx(value, abs=1e-12), name
-        assert f["low"] <= f["value"] <= f["high"] and f["high"] - f["low"] < 0.2 and f["rows"] == 300, (name, f)
+        assert f["low"] <= f["value"] <= f["high"] and f["high"] - f["low"] < 0.2, (name, f)
+    predicted = np.bincount(pred, minlength=2)
+    rows = {"accuracy": 300, "auc": 300, "brier": 300, "sensitivity": support[1], "specificity": support[0]}
+    rows |= {"ppv": predicted[1], "npv": predicted[0]}  # each figure's row count is its denominator
+    assert {name: figures[name]["rows"] for name in rows} == rows
     assert figures["per_class"]["benign"]["rows"] == support[0]
+    assert figures["per_class"]["benign"]["precision"]["rows"] == predicted[0]
     assert figures["per_class"]["malignant"]["recall"]["value"] == pytest.approx(recall[1])
     flipped = quality.classifier(y, pred, proba, [0, 1], ["benign", "malignant"], 0, calibrated=False)
     assert flipped["sensitivity"]["value"] == pytest.approx(recall[0]) and "brier" not in flipped
@@ -82,3 +87,24 @@ def test_the_positive_class_by_name_or_number_and_bad_ones(tmp_path):
     done = fedfhe("run", "--dataset", "diabetes", "--model", "ridge", "--positive-class", "1", "--out", str(out))
     assert done.returncode == 2 and "applies to two-class models" in done.stderr and not out.exists()
     assert quality.positive_index("0", [0, 1], ["1", "0"]) == 1  # a name before a number
+
+
+def test_intervals_do_not_depend_on_how_resamples_are_chunked(binary, monkeypatch):
+    """Memory is bounded by drawing resamples in chunks; the figures must not change with the chunk size."""
+    y, pred, proba = binary
+
+    def figures() -> tuple[dict, dict]:
+        return quality.classifier(y, pred, proba, [0, 1], list("ab"), 1, calibrated=True), quality.regressor(y, pred)
+
+    whole = figures()
+    monkeypatch.setattr(quality, "CELLS", 7 * len(y))  # seven resamples at a time instead of all of them
+    assert _same(figures(), whole)
+
+
+def _same(a, b) -> bool:
+    """Nested figures equal to 1e-12."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, tuple):
+        return all(_same(x, z) for x, z in zip(a, b, strict=True))
+    return a == pytest.approx(b, abs=1e-12) if isinstance(a, float) else a == b

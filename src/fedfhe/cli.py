@@ -68,7 +68,14 @@ Calibration = Annotated[
         help="Real data (.npy/.npz/.csv) to calibrate on instead of the input-range bounds.", rich_help_panel=FHE
     ),
 ]
-FheSamples = Annotated[int, typer.Option(help="Test samples to run with real encryption.", rich_help_panel=FHE)]
+FheSamples = Annotated[
+    int | None,
+    typer.Option(
+        help="Test rows to run with real encryption (the rest in FHE simulation)  [default: 100, or all when fewer]",
+        rich_help_panel=FHE,
+        show_default=False,
+    ),
+]
 RunDirOption = Annotated[Path, typer.Option("--run", help="Run directory.")]
 Out = Annotated[
     Path, typer.Option("--run", "--out", help="Run directory to write into (--out: the same).", rich_help_panel=OUTPUT)
@@ -287,6 +294,20 @@ def _warn_unused(dataset: str, data_dir: Path | None, own: bool) -> None:
         console.print("[yellow]warning:[/yellow] --data-dir applies to --dataset mnist only; ignored", soft_wrap=True)
 
 
+def _warn_unused_by(run: Path, data_dir: Path | None, data: Path | None = None) -> None:
+    """The same warning for a command on a run made before: its data set is the run's (or --data)."""
+    from fedfhe.rundir import RunDir
+
+    if data_dir is None:
+        return
+    target = RunDir(run)
+    try:
+        dataset, _ = target.read_config()
+    except FedfheError:
+        return  # no readable run: the command says so itself
+    _warn_unused(dataset, data_dir, data is not None or target.schema_file.exists())
+
+
 def _trained(model: Any, out: Path) -> None:
     """One line on the trained model: its score, the centralized baseline, DP's epsilon."""
     config, metrics = model.metadata["training"], model.metadata["metrics"]
@@ -357,6 +378,7 @@ def train(
     target = out if resume is None else resume
     with _training(target) as bars:
         if resume is not None:
+            _warn_unused_by(resume, data_dir)
             model = pipeline.resume(resume, data_dir, bars)
         else:
             _warn_unused(dataset, data_dir, data is not None or owners is not None)
@@ -383,7 +405,7 @@ def compile_(
 @app.command(epilog=_examples("evaluate"))
 def evaluate(
     run: RunDirOption = Path("runs/latest"),
-    fhe_samples: FheSamples = 100,
+    fhe_samples: FheSamples = None,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -397,14 +419,15 @@ def evaluate(
 ) -> None:
     """Measure float, quantized, simulated and real FHE accuracy and their agreement.
 
-    On the run's test split the run's report is rewritten; a --data file gets its own, in RUN/evaluations/FILE/.
+    On the run's test split the run's report is rewritten; a --data file gets its own, in RUN/evaluations/FILE/
+    (FILE-2/ for another file of the same name).
     """
     from fedfhe import pipeline
-    from fedfhe.rundir import RunDir
 
+    _warn_unused_by(run, data_dir, data)
     with _bars() as live:
         summary = pipeline.evaluate_run(run, fhe_samples, data, data_dir, Bars(live), max_input_mb, positive_class)
-    _show(summary, run if data is None else RunDir(run).evaluations / data.name)
+    _show(summary, run if data is None else pipeline.evaluation_dir(run, data).path)
 
 
 @app.command(epilog=_examples("run"))
@@ -419,7 +442,7 @@ def run(
     test: TestFile = None,
     n_bits: NBits = 8,
     calibration: Calibration = None,
-    fhe_samples: FheSamples = 100,
+    fhe_samples: FheSamples = None,
     out: Out = Path("runs/latest"),
     force: Force = False,
     max_input_mb: MaxInputMb = 1024.0,
@@ -477,6 +500,7 @@ def tune(
             values = (name, [float(v) for v in listed.split(",")])
         except ValueError:
             raise FedfheError(f"--sweep must look like NAME=V1,V2,... with numbers (got {sweep!r})") from None
+    _warn_unused_by(run, data_dir)
     with _bars() as live:
         tuned = pipeline.tune_run(run, bits, latency_samples, values, data_dir, Bars(live))
     key = tuned.score

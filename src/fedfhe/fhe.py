@@ -145,10 +145,16 @@ def load_compiled(run_dir: str | os.PathLike[str], model: LinearModel) -> Compil
     return _compile(model, artifacts.n_bits, artifacts.compile_inputs, artifacts.calibration)
 
 
-def check_fhe_samples(fhe_samples: int, n_test: int) -> None:
-    """--fhe-samples must fit in the test set."""
+FHE_SAMPLES = 100  # rows run with real encryption unless told otherwise (fewer when the test set is smaller)
+
+
+def fhe_samples_for(fhe_samples: int | None, n_test: int) -> int:
+    """--fhe-samples as given, which must fit in the test set; by default 100 or every row of a smaller one."""
+    if fhe_samples is None:
+        return min(FHE_SAMPLES, n_test)
     if not 0 <= fhe_samples <= n_test:
         raise FedfheError(f"--fhe-samples must be between 0 and the {n_test} test samples (got {fhe_samples})")
+    return fhe_samples
 
 
 def evaluate(
@@ -166,7 +172,7 @@ def evaluate(
     """
     model = compiled.source
     X = check_features(X, model.n_features, model.input_range, "test data")
-    check_fhe_samples(fhe_samples, len(X))
+    fhe_samples_for(fhe_samples, len(X))
     sklearn_pred = model.to_sklearn().predict(X)
     clear_pred = compiled.predict(X, fhe="disable")
     start = time.perf_counter()

@@ -7,6 +7,7 @@ run directory later. Long steps report through a `Progress`; the CLI only draws 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from fedfhe.artifacts import check_n_bits
 from fedfhe.config import TrainConfig
 from fedfhe.data import Dataset, MiB, check_features, load_dataset, read_table
 from fedfhe.errors import FedfheError
-from fedfhe.fhe import CompiledModel, check_fhe_samples
+from fedfhe.fhe import CompiledModel, fhe_samples_for
 from fedfhe.model import LinearModel
 from fedfhe.rundir import RunDir
 
@@ -103,7 +104,7 @@ def run(
     *,
     n_bits: int = 8,
     calibration: PathLike | None = None,
-    fhe_samples: int = 100,
+    fhe_samples: int | None = None,
     progress: Progress = QUIET,
     verbose: bool = False,
     force: bool = False,
@@ -119,7 +120,7 @@ def run(
     config.problem(dataset)
     classes, names = [int(c) for c in dataset.classes], result.names(dataset)["class_names"]
     _check_positive(positive_class, dataset.is_regression, classes, names)
-    check_fhe_samples(fhe_samples, len(dataset.y_test))
+    fhe_samples = fhe_samples_for(fhe_samples, len(dataset.y_test))
     limit = _max_bytes(max_input_mb)
     sample = None if calibration is None else read_table(calibration, max_bytes=limit)[0]
     model = train(dataset, config, out, progress, verbose, force=force)
@@ -188,7 +189,7 @@ def compile_run(
 
 def evaluate_run(
     run_dir: PathLike,
-    fhe_samples: int = 100,
+    fhe_samples: int | None = None,
     data: PathLike | None = None,
     data_dir: PathLike | None = None,
     progress: Progress = QUIET,
@@ -197,7 +198,7 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate the run's compiled model on its test split (rewriting the run's report), or on a labelled file.
 
-    A file's report goes to RUN/evaluations/<file name>/, never over the run's. A data file larger than
+    A file's report goes to RUN/evaluations/<file name>/ (see evaluation_dir), never over the run's. A data file larger than
     `max_input_mb` MiB is refused before it is read. For two classes, sensitivity, PPV, AUC and Brier
     are about `positive_class` (a class name or number; default the last class).
     """
@@ -223,15 +224,34 @@ def evaluate_run(
     if not model.is_regression and not (known := np.isin(y, model.classes)).all():
         bad = y[~known][0]
         raise FedfheError(f"{data}: label {bad!r} is not one of the model's classes {[int(c) for c in model.classes]}")
-    check_fhe_samples(fhe_samples, len(y))
+    fhe_samples = fhe_samples_for(fhe_samples, len(y))
     progress.start("compiling")
     compiled = fhe.load_compiled(target.path, model)
     if data is None:
         return _evaluate(compiled, target.create(), X, y, fhe_samples, progress, positive_class)
-    elsewhere = RunDir(target.evaluations / Path(data).name).create()
+    elsewhere = evaluation_dir(target.path, data).create()
     return _evaluate(
         compiled, target, X, y, fhe_samples, progress, positive_class, elsewhere, str(Path(data).resolve())
     )
+
+
+def evaluation_dir(run_dir: PathLike, data: PathLike) -> RunDir:
+    """Where `evaluate --data FILE` reports: RUN/evaluations/<file name>/, or <file name>-2/, ... when
+    that folder holds the report of another file of the same name."""
+    source, name = str(Path(data).resolve()), Path(data).name
+    folder, copy = RunDir(run_dir).evaluations / name, 1
+    while (report := folder / "report.json").exists() and _source_of(report) != source:
+        copy += 1
+        folder = folder.with_name(f"{name}-{copy}")
+    return RunDir(folder)
+
+
+def _source_of(report: Path) -> str | None:
+    """The file a report was made on (None for an unreadable report, which is then left alone)."""
+    try:
+        return json.loads(report.read_text()).get("evaluated_on")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 @dataclass(frozen=True)

@@ -185,9 +185,10 @@ def _figures(metrics: dict[str, Any]) -> list[str]:
     for name, per in metrics.get("per_class", {}).items():
         lines += [
             row(f"{name}: precision", per["precision"]),
-            row(f"{name}: recall ({per['rows']} rows)", per["recall"]),
+            row(f"{name}: recall", per["recall"]),
         ]
-    return [*lines, "", "Intervals: bootstrap percentiles over the evaluated rows (1,000 resamples, seed 0).", ""]
+    notes = "Intervals: bootstrap percentiles over the evaluated rows (1,000 resamples, seed 0). Rows: those a figure"
+    return [*lines, "", f"{notes} is computed on (recall: the class's rows; precision: the rows predicted as it).", ""]
 
 
 @contextlib.contextmanager
