@@ -51,7 +51,7 @@ def truth(run_dir, rows) -> np.ndarray:
 def server(run_dir, tmp_path_factory) -> Iterator[Served]:
     """One server for the module: 2 workers, 1 MiB bodies, 16 ciphertexts per request."""
     tmp = tmp_path_factory.mktemp("server")
-    options = ("--workers", "2", "--max-body-mb", "1", "--max-batch", "16")
+    options = ("--workers", "2", "--max-body-mb", "1", "--max-key-mb", "1", "--max-batch", "16")
     with serving(run_dir, tmp / "keys", tmp / "server.log", *options) as served:
         yield served
 

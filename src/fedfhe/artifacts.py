@@ -45,6 +45,7 @@ class Artifacts:
     calibration: str  # what the circuit was compiled on
     compile_inputs: np.ndarray  # the (scaled) rows the circuit was compiled on
     client_spec: bytes  # client.zip, the only artifact a client sees
+    outputs: str  # what a client decrypts: "scores", or "label" (the class index only)
 
 
 def read_artifacts(run: RunDir, model: LinearModel) -> Artifacts:
@@ -61,7 +62,8 @@ def read_artifacts(run: RunDir, model: LinearModel) -> Artifacts:
     spec = _read(folder / CLIENT_SPEC, MAX_CLIENT_SPEC_BYTES, _read_spec)
     if info["model_sha256"] != model.sha256:
         raise FedfheError(f"{folder}: FHE artifacts were compiled for another model; compile again")
-    return Artifacts(folder, info["n_bits"], info["max_bit_width"], info["calibration"], inputs, spec)
+    outputs = info.get("outputs", "scores")  # runs compiled before label outputs existed serve scores
+    return Artifacts(folder, info["n_bits"], info["max_bit_width"], info["calibration"], inputs, spec, outputs)
 
 
 def _read(path: Path, limit: int, read: Callable[[io.BufferedReader], T]) -> T:
@@ -84,6 +86,8 @@ def _read_info(f: io.BufferedReader) -> dict[str, Any]:
             if type(info.get(key)) is not kind:  # so neither true nor 8.5 passes for an int
                 raise ValueError(f"{key} is {type(info.get(key)).__name__}, not {kind.__name__}")
         check_n_bits(info["n_bits"])
+        if info.get("outputs", "scores") not in ("scores", "label"):
+            raise ValueError(f"outputs is {str(info['outputs'])[:20]!r}, not scores or label")
         return info
     raise ValueError(f"a JSON {type(info).__name__}, not an object")
 

@@ -28,6 +28,7 @@ def build(run: RunDir) -> dict[str, Any]:
         artifacts = read_artifacts(run, model)
         compiled = {
             "n_bits": artifacts.n_bits,
+            "outputs": artifacts.outputs,
             "max_bit_width": artifacts.max_bit_width,
             "calibration": artifacts.calibration,
             "client_spec_sha256": hashlib.sha256(artifacts.client_spec).hexdigest(),
@@ -67,9 +68,10 @@ def _report(run: RunDir, sha256: str, compiled: dict[str, Any] | None) -> dict[s
         return None
     if not isinstance(report, dict) or report.get("model_sha256") != sha256:
         return None
-    if compiled is None or (report.get("n_bits"), report.get("calibration")) != (
+    if compiled is None or (report.get("n_bits"), report.get("calibration"), report.get("outputs", "scores")) != (
         compiled["n_bits"],
         compiled["calibration"],
+        compiled["outputs"],
     ):
         return None
     scores = {name: report[name] for name in ("accuracy", "r2", "mse") if name in report}
@@ -108,8 +110,13 @@ def _limits(
         )
     else:
         limits.append("No differential privacy: the weights may reveal facts about the owners' training rows.")
-    if not regression:
+    if not regression and (compiled is None or compiled["outputs"] == "scores"):
         limits.append("Clients decrypt the scores, not only the class: many queries can reveal the weights.")
+    elif not regression:
+        limits.append(
+            "Label outputs: clients learn only the class, which slows copying the model but does not stop it: "
+            "enough labelled queries train a close copy (rate-limit tokens)."
+        )
     return limits
 
 
@@ -145,7 +152,8 @@ def markdown(card: dict[str, Any]) -> str:
         fhe = card["fhe"]
         lines += [
             (
-                f"FHE circuit: n_bits {fhe['n_bits']}, largest integer {fhe['max_bit_width']} bits, compiled on "
+                f"FHE circuit: {fhe['outputs']} outputs, n_bits {fhe['n_bits']}, largest integer "
+                f"{fhe['max_bit_width']} bits, compiled on "
                 f"{fhe['calibration']}; client spec sha256 `{fhe['client_spec_sha256']}`."
             ),
             "",

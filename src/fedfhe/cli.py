@@ -62,6 +62,15 @@ DataDir = Annotated[
     Path | None, typer.Option(help="Folder with the four MNIST IDX files (mnist only).", rich_help_panel=DATA)
 ]
 NBits = Annotated[int, typer.Option(help="Quantization bits of inputs and weights.", rich_help_panel=FHE)]
+Outputs = Annotated[
+    str | None,
+    typer.Option(
+        help="What a client decrypts: scores, or label (the circuit picks the class; the scores that give the "
+        "weights away never leave it; classifiers only)  [default: what the run was compiled for, else scores]",
+        rich_help_panel=FHE,
+        show_default=False,
+    ),
+]
 Calibration = Annotated[
     Path | None,
     typer.Option(
@@ -326,7 +335,7 @@ def _trained(model: Any, out: Path) -> None:
 def _compiled(compiled: Any, out: Path) -> None:
     """One line on the circuit."""
     console.print(
-        f"compiled: n_bits {compiled.n_bits}, largest integer {compiled.max_bit_width} bits, "
+        f"compiled: {compiled.outputs} outputs, n_bits {compiled.n_bits}, largest integer {compiled.max_bit_width} bits, "
         f"{compiled.compile_seconds:.1f} s -> {out / 'fhe'}"
     )
 
@@ -393,12 +402,13 @@ def compile_(
     n_bits: NBits = 8,
     calibration: Calibration = None,
     max_input_mb: MaxInputMb = 1024.0,
+    outputs: Outputs = None,
 ) -> None:
     """Convert the run's model with Concrete ML and compile it, without any training data."""
     from fedfhe import pipeline
 
     with console.status("compiling the FHE circuit"):
-        compiled = pipeline.compile_run(run, n_bits, calibration, max_input_mb=max_input_mb)
+        compiled = pipeline.compile_run(run, n_bits, calibration, max_input_mb=max_input_mb, outputs=outputs)
     _compiled(compiled, run)
 
 
@@ -441,6 +451,7 @@ def run(
     owners: Owners = None,
     test: TestFile = None,
     n_bits: NBits = 8,
+    outputs: Outputs = None,
     calibration: Calibration = None,
     fhe_samples: FheSamples = None,
     out: Out = Path("runs/latest"),
@@ -467,6 +478,7 @@ def run(
             force=force,
             max_input_mb=max_input_mb,
             positive_class=positive_class,
+            outputs=outputs or "scores",
         )
     _trained(result.model, out)
     _compiled(result.compiled, out)
@@ -485,6 +497,7 @@ def tune(
         ),
     ] = None,
     data_dir: DataDir = None,
+    outputs: Outputs = None,
 ) -> None:
     """Sweep n_bits (and --sweep): score in FHE simulation vs server latency; compile the fastest good point."""
     from fedfhe import pipeline, tuning
@@ -502,7 +515,7 @@ def tune(
             raise FedfheError(f"--sweep must look like NAME=V1,V2,... with numbers (got {sweep!r})") from None
     _warn_unused_by(run, data_dir)
     with _bars() as live:
-        tuned = pipeline.tune_run(run, bits, latency_samples, values, data_dir, Bars(live))
+        tuned = pipeline.tune_run(run, bits, latency_samples, values, data_dir, Bars(live), outputs)
     key = tuned.score
     model = tuned.compiled.source
     table = Table(
@@ -716,6 +729,9 @@ def serve(
     max_keys: Annotated[int, typer.Option(help="Most evaluation keys stored (least recently used go first).")] = 1000,
     max_key_store_mb: Annotated[float, typer.Option(help="Most MiB of evaluation keys stored.")] = 1024.0,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body, in MiB.")] = 16.0,
+    max_key_mb: Annotated[
+        float, typer.Option(help="Largest evaluation key upload, in MiB (label outputs need 26-47 MB).")
+    ] = 128.0,
     max_batch: Annotated[int, typer.Option(help="Most ciphertexts per request.")] = 256,
     timeout: Annotated[float, typer.Option(help="Seconds of FHE work allowed per request.")] = 60.0,
     read_timeout: Annotated[
@@ -742,9 +758,10 @@ def serve(
     from fedfhe.service.evaluator import Evaluator
     from fedfhe.service.server import Limits, create_app
 
-    if max_body_mb <= 0 or max_batch < 1 or timeout <= 0 or max_keys < 1 or max_key_store_mb <= 0:
+    if min(max_body_mb, max_key_mb, max_key_store_mb, timeout) <= 0 or max_batch < 1 or max_keys < 1:
         raise FedfheError(
-            "--max-body-mb, --max-key-store-mb and --timeout must be positive, --max-batch and --max-keys at least 1"
+            "--max-body-mb, --max-key-mb, --max-key-store-mb and --timeout must be positive, "
+            "--max-batch and --max-keys at least 1"
         )
     if (tls_cert is None) != (tls_key is None):
         raise FedfheError("--tls-cert and --tls-key go together")
@@ -753,6 +770,7 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     limits = Limits(
         max_body_bytes=int(max_body_mb * (1 << 20)),
+        max_key_bytes=int(max_key_mb * (1 << 20)),
         max_batch=max_batch,
         timeout_s=timeout,
         max_keys=max_keys,
@@ -828,20 +846,24 @@ def predict(
         Console().print(table)
         return
     named = dict(zip(classes, names))
+    scores = result.scores  # None from a server with label outputs
     if json_out:
-        rows = [
-            {"row": i, "class": c, "name": named[c], "scores": dict(zip(names, map(float, s)))}
-            for i, (c, s) in enumerate(zip(result.predicted.tolist(), result.scores))
-        ]
+        rows = [{"row": i, "class": c, "name": named[c]} for i, c in enumerate(result.predicted.tolist())]
+        if scores is not None:
+            rows = [{**row, "scores": dict(zip(names, map(float, s)))} for row, s in zip(rows, scores)]
         print(json.dumps(rows))
         return
     table = Table(title=f"{input.name}: {len(X)} row(s), classified under encryption")
     table.add_column("row", justify="right")
     table.add_column("class", justify="right")
-    table.add_column("scores (" + " ".join(names) + ")")
-    for i, (c, s) in enumerate(zip(result.predicted.tolist(), result.scores)):
-        table.add_row(str(i), named[c], " ".join(f"{v:.2f}" for v in s))
+    if scores is not None:
+        table.add_column("scores (" + " ".join(names) + ")")
+    for i, c in enumerate(result.predicted.tolist()):
+        shown = [] if scores is None else [" ".join(f"{v:.2f}" for v in scores[i])]
+        table.add_row(str(i), named[c], *shown)
     Console().print(table)
+    if scores is None:
+        Console().print("label outputs: the server returns classes only, never the scores", soft_wrap=True)
 
 
 def main() -> None:

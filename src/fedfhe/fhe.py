@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import importlib
 import io
 import json
@@ -23,10 +24,12 @@ from typing import Any
 
 import numpy as np
 
+from fedfhe import label
 from fedfhe.artifacts import check_n_bits, read_artifacts
 from fedfhe.data import check_features
 from fedfhe.errors import FedfheError
 from fedfhe.kinds import Kind
+from fedfhe.label import Plan
 from fedfhe.model import LinearModel
 from fedfhe.rundir import CLIENT_SPEC, COMPILE_INPUTS, FHE_INFO, SPEC_SCHEMA, RunDir
 
@@ -56,6 +59,9 @@ def fit_concrete(kind: Kind, params: dict[str, Any], X: np.ndarray, y: np.ndarra
         return concrete_class(kind)(**params).fit(X, y)
 
 
+OUTPUTS = ("scores", "label")  # what a client decrypts: the model's scores, or only the class
+
+
 @dataclass
 class CompiledModel:
     """A compiled Concrete ML model with the facts needed to trust and reproduce it."""
@@ -66,13 +72,31 @@ class CompiledModel:
     compile_inputs: np.ndarray
     calibration: str
     compile_seconds: float
+    label: Any = None  # outputs "label": the concrete-python circuit that returns the class index
+    rule: Plan | None = None  # ... and the integer rule it computes
+
+    @property
+    def outputs(self) -> str:
+        """What the circuit returns to a client: "scores" or "label"."""
+        return "scores" if self.label is None else "label"
+
+    @property
+    def circuit(self) -> Any:
+        """The FHE circuit a server runs."""
+        return self.concrete.fhe_circuit if self.label is None else self.label
 
     def predict(self, X: np.ndarray, fhe: str) -> np.ndarray:
         """Classes or values for raw features, in the clear ("disable") or simulated FHE ("simulate")."""
+        if self.label is not None and fhe == "simulate":
+            q = self.concrete.quantize_input(self.source.scale(X))
+            picked = [int(np.ravel(self.label.simulate(row[None, :]))[0]) for row in q]
+            return np.asarray(self.concrete.classes_)[np.array(picked, dtype=np.int64)]
         return np.ravel(self.concrete.predict(self.source.scale(X), fhe=fhe))
 
-    def classify(self, X: np.ndarray, fhe: str) -> tuple[np.ndarray, np.ndarray]:
-        """A classifier's classes and class probabilities from one pass of the circuit (its decrypted scores)."""
+    def classify(self, X: np.ndarray, fhe: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """A classifier's classes and class probabilities from one pass of the circuit (none for label outputs)."""
+        if self.label is not None:
+            return self.predict(X, fhe), None
         scores = np.asarray(self.concrete.decision_function(self.source.scale(X), fhe=fhe))
         proba = np.asarray(self.concrete.post_processing(scores))
         picked = (scores > 0).astype(int) if scores.ndim == 1 else scores.argmax(axis=1)
@@ -81,7 +105,7 @@ class CompiledModel:
     @property
     def max_bit_width(self) -> int:
         """Widest integer in the FHE circuit."""
-        return int(self.concrete.fhe_circuit.graph.maximum_integer_bit_width())
+        return int(self.circuit.graph.maximum_integer_bit_width())
 
     def info(self) -> dict[str, Any]:
         """What fhe.json records about this compilation."""
@@ -89,6 +113,9 @@ class CompiledModel:
             "model_sha256": self.source.sha256,
             "kind": self.source.kind.name,
             "n_bits": self.n_bits,
+            "outputs": self.outputs,
+            **({"label_rounding_lsbs": [self.rule.first, self.rule.second]} if self.rule is not None else {}),
+            "bootstraps": int(self.circuit.programmable_bootstrap_count),
             "calibration": self.calibration,
             "max_bit_width": self.max_bit_width,
             "compile_seconds": self.compile_seconds,
@@ -100,23 +127,53 @@ class CompiledModel:
         }
 
 
-def compile_model(model: LinearModel, n_bits: int = 8, calibration: np.ndarray | None = None) -> CompiledModel:
-    """Quantize and compile; without calibration data the bounds come from the input range alone."""
+def check_outputs(outputs: str, regression: bool) -> None:
+    """--outputs must name a mode, and label outputs need a classifier."""
+    if outputs not in OUTPUTS:
+        raise FedfheError(f"--outputs must be one of: {', '.join(OUTPUTS)} (got {outputs!r})")
+    if outputs == "label" and regression:
+        raise FedfheError("--outputs label applies to classifiers; a regressor's output is its value")
+
+
+def compile_model(
+    model: LinearModel, n_bits: int = 8, calibration: np.ndarray | None = None, outputs: str = "scores"
+) -> CompiledModel:
+    """Quantize and compile; without calibration data the bounds come from the input range alone.
+
+    outputs "label": the circuit returns the class index only (see fedfhe.label), never the scores.
+    """
     check_n_bits(n_bits)
+    check_outputs(outputs, model.is_regression)
     if calibration is None:
-        return _compile(model, n_bits, bound_inputs(model), "input-range bounds")
+        return _compile(model, n_bits, bound_inputs(model), "input-range bounds", outputs)
     inputs = check_features(calibration, model.n_features, model.input_range, "calibration data")
-    return _compile(model, n_bits, model.scale(inputs), f"calibration sample ({len(inputs)} rows)")
+    return _compile(model, n_bits, model.scale(inputs), f"calibration sample ({len(inputs)} rows)", outputs)
 
 
-def _compile(model: LinearModel, n_bits: int, scaled_inputs: np.ndarray, calibration: str) -> CompiledModel:
-    """Convert the model (on scaled features) to its Concrete ML class and compile on the given inputs."""
+def _compile(
+    model: LinearModel, n_bits: int, scaled_inputs: np.ndarray, calibration: str, outputs: str
+) -> CompiledModel:
+    """Convert the model (on scaled features) to its Concrete ML class and compile its circuit."""
     converter = concrete_class(model.kind)  # imported before the clock starts: compile time is compile time
     start = time.perf_counter()
     with quiet():
         concrete = converter.from_sklearn_model(model.to_scaled_sklearn(), X=scaled_inputs, n_bits=n_bits)
-        concrete.compile(scaled_inputs)
-    return CompiledModel(concrete, model, n_bits, scaled_inputs, calibration, time.perf_counter() - start)
+        if outputs == "scores":
+            concrete.compile(scaled_inputs)
+            circuit, rule = None, None
+        else:  # the quantizers are Concrete ML's; the circuit is the label rule on them
+            circuit, rule = label.compile_label(concrete)
+    seconds = time.perf_counter() - start
+    return CompiledModel(concrete, model, n_bits, scaled_inputs, calibration, seconds, circuit, rule)
+
+
+def _deployable(compiled: CompiledModel) -> Any:
+    """What Concrete ML's deployment saves: the model itself, or a copy whose circuit is the label one."""
+    if compiled.label is None:
+        return compiled.concrete
+    deployed = copy.copy(compiled.concrete)  # same quantizers, so FHEModelClient encrypts for the label circuit
+    deployed.fhe_circuit_, deployed._is_compiled = compiled.label, True
+    return deployed
 
 
 def export(compiled: CompiledModel, run_dir: str | os.PathLike[str]) -> Path:
@@ -125,7 +182,7 @@ def export(compiled: CompiledModel, run_dir: str | os.PathLike[str]) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".fhe-", dir=run_dir))
     try:
         with quiet():
-            concrete("concrete.ml.deployment").FHEModelDev(str(staging), compiled.concrete).save()
+            concrete("concrete.ml.deployment").FHEModelDev(str(staging), _deployable(compiled)).save()
         if "schema" in compiled.source.metadata:  # pinned with the spec: a client encodes raw rows by it
             with zipfile.ZipFile(staging / CLIENT_SPEC, "a") as spec:
                 spec.writestr(SPEC_SCHEMA, json.dumps(compiled.source.metadata["schema"]))
@@ -142,7 +199,7 @@ def export(compiled: CompiledModel, run_dir: str | os.PathLike[str]) -> Path:
 def load_compiled(run_dir: str | os.PathLike[str], model: LinearModel) -> CompiledModel:
     """Recompile exactly as `export` recorded, after checking the artifacts belong to this model."""
     artifacts = read_artifacts(RunDir(run_dir), model)
-    return _compile(model, artifacts.n_bits, artifacts.compile_inputs, artifacts.calibration)
+    return _compile(model, artifacts.n_bits, artifacts.compile_inputs, artifacts.calibration, artifacts.outputs)
 
 
 FHE_SAMPLES = 100  # rows run with real encryption unless told otherwise (fewer when the test set is smaller)
@@ -181,7 +238,7 @@ def evaluate(
     else:
         simulate_pred, proba = compiled.classify(X, fhe="simulate")
     simulate_seconds = time.perf_counter() - start
-    execute_pred, timings = execute(artifacts, model, X[:fhe_samples], on_sample)
+    execute_pred, timings = execute(artifacts, model, X[:fhe_samples], on_sample, compiled.outputs)
     pairs = {
         "sklearn": (sklearn_pred, y),
         "fhe_clear": (clear_pred, y),
@@ -227,7 +284,11 @@ def _agree(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def execute(
-    artifacts: str | os.PathLike[str], model: LinearModel, X: np.ndarray, on_sample: Callable[[int], None] | None = None
+    artifacts: str | os.PathLike[str],
+    model: LinearModel,
+    X: np.ndarray,
+    on_sample: Callable[[int], None] | None = None,
+    outputs: str = "scores",
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Real FHE through the exported client.zip/server.zip: keygen, scale + encrypt, run, decrypt per row."""
     deployment = concrete("concrete.ml.deployment")
@@ -241,16 +302,24 @@ def execute(
         keys = client.get_serialized_evaluation_keys()
         keygen = time.perf_counter() - start
         server = deployment.FHEModelServer(str(artifacts))  # loads server.zip
+        held = concrete("concrete.fhe").EvaluationKeys.deserialize(
+            keys
+        )  # once, as the service does: label keys are MBs
         predictions, encrypt, run, decrypt, sizes = [], [], [], [], []
         for i, row in enumerate(model.scale(X)):
             t0 = time.perf_counter()
             ciphertext = client.quantize_encrypt_serialize(row[None, :])
             t1 = time.perf_counter()
-            result = server.run(ciphertext, keys)
+            result = server.run(ciphertext, held)
             t2 = time.perf_counter()
-            output = np.asarray(client.deserialize_decrypt_dequantize(result))
+            if outputs == "label":  # the decrypted value is the class index
+                predictions.append(model.classes[int(np.ravel(client.deserialize_decrypt(result))[0])])
+            else:
+                output = np.asarray(client.deserialize_decrypt_dequantize(result))
+                predictions.append(
+                    output.ravel()[0] if model.is_regression else model.classes[int(np.argmax(output[0]))]
+                )
             t3 = time.perf_counter()
-            predictions.append(output.ravel()[0] if model.is_regression else model.classes[int(np.argmax(output[0]))])
             encrypt.append(t1 - t0)
             run.append(t2 - t1)
             decrypt.append(t3 - t2)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedfhe import fhe, quality, report, result, table, training, tuning
-from fedfhe.artifacts import check_n_bits
+from fedfhe.artifacts import check_n_bits, read_artifacts
 from fedfhe.config import TrainConfig
 from fedfhe.data import Dataset, MiB, check_features, load_dataset, read_table
 from fedfhe.errors import FedfheError
@@ -110,13 +110,15 @@ def run(
     force: bool = False,
     max_input_mb: float | None = None,
     positive_class: str | None = None,
+    outputs: str = "scores",
 ) -> RunResult:
     """Train, compile from the input ranges (or a calibration file) and evaluate; everything lands in `out`.
 
     Every option is checked before anything is written; `force` as in `train`; `positive_class` as in
-    `evaluate_run`.
+    `evaluate_run`; `outputs` as in `compile_run`.
     """
     check_n_bits(n_bits)
+    fhe.check_outputs(outputs, dataset.is_regression)
     config.problem(dataset)
     classes, names = [int(c) for c in dataset.classes], result.names(dataset)["class_names"]
     _check_positive(positive_class, dataset.is_regression, classes, names)
@@ -125,7 +127,7 @@ def run(
     sample = None if calibration is None else read_table(calibration, max_bytes=limit)[0]
     model = train(dataset, config, out, progress, verbose, force=force)
     target = RunDir(out)
-    compiled = compile_run(target, n_bits, sample, progress, model)
+    compiled = compile_run(target, n_bits, sample, progress, model, outputs=outputs)
     summary = _evaluate(compiled, target, dataset.X_test, dataset.y_test, fhe_samples, progress, positive_class)
     return RunResult(model, compiled, summary)
 
@@ -169,22 +171,34 @@ def compile_run(
     progress: Progress = QUIET,
     model: LinearModel | None = None,
     max_input_mb: float | None = None,
+    outputs: str | None = None,
 ) -> CompiledModel:
     """Compile the run's model (without data, unless a calibration sample is given) and export the artifacts.
 
-    A calibration file larger than `max_input_mb` MiB is refused before it is read.
+    A calibration file larger than `max_input_mb` MiB is refused before it is read. `outputs`: what
+    a client decrypts, "scores" or "label" (the class only); by default what the run was compiled for.
     """
     check_n_bits(n_bits)
     limit = _max_bytes(max_input_mb)
     target = RunDir(run_dir)
     model = model or target.load_model()
+    outputs = outputs or compiled_outputs(target, model)
+    fhe.check_outputs(outputs, model.is_regression)
     if calibration is not None and not isinstance(calibration, np.ndarray):
         calibration = read_table(calibration, max_bytes=limit)[0]
     target.create()
     progress.start("compiling")
-    compiled = fhe.compile_model(model, n_bits, calibration)
+    compiled = fhe.compile_model(model, n_bits, calibration, outputs)
     fhe.export(compiled, target.path)
     return compiled
+
+
+def compiled_outputs(run_dir: PathLike, model: LinearModel) -> str:
+    """What the run's circuit returns ("scores" or "label"); scores for a run not compiled yet."""
+    try:
+        return read_artifacts(RunDir(run_dir), model).outputs
+    except FedfheError:
+        return "scores"
 
 
 def evaluate_run(
@@ -272,17 +286,21 @@ def tune_run(
     sweep: tuple[str, list[float]] | None = None,
     data_dir: PathLike | None = None,
     progress: Progress = QUIET,
+    outputs: str | None = None,
 ) -> TuneResult:
     """Sweep n_bits (and one retrained parameter): score in FHE simulation vs latency; compile the best point.
 
     The run's own model is never replaced: a parameter value is trained again, federated as the run
     was, into RUN/tune/NAME=VALUE, and the recommended point is compiled where its model lives.
+    Every point is compiled for `outputs` (by default what the run was compiled for).
     """
     from sklearn.model_selection import ParameterGrid
 
     check_n_bits(*n_bits)
     target = RunDir(run_dir)
     model = target.load_model()
+    outputs = outputs or compiled_outputs(target, model)
+    fhe.check_outputs(outputs, model.is_regression)
     seed = model.metadata["training"]["seed"]
     split = _split_of(target, model.metadata["dataset"], seed, data_dir, test_only=sweep is None)
     if not 1 <= latency_samples <= len(split.y_test):
@@ -302,14 +320,14 @@ def tune_run(
 
     target.create()
     progress.start("tuning", len(ParameterGrid(grid)))
-    points = tuning.tune(model, split.X_test, split.y_test, grid, latency_samples, progress.update, retrain)
+    points = tuning.tune(model, split.X_test, split.y_test, grid, latency_samples, progress.update, retrain, outputs)
     score = model.kind.score_names[0]
     chosen = tuning.recommend(points, score)
     tuning.write(target, points, chosen, score)
     where = target
     for name, value in chosen["param"].items():  # a retrained model wins: compile it where it lives
         where = target.tuned(name, value)
-    compiled = compile_run(where.path, chosen["n_bits"], progress=progress)
+    compiled = compile_run(where.path, chosen["n_bits"], progress=progress, outputs=outputs)
     return TuneResult(points, chosen, score, compiled, where)
 
 

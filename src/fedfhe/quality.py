@@ -35,14 +35,17 @@ def positive_index(value: str | None, classes: list[int], names: list[str]) -> i
 def classifier(
     y: np.ndarray,
     pred: np.ndarray,
-    proba: np.ndarray,
+    proba: np.ndarray | None,
     classes: list[int],
     names: list[str],
     positive: int,
     calibrated: bool,
 ) -> dict[str, Any]:
-    """Accuracy, per-class precision and recall; with two classes, the clinical figures, AUC and Brier."""
-    y, pred, proba = np.asarray(y), np.asarray(pred), np.asarray(proba, dtype=np.float64)
+    """Accuracy, per-class precision and recall; with two classes, the clinical figures, AUC and Brier.
+
+    Without probabilities (label outputs: the circuit sends the class only) there is no AUC or Brier.
+    """
+    y, pred = np.asarray(y), np.asarray(pred)
     index = {c: i for i, c in enumerate(classes)}
     truth, picked = np.array([index[int(c)] for c in y]), np.array([index[int(c)] for c in pred])
     n, k = len(y), len(classes)
@@ -77,9 +80,11 @@ def classifier(
         figures["specificity"] = _figure(recall[:, negative], actual[0, negative])
         figures["ppv"] = _figure(precision[:, positive], predicted[0, positive])
         figures["npv"] = _figure(precision[:, negative], predicted[0, negative])
-        figures["auc"] = _figure(_bootstrap(n, _auc(hit, proba[:, positive])), n)
-        if calibrated:
-            figures["brier"] = _figure(_bootstrap(n, lambda w: w @ (proba[:, positive] - hit) ** 2 / n), n)
+        if proba is not None:
+            score = np.asarray(proba, dtype=np.float64)[:, positive]
+            figures["auc"] = _figure(_bootstrap(n, _auc(hit, score)), n)
+            if calibrated:
+                figures["brier"] = _figure(_bootstrap(n, lambda w: w @ (score - hit) ** 2 / n), n)
     return figures
 
 

@@ -55,6 +55,7 @@ def build(
         "rounds": training.get("rounds") if training.get("clients", 1) > 1 else 0,
         "fhe_samples": fhe_samples,
         "n_bits": compiled.n_bits,
+        "outputs": compiled.outputs,
         "calibration": compiled.calibration,
         "model_sha256": compiled.source.sha256,
         **scores,
@@ -66,7 +67,7 @@ def build(
             **{k: v for k, v in evaluation["timing_s"].items() if not k.endswith("_bytes")},
         },
         "bytes": {k: v for k, v in evaluation["timing_s"].items() if k.endswith("_bytes")},
-        "circuit": {"max_bit_width": compiled.max_bit_width},
+        "circuit": {"max_bit_width": compiled.max_bit_width, "bootstraps": compiled.info()["bootstraps"]},
         "privacy": metrics.get("privacy"),
         "training": training,
     }
@@ -79,7 +80,7 @@ def _quality(model: Any, predictions: dict[str, Any], positive_class: str | None
         return quality.regressor(y, pred)
     classes = [int(c) for c in model.classes]
     positive = quality.positive_index(positive_class, classes, model.class_names)
-    proba = np.array(predictions["fhe_simulate_proba"])
+    proba = np.array(predictions["fhe_simulate_proba"]) if "fhe_simulate_proba" in predictions else None
     return quality.classifier(y, pred, proba, classes, model.class_names, positive, model.kind.name == "logistic")
 
 
@@ -134,7 +135,12 @@ def markdown(report: dict[str, Any]) -> str:
         (
             f"{report['n_train']} training samples, {evaluated}, {report['clients']} client(s), "
             f"{report['rounds']} round(s), input ranges from {ranges}, n_bits {report['n_bits']}, "
-            f"compiled on {report['calibration']}, largest circuit integer {report['circuit']['max_bit_width']} bits."
+            f"compiled on {report['calibration']}, largest circuit integer {report['circuit']['max_bit_width']} bits, "
+            + (
+                "label outputs: the circuit returns the class only, so a client never sees the scores."
+                if report.get("outputs") == "label"
+                else "scores outputs: a client decrypts the model's scores."
+            )
         ),
         "",
         *scores,

@@ -21,21 +21,25 @@ DEFAULT_GRID = {"n_bits": [2, 3, 4, 5, 6, 7, 8]}
 TOLERANCE = 0.005  # "within half a point of the best accuracy"
 
 
-def measure(model: LinearModel, n_bits: int, X: np.ndarray, y: np.ndarray, latency_samples: int) -> dict[str, Any]:
+def measure(
+    model: LinearModel, n_bits: int, X: np.ndarray, y: np.ndarray, latency_samples: int, outputs: str = "scores"
+) -> dict[str, Any]:
     """One grid point: simulated accuracy (or R2) on all rows, real FHE latency and sizes on a few."""
-    compiled = fhe.compile_model(model, n_bits)
+    compiled = fhe.compile_model(model, n_bits, outputs=outputs)
     predicted = compiled.predict(X, fhe="simulate")
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = fhe.export(compiled, Path(tmp))
-        _, timings = fhe.execute(artifacts, model, X[:latency_samples])
+        _, timings = fhe.execute(artifacts, model, X[:latency_samples], outputs=outputs)
     return {
         "n_bits": n_bits,
+        "outputs": outputs,
         model.kind.score_names[0]: model.kind.score(y, predicted),
         "max_bit_width": compiled.max_bit_width,
         "server_ms": 1000 * timings["server_run_per_sample"],
         "encrypt_ms": 1000 * timings["encrypt_per_sample"],
         "input_bytes": timings["input_ciphertext_bytes"],
         "output_bytes": timings["output_ciphertext_bytes"],
+        "key_bytes": timings["evaluation_key_bytes"],
     }
 
 
@@ -47,6 +51,7 @@ def tune(
     latency_samples: int = 5,
     on_point: Callable[[int], None] | None = None,
     retrain: Callable[[str, float], LinearModel] | None = None,
+    outputs: str = "scores",
 ) -> list[dict[str, Any]]:
     """Measure every point of the grid (scikit-learn's ParameterGrid) on the given labelled rows.
 
@@ -68,7 +73,8 @@ def tune(
                 assert retrain is not None  # refused above otherwise
                 trained[value] = retrain(name, value)
             current = trained[value]
-        points.append({**measure(current, int(params["n_bits"]), X, y, latency_samples), "param": retrained})
+        point = measure(current, int(params["n_bits"]), X, y, latency_samples, outputs)
+        points.append({**point, "param": retrained})
         if on_point is not None:
             on_point(len(points))
     return points

@@ -62,6 +62,7 @@ class Limits:
     """Bounds that keep one client from exhausting the server."""
 
     max_body_bytes: int = 16 << 20
+    max_key_bytes: int = 128 << 20  # evaluation keys: 64 bytes for scores outputs, 26-47 MB for label outputs
     max_batch: int = 256
     timeout_s: float = 60.0
     max_keys: int = 1000
@@ -88,11 +89,13 @@ class ModelInfo(BaseModel):
     input_low: list[float]  # per feature: the client scales each to [0, 1] before encrypting
     input_high: list[float]
     n_bits: int
+    outputs: str  # what a client decrypts: "scores", or "label" (the class index only)
     max_bit_width: int
     model_sha256: str
     client_spec_sha256: str
     max_batch: int
     max_body_bytes: int
+    max_key_bytes: int
 
 
 class Error(BaseModel):
@@ -131,11 +134,13 @@ def load_model_info(run: RunDir, limits: Limits) -> tuple[ModelInfo, bytes]:
         input_low=model.input_range[0].tolist(),
         input_high=model.input_range[1].tolist(),
         n_bits=artifacts.n_bits,
+        outputs=artifacts.outputs,
         max_bit_width=artifacts.max_bit_width,
         model_sha256=model.sha256,
         client_spec_sha256=hashlib.sha256(artifacts.client_spec).hexdigest(),
         max_batch=limits.max_batch,
         max_body_bytes=limits.max_body_bytes,
+        max_key_bytes=limits.max_key_bytes,
     ), artifacts.client_spec
 
 
@@ -289,7 +294,7 @@ def create_app(
     @protected.post("/keys", openapi_extra=BINARY_BODY, responses=_errors(400, 401, 413, 415, 429, 504))
     async def upload_key(request: Request) -> KeyId:
         """Store evaluation keys (raw bytes); uploading the same keys again returns the same id."""
-        body = await read_body(request, limits.max_body_bytes)
+        body = await read_body(request, limits.max_key_bytes)
         await pool.check_key(body, limits.timeout_s)
         return KeyId(key_id=await run_in_threadpool(keys.put, body))
 

@@ -1,0 +1,162 @@
+"""Label-only outputs: the FHE circuit picks the class itself, so a client decrypts a label, never the scores.
+
+A linear model's scores are its logits: a client that decrypts them solves for the weights from
+d + 1 queries. Here the circuit compares every pair of classes (two classes: the score with zero)
+and returns the index of the class that wins all its comparisons (the first on a tie, as argmax).
+
+A comparison is the sign of a 20-23 bit integer. Exact rounding costs one bootstrap per bit
+removed; instead two approximate roundings of one bootstrap each keep STAGES bits: the first
+settles large gaps, the second looks again at what is left at a finer step. Only near-ties (gaps
+within about a third of the second step) can flip; evaluation reports the agreement.
+
+Bit widths are fixed without data: the compile set holds, for every score and every pairwise
+difference, the two corners of the quantized input box that reach its extremes (each is linear in
+the input), so no input in the box can exceed what the circuit was compiled for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+STAGES = (5, 5)  # bits each approximate rounding keeps: 4 lets non-ties flip, 6 doubles the time
+MARGIN = 2  # bits the refined remainder may use above the first step
+CONFIGURATION = {  # 1e-5 per bootstrap keeps 2048-sized parameters; both compressions shrink keys and inputs
+    "p_error": 1e-5,
+    "global_p_error": None,
+    "compress_evaluation_keys": True,
+    "compress_input_ciphertexts": True,
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The integer label rule and the rounding steps that decide it, all from the quantized model alone."""
+
+    W: np.ndarray  # (d, K): scores s = q @ W + b on the quantized input q; label argmax(s), or s > 0 for K == 1
+    b: np.ndarray  # (K,)
+    low: int  # the quantized input box, per feature
+    high: int
+    first: int  # lsbs the first rounding removes
+    second: int  # lsbs the second removes, from a remainder of first + MARGIN bits
+    overflow: bool  # whether the first rounding can carry into a new bit
+
+    @property
+    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Class pairs (i < j) compared; one output: the score alone."""
+        k = self.W.shape[1]
+        return (np.array([0]), np.array([0])) if k == 1 else np.triu_indices(k, 1)
+
+    def gaps(self, q: np.ndarray) -> np.ndarray:
+        """What each comparison takes the sign of: s_i - s_j (i wins at >= 0), or s - 1 for one output."""
+        s = np.asarray(q, dtype=np.int64) @ self.W + self.b
+        i, j = self.pairs
+        return s - 1 if self.W.shape[1] == 1 else s[..., i] - s[..., j]
+
+    def clear(self, q: np.ndarray) -> np.ndarray:
+        """The exact label: Concrete ML's quantized model's class index."""
+        s = np.asarray(q, dtype=np.int64) @ self.W + self.b
+        return (s[..., 0] > 0).astype(np.int64) if self.W.shape[1] == 1 else np.argmax(s, axis=-1)
+
+    def inputset(self) -> list[np.ndarray]:
+        """Box corners reaching every score's and every gap's extremes, as (1, d) rows."""
+        i, j = self.pairs
+        columns = [*self.W.T, *(self.W[:, i] - self.W[:, j]).T]
+        d = self.W.shape[0]
+        rows = [np.full(d, self.low), np.full(d, self.high)]
+        for w in columns:
+            rows += [np.where(w > 0, self.high, self.low), np.where(w < 0, self.high, self.low)]
+        return [row[None, :].astype(np.int64) for row in np.unique(np.array(rows), axis=0)]
+
+
+def plan(concrete: Any) -> Plan:
+    """Concrete ML's quantized linear classifier as integers, and the rounding steps for its gaps.
+
+    Concrete ML's circuit outputs acc = q @ (Wq - zp_w) + bq and dequantizes S * (acc - zp_out) with
+    S > 0, so the scores' signs and argmax are those of s = q @ (Wq - zp_w) + bq - zp_out.
+    """
+    inputs, outputs = concrete.input_quantizers[0], concrete.output_quantizers[0]
+    W = np.asarray(concrete._q_weights, dtype=np.int64) - int(concrete._weight_quantizer.zero_point)
+    bias = np.asarray(concrete._q_bias, dtype=np.int64).reshape(-1)
+    zero = np.broadcast_to(np.asarray(outputs.zero_point, dtype=np.float64).reshape(-1), bias.shape)
+    if not np.all(zero == np.round(zero)):
+        raise ValueError("Concrete ML's output zero point is not an integer: the label rule would not be exact")
+    low, high = -int(inputs.offset), 2 ** int(inputs.n_bits) - 1 - int(inputs.offset)
+    draft = Plan(W, bias - zero.astype(np.int64), low, high, 0, 0, False)
+    gap_low, gap_high = _box_range(draft, low, high)
+    first = max(_bits(gap_low, gap_high) - STAGES[0], 1)
+    second = max(first + MARGIN - STAGES[1], 1)
+    rounded_low, rounded_high = _rounded(gap_low, first), _rounded(gap_high, first)
+    overflow = _bits(min(rounded_low, 0), max(rounded_high, 0)) > _bits(min(gap_low, 0), max(gap_high, 0))
+    return Plan(draft.W, draft.b, low, high, first, second, overflow)
+
+
+def compile_label(concrete: Any) -> tuple[Any, Plan]:
+    """The label circuit of a quantized Concrete ML linear classifier, compiled on box corners only."""
+    from concrete import fhe
+
+    rule = plan(concrete)
+    return fhe.Compiler(_function(rule), {"q": "encrypted"}).compile(
+        rule.inputset(), configuration=fhe.Configuration(**CONFIGURATION)
+    ), rule
+
+
+def _function(rule: Plan) -> Any:
+    """The circuit: gaps, two approximate roundings each, the wins per class, the winner's index."""
+    from concrete import fhe
+
+    W, b, first, second = rule.W, rule.b, rule.first, rule.second
+    k = W.shape[1]
+    i, j = rule.pairs
+    step, approximate = 1 << first, fhe.Exactness.APPROXIMATE
+    lift = 1 << (second - 1)  # puts the second rounding's boundary exactly at a remainder of zero
+    beats = np.zeros((len(i), k), dtype=np.int64)  # wins of class c = wins @ beats[:, c] + (pairs where c is j)
+    beats[np.arange(len(i)), i], beats[np.arange(len(i)), j] = 1, -1
+    losses = np.array([(j == c).sum() for c in range(k)], dtype=np.int64)
+
+    def label(q: Any) -> Any:
+        s = q @ W + b
+        gap = s - 1 if k == 1 else s[:, i] - s[:, j]
+        coarse = fhe.round_bit_pattern(
+            gap, lsbs_to_remove=first, exactness=approximate, overflow_protection=rule.overflow
+        )
+        # the remainder keeps the gap's sign: a wrong coarse step (half a step at most) moves it by one step
+        rest = gap - fhe.univariate(lambda v: v - step * np.sign(v) - lift)(coarse)
+        fine = fhe.round_bit_pattern(
+            fhe.hint(rest, bit_width=first + MARGIN),
+            lsbs_to_remove=second,
+            exactness=approximate,
+            overflow_protection=False,
+        )
+        wins = fhe.univariate(lambda v: (v >= (1 << second)).astype(np.int64))(fine)
+        if k == 1:
+            return wins
+        count = fhe.hint(wins @ beats + losses, can_store=[0, k - 1])
+        top = fhe.univariate(lambda t: (t == k - 1).astype(np.int64))(count)
+        return fhe.hint(np.sum(top * np.arange(k), axis=1), can_store=[0, k - 1])  # not a dot: docs/privacy.md
+
+    return label
+
+
+def _box_range(rule: Plan, low: int, high: int) -> tuple[int, int]:
+    """The smallest and largest gap over the whole input box (each gap is linear in the input)."""
+    i, j = rule.pairs
+    W = rule.W if rule.W.shape[1] == 1 else rule.W[:, i] - rule.W[:, j]
+    b = rule.b - 1 if rule.W.shape[1] == 1 else rule.b[i] - rule.b[j]
+    top = (high * np.clip(W, 0, None) + low * np.clip(W, None, 0)).sum(axis=0) + b
+    bottom = (low * np.clip(W, 0, None) + high * np.clip(W, None, 0)).sum(axis=0) + b
+    return int(bottom.min()), int(top.max())
+
+
+def _bits(low: int, high: int) -> int:
+    """Bits of the integer Concrete gives a value in [low, high] (signed when low < 0)."""
+    from concrete import fhe
+
+    return int(fhe.Integer.that_can_represent([low, high]).bit_width)
+
+
+def _rounded(value: int, lsbs: int) -> int:
+    """Rounding half up to a multiple of 2**lsbs, as round_bit_pattern does exactly."""
+    return ((value + (1 << (lsbs - 1))) >> lsbs) << lsbs

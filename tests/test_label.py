@@ -1,0 +1,118 @@
+"""Label-only outputs: the circuit returns the class, agrees with the clear model, serves end to end on a real server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import fedfhe, serving
+
+from fedfhe import fhe
+from fedfhe.data import load_dataset
+from fedfhe.errors import FedfheError
+from fedfhe.model import LinearModel
+
+
+@pytest.fixture(scope="module")
+def label_run(tmp_path_factory) -> Path:
+    """breast-cancer, 3 clients, compiled with --outputs label and evaluated in real FHE on 5 rows."""
+    out = tmp_path_factory.mktemp("label") / "run"
+    done = fedfhe("run", "--dataset", "breast-cancer", "--clients", "3", "--rounds", "2", "--outputs", "label",
+                  "--fhe-samples", "5", "--run", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def near_ties_only(compiled: fhe.CompiledModel, X: np.ndarray, picked: np.ndarray) -> None:
+    """Where the circuit's class differs from the exact one, the two scores were within half the finest step."""
+    rule = compiled.rule
+    assert rule is not None
+    q = compiled.concrete.quantize_input(compiled.source.scale(X))
+    exact = rule.clear(q)
+    index = np.searchsorted(np.asarray(compiled.concrete.classes_), picked)
+    s = np.asarray(q, dtype=np.int64) @ rule.W + rule.b
+    if rule.W.shape[1] == 1:  # one score: class 1 when it is positive
+        gaps = np.abs(s[:, 0])
+    else:
+        gaps = s.max(axis=1) - s[np.arange(len(s)), index]
+    wrong = index != exact
+    assert (gaps[wrong] < 2 ** (rule.second - 1)).all(), (gaps[wrong], 2**rule.second)
+
+
+def test_ten_classes_the_rule_is_concrete_mls_and_the_circuit_computes_it(federated_run, digits):
+    model = LinearModel.load(federated_run / "model.npz")
+    compiled = fhe.compile_model(model, 8, outputs="label")
+    assert compiled.outputs == "label" and compiled.info()["bootstraps"] == 2 * 45 + 10  # two roundings a pair
+    q = compiled.concrete.quantize_input(model.scale(digits.X_test))
+    clear = compiled.predict(digits.X_test, fhe="disable")  # Concrete ML's clear quantized model
+    assert compiled.rule is not None
+    assert np.array_equal(np.asarray(compiled.concrete.classes_)[compiled.rule.clear(q)], clear)
+    simulated = compiled.predict(digits.X_test, fhe="simulate")
+    assert np.mean(simulated == clear) >= 0.99
+    near_ties_only(compiled, digits.X_test, simulated)
+    low, high = model.input_range  # anywhere in the declared box, not only real digits
+    box = np.random.default_rng(0).uniform(low, high, (150, model.n_features))
+    near_ties_only(compiled, box, compiled.predict(box, fhe="simulate"))
+
+
+def test_two_classes_agree_in_simulation_and_real_fhe(label_run):
+    report = json.loads((label_run / "report.json").read_text())
+    assert report["outputs"] == "label" and report["circuit"]["bootstraps"] == 2
+    assert report["agreement"]["fhe_vs_clear"] == report["agreement"]["execute_vs_clear"] == 1.0
+    assert "auc" not in report["metrics"] and "sensitivity" in report["metrics"]  # no scores, so no ROC
+    assert report["bytes"]["evaluation_key_bytes"] > 16 << 20  # bootstrapping keys: over the body limit
+    assert "label outputs: the circuit returns the class only" in (label_run / "report.md").read_text()
+    model = LinearModel.load(label_run / "model.npz")
+    compiled = fhe.load_compiled(label_run, model)
+    box = np.random.default_rng(1).uniform(*model.input_range, (200, model.n_features))
+    near_ties_only(compiled, box, compiled.predict(box, fhe="simulate"))
+
+
+def test_a_real_server_sends_classes_only(label_run, tmp_path):
+    split = load_dataset("breast-cancer", seed=0)
+    np.save(tmp_path / "rows.npy", split.X_test[:6])
+    model = LinearModel.load(label_run / "model.npz")
+    expected = fhe.load_compiled(label_run, model).predict(split.X_test[:6], fhe="simulate")
+    with serving(label_run, tmp_path / "store", tmp_path / "server.log", "--workers", "1") as served:
+        info = httpx.get(f"{served.url}/v1/model").json()
+        assert info["outputs"] == "label" and info["max_key_bytes"] == 128 << 20
+        done = fedfhe("predict", str(tmp_path / "rows.npy"), "--server", served.url, "--key-dir",
+                      str(tmp_path / "keys"), "--json")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        answers = json.loads(done.stdout)
+        assert [a["class"] for a in answers] == expected.tolist()
+        assert all("scores" not in a for a in answers) and {a["name"] for a in answers} <= {"malignant", "benign"}
+        shown = fedfhe(
+            "predict", str(tmp_path / "rows.npy"), "--server", served.url, "--key-dir", str(tmp_path / "keys")
+        )
+        assert "label outputs: the server returns classes only" in shown.stdout
+    with serving(
+        label_run, tmp_path / "small", tmp_path / "small.log", "--workers", "1", "--max-key-mb", "1"
+    ) as served:
+        done = fedfhe("predict", str(tmp_path / "rows.npy"), "--server", served.url, "--key-dir", str(tmp_path / "k2"))
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "413" in done.stderr or "over the limit" in done.stderr
+    assert fedfhe("card", "--run", str(label_run)).returncode == 0
+    card = json.loads((label_run / "card.json").read_text())
+    assert card["fhe"]["outputs"] == "label" and any("Label outputs" in limit for limit in card["limits"])
+    assert card["evaluation"] is not None  # the report is of this very circuit
+
+
+def test_bad_outputs_are_refused_and_the_mode_is_kept(label_run, tmp_path):
+    done = fedfhe("compile", "--run", str(label_run), "--outputs", "probs")
+    assert done.returncode == 2 and "--outputs must be one of: scores, label (got 'probs')" in done.stderr
+    out = tmp_path / "ridge"
+    done = fedfhe("run", "--dataset", "diabetes", "--model", "ridge", "--outputs", "label", "--run", str(out))
+    assert done.returncode == 2 and "--outputs label applies to classifiers" in done.stderr and not out.exists()
+    with pytest.raises(FedfheError, match="applies to classifiers"):
+        fhe.check_outputs("label", regression=True)
+    assert fedfhe("compile", "--run", str(label_run), "--n-bits", "6").returncode == 0  # recompiled, still label
+    assert json.loads((label_run / "fhe" / "fhe.json").read_text())["outputs"] == "label"
+    done = fedfhe("tune", "--run", str(label_run), "--n-bits", "6,8", "--latency-samples", "2")
+    assert done.returncode == 0, done.stderr
+    points = json.loads((label_run / "tune.json").read_text())["points"]
+    assert [p["outputs"] for p in points] == ["label", "label"] and min(p["key_bytes"] for p in points) > 1 << 20
+    assert json.loads((label_run / "fhe" / "fhe.json").read_text())["outputs"] == "label"
