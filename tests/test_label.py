@@ -116,3 +116,20 @@ def test_bad_outputs_are_refused_and_the_mode_is_kept(label_run, tmp_path):
     points = json.loads((label_run / "tune.json").read_text())["points"]
     assert [p["outputs"] for p in points] == ["label", "label"] and min(p["key_bytes"] for p in points) > 1 << 20
     assert json.loads((label_run / "fhe" / "fhe.json").read_text())["outputs"] == "label"
+
+
+def test_a_linear_svm_with_label_outputs_serves_too(tmp_path):
+    out = tmp_path / "svm"
+    done = fedfhe("run", "--dataset", "breast-cancer", "--model", "svm", "--clients", "2", "--rounds", "2",
+                  "--outputs", "label", "--fhe-samples", "3", "--run", str(out))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["outputs"] == "label" and report["agreement"]["execute_vs_clear"] == 1.0
+    split = load_dataset("breast-cancer", seed=0)
+    np.save(tmp_path / "rows.npy", split.X_test[10:14])
+    expected = fhe.load_compiled(out, LinearModel.load(out / "model.npz")).predict(split.X_test[10:14], fhe="simulate")
+    with serving(out, tmp_path / "store", tmp_path / "server.log", "--workers", "1") as served:
+        done = fedfhe("predict", str(tmp_path / "rows.npy"), "--server", served.url, "--key-dir",
+                      str(tmp_path / "keys"), "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert [a["class"] for a in json.loads(done.stdout)] == expected.tolist()
