@@ -69,14 +69,10 @@ def flips(compiled: fhe.CompiledModel, X: np.ndarray, picked: np.ndarray) -> dic
     rule = compiled.rule
     assert rule is not None
     q = compiled.concrete.quantize_input(compiled.source.scale(X))
-    s = np.asarray(q, dtype=np.int64) @ rule.W + rule.b
     index = np.searchsorted(np.asarray(compiled.concrete.classes_), picked)
     wrong = index != rule.clear(q)
+    gaps = rule.shortfall(q, index)
     unit = float(np.ravel(compiled.concrete.output_quantizers[0].scale)[0])  # logits per integer step
-    if rule.W.shape[1] == 1:
-        gaps = np.abs(s[:, 0])
-    else:
-        gaps = s.max(axis=1) - s[np.arange(len(s)), index]
     return {
         "rows": int(wrong.sum()),
         "rate": float(wrong.mean()),

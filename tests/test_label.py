@@ -31,14 +31,9 @@ def near_ties_only(compiled: fhe.CompiledModel, X: np.ndarray, picked: np.ndarra
     rule = compiled.rule
     assert rule is not None
     q = compiled.concrete.quantize_input(compiled.source.scale(X))
-    exact = rule.clear(q)
     index = np.searchsorted(np.asarray(compiled.concrete.classes_), picked)
-    s = np.asarray(q, dtype=np.int64) @ rule.W + rule.b
-    if rule.W.shape[1] == 1:  # one score: class 1 when it is positive
-        gaps = np.abs(s[:, 0])
-    else:
-        gaps = s.max(axis=1) - s[np.arange(len(s)), index]
-    wrong = index != exact
+    wrong = index != rule.clear(q)
+    gaps = rule.shortfall(q, index)
     assert (gaps[wrong] < 2 ** (rule.second - 1)).all(), (gaps[wrong], 2**rule.second)
 
 

@@ -56,14 +56,26 @@ def read_artifacts(run: RunDir, model: LinearModel) -> Artifacts:
     for name in (CLIENT_SPEC, SERVER_SPEC, COMPILE_INPUTS):
         if not (folder / name).is_file():
             raise FedfheError(f"{folder / name}: not found (run `fedfhe compile` first)")
-    info_bytes = MAX_INFO_BYTES + INFO_BYTES_PER_FEATURE * model.n_features
-    info = _read(folder / FHE_INFO, info_bytes, _read_info)
+    info = _info(run, model)
     inputs = _read(folder / COMPILE_INPUTS, MAX_COMPILE_INPUTS_BYTES, lambda f: _read_inputs(f, model.n_features))
     spec = _read(folder / CLIENT_SPEC, MAX_CLIENT_SPEC_BYTES, _read_spec)
     if info["model_sha256"] != model.sha256:
         raise FedfheError(f"{folder}: FHE artifacts were compiled for another model; compile again")
-    outputs = info.get("outputs", "scores")  # runs compiled before label outputs existed serve scores
-    return Artifacts(folder, info["n_bits"], info["max_bit_width"], info["calibration"], inputs, spec, outputs)
+    return Artifacts(folder, info["n_bits"], info["max_bit_width"], info["calibration"], inputs, spec, info["outputs"])
+
+
+def compiled_outputs(run: RunDir, model: LinearModel) -> str:
+    """What the run's circuit returns, "scores" or "label", from fhe.json alone; scores when not compiled for it."""
+    try:
+        info = _info(run, model)
+    except FedfheError:
+        return "scores"
+    return str(info["outputs"]) if info["model_sha256"] == model.sha256 else "scores"
+
+
+def _info(run: RunDir, model: LinearModel) -> dict[str, Any]:
+    """fhe.json, checked: a few hundred bytes and the model's input range."""
+    return _read(run.fhe / FHE_INFO, MAX_INFO_BYTES + INFO_BYTES_PER_FEATURE * model.n_features, _read_info)
 
 
 def _read(path: Path, limit: int, read: Callable[[io.BufferedReader], T]) -> T:
@@ -86,7 +98,8 @@ def _read_info(f: io.BufferedReader) -> dict[str, Any]:
             if type(info.get(key)) is not kind:  # so neither true nor 8.5 passes for an int
                 raise ValueError(f"{key} is {type(info.get(key)).__name__}, not {kind.__name__}")
         check_n_bits(info["n_bits"])
-        if info.get("outputs", "scores") not in ("scores", "label"):
+        info.setdefault("outputs", "scores")  # compiled before label outputs existed: scores
+        if info["outputs"] not in ("scores", "label"):
             raise ValueError(f"outputs is {str(info['outputs'])[:20]!r}, not scores or label")
         return info
     raise ValueError(f"a JSON {type(info).__name__}, not an object")

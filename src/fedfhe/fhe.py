@@ -24,12 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from fedfhe import label
 from fedfhe.artifacts import check_n_bits, read_artifacts
 from fedfhe.data import check_features
 from fedfhe.errors import FedfheError
 from fedfhe.kinds import Kind
-from fedfhe.label import Plan
+from fedfhe.label import Plan, compile_label
 from fedfhe.model import LinearModel
 from fedfhe.rundir import CLIENT_SPEC, COMPILE_INPUTS, FHE_INFO, SPEC_SCHEMA, RunDir
 
@@ -103,6 +102,11 @@ class CompiledModel:
         return np.asarray(self.concrete.classes_)[picked], proba.reshape(len(X), -1)
 
     @property
+    def bootstraps(self) -> int:
+        """Programmable bootstraps a row costs the server (0 for scores outputs of a linear model)."""
+        return int(self.circuit.programmable_bootstrap_count)
+
+    @property
     def max_bit_width(self) -> int:
         """Widest integer in the FHE circuit."""
         return int(self.circuit.graph.maximum_integer_bit_width())
@@ -115,7 +119,7 @@ class CompiledModel:
             "n_bits": self.n_bits,
             "outputs": self.outputs,
             **({"label_rounding_lsbs": [self.rule.first, self.rule.second]} if self.rule is not None else {}),
-            "bootstraps": int(self.circuit.programmable_bootstrap_count),
+            "bootstraps": self.bootstraps,
             "calibration": self.calibration,
             "max_bit_width": self.max_bit_width,
             "compile_seconds": self.compile_seconds,
@@ -162,7 +166,7 @@ def _compile(
             concrete.compile(scaled_inputs)
             circuit, rule = None, None
         else:  # the quantizers are Concrete ML's; the circuit is the label rule on them
-            circuit, rule = label.compile_label(concrete)
+            circuit, rule = compile_label(concrete)
     seconds = time.perf_counter() - start
     return CompiledModel(concrete, model, n_bits, scaled_inputs, calibration, seconds, circuit, rule)
 
@@ -229,7 +233,7 @@ def evaluate(
     """
     model = compiled.source
     X = check_features(X, model.n_features, model.input_range, "test data")
-    fhe_samples_for(fhe_samples, len(X))
+    fhe_samples = fhe_samples_for(fhe_samples, len(X))
     sklearn_pred = model.to_sklearn().predict(X)
     clear_pred = compiled.predict(X, fhe="disable")
     start = time.perf_counter()
@@ -302,9 +306,8 @@ def execute(
         keys = client.get_serialized_evaluation_keys()
         keygen = time.perf_counter() - start
         server = deployment.FHEModelServer(str(artifacts))  # loads server.zip
-        held = concrete("concrete.fhe").EvaluationKeys.deserialize(
-            keys
-        )  # once, as the service does: label keys are MBs
+        # deserialized once, as the service's workers do: label outputs' keys are tens of MB
+        held = concrete("concrete.fhe").EvaluationKeys.deserialize(keys)
         predictions, encrypt, run, decrypt, sizes = [], [], [], [], []
         for i, row in enumerate(model.scale(X)):
             t0 = time.perf_counter()

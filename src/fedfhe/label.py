@@ -43,27 +43,23 @@ class Plan:
     second: int  # lsbs the second removes, from a remainder of first + MARGIN bits
     overflow: bool  # whether the first rounding can carry into a new bit
 
-    @property
-    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
-        """Class pairs (i < j) compared; one output: the score alone."""
-        k = self.W.shape[1]
-        return (np.array([0]), np.array([0])) if k == 1 else np.triu_indices(k, 1)
-
-    def gaps(self, q: np.ndarray) -> np.ndarray:
-        """What each comparison takes the sign of: s_i - s_j (i wins at >= 0), or s - 1 for one output."""
-        s = np.asarray(q, dtype=np.int64) @ self.W + self.b
-        i, j = self.pairs
-        return s - 1 if self.W.shape[1] == 1 else s[..., i] - s[..., j]
-
     def clear(self, q: np.ndarray) -> np.ndarray:
         """The exact label: Concrete ML's quantized model's class index."""
+        return np.argmax(self._scores(q), axis=-1)
+
+    def shortfall(self, q: np.ndarray, picked: np.ndarray) -> np.ndarray:
+        """How far each picked class's score is below the best one: 0 where it is the exact label."""
+        s = self._scores(q)
+        return s.max(axis=-1) - s[np.arange(len(s)), picked]
+
+    def _scores(self, q: np.ndarray) -> np.ndarray:
+        """Integer scores per class; one output s stands for two classes scoring 0 and s."""
         s = np.asarray(q, dtype=np.int64) @ self.W + self.b
-        return (s[..., 0] > 0).astype(np.int64) if self.W.shape[1] == 1 else np.argmax(s, axis=-1)
+        return np.hstack([np.zeros_like(s), s]) if self.W.shape[1] == 1 else s
 
     def inputset(self) -> list[np.ndarray]:
         """Box corners reaching every score's and every gap's extremes, as (1, d) rows."""
-        i, j = self.pairs
-        columns = [*self.W.T, *(self.W[:, i] - self.W[:, j]).T]
+        columns = [*self.W.T, *_gaps(self.W, self.b)[0].T]
         d = self.W.shape[0]
         rows = [np.full(d, self.low), np.full(d, self.high)]
         for w in columns:
@@ -83,14 +79,14 @@ def plan(concrete: Any) -> Plan:
     zero = np.broadcast_to(np.asarray(outputs.zero_point, dtype=np.float64).reshape(-1), bias.shape)
     if not np.all(zero == np.round(zero)):
         raise ValueError("Concrete ML's output zero point is not an integer: the label rule would not be exact")
+    b = bias - zero.astype(np.int64)
     low, high = -int(inputs.offset), 2 ** int(inputs.n_bits) - 1 - int(inputs.offset)
-    draft = Plan(W, bias - zero.astype(np.int64), low, high, 0, 0, False)
-    gap_low, gap_high = _box_range(draft, low, high)
+    gap_low, gap_high = _extremes(*_gaps(W, b), low, high)
     first = max(_bits(gap_low, gap_high) - STAGES[0], 1)
     second = max(first + MARGIN - STAGES[1], 1)
     rounded_low, rounded_high = _rounded(gap_low, first), _rounded(gap_high, first)
     overflow = _bits(min(rounded_low, 0), max(rounded_high, 0)) > _bits(min(gap_low, 0), max(gap_high, 0))
-    return Plan(draft.W, draft.b, low, high, first, second, overflow)
+    return Plan(W, b, low, high, first, second, overflow)
 
 
 def compile_label(concrete: Any) -> tuple[Any, Plan]:
@@ -109,7 +105,7 @@ def _function(rule: Plan) -> Any:
 
     W, b, first, second = rule.W, rule.b, rule.first, rule.second
     k = W.shape[1]
-    i, j = rule.pairs
+    i, j = _pairs(k)
     step, approximate = 1 << first, fhe.Exactness.APPROXIMATE
     lift = 1 << (second - 1)  # puts the second rounding's boundary exactly at a remainder of zero
     beats = np.zeros((len(i), k), dtype=np.int64)  # wins of class c = wins @ beats[:, c] + (pairs where c is j)
@@ -140,11 +136,21 @@ def _function(rule: Plan) -> Any:
     return label
 
 
-def _box_range(rule: Plan, low: int, high: int) -> tuple[int, int]:
-    """The smallest and largest gap over the whole input box (each gap is linear in the input)."""
-    i, j = rule.pairs
-    W = rule.W if rule.W.shape[1] == 1 else rule.W[:, i] - rule.W[:, j]
-    b = rule.b - 1 if rule.W.shape[1] == 1 else rule.b[i] - rule.b[j]
+def _pairs(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class pairs (i < j) the circuit compares; with one output, none (the score is compared with zero)."""
+    return np.triu_indices(k, 1)
+
+
+def _gaps(W: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each comparison's gap as a linear map of q (gap = q @ Wg + bg): s_i - s_j, i wins at >= 0; or s - 1."""
+    if W.shape[1] == 1:
+        return W, b - 1
+    i, j = _pairs(W.shape[1])
+    return W[:, i] - W[:, j], b[i] - b[j]
+
+
+def _extremes(W: np.ndarray, b: np.ndarray, low: int, high: int) -> tuple[int, int]:
+    """The smallest and largest of q @ W + b over the whole input box (each column is linear in q)."""
     top = (high * np.clip(W, 0, None) + low * np.clip(W, None, 0)).sum(axis=0) + b
     bottom = (low * np.clip(W, 0, None) + high * np.clip(W, None, 0)).sum(axis=0) + b
     return int(bottom.min()), int(top.max())

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedfhe import fhe, quality, report, result, table, training, tuning
-from fedfhe.artifacts import check_n_bits, read_artifacts
+from fedfhe.artifacts import check_n_bits, compiled_outputs
 from fedfhe.config import TrainConfig
 from fedfhe.data import Dataset, MiB, check_features, load_dataset, read_table
 from fedfhe.errors import FedfheError
@@ -191,14 +191,6 @@ def compile_run(
     compiled = fhe.compile_model(model, n_bits, calibration, outputs)
     fhe.export(compiled, target.path)
     return compiled
-
-
-def compiled_outputs(run_dir: PathLike, model: LinearModel) -> str:
-    """What the run's circuit returns ("scores" or "label"); scores for a run not compiled yet."""
-    try:
-        return read_artifacts(RunDir(run_dir), model).outputs
-    except FedfheError:
-        return "scores"
 
 
 def evaluate_run(

@@ -67,7 +67,7 @@ def build(
             **{k: v for k, v in evaluation["timing_s"].items() if not k.endswith("_bytes")},
         },
         "bytes": {k: v for k, v in evaluation["timing_s"].items() if k.endswith("_bytes")},
-        "circuit": {"max_bit_width": compiled.max_bit_width, "bootstraps": compiled.info()["bootstraps"]},
+        "circuit": {"max_bit_width": compiled.max_bit_width, "bootstraps": compiled.bootstraps},
         "privacy": metrics.get("privacy"),
         "training": training,
     }
