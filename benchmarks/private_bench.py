@@ -19,7 +19,7 @@ from fedfhe.data import load_dataset
 
 HERE = Path(__file__).resolve().parent
 BASE = TrainConfig(clients=10, rounds=5, local_iters=20, seed=0)
-DP = {"dp": True, "clipping_norm": 10.0}
+DP = {"dp": True, "clipping": "fixed", "clipping_norm": 10.0}
 CASES: dict[str, dict[str, Any]] = {
     "FedAvg": {},
     "SecAgg+": {"secagg": True},

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedfhe import TrainConfig
-from fedfhe.config import INPUT_RANGES, STRATEGIES, run_config_key
+from fedfhe.config import INPUT_RANGES, SERVER_OPTIMIZERS, STRATEGIES, run_config_key
 from fedfhe.errors import FedfheError
 from fedfhe.federated.deployment import RUN_SETTINGS, to_toml
 from fedfhe.kinds import KINDS
@@ -36,7 +36,8 @@ def params(draw: Any, model: str, central: bool) -> dict[str, Any]:
             chosen[name] = draw(st.floats(0, 1) if name == "l1_ratio" else POSITIVE)
     if central and draw(st.booleans()):
         chosen["fit_intercept"] = draw(st.booleans())
-        chosen["tol"] = draw(st.floats(min_value=1e-8, max_value=1.0))
+        if model != "linear":  # scikit-learn 1.5's LinearRegression has no tol
+            chosen["tol"] = draw(st.floats(min_value=1e-8, max_value=1.0))
         if model == "logistic":
             chosen["solver"] = draw(st.sampled_from(["lbfgs", "newton-cg", "sag", "saga"]))
     return chosen
@@ -52,10 +53,14 @@ def configs(draw: Any) -> TrainConfig:
     strategies = [s for s in STRATEGIES if s != "fedprox" or KINDS[model].smooth]
     strategy = draw(st.sampled_from(strategies))
     averaging = strategy in ("fedavg", "fedprox")
+    dp = draw(st.booleans()) and averaging and clients >= 2
+    optimizer = draw(st.sampled_from(sorted(SERVER_OPTIMIZERS)))
+    secagg = draw(st.booleans()) and averaging and sampled >= 3
+    noise = draw(st.sampled_from(["noise_multiplier", "target_epsilon", None])) if dp else None
     return TrainConfig(
         clients=clients,
         rounds=draw(st.integers(1, 10**6)),
-        local_iters=draw(st.integers(1, 10**6)),
+        local_iters=draw(st.none() | st.integers(1, 10**6)),
         fraction=fraction,
         partitioning=draw(st.sampled_from(SCHEMES)),
         alpha=draw(POSITIVE),
@@ -66,17 +71,23 @@ def configs(draw: Any) -> TrainConfig:
         input_ranges=draw(st.sampled_from(INPUT_RANGES)),
         strategy=strategy,
         proximal_mu=draw(st.floats(min_value=0, max_value=100)),
+        server_optimizer=optimizer,
+        server_lr=draw(st.none() | POSITIVE),
+        server_momentum=draw(st.none() | st.floats(0, 0.99)) if optimizer == "sgd" else None,
         min_clients=draw(st.integers(1, sampled)),
         round_timeout=draw(POSITIVE),
-        secagg=draw(st.booleans()) and averaging and sampled >= 3,
+        secagg=secagg,
         secagg_shares=draw(SHARE),
         secagg_threshold=draw(SHARE),
         secagg_clipping_range=draw(POSITIVE),
         secagg_quantization_range=draw(st.integers(2, 2**40)),
         secagg_max_weight=draw(POSITIVE),
-        dp=draw(st.booleans()) and averaging and clients >= 2,
-        noise_multiplier=draw(st.floats(min_value=0, max_value=100)),
+        dp=dp,
+        noise_multiplier=draw(st.floats(min_value=0, max_value=100)) if noise == "noise_multiplier" else None,
+        target_epsilon=draw(POSITIVE) if noise == "target_epsilon" else None,
+        clipping="fixed" if secagg or draw(st.booleans()) else "adaptive",
         clipping_norm=draw(POSITIVE),
+        clip_quantile=draw(st.floats(min_value=0.01, max_value=0.99)),
         target_delta=draw(st.floats(min_value=1e-12, max_value=0.5)),
     )
 

@@ -158,7 +158,7 @@ def test_a_supernode_killed_inside_a_secagg_round_is_recovered_from_the_others_s
 
     config = TrainConfig(
         clients=3, rounds=1, local_iters=10, secagg=True, secagg_shares=3, secagg_threshold=2, min_clients=2,
-        dp=True, noise_multiplier=0.1, clipping_norm=5.0, round_timeout=15,
+        dp=True, clipping="fixed", noise_multiplier=0.1, clipping_norm=5.0, round_timeout=15,
     )  # fmt: skip
     out = tmp_path / "run"
     deployment.up(digits, config, out, audit=True, on_started=kill_inside_a_secagg_round(out))

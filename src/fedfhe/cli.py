@@ -180,7 +180,9 @@ def training_options(command: Callable[..., None]) -> Callable[..., None]:
     for f in dataclasses.fields(TrainConfig):
         flag = "--param" if f.name == "params" else f"--{f.name.replace('_', '-')}"
         info = typer.Option(flag, help=f.metadata["help"], rich_help_panel=f.metadata["panel"])
-        kind = {"int": int, "float": float, "bool": bool, "str": str}.get(str(f.type), list[str])
+        types: dict[str, Any] = {"int": int, "float": float, "bool": bool, "str": str}
+        types |= {f"{name} | None": kind | None for name, kind in types.items()}
+        kind = types.get(str(f.type), list[str])
         default = [] if f.name == "params" else f.default
         added.append(
             inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, info])

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 STRATEGIES = ("fedavg", "fedprox", "fedmedian", "krum", "trimmed-mean")
 INPUT_RANGES = ("schema", "clients")  # the data set's declared ranges, or the owners' shared min/max
 ENGINES = ("sklearn", "concrete")
+SERVER_OPTIMIZERS = {"sgd": 1.0, "adam": 0.03, "yogi": 0.03}  # each optimizer's default --server-lr
+CLIPPINGS = ("adaptive", "fixed")
 RunConfig = dict[str, bool | int | float | str]
 SECAGG, DP = "Secure aggregation", "Differential privacy"  # option panels in --help
 
@@ -46,8 +48,11 @@ class TrainConfig:
 
     clients: int = option(10, "Data owners (Flower clients); 1 trains centrally on one machine.")
     rounds: int = option(5, "Federated rounds.", key="num-server-rounds")
-    local_iters: int = option(20, "Local optimiser iterations per client per round.")
-    fraction: float = option(1.0, "Fraction of clients that train in each round.")
+    local_iters: int | None = option(
+        None,
+        "Local optimiser iterations per client per round (default: the square root of the client's rows, 3 to 20).",
+    )
+    fraction: float = option(1.0, "Fraction of clients that train in each round (with --dp: each one's chance to).")
     partitioning: str = option("iid", f"How the data is split among clients: {_choices(SCHEMES)}.")
     alpha: float = option(0.5, "Dirichlet concentration (smaller = more label skew).")
     seed: int = option(0, "Seed of the split, the partitions and client sampling.")
@@ -59,6 +64,11 @@ class TrainConfig:
     )
     strategy: str = option("fedavg", f"Aggregation: {_choices(STRATEGIES)}.")
     proximal_mu: float = option(0.1, "FedProx proximal strength, relative to the mean loss.")
+    server_optimizer: str = option(
+        "sgd", f"How the server steps along the aggregate update: {_choices(SERVER_OPTIMIZERS)} (sgd at lr 1: FedAvg)."
+    )
+    server_lr: float | None = option(None, "Server learning rate (default: 1.0 for sgd, 0.03 for adam and yogi).")
+    server_momentum: float | None = option(None, "Server momentum of --server-optimizer sgd (FedAvgM; default: 0).")
     min_clients: int = option(1, "Fewest successful clients a round accepts.")
     round_timeout: float = option(600.0, "Seconds to wait for the clients in a round.")
     evaluate_every_round: bool = option(
@@ -72,9 +82,18 @@ class TrainConfig:
     secagg_clipping_range: float = option(16.0, "SecAgg+ clipping range of each weighted parameter.", SECAGG)
     secagg_quantization_range: int = option(2**22, "SecAgg+ quantization levels over the clipping range.", SECAGG)
     secagg_max_weight: float = option(10_000.0, "SecAgg+ bound on a client's sample count.", SECAGG)
-    dp: bool = option(False, "Central DP: client-side clipping, Gaussian noise on the sum.", DP)
-    noise_multiplier: float = option(1.0, "DP noise standard deviation / clipping norm.", DP)
-    clipping_norm: float = option(1.0, "DP bound on the L2 norm of a client's update.", DP)
+    dp: bool = option(
+        False, "Central DP: each client sampled with probability --fraction, its update clipped, noise on the sum.", DP
+    )
+    noise_multiplier: float | None = option(None, "DP noise standard deviation / clipping norm (default: 1.0).", DP)
+    target_epsilon: float | None = option(
+        None,
+        "DP epsilon to reach after the last round: picks the noise multiplier (instead of --noise-multiplier).",
+        DP,
+    )
+    clipping: str = option("adaptive", f"DP clipping: {_choices(CLIPPINGS)} (adaptive tracks a quantile of norms).", DP)
+    clipping_norm: float = option(1.0, "DP bound on the L2 norm of a client's update (adaptive: where it starts).", DP)
+    clip_quantile: float = option(0.5, "Adaptive clipping: the fraction of updates left unclipped.", DP)
     target_delta: float = option(1e-5, "DP delta at which epsilon is reported.", DP)
 
     def __post_init__(self) -> None:
@@ -99,7 +118,7 @@ class TrainConfig:
             raise FedfheError(f"--clients must be at least 1 (got {self.clients})")
         if self.rounds < 1:
             raise FedfheError(f"--rounds must be at least 1 (got {self.rounds})")
-        if self.local_iters < 1:
+        if self.local_iters is not None and self.local_iters < 1:
             raise FedfheError(f"--local-iters must be at least 1 (got {self.local_iters})")
         if not 0 < self.fraction <= 1:
             raise FedfheError(f"--fraction must be in (0, 1] (got {self.fraction})")
@@ -135,6 +154,14 @@ class TrainConfig:
             raise FedfheError(f"--min-clients must be between 1 and the {self.sampled} clients sampled per round")
         if not self.round_timeout > 0:
             raise FedfheError(f"--round-timeout must be > 0 seconds (got {self.round_timeout})")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            raise unknown("server optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        if self.server_lr is not None and not self.server_lr > 0:
+            raise FedfheError(f"--server-lr must be > 0 (got {self.server_lr})")
+        if self.server_momentum is not None and self.server_optimizer != "sgd":
+            raise FedfheError(f"--server-momentum applies to --server-optimizer sgd, not {self.server_optimizer}")
+        if self.server_momentum is not None and not 0 <= self.server_momentum < 1:
+            raise FedfheError(f"--server-momentum must be in [0, 1) (got {self.server_momentum})")
         if self.secagg and (self.strategy not in ("fedavg", "fedprox") or self.sampled < 3):
             raise FedfheError("--secagg needs fedavg or fedprox and at least 3 clients per round")
         for name in ("secagg_shares", "secagg_threshold"):
@@ -142,12 +169,47 @@ class TrainConfig:
             if not (0 < value < 1 or (value >= 1 and float(value).is_integer())):
                 flag = "--" + name.replace("_", "-")
                 raise FedfheError(f"{flag} must be a fraction in (0, 1) or a whole number of clients (got {value})")
-        if self.dp and (self.noise_multiplier < 0 or self.clipping_norm <= 0 or not 0 < self.target_delta < 1):
-            raise FedfheError("--dp needs --noise-multiplier >= 0, --clipping-norm > 0 and 0 < --target-delta < 1")
+        self._check_privacy()
         if self.dp and self.strategy not in ("fedavg", "fedprox"):
             raise FedfheError("--dp works with fedavg or fedprox (its noise assumes an average of clipped updates)")
         if self.dp and self.clients < 2:
             raise FedfheError("--dp protects each client of a federation: use --clients 2 or more")
+
+    def _check_privacy(self) -> None:
+        """Refuse DP settings that cannot hold their guarantee or cannot run."""
+        dp_only = ("noise_multiplier", "target_epsilon")
+        given = [f"--{name.replace('_', '-')}" for name in dp_only if getattr(self, name) is not None]
+        if given and not self.dp:
+            raise FedfheError(f"{given[0]} applies to DP training: add --dp")
+        if len(given) == 2:
+            raise FedfheError("give --noise-multiplier or --target-epsilon, not both")
+        if self.noise_multiplier is not None and not self.noise_multiplier >= 0:
+            raise FedfheError(f"--noise-multiplier must be >= 0 (got {self.noise_multiplier})")
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            raise FedfheError(f"--target-epsilon must be > 0 (got {self.target_epsilon})")
+        if self.clipping not in CLIPPINGS:
+            raise unknown("clipping", self.clipping, CLIPPINGS)
+        if self.dp and (not self.clipping_norm > 0 or not 0 < self.target_delta < 1 or not 0 < self.clip_quantile < 1):
+            raise FedfheError("--dp needs --clipping-norm > 0, 0 < --clip-quantile < 1 and 0 < --target-delta < 1")
+        if self.dp and self.secagg and self.clipping == "adaptive":
+            raise FedfheError(
+                "--secagg --dp needs --clipping fixed: adaptive clipping reports each client's clipped bit in the clear"
+            )
+
+    @property
+    def lr(self) -> float:
+        """The server learning rate, the optimizer's default unless given."""
+        return SERVER_OPTIMIZERS[self.server_optimizer] if self.server_lr is None else self.server_lr
+
+    @property
+    def momentum(self) -> float:
+        """The server momentum of sgd (adam and yogi keep moments of their own)."""
+        return self.server_momentum or 0.0
+
+    @property
+    def poisson(self) -> bool:
+        """Whether clients are sampled independently (DP without SecAgg+: what the accountant amplifies)."""
+        return self.dp and not self.secagg
 
     def problem(self, dataset: Dataset) -> Problem:
         """The training problem on this data set, refusing what the data cannot support."""
@@ -189,6 +251,8 @@ class TrainConfig:
         entries: RunConfig = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if value is None:  # TOML has no null, and Flower refuses keys its app config lacks: None is ""
+                value = ""
             if f.name == "params":
                 value = " ".join(shlex.quote(f"{k}={json.dumps(v)}") for k, v in sorted(value.items()))
             entries[run_config_key(f)] = value
@@ -227,14 +291,17 @@ def run_config_key(f: dataclasses.Field) -> str:
 def _typed(f: dataclasses.Field, value: Any, name: str) -> Any:
     """The value as the field's type (an int for a float field is fine), or a one-line error."""
     types: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "bool": bool, "str": str}
-    expected = types.get(str(f.type))
+    kind = str(f.type).removesuffix(" | None")
+    if kind != str(f.type) and value in (None, ""):  # "": None in a run config
+        return None
+    expected = types.get(kind)
     if expected is None:  # params
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise FedfheError(f"{name} must map parameter names to values (got {value!r})")
         return dict(value)
     if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
-        raise FedfheError(f"{name} must be {f.type!s} (got {value!r})")
-    return float(cast(float, value)) if str(f.type) == "float" else value
+        raise FedfheError(f"{name} must be {kind} (got {value!r})")
+    return float(cast(float, value)) if kind == "float" else value
 
 
 def parse_params(pairs: list[str]) -> dict[str, Any]:

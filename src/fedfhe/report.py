@@ -165,7 +165,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{'on (SecAgg+)' if training.get('secagg') else 'off'}, differential privacy "
         + (
             f"on: epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g} (noise multiplier "
-            f"{privacy['noise_multiplier']:g}, clipping norm {privacy['clipping_norm']:g}, per client)."
+            f"{privacy['noise_multiplier']:.3g}, {privacy.get('clipping', 'fixed')} clipping norm "
+            f"{privacy['clipping_norm']:.3g} at the end, per client; sampling: {privacy.get('sampling', 'fixed-size')})."
             if privacy
             else "off."
         )

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ class Checkpoint:
     params: Params
     rows: list[dict[str, Any]]  # per-round metrics so far
     input_range: Range
+    server: dict[str, np.ndarray] = field(default_factory=dict)  # the server optimizer's state and DP clipping norm
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ class RunDir:
                 input_low=checkpoint.input_range[0],
                 input_high=checkpoint.input_range[1],
                 rows=np.frombuffer(rows.encode(), dtype=np.uint8),
+                **{f"server-{name}": value for name, value in checkpoint.server.items()},
             )
         tmp.replace(self.checkpoints / f"round-{checkpoint.round:04d}.npz")
 
@@ -170,9 +172,10 @@ class RunDir:
                 params = [f["coef"], f["intercept"]]
                 input_range = (f["input_low"], f["input_high"])
                 rows = json.loads(f["rows"].tobytes())
+                server = {name.removeprefix("server-"): f[name] for name in f.files if name.startswith("server-")}
         except (OSError, ValueError, KeyError) as exc:
             raise FedfheError(f"{files[-1]}: unreadable checkpoint ({exc})") from None
-        return Checkpoint(int(files[-1].stem.split("-")[1]), params, rows, input_range)
+        return Checkpoint(int(files[-1].stem.split("-")[1]), params, rows, input_range, server)
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         """metrics.json."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -107,16 +108,16 @@ def _checked_data(context: Context, partition_dir: Path | None, n_features: int)
     return X, y
 
 
-def client_mods(secagg: bool, dp: bool) -> list[Any]:
+def client_mods(secagg: bool, dp: bool, clipping: str) -> list[Any]:
     """Client-side privacy layers around training: SecAgg+ masking, and clipping of the update for DP (inside it)."""
     if secagg:
         from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 
         return [secaggplus_mod, fixedclipping_mod] if dp else [secaggplus_mod]
     if dp:
-        from flwr.clientapp.mod import fixedclipping_mod
+        from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
-        return [fixedclipping_mod]
+        return [adaptiveclipping_mod if clipping == "adaptive" else fixedclipping_mod]
     return []
 
 
@@ -124,8 +125,8 @@ def configured_mods(msg: Message, context: Context, call_next: ClientAppCallable
     """The privacy layers a deployed run asks for in its run config (the simulation passes them directly)."""
     from flwr.client.mod import make_ffn
 
-    secagg, dp = (TrainConfig.setting(context.run_config, name) for name in ("secagg", "dp"))
-    return make_ffn(call_next, client_mods(secagg, dp))(msg, context)
+    settings = (TrainConfig.setting(context.run_config, name) for name in ("secagg", "dp", "clipping"))
+    return make_ffn(call_next, client_mods(*settings))(msg, context)
 
 
 def _started() -> float:
@@ -154,9 +155,8 @@ def build_client_app(partition_dir: Path | None, train_mods: list | None = None)
         received = objective.evaluate(problem, start, X, y)
         hyper = json.loads(str(config["hyper"]))
         began = time.perf_counter()
-        params = objective.fit(
-            problem, start, X, problem.scale_target(y), hyper, int(config["local-iters"]), float(config["mu"])
-        )
+        iterations = int(config["local-iters"]) or local_iterations(len(y))
+        params = objective.fit(problem, start, X, problem.scale_target(y), hyper, iterations, float(config["mu"]))
         trained = time.perf_counter() - began
         score, loss = objective.evaluate(problem, params, X, y)
         # DP needs every client to weigh the same; otherwise FedAvg weighs by data size.
@@ -196,6 +196,16 @@ def build_client_app(partition_dir: Path | None, train_mods: list | None = None)
         return Message(RecordDict({"range": ArrayRecord(list(shared_range(X)))}), reply_to=msg)
 
     return app
+
+
+def local_iterations(rows: int) -> int:
+    """The default local work: the square root of the client's rows, 3 to 20.
+
+    Each client's objective carries the whole federation's weight on its own rows, so many
+    iterations on few rows overfit them and the average drifts (mnist-5k, 100 clients of 40 rows,
+    20 rounds: 80.6% with 20 iterations, 89.0% with 6; docs/many-clients.md).
+    """
+    return min(max(round(math.sqrt(rows)), 3), 20)
 
 
 def _client_id(context: Context) -> int:

@@ -24,8 +24,16 @@ from fedfhe.config import TrainConfig
 from fedfhe.data import Dataset, load_dataset
 from fedfhe.errors import FedfheError
 from fedfhe.federated.grids import AuditGrid, PromptGrid
-from fedfhe.federated.privacy import privacy_spent
-from fedfhe.federated.strategy import WEIGHT, Guarded, RoundLog, evaluate_everyone, make_strategy, wait_for_nodes
+from fedfhe.federated.privacy import noise_multiplier, privacy_spent
+from fedfhe.federated.strategy import (
+    WEIGHT,
+    Guarded,
+    RoundLog,
+    ServerStep,
+    evaluate_everyone,
+    make_strategy,
+    wait_for_nodes,
+)
 from fedfhe.kinds import Params
 from fedfhe.objective import evaluate
 from fedfhe.problem import Problem, merge_ranges, shared_range
@@ -55,6 +63,8 @@ class ServerRun:
         self.start, self.on_round = start, on_round
         self.problem, self.log = problem, RoundLog()
         self.params: Params | None = None
+        self.noise = noise_multiplier(config) if config.dp else 0.0  # --target-epsilon out of reach fails here
+        self.server: dict[str, np.ndarray] = {}  # the server optimizer's state, and DP's clipping norm
         if start is not None:
             self.restore(start)
 
@@ -78,11 +88,12 @@ class ServerRun:
         """Where the training stands (weights, rounds so far, agreed ranges): a child process hands this back."""
         if self.params is None:
             raise FedfheError("the Flower simulation ended without a model")
-        return Checkpoint(max(self.log.rows, default=0), self.params, self.log.ordered(), self.problem.input_range)
+        rounds = max(self.log.rows, default=0)
+        return Checkpoint(rounds, self.params, self.log.ordered(), self.problem.input_range, self.server)
 
     def restore(self, state: Checkpoint) -> None:
         """Take up a state: a checkpoint to resume from, or what a child process ended with."""
-        self.params = state.params
+        self.params, self.server = state.params, dict(state.server)
         self.problem = dataclasses.replace(self.problem, input_range=state.input_range)
         self.log = RoundLog({row["round"]: row for row in state.rows})
 
@@ -91,7 +102,8 @@ class ServerRun:
         rows = self.log.ordered()
         metrics: dict[str, Any] = {"rounds": rows, "failures": sum(row.get("failures", 0) for row in rows)}
         if self.config.dp:
-            metrics["privacy"] = privacy_spent(self.config)
+            clipping_norm = float(self.server.get("clipping_norm", self.config.clipping_norm))
+            metrics["privacy"] = privacy_spent(self.config, self.noise, clipping_norm)
         return metrics
 
     def gather_ranges(self, grid: Grid) -> Problem:
@@ -114,7 +126,7 @@ class ServerRun:
         return {
             **self.problem.to_config(),
             "hyper": json.dumps(self.config.client_hyper()),
-            "local-iters": self.config.local_iters,
+            "local-iters": self.config.local_iters or 0,  # 0: each client suits it to its rows
             "mu": self.config.proximal_mu if self.config.strategy == "fedprox" else 0.0,
             "uniform-weights": self.config.dp,
         }
@@ -128,7 +140,8 @@ class ServerRun:
         if fresh:
             self.log.row(absolute)["global"] = metrics
         if server_round > 0:
-            self.run.save_checkpoint(Checkpoint(absolute, params, self.log.ordered(), problem.input_range))
+            checkpoint = Checkpoint(absolute, params, self.log.ordered(), problem.input_range, self.server)
+            self.run.save_checkpoint(checkpoint)
         if self.on_round is not None and fresh:
             self.on_round(absolute, metrics)
         return metrics
@@ -140,7 +153,18 @@ class ServerRun:
     def _message_api_rounds(self, grid: Grid, context: Context) -> Params:
         """Plain (or DP, or robust) training with a Message API strategy."""
         initial, shared = self._initial(), self.client_config()
-        strategy = Guarded(make_strategy(self.config), self.config, self.log, self.offset)
+        step = ServerStep(self.config, self.server)
+        strategy = Guarded(make_strategy(self.config, self.noise), self.config, self.log, self.offset, step, self.noise)
+        if strategy.private is not None and "clipping_norm" in self.server:  # a resumed run's adapted norm
+            strategy.private.clipping_norm = float(self.server["clipping_norm"])
+
+        def evaluated(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            """Keep the server's state with the round's checkpoint, then score the round's weights."""
+            self.server = dict(step.state)
+            if strategy.private is not None:
+                self.server["clipping_norm"] = np.array(strategy.private.clipping_norm)
+            return MetricRecord(self.evaluate_round(server_round, arrays.to_numpy_ndarrays()))
+
         outcome = strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(initial),
@@ -148,7 +172,7 @@ class ServerRun:
             timeout=self.config.round_timeout,
             train_config=ConfigRecord(shared),  # two records: the DP wrapper adds its clipping norm to this one
             evaluate_config=ConfigRecord(shared),
-            evaluate_fn=lambda r, arrays: MetricRecord(self.evaluate_round(r, arrays.to_numpy_ndarrays())),
+            evaluate_fn=evaluated,
         )
         final = outcome.arrays if len(outcome.arrays) else ArrayRecord(initial)
         if not self.config.evaluate_every_round:  # train replies scored each round's model but the last
@@ -218,11 +242,50 @@ class ServerRun:
             evaluate_metrics_aggregation_fn=evaluate_metrics,
         )
         if config.dp:
-            strategy = LegacyDP(strategy, config.noise_multiplier, config.clipping_norm, config.sampled)
+            strategy = LegacyDP(strategy, self.noise, config.clipping_norm, config.sampled)
+        strategy = _legacy_stepped()(strategy, ServerStep(config, self.server), self.server)
         rounds = ServerConfig(num_rounds=config.rounds - self.offset, round_timeout=config.round_timeout)
         legacy = LegacyContext(context, rounds, strategy)
         DefaultWorkflow(fit_workflow=secagg_workflow(config))(grid, legacy)
         return legacy.state.array_records["parameters"].to_numpy_ndarrays()
+
+
+def _legacy_stepped() -> type:
+    """Stepped, defined on first use: Flower's legacy strategy module loads only for SecAgg+."""
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server.strategy import Strategy as LegacyStrategy
+
+    class Stepped(LegacyStrategy):
+        """A legacy strategy with the server optimizer after its aggregation (and DP noise)."""
+
+        def __init__(self, inner: Any, step: ServerStep, server: dict[str, np.ndarray]) -> None:
+            self.inner, self.step, self.server = inner, step, server
+            self.current: Params | None = None
+
+        def initialize_parameters(self, client_manager: Any) -> Any:
+            return self.inner.initialize_parameters(client_manager)
+
+        def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
+            self.current = parameters_to_ndarrays(parameters)
+            return self.inner.configure_fit(server_round, parameters, client_manager)
+
+        def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
+            aggregate, metrics = self.inner.aggregate_fit(server_round, results, failures)
+            if aggregate is not None and self.current is not None:
+                aggregate = ndarrays_to_parameters(self.step(self.current, parameters_to_ndarrays(aggregate)))
+                self.server.update(self.step.state)
+            return aggregate, metrics
+
+        def configure_evaluate(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
+            return self.inner.configure_evaluate(server_round, parameters, client_manager)
+
+        def aggregate_evaluate(self, server_round: int, results: Any, failures: Any) -> Any:
+            return self.inner.aggregate_evaluate(server_round, results, failures)
+
+        def evaluate(self, server_round: int, parameters: Any) -> Any:
+            return self.inner.evaluate(server_round, parameters)
+
+    return Stepped
 
 
 def secagg_workflow(config: TrainConfig) -> Any:

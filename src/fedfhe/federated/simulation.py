@@ -98,7 +98,7 @@ def run_in_process(
             warnings.simplefilter("ignore")
             run_simulation(
                 server_app=build_server_app(server_main),
-                client_app=build_client_app(partition_dir, client_mods(config.secagg, config.dp)),
+                client_app=build_client_app(partition_dir, client_mods(config.secagg, config.dp, config.clipping)),
                 num_supernodes=config.clients,
                 backend_config=backend_config,
             )

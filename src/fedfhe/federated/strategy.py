@@ -8,9 +8,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
     FedAvg,
     FedMedian,
@@ -21,6 +23,8 @@ from flwr.serverapp.strategy import (
 
 from fedfhe.config import TrainConfig
 from fedfhe.errors import FedfheError
+from fedfhe.federated.privacy import epsilon
+from fedfhe.kinds import Params
 
 WEIGHT = "weight"  # the metric FedAvg weighs client updates by
 
@@ -68,12 +72,80 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float, what: str) -> list[i
     return nodes
 
 
+class ServerStep:
+    """The server optimizer: a step along the aggregate update, applied after aggregation (and DP noise).
+
+    The rules are those of Reddi et al.'s FedOpt family (sgd with momentum = FedAvgM, adam, yogi). Flower's
+    FedAvgM/FedAdam/FedYogi take the step inside FedAvg, before a DP wrapper adds its noise, so later
+    rounds would reuse un-noised updates; here the step is post-processing of the private aggregate,
+    and it follows robust aggregation too. Its state is checkpointed: a resumed run continues it.
+    """
+
+    BETA1, BETA2, TAU = 0.9, 0.99, 1e-3  # adam and yogi: first and second moment decay, and the denominator floor
+
+    def __init__(self, config: TrainConfig, state: dict[str, np.ndarray] | None = None) -> None:
+        self.rule, self.lr, self.momentum = config.server_optimizer, config.lr, config.momentum
+        self.state = dict(state or {})
+
+    def __call__(self, current: Params, aggregate: Params) -> Params:
+        """The next global weights from the current ones and the round's aggregate."""
+        if self.rule == "sgd" and self.lr == 1 and not self.momentum:
+            return aggregate  # FedAvg: the aggregate itself, bit for bit
+        x, delta = _flat(current), _flat(aggregate) - _flat(current)
+        if self.rule == "sgd":
+            velocity = self.state.get("velocity")
+            self.state["velocity"] = delta if velocity is None else self.momentum * velocity + delta
+            return _shaped(x + self.lr * self.state["velocity"], current)
+        first = self.BETA1 * self.state.get("first", 0.0) + (1 - self.BETA1) * delta
+        second, squared = self.state.get("second", np.zeros_like(x)), delta * delta
+        if self.rule == "adam":
+            second = self.BETA2 * second + (1 - self.BETA2) * squared
+        else:  # yogi: the second moment moves by a bounded amount, in the direction of the new one
+            second = second - (1 - self.BETA2) * squared * np.sign(second - squared)
+        self.state.update(first=first, second=second)
+        return _shaped(x + self.lr * first / (np.sqrt(second) + self.TAU), current)
+
+
+def _flat(params: Params) -> np.ndarray:
+    """All weights as one vector."""
+    return np.concatenate([np.asarray(p, dtype=np.float64).ravel() for p in params])
+
+
+def _shaped(flat: np.ndarray, like: Params) -> Params:
+    """A vector cut back into arrays shaped like `like`."""
+    sizes = np.cumsum([np.size(p) for p in like])[:-1]
+    return [part.reshape(np.shape(p)) for part, p in zip(np.split(flat, sizes), like)]
+
+
+class AdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
+    """Flower's client-side adaptive clipping, with the quantile estimate of Andrew et al. (2021).
+
+    The norm tracks the --clip-quantile of update norms: it grows while fewer updates than that fit
+    under it. Flower 1.42 counts the clipped updates instead, which shrinks the norm while most are
+    clipped (towards zero: docs/many-clients.md). And the fraction is over the expected number of
+    clients q N, fixed as the accounting assumes, not over the replies Poisson sampling happened to draw.
+    """
+
+    def _noisy_fraction(self, count: int, total: int) -> float:
+        """The noised fraction of the expected clients whose update was not clipped."""
+        return float(np.random.normal(total - count, self.clipped_count_stddev)) / self.num_sampled_clients
+
+
 class Guarded(Strategy):
     """Wraps a strategy: seeded sampling, fixed reply order, failures counted, a minimum enforced."""
 
-    def __init__(self, inner: Strategy, config: TrainConfig, log: RoundLog, offset: int) -> None:
-        self.inner, self.config, self.log, self.offset = inner, config, log, offset
-        self.sampled, self.started = 0, time.monotonic()
+    def __init__(
+        self, inner: Strategy, config: TrainConfig, log: RoundLog, offset: int, step: ServerStep, noise: float
+    ) -> None:
+        self.inner, self.config, self.log, self.offset, self.step, self.noise = inner, config, log, offset, step, noise
+        self.sampled, self.started, self.current = 0, time.monotonic(), ArrayRecord()
+        self.rng = np.random.default_rng([config.seed, offset])  # Poisson sampling, continued by a resumed run
+
+    @property
+    def private(self) -> DifferentialPrivacyClientSideFixedClipping | AdaptiveClipping | None:
+        """The DP wrapper, if the run is private."""
+        private = (DifferentialPrivacyClientSideFixedClipping, AdaptiveClipping)
+        return self.inner if isinstance(self.inner, private) else None
 
     def summary(self) -> None:
         """Log the wrapped strategy's summary."""
@@ -92,7 +164,11 @@ class Guarded(Strategy):
         wait_for_nodes(grid, wanted, self.config.round_timeout, f"round {server_round + self.offset}")
         random.seed(f"{self.config.seed}/{server_round + self.offset}")
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        self.sampled, self.started = len(messages), time.monotonic()
+        if self.config.poisson:  # the inner strategy addressed every node: each joins with probability q
+            messages = [m for m in messages if self.rng.random() < self.config.fraction]
+        if self.private is not None:
+            self.log.row(server_round + self.offset)["privacy"] = {"clipping_norm": self.private.clipping_norm}
+        self.sampled, self.started, self.current = len(messages), time.monotonic(), arrays
         return messages
 
     def aggregate_train(
@@ -106,8 +182,8 @@ class Guarded(Strategy):
         ok = sorted((m for m in replies if not m.has_error()), key=lambda m: m.content["arrays"].object_id)
         absolute = server_round + self.offset
         row = self.log.row(absolute)
-        row["failures"] = self.sampled - len(ok)
-        if len(ok) < self.config.min_clients:
+        row["failures"], row["sampled"] = self.sampled - len(ok), self.sampled
+        if len(ok) < min(self.config.min_clients, self.sampled):
             raise FedfheError(
                 f"round {absolute}: only {len(ok)} of {self.sampled} clients returned an update "
                 f"(--min-clients {self.config.min_clients})"
@@ -115,16 +191,44 @@ class Guarded(Strategy):
         reports: list[dict[str, Any]] = [dict(m.content.metric_records["metrics"]) for m in ok]
         if not self.config.evaluate_every_round:
             self.log.record_clients(absolute - 1, reports)
+        if self.config.poisson:
+            self._fix_denominator(ok)
         arrays, metrics = self.inner.aggregate_train(server_round, ok)
+        if self.private is not None:
+            arrays = arrays if ok else self._noise_only()
+            row["privacy"]["epsilon"] = epsilon(self.config, self.noise, absolute)
+        if arrays is not None:
+            current = self.current.to_numpy_ndarrays()
+            arrays = ArrayRecord(self.step(current, arrays.to_numpy_ndarrays()))
         if metrics is not None:
             row["train"] = {key: metrics[key] for key in ("train-score", "train-loss")}
         row["timing"] = {  # where a round's time goes: a node's fresh process, its training, the rest is waiting
             "round_s": time.monotonic() - self.started,
             "aggregate_s": time.monotonic() - arrived,
-            "client_process_s": sum(float(r["process-seconds"]) for r in reports) / len(reports),
-            "client_train_s": sum(float(r["train-seconds"]) for r in reports) / len(reports),
+            "client_process_s": sum(float(r["process-seconds"]) for r in reports) / max(len(reports), 1),
+            "client_train_s": sum(float(r["train-seconds"]) for r in reports) / max(len(reports), 1),
         }
         return arrays, metrics
+
+    def _fix_denominator(self, replies: list[Message]) -> None:
+        """Scale each update by k / (q N): the mean of the k replies becomes their sum over the expected count.
+
+        The accountant's Poisson analysis bounds one client's effect on that sum (C / qN); a mean over
+        however many clients happened to join would not have that bound.
+        """
+        current = _flat(self.current.to_numpy_ndarrays())
+        scale = len(replies) / (self.config.clients * self.config.fraction)
+        for m in replies:
+            params = m.content.array_records["arrays"].to_numpy_ndarrays()
+            scaled = current + (_flat(params) - current) * scale
+            m.content.array_records["arrays"] = ArrayRecord(_shaped(scaled, params))
+
+    def _noise_only(self) -> ArrayRecord:
+        """A round no client joined still releases the global weights plus the noise (the mechanism analysed)."""
+        assert self.private is not None
+        params = self.current.to_numpy_ndarrays()
+        std = self.private.noise_multiplier * self.private.clipping_norm / self.private.num_sampled_clients
+        return ArrayRecord([p + np.random.normal(0, std, np.shape(p)) for p in params])
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -139,10 +243,10 @@ class Guarded(Strategy):
         return self.inner.aggregate_evaluate(server_round, ok)
 
 
-def make_strategy(config: TrainConfig) -> Strategy:
-    """The Message API strategy named by --strategy, wrapped for DP when asked."""
+def make_strategy(config: TrainConfig, noise: float) -> Strategy:
+    """The Message API strategy named by --strategy, wrapped for DP when asked (Guarded samples DP rounds)."""
     common: dict[str, Any] = {
-        "fraction_train": config.fraction,
+        "fraction_train": 1.0 if config.poisson else config.fraction,
         "fraction_evaluate": 1.0 if config.evaluate_every_round else 0.0,
         "min_train_nodes": 1,
         "min_evaluate_nodes": 1,
@@ -158,11 +262,19 @@ def make_strategy(config: TrainConfig) -> Strategy:
         strategy = Krum(**common, num_malicious_nodes=max((config.sampled - 3) // 2, 0))
     else:
         strategy = FedTrimmedAvg(**common, beta=0.2)
-    if config.dp:
-        strategy = DifferentialPrivacyClientSideFixedClipping(
-            strategy, config.noise_multiplier, config.clipping_norm, config.sampled
-        )
-    return strategy
+    if not config.dp:
+        return strategy
+    expected: Any = config.clients * config.fraction  # Flower types it int; the noise is z C / (q N)
+    if config.clipping == "fixed":
+        return DifferentialPrivacyClientSideFixedClipping(strategy, noise, config.clipping_norm, expected)
+    return AdaptiveClipping(
+        strategy,
+        noise,
+        expected,
+        initial_clipping_norm=config.clipping_norm,
+        target_clipped_quantile=config.clip_quantile,
+        clipped_count_stddev=max(expected / 20, noise),  # Andrew et al.'s m / 20; at least z, so the count costs little
+    )
 
 
 def evaluate_everyone(grid: Grid, arrays: ArrayRecord, config: ConfigRecord, timeout: float) -> list[dict[str, Any]]:
