@@ -87,20 +87,3 @@ def test_adaptive_server_optimizers_train(tmp_path, digits, federated_run, optim
     model = train(digits, config, tmp_path)
     assert model.metadata["metrics"]["final"]["score"] > 0.6  # steps of about --server-lr (0.03) per weight and round
     assert not np.allclose(model.coef, fedavg.coef)
-
-
-def test_a_resumed_run_continues_the_server_momentum(tmp_path, digits):
-    config = TrainConfig(clients=3, rounds=3, local_iters=10, server_momentum=0.5, seed=0)
-    whole = train(digits, config, tmp_path / "whole")
-
-    class Interrupted(Exception):
-        """The run stops here, like a killed process, after round 2's checkpoint."""
-
-    def crash(r: int, _: dict) -> None:
-        if r == 2:
-            raise Interrupted
-
-    with pytest.raises(Interrupted):
-        train(digits, config, tmp_path / "cut", on_round=crash)
-    resumed = train(digits, config, tmp_path / "cut", resume=True)
-    assert np.array_equal(resumed.coef, whole.coef)  # round 3 needs the velocity of rounds 1-2 from the checkpoint

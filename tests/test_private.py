@@ -179,7 +179,8 @@ def test_strategies_by_name(tmp_path, digits, strategy):
 
 
 def test_resumed_run_ends_with_the_same_model(tmp_path, digits):
-    config = dataclasses.replace(BASE, rounds=3)  # all clients: simulation node ids change per run
+    # All clients (simulation node ids change per run); momentum: round 3 needs rounds 1-2's velocity back.
+    config = dataclasses.replace(BASE, rounds=3, server_momentum=0.5)
     whole = train(digits, config, tmp_path / "whole")
 
     class Interrupted(Exception):

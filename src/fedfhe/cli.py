@@ -177,11 +177,11 @@ def training_options(command: Callable[..., None]) -> Callable[..., None]:
     """
     own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "config"]
     added = []
+    types: dict[str, Any] = {"int": int, "float": float, "bool": bool, "str": str}
+    types |= {f"{name} | None": kind | None for name, kind in types.items()}
     for f in dataclasses.fields(TrainConfig):
         flag = "--param" if f.name == "params" else f"--{f.name.replace('_', '-')}"
         info = typer.Option(flag, help=f.metadata["help"], rich_help_panel=f.metadata["panel"])
-        types: dict[str, Any] = {"int": int, "float": float, "bool": bool, "str": str}
-        types |= {f"{name} | None": kind | None for name, kind in types.items()}
         kind = types.get(str(f.type), list[str])
         default = [] if f.name == "params" else f.default
         added.append(

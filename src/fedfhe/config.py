@@ -207,6 +207,11 @@ class TrainConfig:
         return self.server_momentum or 0.0
 
     @property
+    def expected(self) -> float:
+        """Clients expected in a round, q N: the fixed denominator of DP's average."""
+        return self.clients * self.fraction
+
+    @property
     def poisson(self) -> bool:
         """Whether clients are sampled independently (DP without SecAgg+: what the accountant amplifies)."""
         return self.dp and not self.secagg

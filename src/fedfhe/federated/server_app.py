@@ -28,6 +28,7 @@ from fedfhe.federated.privacy import noise_multiplier, privacy_spent
 from fedfhe.federated.strategy import (
     WEIGHT,
     Guarded,
+    LegacyStepped,
     RoundLog,
     ServerStep,
     evaluate_everyone,
@@ -64,7 +65,7 @@ class ServerRun:
         self.problem, self.log = problem, RoundLog()
         self.params: Params | None = None
         self.noise = noise_multiplier(config) if config.dp else 0.0  # --target-epsilon out of reach fails here
-        self.server: dict[str, np.ndarray] = {}  # the server optimizer's state, and DP's clipping norm
+        self.server: dict[str, np.ndarray] = {}  # the server optimizer's state (ServerStep's), DP's clipping norm
         if start is not None:
             self.restore(start)
 
@@ -159,8 +160,7 @@ class ServerRun:
             strategy.private.clipping_norm = float(self.server["clipping_norm"])
 
         def evaluated(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            """Keep the server's state with the round's checkpoint, then score the round's weights."""
-            self.server = dict(step.state)
+            """Keep the adapted clipping norm with the round's checkpoint, then score the round's weights."""
             if strategy.private is not None:
                 self.server["clipping_norm"] = np.array(strategy.private.clipping_norm)
             return MetricRecord(self.evaluate_round(server_round, arrays.to_numpy_ndarrays()))
@@ -243,49 +243,11 @@ class ServerRun:
         )
         if config.dp:
             strategy = LegacyDP(strategy, self.noise, config.clipping_norm, config.sampled)
-        strategy = _legacy_stepped()(strategy, ServerStep(config, self.server), self.server)
+        strategy = LegacyStepped(strategy, ServerStep(config, self.server))
         rounds = ServerConfig(num_rounds=config.rounds - self.offset, round_timeout=config.round_timeout)
         legacy = LegacyContext(context, rounds, strategy)
         DefaultWorkflow(fit_workflow=secagg_workflow(config))(grid, legacy)
         return legacy.state.array_records["parameters"].to_numpy_ndarrays()
-
-
-def _legacy_stepped() -> type:
-    """Stepped, defined on first use: Flower's legacy strategy module loads only for SecAgg+."""
-    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.server.strategy import Strategy as LegacyStrategy
-
-    class Stepped(LegacyStrategy):
-        """A legacy strategy with the server optimizer after its aggregation (and DP noise)."""
-
-        def __init__(self, inner: Any, step: ServerStep, server: dict[str, np.ndarray]) -> None:
-            self.inner, self.step, self.server = inner, step, server
-            self.current: Params | None = None
-
-        def initialize_parameters(self, client_manager: Any) -> Any:
-            return self.inner.initialize_parameters(client_manager)
-
-        def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
-            self.current = parameters_to_ndarrays(parameters)
-            return self.inner.configure_fit(server_round, parameters, client_manager)
-
-        def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
-            aggregate, metrics = self.inner.aggregate_fit(server_round, results, failures)
-            if aggregate is not None and self.current is not None:
-                aggregate = ndarrays_to_parameters(self.step(self.current, parameters_to_ndarrays(aggregate)))
-                self.server.update(self.step.state)
-            return aggregate, metrics
-
-        def configure_evaluate(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
-            return self.inner.configure_evaluate(server_round, parameters, client_manager)
-
-        def aggregate_evaluate(self, server_round: int, results: Any, failures: Any) -> Any:
-            return self.inner.aggregate_evaluate(server_round, results, failures)
-
-        def evaluate(self, server_round: int, parameters: Any) -> Any:
-            return self.inner.evaluate(server_round, parameters)
-
-    return Stepped
 
 
 def secagg_workflow(config: TrainConfig) -> Any:

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.strategy import Strategy as LegacyStrategy  # loaded with flwr.serverapp anyway
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
@@ -20,6 +22,7 @@ from flwr.serverapp.strategy import (
     Krum,
     Strategy,
 )
+from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 
 from fedfhe.config import TrainConfig
 from fedfhe.errors import FedfheError
@@ -83,9 +86,10 @@ class ServerStep:
 
     BETA1, BETA2, TAU = 0.9, 0.99, 1e-3  # adam and yogi: first and second moment decay, and the denominator floor
 
-    def __init__(self, config: TrainConfig, state: dict[str, np.ndarray] | None = None) -> None:
+    def __init__(self, config: TrainConfig, state: dict[str, np.ndarray]) -> None:
+        """`state` is the run's server state, updated in place: each checkpoint saves it as it stands."""
         self.rule, self.lr, self.momentum = config.server_optimizer, config.lr, config.momentum
-        self.state = dict(state or {})
+        self.state = state
 
     def __call__(self, current: Params, aggregate: Params) -> Params:
         """The next global weights from the current ones and the round's aggregate."""
@@ -115,6 +119,36 @@ def _shaped(flat: np.ndarray, like: Params) -> Params:
     """A vector cut back into arrays shaped like `like`."""
     sizes = np.cumsum([np.size(p) for p in like])[:-1]
     return [part.reshape(np.shape(p)) for part, p in zip(np.split(flat, sizes), like)]
+
+
+class LegacyStepped(LegacyStrategy):
+    """A legacy strategy (SecAgg+'s workflow) with the server step after its aggregation and DP noise."""
+
+    def __init__(self, inner: LegacyStrategy, step: ServerStep) -> None:
+        self.inner, self.step = inner, step
+        self.current: Params | None = None
+
+    def initialize_parameters(self, client_manager: Any) -> Any:
+        return self.inner.initialize_parameters(client_manager)
+
+    def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
+        self.current = parameters_to_ndarrays(parameters)
+        return self.inner.configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
+        aggregate, metrics = self.inner.aggregate_fit(server_round, results, failures)
+        if aggregate is not None and self.current is not None:
+            aggregate = ndarrays_to_parameters(self.step(self.current, parameters_to_ndarrays(aggregate)))
+        return aggregate, metrics
+
+    def configure_evaluate(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
+        return self.inner.configure_evaluate(server_round, parameters, client_manager)
+
+    def aggregate_evaluate(self, server_round: int, results: Any, failures: Any) -> Any:
+        return self.inner.aggregate_evaluate(server_round, results, failures)
+
+    def evaluate(self, server_round: int, parameters: Any) -> Any:
+        return self.inner.evaluate(server_round, parameters)
 
 
 class AdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
@@ -217,7 +251,7 @@ class Guarded(Strategy):
         however many clients happened to join would not have that bound.
         """
         current = _flat(self.current.to_numpy_ndarrays())
-        scale = len(replies) / (self.config.clients * self.config.fraction)
+        scale = len(replies) / self.config.expected
         for m in replies:
             params = m.content.array_records["arrays"].to_numpy_ndarrays()
             scaled = current + (_flat(params) - current) * scale
@@ -227,8 +261,9 @@ class Guarded(Strategy):
         """A round no client joined still releases the global weights plus the noise (the mechanism analysed)."""
         assert self.private is not None
         params = self.current.to_numpy_ndarrays()
-        std = self.private.noise_multiplier * self.private.clipping_norm / self.private.num_sampled_clients
-        return ArrayRecord([p + np.random.normal(0, std, np.shape(p)) for p in params])
+        dp = self.private
+        add_gaussian_noise_inplace(params, compute_stdv(dp.noise_multiplier, dp.clipping_norm, dp.num_sampled_clients))
+        return ArrayRecord(params)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -264,7 +299,7 @@ def make_strategy(config: TrainConfig, noise: float) -> Strategy:
         strategy = FedTrimmedAvg(**common, beta=0.2)
     if not config.dp:
         return strategy
-    expected: Any = config.clients * config.fraction  # Flower types it int; the noise is z C / (q N)
+    expected: Any = config.expected  # Flower types it int; the noise is z C / (q N)
     if config.clipping == "fixed":
         return DifferentialPrivacyClientSideFixedClipping(strategy, noise, config.clipping_norm, expected)
     return AdaptiveClipping(
