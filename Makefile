@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(BIN)/fedfhe run --dataset mnist-5k --clients 10 --rounds 5 --fhe-samples 100 --out runs/demo --force
 
 test: $(STAMP) lint
+	bash deploy/install-nginx.sh  # the two-replica test's load balancer (Debian's nginx-light), when missing
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -1,12 +1,15 @@
 """Latency and throughput of encrypted inference (issue #3); writes results/serve.json.
 
-Three ways to evaluate the same ciphertexts with 1, 2 and 4 concurrent clients:
+Three ways to evaluate the same ciphertexts with 1, 2 and 4 concurrent clients, each setting repeated
+(--repeats, min/median/max of throughput):
 - in_process: FHEModelServer.run called directly (threads), the floor without HTTP;
 - reference_async: a FastAPI server evaluating inside its async handler, as Concrete ML's example does;
 - fedfhe_serve: `fedfhe serve`, evaluating in a process pool.
 Each request carries one ciphertext. Encryption and decryption are client costs, timed apart.
+For `fedfhe serve`, each repeat also records how busy each FHE worker was (CPU seconds over wall
+seconds) and how busy the whole machine was, so a slow repeat says whether a worker sat idle.
 
-Usage: .venv/bin/python benchmarks/serve_bench.py [--run DIR] [--requests 40] [--workers 2]
+Usage: .venv/bin/python benchmarks/serve_bench.py [--run DIR] [--requests 40] [--workers 2] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -59,6 +62,23 @@ def reference_app(fhe_dir: str, key_file: str) -> FastAPI:
     return app
 
 
+def bench_run(run: Path, rows: int) -> tuple:
+    """The benchmarks' served model, trained and compiled on first use, and its first test rows and labels."""
+    if not (run / "fhe" / "server.zip").is_file():
+        subprocess.run([sys.executable, "-m", "fedfhe", *RUN_COMMAND, "--out", str(run)], check=True, env=ENV)
+    from fedfhe.data import load_dataset
+    from fedfhe.model import LinearModel
+
+    model = LinearModel.load(run / "model.npz")
+    data = load_dataset(model.metadata["dataset"], seed=model.metadata["training"]["seed"])
+    return model, data.X_test[:rows], data.y_test[:rows]
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """min, median and max of repeated measurements."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -66,8 +86,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def process(args: list[str], port: int) -> Iterator[str]:
-    """A server subprocess, healthy before use and terminated after."""
+def process(args: list[str], port: int) -> Iterator[tuple[str, int]]:
+    """A server subprocess, healthy before use and terminated after: its URL and pid."""
     proc = subprocess.Popen([sys.executable, *args], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -80,7 +100,7 @@ def process(args: list[str], port: int) -> Iterator[str]:
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         try:
@@ -116,6 +136,38 @@ def load(jobs: list[bytes], concurrency: int, call: Callable[[bytes], bytes]) ->
     }
 
 
+def repeated(jobs: list[bytes], concurrency: int, call: Callable[[bytes], bytes], repeats: int, pid: int = 0) -> dict:
+    """`load` repeated: throughput min/median/max, median latencies; with a server pid, its workers' busy share."""
+    import psutil
+
+    runs = []
+    for _ in range(repeats):
+        workers = [p for p in psutil.Process(pid).children() if "spawn_main" in " ".join(p.cmdline())] if pid else []
+        before = [sum(w.cpu_times()[:2]) for w in workers]
+        machine = psutil.cpu_times()
+        start = time.perf_counter()
+        run = load(jobs, concurrency, call)
+        wall = time.perf_counter() - start
+        after = psutil.cpu_times()
+        busy = sum(after[:3]) - sum(machine[:3])  # user, nice, system
+        run["machine_busy"] = busy / (wall * (os.cpu_count() or 1))
+        if workers:
+            run["worker_busy"] = [(sum(w.cpu_times()[:2]) - b) / wall for w, b in zip(workers, before)]
+        runs.append(run)
+    throughput = [r["throughput_per_s"] for r in runs]
+    summary = {
+        "concurrency": concurrency,
+        "throughput_per_s": spread(throughput),
+        "p50_ms_median": statistics.median(r["p50_ms"] for r in runs),
+        "p95_ms_median": statistics.median(r["p95_ms"] for r in runs),
+        "machine_busy": [round(r["machine_busy"], 3) for r in runs],
+        "outputs": runs[-1]["outputs"],
+    }
+    if pid:
+        summary["worker_busy"] = [[round(b, 3) for b in r["worker_busy"]] for r in runs]
+    return summary
+
+
 def over_http(url: str, key_id: str) -> Callable[[bytes], bytes]:
     """One framed ciphertext per POST, a connection per thread."""
     from fedfhe.service.protocol import decode_frames, encode_frames
@@ -140,20 +192,15 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=HERE.parent / "runs" / "serve-bench")
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "serve.json")
     args = parser.parse_args()
-    if not (args.run / "fhe" / "server.zip").is_file():
-        subprocess.run([sys.executable, "-m", "fedfhe", *RUN_COMMAND, "--out", str(args.run)], check=True, env=ENV)
+    model, X, y = bench_run(args.run, args.requests)
 
     from concrete.ml.deployment import FHEModelClient, FHEModelServer
 
-    from fedfhe.data import load_dataset
-    from fedfhe.model import LinearModel
     from fedfhe.service.protocol import encode_frames
 
-    model = LinearModel.load(args.run / "model.npz")
-    data = load_dataset(model.metadata["dataset"], seed=model.metadata["training"]["seed"])
-    X, y = data.X_test[: args.requests], data.y_test[: args.requests]
     fhe_dir = args.run / "fhe"
     results: dict = {"in_process": [], "reference_async": [], "fedfhe_serve": []}
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
@@ -169,22 +216,22 @@ def main() -> None:
 
         server = FHEModelServer(str(fhe_dir))
         for c in CONCURRENCY:
-            results["in_process"].append(load(jobs, c, lambda ct: server.run(ct, keys)))
+            results["in_process"].append(repeated(jobs, c, lambda ct: server.run(ct, keys), args.repeats))
 
         port = free_port()
         code = f"import sys, uvicorn; sys.path.insert(0, {str(HERE)!r}); from serve_bench import reference_app; "
         code += f"uvicorn.run(reference_app({str(fhe_dir)!r}, {tmp + '/eval.key'!r}), port={port}, log_level='error')"
-        with process(["-c", code], port) as url:
+        with process(["-c", code], port) as (url, _):
             for c in CONCURRENCY:
-                results["reference_async"].append(load(jobs, c, over_http(url, "unused")))
+                results["reference_async"].append(repeated(jobs, c, over_http(url, "unused"), args.repeats))
 
         port = free_port()
         serve = ["-m", "fedfhe", "serve", "--run", str(args.run), "--port", str(port)]
         serve += ["--workers", str(args.workers), "--key-store", f"{tmp}/store"]
-        with process(serve, port) as url:
+        with process(serve, port) as (url, pid):
             key_id = httpx.post(f"{url}/v1/keys", content=keys, headers=OCTET).json()["key_id"]
             for c in CONCURRENCY:
-                results["fedfhe_serve"].append(load(jobs, c, over_http(url, key_id)))
+                results["fedfhe_serve"].append(repeated(jobs, c, over_http(url, key_id), args.repeats, pid))
             spec_bytes = len(httpx.get(f"{url}/v1/client-spec").content)
 
         reference = results["in_process"][0]["outputs"]
@@ -202,6 +249,7 @@ def main() -> None:
         "dataset": model.metadata["dataset"],
         "n_features": model.n_features,
         "requests_per_setting": len(jobs),
+        "repeats": args.repeats,
         "workers": args.workers,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "latency_and_throughput": results,

@@ -256,6 +256,7 @@ def test_bad_serve_options_are_one_line_and_start_nothing(served_run, tmp_path):
         (["--tokens", str(tmp_path / "short")], "shorter than 16 characters"),
         (["--tokens", str(tmp_path / "none")], "cannot read the token file"),
         (["--workers", "0"], "--workers must be at least 1"),
+        (["--threads", "0"], "--threads must be at least 1"),
         (["--read-timeout", "0"], "--read-timeout must be > 0"),
         (["--max-keys", "0"], "--max-keys at least 1"),
     ]

@@ -1,4 +1,4 @@
-"""The README and docs/ are a contract: every fedfhe command they show exists with every option it uses."""
+"""The README, docs/ and deploy/ are a contract: every fedfhe command they show exists with every option it uses."""
 
 from __future__ import annotations
 
@@ -20,6 +20,25 @@ def shown_commands() -> list[tuple[str, str]]:
         for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.DOTALL):
             joined = block.replace("\\\n", " ")  # continued lines are one command
             found += [(path.name, line.strip()) for line in joined.splitlines() if line.strip().startswith("fedfhe ")]
+    return found + deployed_commands()
+
+
+def deployed_commands() -> list[tuple[str, str]]:
+    """The `fedfhe serve` the Dockerfile starts and the one each Kubernetes container runs."""
+    import json
+
+    import yaml
+
+    cmd = re.search(r"^CMD (\[.*\])$", (ROOT / "deploy" / "Dockerfile").read_text(), re.MULTILINE)
+    assert cmd, "deploy/Dockerfile has no CMD"
+    found = [("Dockerfile", "fedfhe " + " ".join(json.loads(cmd.group(1))))]
+    for doc in yaml.safe_load_all((ROOT / "deploy" / "kubernetes.yaml").read_text()):
+        if doc["kind"] == "Deployment":
+            found += [
+                ("kubernetes.yaml", "fedfhe " + " ".join(c["args"]))
+                for c in doc["spec"]["template"]["spec"]["containers"]
+            ]
+    assert len(found) == 2
     return found
 
 

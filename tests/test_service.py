@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
 import shutil
 import signal
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -248,6 +252,138 @@ def test_cli_predict_prints_json(server, rows, truth, tmp_path):
     assert missing.returncode == 2 and "nope.npy: file not found" in missing.stderr
 
 
+@pytest.fixture(scope="module")
+def many(digits, run_dir) -> tuple[np.ndarray, np.ndarray]:
+    """40 test rows and what the circuit predicts for them: the first row alone, then requests of 8."""
+    from fedfhe.fhe import load_compiled
+    from fedfhe.model import LinearModel
+
+    X = digits.X_test[:40]
+    return X, load_compiled(run_dir, LinearModel.load(run_dir / "model.npz")).predict(X, fhe="simulate")
+
+
+def test_pipelined_prediction_in_worker_processes_equals_simulation(server, many, tmp_path, monkeypatch):
+    import psutil
+
+    from fedfhe.service import client as client_module
+
+    monkeypatch.setattr(client_module, "SPAWN_SECONDS", 0.0)  # worth starting workers even for 40 small rows
+    X, expected = many
+    with EncryptedClient(server.url, tmp_path / "keys") as client:
+        batches = list(client.predict_batches(X, jobs=2))
+        assert [len(b.predicted) for b in batches] == [1, 8, 8, 8, 8, 7]
+        np.testing.assert_array_equal(np.concatenate([b.predicted for b in batches]), expected)
+        workers = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        np.testing.assert_array_equal(client.predict(X, jobs=1).predicted, expected)  # in this process
+        with pytest.raises(FedfheError, match="--jobs must be at least 1"):
+            client.predict(X, jobs=0)
+    psutil.wait_procs(workers, timeout=30)
+    assert not any(p.is_running() for p in workers)
+
+
+def test_encryption_workers_refuse_keys_other_than_the_uploaded_ones(alice):
+    from fedfhe.service.encryptor import Encryptor, KeysDiffer
+
+    encryptor = Encryptor(alice.key_dir / "client.zip", alice.key_dir / "keys", "0" * 64, 1)
+    try:
+        with pytest.raises(KeysDiffer, match="other keys than the ones uploaded"):
+            encryptor.result(encryptor.submit(np.zeros((1, 64), dtype=np.int64)))
+    finally:
+        encryptor.close()
+
+
+def test_cli_predict_writes_results_as_they_arrive(server, many, tmp_path):
+    X, expected = many
+    np.save(tmp_path / "rows.npy", X)
+    common = ["predict", "--server", server.url, "--key-dir", str(tmp_path / "keys")]
+    done = fedfhe(*common, "--jobs", "1", "--out", str(tmp_path / "p.csv"), str(tmp_path / "rows.npy"))
+    assert done.returncode == 0, done.stderr
+    assert "40 row(s) written to" in done.stderr
+    with open(tmp_path / "p.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["class"]) for r in table] == expected.tolist()
+    assert list(table[0]) == ["row", "class", "name", *(f"score_{c}" for c in range(10))]
+    done = fedfhe(*common, "--out", str(tmp_path / "p.jsonl"), str(tmp_path / "rows.npy"))
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in lines] == list(range(40)) and [r["class"] for r in lines] == expected.tolist()
+    np.save(tmp_path / "narrow.npy", X[:, :63])
+    for args, message in [
+        (["--out", str(tmp_path / "p.txt"), "rows.npy"], "write results to a .csv or a .jsonl file"),
+        (["--json", "--out", str(tmp_path / "q.csv"), "rows.npy"], "choose one"),
+        (["--jobs", "0", "rows.npy"], "--jobs must be at least 1"),
+        (["--out", str(tmp_path / "n.csv"), "narrow.npy"], "expected (n_samples, 64)"),
+    ]:
+        refused = fedfhe(*common, *args[:-1], str(tmp_path / args[-1]))
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("n.csv*")) and not list(tmp_path.glob("q.csv*"))
+
+
+def test_a_results_file_keeps_the_finished_rows_when_a_run_fails(tmp_path):
+    from fedfhe.service.client import ResultsFile
+
+    path = tmp_path / "preds.jsonl"
+    path.write_text("from an earlier run\n")
+    kept = r"server gone \(2 row\(s\) done are in .*preds\.jsonl\.part\)"
+    with pytest.raises(FedfheError, match=kept), ResultsFile(path) as results:
+        results.write([{"row": 0, "value": 1.5}, {"row": 1, "value": 2.5}])
+        raise FedfheError("server gone")
+    assert path.read_text() == "from an earlier run\n"
+    assert [json.loads(line)["value"] for line in (tmp_path / "preds.jsonl.part").read_text().splitlines()] == [
+        1.5,
+        2.5,
+    ]
+
+
+@contextmanager
+def behind_nginx(replicas: list[Served], prefix: Path) -> Iterator[str]:
+    """deploy/nginx.conf as shipped, its placeholders filled, balancing the replicas; its URL."""
+    port = free_port()
+    conf = (Path(__file__).parents[1] / "deploy" / "nginx.conf").read_text()
+    upstreams = "\n".join(f"server {r.url.removeprefix('http://')};" for r in replicas)
+    conf = conf.replace("{{LISTEN}}", f"127.0.0.1:{port}").replace("{{UPSTREAMS}}", upstreams)
+    conf = conf.replace("{{PREFIX}}", str(prefix))
+    if os.geteuid() == 0:  # nginx's workers would otherwise drop to nobody, who cannot write `prefix`
+        conf = "user root;\n" + conf
+    (prefix / "nginx.conf").write_text(conf)
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    assert Path(nginx).is_file(), "nginx is missing: deploy/install-nginx.sh installs it (make test runs it)"
+    proc = subprocess.Popen([nginx, "-c", str(prefix / "nginx.conf"), "-p", str(prefix), "-g", "daemon off;"])
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{url}/v1/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(lambda: proc.poll() is not None or healthy(), 30, "nginx to answer")
+        assert proc.poll() is None, f"nginx exited: {(prefix / 'error.log').read_text()[-500:]}"
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_two_replicas_behind_nginx_share_one_key_store(run_dir, many, tmp_path):
+    X, expected = many
+    store, options = tmp_path / "store", ("--workers", "1", "--threads", "1")  # two replicas on one machine
+    with (
+        serving(run_dir, store, tmp_path / "a.log", *options) as a,
+        serving(run_dir, store, tmp_path / "b.log", *options) as b,
+        behind_nginx([a, b], tmp_path) as url,
+        EncryptedClient(url, tmp_path / "keys") as client,
+    ):
+        np.testing.assert_array_equal(client.predict(X, jobs=1).predicted, expected)
+        predicts = [request_count(r.url, "/v1/predict") for r in (a, b)]
+        uploads = [request_count(r.url, "/v1/keys") for r in (a, b)]
+    assert sum(predicts) == 6 and min(predicts) >= 2  # the first row alone, then 5 requests of 8: on both
+    assert sum(uploads) == 1  # uploaded to one replica, found by the other in the shared store
+
+
 def test_keys_survive_a_server_restart(run_dir, rows, truth, tmp_path):
     store, log = tmp_path / "store", tmp_path / "server.log"
     with serving(run_dir, store, log, "--workers", "1") as first, EncryptedClient(first.url, tmp_path / "c") as client:
@@ -333,6 +469,25 @@ def test_key_store_is_idempotent_bounded_and_least_recently_used(tmp_path):
         with pytest.raises(UnknownKey, match="malformed"):
             store.get(bad)
     assert not list(store.root.glob("*.tmp"))
+
+
+def test_processes_sharing_a_key_store_keep_its_limits(tmp_path):
+    """Replicas share one directory: 2 processes store 40 keys each at once into a store of at most 5."""
+    code = (
+        "import sys; from pathlib import Path; from fedfhe.service.keystore import KeyStore\n"
+        "store = KeyStore(Path(sys.argv[1]), max_keys=5)\n"
+        "print(' '.join(store.put(f'{sys.argv[2]}-{i}'.encode() * 1000) for i in range(40)))"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "keys"), name], stdout=subprocess.PIPE, text=True)
+        for name in ("a", "b")
+    ]
+    stored = [p.communicate(timeout=60)[0].split() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    kept = {path.stem for path in (tmp_path / "keys").glob("*.key")}
+    assert len(kept) == 5 and len(KeyStore(tmp_path / "keys", max_keys=5)) == 5
+    assert kept <= set(stored[0][-5:] + stored[1][-5:])  # older keys had 5 newer ones: least recently used
+    assert not list((tmp_path / "keys").glob("*.tmp"))
 
 
 def test_framing_round_trip_and_refusals():

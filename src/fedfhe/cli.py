@@ -144,6 +144,7 @@ EXAMPLES: dict[str, list[str]] = {  # shown under each command's --help
     "predict": [
         "fedfhe predict rows.csv --server http://127.0.0.1:8000 --json",
         "fedfhe predict digit.png --server https://host:8000 --ca-cert ca.crt --expect-model SHA256",
+        "fedfhe predict test.npy --server http://127.0.0.1:8000 --jobs 2 --out preds.csv",
     ],
     "federation up": [
         "fedfhe federation up --clients 3 --rounds 2 --run runs/fed",
@@ -727,6 +728,10 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (1-65535).")] = 8000,
     workers: Annotated[int, typer.Option(help="FHE worker processes.")] = 2,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="Threads per FHE worker (default: the cores / --workers; 1 for replicas on one machine)."),
+    ] = None,
     key_store: Annotated[Path | None, typer.Option(help="Evaluation key directory (default RUN/keys).")] = None,
     max_keys: Annotated[int, typer.Option(help="Most evaluation keys stored (least recently used go first).")] = 1000,
     max_key_store_mb: Annotated[float, typer.Option(help="Most MiB of evaluation keys stored.")] = 1024.0,
@@ -779,7 +784,7 @@ def serve(
         max_key_store_bytes=int(max_key_store_mb * (1 << 20)),
     )
     access = None if tokens is None else Access.from_file(tokens, rate)
-    pool = Evaluator(RunDir(run).fhe, workers)
+    pool = Evaluator(RunDir(run).fhe, workers, threads)
     app = create_app(run, key_store, workers, limits, access, pool)
     tls = None if tls_cert is None or tls_key is None else (tls_cert, tls_key)
     listener = network.listener(app, host, port, tls, read_timeout, max_connections)
@@ -801,6 +806,13 @@ def predict(
         Path | None, typer.Option(help="Where this client keeps its keys (default: per server, in the cache).")
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Write each row's result to this .csv or .jsonl as it arrives, instead of printing."),
+    ] = None,
+    jobs: Annotated[
+        int | None, typer.Option(help="Processes that encrypt while the server computes (default: the cores).")
+    ] = None,
     token: Annotated[
         str | None, typer.Option(envvar="FEDFHE_TOKEN", help="Bearer token, for a server started with --tokens.")
     ] = None,
@@ -815,56 +827,62 @@ def predict(
 ) -> None:
     """Classify (or regress) inputs on a remote server without ever sending them in the clear."""
     import hashlib
-    import json
 
     from fedfhe.data import DEFAULT_CACHE
-    from fedfhe.service.client import EncryptedClient, read_inputs
+    from fedfhe.service.client import EncryptedClient, ResultsFile, read_inputs
     from fedfhe.table import read_frame
 
     if not input.is_file():
         raise FedfheError(f"{input}: file not found")
     if not max_input_mb > 0:
         raise FedfheError(f"--max-input-mb must be > 0 (got {max_input_mb})")
+    if out is not None and json_out:
+        raise FedfheError("--json prints the results, --out writes them: choose one")
     keys = key_dir or DEFAULT_CACHE / "client-keys" / hashlib.sha256(server.rstrip("/").encode()).hexdigest()[:16]
     limit = int(max_input_mb * (1 << 20))
+    records: list[dict[str, Any]] = []
     with EncryptedClient(server, keys, token=token, ca_cert=ca_cert, expect_model=expect_model) as client:
         if input.suffix.lower() in (".csv", ".parquet") and client.schema is not None:  # raw rows, by its schema
             X = read_frame(input, limit)
         else:
             X = read_inputs(input, client.model["n_features"], client.input_range, limit)
-        with console.status(f"encrypting and classifying {len(X)} row(s)"):
-            result = client.predict(X, str(input))
+        results = contextlib.nullcontext(None) if out is None else ResultsFile(out)
+        with results as file, _bars() as progress:
+            task = progress.add_task("encrypting, evaluating, decrypting", total=len(X))
+            for batch in client.predict_batches(X, str(input), jobs):
+                rows = client.records(batch, first=len(records) if file is None else file.rows)
+                if file is None:
+                    records.extend(rows)
+                else:
+                    file.write(rows)
+                progress.update(task, advance=len(rows))
+        if file is not None:
+            console.print(f"{file.rows} row(s) written to {out}")
+            return
         classes = client.classes.tolist() if client.model["classes"] else []
         names = client.class_names
+    if json_out:
+        print(json.dumps(records))
+        return
     if not classes:  # a regressor: one value per row
-        if json_out:
-            print(json.dumps([{"row": i, "value": float(v)} for i, v in enumerate(result.predicted)]))
-            return
         table = Table(title=f"{input.name}: {len(X)} row(s), predicted under encryption")
         table.add_column("row", justify="right")
         table.add_column("value", justify="right")
-        for i, v in enumerate(result.predicted):
-            table.add_row(str(i), f"{v:.4g}")
+        for record in records:
+            table.add_row(str(record["row"]), f"{record['value']:.4g}")
         Console().print(table)
         return
-    named = dict(zip(classes, names))
-    scores = result.scores  # None from a server with label outputs
-    if json_out:
-        rows = [{"row": i, "class": c, "name": named[c]} for i, c in enumerate(result.predicted.tolist())]
-        if scores is not None:
-            rows = [{**row, "scores": dict(zip(names, map(float, s)))} for row, s in zip(rows, scores)]
-        print(json.dumps(rows))
-        return
+    labels_only = not records or "scores" not in records[0]
     table = Table(title=f"{input.name}: {len(X)} row(s), classified under encryption")
     table.add_column("row", justify="right")
     table.add_column("class", justify="right")
-    if scores is not None:
+    if not labels_only:
         table.add_column("scores (" + " ".join(names) + ")")
-    for i, c in enumerate(result.predicted.tolist()):
-        shown = [] if scores is None else [" ".join(f"{v:.2f}" for v in scores[i])]
-        table.add_row(str(i), named[c], *shown)
+    for record in records:
+        shown = [] if labels_only else [" ".join(f"{v:.2f}" for v in record["scores"].values())]
+        table.add_row(str(record["row"]), str(record["name"]), *shown)
     Console().print(table)
-    if scores is None:
+    if labels_only:
         Console().print("label outputs: the server returns classes only, never the scores", soft_wrap=True)
 
 

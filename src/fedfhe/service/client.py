@@ -7,18 +7,24 @@ A server that later serves another client spec is refused: keys belong to one ci
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import itertools
 import json
 import math
 import os
 import re
 import ssl
 import tempfile
+import threading
 import time
 import zipfile
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TextIO
 
 import httpx
 import numpy as np
@@ -26,7 +32,9 @@ import numpy as np
 from fedfhe.data import Range, check_features, read_table
 from fedfhe.errors import FedfheError
 from fedfhe.rundir import CLIENT_SPEC, SPEC_SCHEMA
+from fedfhe.service.encryptor import Encryptor
 from fedfhe.service.protocol import API, OCTET_STREAM, SPEC_HASH_HEADER, decode_frames, encode_frames
+from fedfhe.service.workers import usable_cores
 from fedfhe.table import Schema
 
 SESSION_FILE = "session.json"
@@ -44,7 +52,8 @@ class ServerError(FedfheError):
         self.status = status
 
 
-LABEL_BATCH = 32  # label outputs cost 0.06-0.7 s of server time a row: batches that end well within a timeout
+ROWS_PER_REQUEST = 8  # the server starts on the first rows while later ones encrypt; label rows take up to 0.7 s
+SPAWN_SECONDS = 2.0  # starting the encrypting processes (importing Concrete in each) takes about this long
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,8 @@ class EncryptedClient:
         self._schema: tuple[Schema | None] | None = None  # read once: (the schema,) or (None,)
         self._evaluation_keys = b""
         self._key_id = ""
+        self._encryptor: Encryptor | None = None
+        self._uploads, self._upload_lock = 0, threading.Lock()  # key uploads so far: one per 404, not per request
 
     def __enter__(self) -> Self:
         return self
@@ -97,7 +108,10 @@ class EncryptedClient:
         self.close()
 
     def close(self) -> None:
-        """Close the HTTP connection pool."""
+        """Stop the encrypting workers, close the HTTP connection pool."""
+        if self._encryptor is not None:
+            self._encryptor.close()
+            self._encryptor = None
         self._http.close()
 
     @property
@@ -140,35 +154,104 @@ class EncryptedClient:
             self._schema = (None if raw is None else Schema.from_json(raw, f"{self.url} client spec"),)
         return self._schema[0]
 
-    def predict(self, X: np.ndarray | Any, source: str = "inputs") -> Prediction:
-        """Check the rows, scale and encrypt each, have the server evaluate them in batches, decrypt.
+    def predict(self, X: np.ndarray | Any, source: str = "inputs", jobs: int | None = None) -> Prediction:
+        """Every row's prediction at once; see `predict_batches` for the inputs, `jobs` and the pipeline."""
+        parts = list(self.predict_batches(X, source, jobs))
+        if not parts:
+            width = max(len(self.model["classes"]), 1)
+            return Prediction(np.empty(0), None if self.outputs == "label" else np.empty((0, width)))
+        scores = None if parts[0].scores is None else np.vstack([p.scores for p in parts if p.scores is not None])
+        return Prediction(np.concatenate([p.predicted for p in parts]), scores)
+
+    def predict_batches(
+        self, X: np.ndarray | Any, source: str = "inputs", jobs: int | None = None
+    ) -> Iterator[Prediction]:
+        """Check every row, then encrypt, evaluate and decrypt them in a pipeline, yielding each batch in order.
 
         X is numbers in the model's input order, or (for a model trained on a table) a pandas DataFrame of
         raw rows: columns by name, text categories, the label column ignored. A model with a schema
         answers with the schema's class values. `source` names the inputs in error messages (e.g. their file).
+        While the server evaluates one batch, later ones are being encrypted, in `jobs` worker processes
+        (default: the usable cores) once that saves more than starting them costs. At most 2 jobs + 2
+        batches are in flight, so memory stays bounded whatever the number of rows.
         """
-        model = self.model
+        jobs = usable_cores() if jobs is None else jobs
+        if jobs < 1:
+            raise FedfheError(f"--jobs must be at least 1 (got {jobs})")
         low, high = self.input_range
         if hasattr(X, "columns"):  # a DataFrame: encoded by the schema, as its owners encoded theirs
             if self.schema is None:
                 raise FedfheError(f"{self.url} serves a model without a schema: pass numbers, not a table")
             X, _ = self.schema.encode(X, source, labelled=False)
-        X = check_features(X, model["n_features"], (low, high), source)
-        width = max(len(model["classes"]), 1)
-        labels = self.outputs == "label"
+        X = check_features(X, self.model["n_features"], (low, high), source)
         if len(X) == 0:
-            return Prediction(np.empty(0), None if labels else np.empty((0, width)))
+            return
         fhe_client = self._session()
-        ciphertexts = [fhe_client.quantize_encrypt_serialize(row[None, :]) for row in (X - low) / (high - low)]
-        outputs: list[bytes] = []
-        batch = min(model["max_batch"], LABEL_BATCH) if labels else model["max_batch"]
-        for start in range(0, len(ciphertexts), batch):
-            outputs += self._evaluate(ciphertexts[start : start + batch])
-        if labels:  # each output decrypts to the class index the circuit picked
+        lock = threading.Lock()
+
+        def quantized(start: int, stop: int) -> np.ndarray:
+            return np.asarray(fhe_client.model.quantize_input((X[start:stop] - low) / (high - low)))
+
+        def encrypt_here(rows: np.ndarray) -> list[bytes]:
+            with lock:  # Concrete's encrypt holds the GIL anyway; one thread at a time keeps its RNG to itself
+                return [fhe_client.client.encrypt(row[None, :]).serialize() for row in rows]
+
+        began = time.perf_counter()
+        head = encrypt_here(quantized(0, 1))  # the first row, timed: is a pool of encrypting processes worth it?
+        per_row = time.perf_counter() - began
+        worth = jobs > 1 and per_row * (len(X) - 1) * (1 - 1 / jobs) > SPAWN_SECONDS
+        pool = self._encryptor_for(jobs) if worth else None
+        size = min(self.model["max_batch"], ROWS_PER_REQUEST)
+        bounds = [(0, 1), *((start, min(start + size, len(X))) for start in range(1, len(X), size))]
+
+        def batch(start: int, stop: int) -> list[bytes]:
+            if start == 0:
+                return self._evaluate(head)
+            rows = quantized(start, stop)
+            return self._evaluate(encrypt_here(rows) if pool is None else pool.result(pool.submit(rows)))
+
+        window = 2 * jobs + 2
+        threads = ThreadPoolExecutor(window, thread_name_prefix="fedfhe-predict")
+        pending: deque[Future[list[bytes]]] = deque()
+        todo = iter(bounds)
+        try:
+            for start, stop in itertools.islice(todo, window):
+                pending.append(threads.submit(batch, start, stop))
+            while pending:
+                outputs = pending.popleft().result()
+                for start, stop in itertools.islice(todo, 1):
+                    pending.append(threads.submit(batch, start, stop))
+                yield self._decrypt(fhe_client, outputs)
+        finally:
+            threads.shutdown(wait=False, cancel_futures=True)
+
+    def records(self, result: Prediction, first: int = 0) -> list[dict[str, Any]]:
+        """Results as `predict --json` and `--out` show them: row number, class, its name (and scores), or value."""
+        rows = range(first, first + len(result.predicted))
+        if not self.model["classes"]:
+            return [{"row": i, "value": float(v)} for i, v in zip(rows, result.predicted)]
+        named = dict(zip(self.classes.tolist(), self.class_names))
+        records = [{"row": i, "class": c, "name": named[c]} for i, c in zip(rows, result.predicted.tolist())]
+        if result.scores is None:  # label outputs: the server never sends scores
+            return records
+        return [{**r, "scores": dict(zip(self.class_names, map(float, s)))} for r, s in zip(records, result.scores)]
+
+    def _encryptor_for(self, jobs: int) -> Encryptor:
+        """The worker processes encrypting for this client, started on first need and kept until close()."""
+        if self._encryptor is not None and self._encryptor.jobs != jobs:
+            self._encryptor.close()
+            self._encryptor = None
+        if self._encryptor is None:
+            self._encryptor = Encryptor(self.key_dir / CLIENT_SPEC, self.key_dir / KEYS_DIR, self._key_id, jobs)
+        return self._encryptor
+
+    def _decrypt(self, fhe_client: Any, outputs: list[bytes]) -> Prediction:
+        """One batch's predictions from its encrypted outputs."""
+        if self.outputs == "label":  # each output decrypts to the class index the circuit picked
             picked = [int(np.ravel(fhe_client.deserialize_decrypt(out))[0]) for out in outputs]
             return Prediction(self.classes[np.array(picked, dtype=np.int64)], None)
         scores = np.vstack([np.reshape(fhe_client.deserialize_decrypt_dequantize(out), (1, -1)) for out in outputs])
-        if not model["classes"]:
+        if not self.model["classes"]:
             return Prediction(scores[:, 0], scores)
         return Prediction(self.classes[scores.argmax(axis=1)], scores)
 
@@ -240,10 +323,13 @@ class EncryptedClient:
         if answer.get("key_id") != self._key_id:
             raise FedfheError(f"{self.url} stored the evaluation keys under an unexpected id {answer.get('key_id')!r}")
         _write_private(self.key_dir / SESSION_FILE, json.dumps({"key_id": self._key_id}).encode())
+        self._uploads += 1
 
     def _evaluate(self, ciphertexts: list[bytes]) -> list[bytes]:
-        """One framed round trip; keys the server lost (evicted, new key store) are uploaded again once."""
+        """One framed round trip; keys the server lost (evicted, new key store) are uploaded again once,
+        by one of the requests in flight that met the 404."""
         for attempt in (1, 2):
+            uploads = self._uploads
             try:
                 response = self._request(
                     "POST",
@@ -256,7 +342,9 @@ class EncryptedClient:
             except ServerError as exc:
                 if exc.status != 404 or attempt == 2:
                     raise
-                self._upload_keys()
+                with self._upload_lock:
+                    if self._uploads == uploads:  # nobody uploaded them since this request was sent
+                        self._upload_keys()
         served = response.headers.get(SPEC_HASH_HEADER)
         if served != self.model["client_spec_sha256"]:
             raise FedfheError(
@@ -291,6 +379,65 @@ class EncryptedClient:
                 detail = response.text[:200]
             raise ServerError(response.status_code, f"{self.url}{path}: {response.status_code} {detail}")
         return response
+
+
+class ResultsFile:
+    """Results written as they arrive, to .csv (scores as score_NAME columns) or .jsonl; PATH.part until complete.
+
+    A run that fails keeps the rows it finished in PATH.part, says so, and never touches an existing PATH.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if self.path.suffix.lower() not in (".csv", ".jsonl"):
+            raise FedfheError(f"--out {self.path}: write results to a .csv or a .jsonl file")
+        if not self.path.parent.is_dir():
+            raise FedfheError(f"--out {self.path}: no such directory {self.path.parent}")
+        self.part = self.path.with_name(self.path.name + ".part")
+        self._file: TextIO | None = None  # opened with the first rows: refused inputs leave no file behind
+        self._csv: csv.DictWriter[str] | None = None
+        self.rows = 0  # written so far
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        """Append rows and flush them, so what is done is on disk."""
+        if self._file is None:
+            self._file = self._open()
+        if self.path.suffix.lower() == ".jsonl":
+            self._file.writelines(json.dumps(r) + "\n" for r in records)
+        else:
+            flat = [{**{k: v for k, v in r.items() if k != "scores"}, **_score_columns(r)} for r in records]
+            if self._csv is None and flat:
+                self._csv = csv.DictWriter(self._file, fieldnames=list(flat[0]))
+                self._csv.writeheader()
+            if self._csv is not None:
+                self._csv.writerows(flat)
+        self._file.flush()
+        self.rows += len(records)
+
+    def _open(self) -> TextIO:
+        try:
+            return open(self.part, "w", newline="")
+        except OSError as exc:
+            raise FedfheError(f"--out {self.path}: cannot write ({exc.strerror or exc})") from None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, failed: type[BaseException] | None, error: BaseException | None, *_: object) -> None:
+        """Every row is in: PATH.part becomes PATH. A failure names what was kept."""
+        if self._file is not None:
+            self._file.close()
+        if failed is None:
+            if self._file is None:  # no rows: an empty file
+                self._open().close()
+            os.replace(self.part, self.path)
+        elif isinstance(error, FedfheError) and self.rows:
+            raise FedfheError(f"{error} ({self.rows} row(s) done are in {self.part})") from None
+
+
+def _score_columns(record: dict[str, Any]) -> dict[str, float]:
+    """A record's scores as CSV columns."""
+    return {f"score_{name}": value for name, value in record.get("scores", {}).items()}
 
 
 def read_inputs(path: Path, n_features: int, input_range: Range, max_bytes: int | None = None) -> np.ndarray:

@@ -3,21 +3,30 @@
 Eviction policy: when a new key would exceed `max_keys` or `max_bytes`, the least recently used
 keys go first, "used" meaning uploaded or looked up (each use sets the file's mtime to now).
 A client whose key was evicted gets 404 and uploads it again.
+
+Several server processes (replicas behind a load balancer) may share one directory: a key is
+written to a temporary file and renamed into place, and storing plus evicting holds an exclusive
+lock on the directory's `.lock` file, so the limits and the least-recently-used order hold across
+processes. Look-ups take no lock: a key evicted meanwhile is a 404, as above.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import tempfile
-import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedfhe.errors import FedfheError
 
 KEY_ID = re.compile(r"[0-9a-f]{64}")
 SUFFIX = ".key"
+LOCK = ".lock"
 
 
 class UnknownKey(FedfheError):
@@ -39,7 +48,6 @@ class KeyStore:
         except OSError as exc:
             raise FedfheError(f"cannot create key store {root}: {exc.strerror or exc}") from None
         self.root, self.max_keys, self.max_bytes = root, max_keys, max_bytes
-        self._lock = threading.Lock()
 
     def put(self, key: bytes) -> str:
         """Store a key atomically (tmp file + rename) and return its id; evict LRU keys past the limits."""
@@ -47,7 +55,7 @@ class KeyStore:
             raise KeyTooLarge(f"key of {len(key)} bytes is larger than the key store limit of {self.max_bytes}")
         key_id = hashlib.sha256(key).hexdigest()
         path = self._path(key_id)
-        with self._lock:
+        with self._exclusive():
             if _mark_used(path):
                 return key_id
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".upload-", suffix=".tmp")
@@ -56,11 +64,25 @@ class KeyStore:
                     f.write(key)
                     f.flush()
                     os.fsync(f.fileno())
+                _mark_used(Path(tmp))
                 os.replace(tmp, path)
             finally:
                 Path(tmp).unlink(missing_ok=True)
             self._evict(keep=path)
         return key_id
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the store's lock against every thread and process sharing the directory."""
+        try:
+            lock = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise FedfheError(f"cannot lock key store {self.root}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # per open file: threads of one process exclude each other too
+            yield
+        finally:
+            os.close(lock)
 
     def get(self, key_id: str) -> bytes:
         """The key with this id, marked as used; UnknownKey if absent."""
@@ -111,9 +133,11 @@ class KeyStore:
 
 
 def _mark_used(path: Path) -> bool:
-    """Set mtime to now; False if the file is gone (never stored, or evicted meanwhile). Never creates it."""
+    """Set mtime to now, to the nanosecond (the kernel's own stamps are a clock tick apart, too coarse to order
+    uses across processes); False if the file is gone (never stored, or evicted meanwhile). Never creates it."""
+    now = time.time_ns()
     try:
-        os.utime(path)
+        os.utime(path, ns=(now, now))
     except FileNotFoundError:
         return False
     return True

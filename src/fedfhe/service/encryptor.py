@@ -1,0 +1,80 @@
+"""Encryption in worker processes: Concrete's encrypt holds the GIL (74 ms for a MNIST row), so rows only
+encrypt in parallel in processes.
+
+Each worker loads the client spec and this client's keys from the key directory itself (a private key
+never crosses a pipe), checks that they are the keys the server knows, and turns quantized rows into
+serialized ciphertexts. Quantizing stays with the caller, so workers import concrete-python alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedfhe.errors import FedfheError
+from fedfhe.fhe import native_quiet
+from fedfhe.service.workers import spawn_pool
+
+_client: Any = None  # each worker's Concrete client, holding the private key
+_failure: FedfheError | None = None  # why it has none: told with the first batch, not as a worker traceback
+
+
+class KeysDiffer(FedfheError):
+    """A worker loaded other keys than the ones uploaded: its ciphertexts would not decrypt."""
+
+
+def _load(spec: str, keys: str, key_id: str) -> None:
+    """Load the spec and the caller's keys (a cache hit: the caller made them); refuse keys other than `key_id`."""
+    global _client, _failure
+    from concrete import fhe  # concrete-python: no torch, no notice to silence
+
+    try:
+        client = fhe.Client.load(spec, keys)
+        with native_quiet():
+            client.keygen(False)
+        held = hashlib.sha256(client.evaluation_keys.serialize()).hexdigest()
+    except (OSError, RuntimeError, ValueError) as exc:
+        _failure = FedfheError(f"{keys}: an encryption worker cannot load the keys ({exc})")
+        return
+    if held != key_id:
+        _failure = KeysDiffer(f"{keys}: an encryption worker found other keys than the ones uploaded")
+    _client = client
+
+
+def _encrypt(rows: np.ndarray) -> list[bytes]:
+    """Serialized ciphertexts of quantized rows, one per row."""
+    if _failure is not None:
+        raise _failure
+    return [_client.encrypt(row[None, :]).serialize() for row in rows]
+
+
+class Encryptor:
+    """`jobs` worker processes encrypting for one key directory; started once, reused by every predict."""
+
+    def __init__(self, spec: Path, keys: Path, key_id: str, jobs: int) -> None:
+        self.jobs = jobs
+        self._pool = spawn_pool(jobs, _load, str(spec), str(keys), key_id, death_signal=False)  # any thread may call
+
+    def submit(self, rows: np.ndarray) -> Future[list[bytes]]:
+        """Encrypt quantized rows in a worker; the future holds their ciphertexts."""
+        return self._pool.submit(_encrypt, rows)
+
+    @staticmethod
+    def result(future: Future[list[bytes]]) -> list[bytes]:
+        """Wait for a submitted batch; a worker that could not start is one line."""
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise FedfheError(
+                "the encryption workers stopped: killed, out of memory, or started by a script without "
+                '`if __name__ == "__main__":` (jobs=1 encrypts in this process)'
+            ) from None
+
+    def close(self) -> None:
+        """Stop the workers, dropping queued rows."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
