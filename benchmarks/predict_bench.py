@@ -62,7 +62,7 @@ def main() -> None:
     results: dict = {"sequential": [], "pipelined": {}}
     with tempfile.TemporaryDirectory(prefix="predict-bench-") as tmp:
         for i in range(args.repeats):
-            rate, reference = sequential(args.run / "fhe", model.circuit_inputs(X), f"{tmp}/seq{i}")
+            rate, reference = sequential(args.run / "fhe", model.scale(X), f"{tmp}/seq{i}")
             results["sequential"].append(rate)
             print(f"sequential: {rate:.2f} rows/s", flush=True)
         agree = True

@@ -75,9 +75,7 @@ def main() -> None:
         client = FHEModelClient(str(args.run / "fhe"), key_dir=f"{tmp}/raw")
         client.generate_private_and_evaluation_keys()
         keys = client.get_serialized_evaluation_keys()
-        ciphertexts = [
-            client.quantize_encrypt_serialize(row[None, :]) for row in model.circuit_inputs(X[: args.requests])
-        ]
+        ciphertexts = [client.quantize_encrypt_serialize(row[None, :]) for row in model.scale(X[: args.requests])]
         for replicas in (1, 2):
             with ExitStack() as stack:
                 urls = []

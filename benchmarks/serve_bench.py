@@ -209,7 +209,7 @@ def main() -> None:
         keys = client.get_serialized_evaluation_keys()
         Path(f"{tmp}/eval.key").write_bytes(keys)
         encrypt, jobs = [], []
-        for row in model.circuit_inputs(X):
+        for row in model.scale(X):
             start = time.perf_counter()
             jobs.append(client.quantize_encrypt_serialize(row[None, :]))
             encrypt.append(time.perf_counter() - start)

@@ -104,8 +104,9 @@ def main() -> None:
             octet = {**auth, "content-type": "application/octet-stream"}
             key_id = httpx.post(f"{url}/v1/keys", content=keys, headers=octet).json()["key_id"]
             (soak / "key_id").write_text(key_id)
+            low, high = model.input_range
             frames = []
-            for i, row in enumerate(model.circuit_inputs(rows)):
+            for i, row in enumerate((rows - low) / (high - low)):
                 frames.append(encode_frames([client.quantize_encrypt_serialize(row[None, :])]))
                 (soak / f"frame-{i:03d}.bin").write_bytes(frames[-1])
             for frame in frames[:4]:  # warm-up: every worker has run the circuit before the first sample

@@ -87,16 +87,16 @@ class CompiledModel:
     def predict(self, X: np.ndarray, fhe: str) -> np.ndarray:
         """Classes or values for raw features, in the clear ("disable") or simulated FHE ("simulate")."""
         if self.label is not None and fhe == "simulate":
-            q = self.concrete.quantize_input(self.source.circuit_inputs(X))
+            q = self.concrete.quantize_input(self.source.scale(X))
             picked = [int(np.ravel(self.label.simulate(row[None, :]))[0]) for row in q]
             return np.asarray(self.concrete.classes_)[np.array(picked, dtype=np.int64)]
-        return np.ravel(self.concrete.predict(self.source.circuit_inputs(X), fhe=fhe))
+        return np.ravel(self.concrete.predict(self.source.scale(X), fhe=fhe))
 
     def classify(self, X: np.ndarray, fhe: str) -> tuple[np.ndarray, np.ndarray | None]:
         """A classifier's classes and class probabilities from one pass of the circuit (none for label outputs)."""
         if self.label is not None:
             return self.predict(X, fhe), None
-        scores = np.asarray(self.concrete.decision_function(self.source.circuit_inputs(X), fhe=fhe))
+        scores = np.asarray(self.concrete.decision_function(self.source.scale(X), fhe=fhe))
         proba = np.asarray(self.concrete.post_processing(scores))
         picked = (scores > 0).astype(int) if scores.ndim == 1 else scores.argmax(axis=1)
         return np.asarray(self.concrete.classes_)[picked], proba.reshape(len(X), -1)
@@ -124,7 +124,6 @@ class CompiledModel:
             "max_bit_width": self.max_bit_width,
             "compile_seconds": self.compile_seconds,
             "n_features": self.source.n_features,
-            "inputs_used": self.source.used_features.tolist(),  # the features encrypted, in the model's order
             "classes": [int(c) for c in self.source.classes],
             "input_low": self.source.input_range[0].tolist(),
             "input_high": self.source.input_range[1].tolist(),
@@ -160,12 +159,11 @@ def _compile(
 ) -> CompiledModel:
     """Convert the model (on scaled features) to its Concrete ML class and compile its circuit."""
     converter = concrete_class(model.kind)  # imported before the clock starts: compile time is compile time
-    used = model.used_features
     start = time.perf_counter()
     with quiet():
-        concrete = converter.from_sklearn_model(model.to_scaled_sklearn(used), X=scaled_inputs[:, used], n_bits=n_bits)
+        concrete = converter.from_sklearn_model(model.to_scaled_sklearn(), X=scaled_inputs, n_bits=n_bits)
         if outputs == "scores":
-            concrete.compile(scaled_inputs[:, used])
+            concrete.compile(scaled_inputs)
             circuit, rule = None, None
         else:  # the quantizers are Concrete ML's; the circuit is the label rule on them
             circuit, rule = compile_label(concrete)
@@ -311,7 +309,7 @@ def execute(
         # deserialized once, as the service's workers do: label outputs' keys are tens of MB
         held = concrete("concrete.fhe").EvaluationKeys.deserialize(keys)
         predictions, encrypt, run, decrypt, sizes = [], [], [], [], []
-        for i, row in enumerate(model.circuit_inputs(X)):
+        for i, row in enumerate(model.scale(X)):
             t0 = time.perf_counter()
             ciphertext = client.quantize_encrypt_serialize(row[None, :])
             t1 = time.perf_counter()

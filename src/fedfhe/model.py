@@ -108,26 +108,10 @@ class LinearModel:
         low, high = self.input_range
         return (np.asarray(X, dtype=np.float64) - low) / (high - low)
 
-    @property
-    def used_features(self) -> np.ndarray:
-        """The features some output weighs (at least one): the only ones the FHE circuit takes.
-
-        A feature every output ignores (an always-blank MNIST pixel: 127 of 784) costs an encryption
-        and a multiply-add per output for nothing, so it leaves the circuit and is never encrypted.
-        """
-        used = np.flatnonzero(np.any(self.coef != 0, axis=0))
-        return used if len(used) else np.arange(1)
-
-    def circuit_inputs(self, X: np.ndarray) -> np.ndarray:
-        """What the FHE circuit takes: the used features, scaled (see `scale` and `used_features`)."""
-        return self.scale(X)[:, self.used_features]
-
-    def to_scaled_sklearn(self, features: np.ndarray | None = None) -> Any:
-        """The same model as a scikit-learn estimator taking scaled features (see `scale`), or only `features`."""
+    def to_scaled_sklearn(self) -> Any:
+        """The same model as a scikit-learn estimator taking scaled features (see `scale`)."""
         low, high = self.input_range
-        coef = self.coef * (high - low)
-        coef = coef if features is None else coef[:, features]
-        return self.kind.fitted([coef, self.intercept + self.coef @ low], self.classes)
+        return self.kind.fitted([self.coef * (high - low), self.intercept + self.coef @ low], self.classes)
 
     def to_sklearn(self) -> Any:
         """The fitted scikit-learn estimator of this kind holding these weights."""
