@@ -123,7 +123,7 @@ def queries(model: LinearModel, data: Dataset) -> dict[str, np.ndarray]:
 def fhe_costs(compiled: CompiledModel, where: Path, X: np.ndarray) -> dict[str, float]:
     """Real FHE through the exported artifacts the service loads: per-row times and the ciphertext sent."""
     where.mkdir(parents=True, exist_ok=True)
-    _, timings = fhe.execute(fhe.export(compiled, where), compiled.source, X[:FHE_ROWS])
+    _, timings = fhe.execute(fhe.export(compiled, where), compiled, X[:FHE_ROWS])
     keep = ("keygen", "encrypt_per_sample", "server_run_per_sample", "input_ciphertext_bytes")
     return {k: timings[k] for k in keep}
 

@@ -55,14 +55,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "predict.json")
     args = parser.parse_args()
-    model, X, _ = bench_run(args.run, args.rows)
+    model, X, _, inputs = bench_run(args.run, args.rows)
 
     from fedfhe.service.client import EncryptedClient
 
     results: dict = {"sequential": [], "pipelined": {}}
     with tempfile.TemporaryDirectory(prefix="predict-bench-") as tmp:
         for i in range(args.repeats):
-            rate, reference = sequential(args.run / "fhe", model.scale(X), f"{tmp}/seq{i}")
+            rate, reference = sequential(args.run / "fhe", inputs, f"{tmp}/seq{i}")
             results["sequential"].append(rate)
             print(f"sequential: {rate:.2f} rows/s", flush=True)
         agree = True

@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "replicas.json")
     args = parser.parse_args()
-    model, X, _ = bench_run(args.run, args.rows)
+    _, X, _, inputs = bench_run(args.run, args.rows)
 
     from concrete.ml.deployment import FHEModelClient
 
@@ -75,7 +75,7 @@ def main() -> None:
         client = FHEModelClient(str(args.run / "fhe"), key_dir=f"{tmp}/raw")
         client.generate_private_and_evaluation_keys()
         keys = client.get_serialized_evaluation_keys()
-        ciphertexts = [client.quantize_encrypt_serialize(row[None, :]) for row in model.scale(X[: args.requests])]
+        ciphertexts = [client.quantize_encrypt_serialize(row[None, :]) for row in inputs[: args.requests]]
         for replicas in (1, 2):
             with ExitStack() as stack:
                 urls = []

@@ -63,15 +63,19 @@ def reference_app(fhe_dir: str, key_file: str) -> FastAPI:
 
 
 def bench_run(run: Path, rows: int) -> tuple:
-    """The benchmarks' served model, trained and compiled on first use, and its first test rows and labels."""
+    """The benchmarks' served model, trained and compiled on first use, its first test rows and labels, and
+    those rows as its circuit takes them (scaled, only the features it was compiled on)."""
     if not (run / "fhe" / "server.zip").is_file():
         subprocess.run([sys.executable, "-m", "fedfhe", *RUN_COMMAND, "--out", str(run)], check=True, env=ENV)
+    from fedfhe.artifacts import read_artifacts
     from fedfhe.data import load_dataset
     from fedfhe.model import LinearModel
+    from fedfhe.rundir import RunDir
 
     model = LinearModel.load(run / "model.npz")
     data = load_dataset(model.metadata["dataset"], seed=model.metadata["training"]["seed"])
-    return model, data.X_test[:rows], data.y_test[:rows]
+    X = data.X_test[:rows]
+    return model, X, data.y_test[:rows], model.scale(X)[:, read_artifacts(RunDir(run), model).inputs_used]
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -195,7 +199,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "serve.json")
     args = parser.parse_args()
-    model, X, y = bench_run(args.run, args.requests)
+    model, _, y, inputs = bench_run(args.run, args.requests)
 
     from concrete.ml.deployment import FHEModelClient, FHEModelServer
 
@@ -209,7 +213,7 @@ def main() -> None:
         keys = client.get_serialized_evaluation_keys()
         Path(f"{tmp}/eval.key").write_bytes(keys)
         encrypt, jobs = [], []
-        for row in model.scale(X):
+        for row in inputs:
             start = time.perf_counter()
             jobs.append(client.quantize_encrypt_serialize(row[None, :]))
             encrypt.append(time.perf_counter() - start)

@@ -74,7 +74,8 @@ def main() -> None:
 
     model = LinearModel.load(args.run / "model.npz")
     rows = load_dataset("mnist-5k", seed=0).X_test[:32]
-    expected = load_compiled(args.run, model).predict(rows, fhe="simulate")
+    compiled = load_compiled(args.run, model)
+    expected = compiled.predict(rows, fhe="simulate")
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         soak = Path(tmp)
         token = secrets.token_hex(16)
@@ -104,9 +105,8 @@ def main() -> None:
             octet = {**auth, "content-type": "application/octet-stream"}
             key_id = httpx.post(f"{url}/v1/keys", content=keys, headers=octet).json()["key_id"]
             (soak / "key_id").write_text(key_id)
-            low, high = model.input_range
             frames = []
-            for i, row in enumerate((rows - low) / (high - low)):
+            for i, row in enumerate(compiled.inputs(rows)):
                 frames.append(encode_frames([client.quantize_encrypt_serialize(row[None, :])]))
                 (soak / f"frame-{i:03d}.bin").write_bytes(frames[-1])
             for frame in frames[:4]:  # warm-up: every worker has run the circuit before the first sample

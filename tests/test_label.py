@@ -30,7 +30,7 @@ def near_ties_only(compiled: fhe.CompiledModel, X: np.ndarray, picked: np.ndarra
     """Where the circuit's class differs from the exact one, the two scores were within half the finest step."""
     rule = compiled.rule
     assert rule is not None
-    q = compiled.concrete.quantize_input(compiled.source.scale(X))
+    q = compiled.concrete.quantize_input(compiled.inputs(X))
     index = np.searchsorted(np.asarray(compiled.concrete.classes_), picked)
     wrong = index != rule.clear(q)
     gaps = rule.shortfall(q, index)
@@ -41,7 +41,7 @@ def test_ten_classes_the_rule_is_concrete_mls_and_the_circuit_computes_it(federa
     model = LinearModel.load(federated_run / "model.npz")
     compiled = fhe.compile_model(model, 8, outputs="label")
     assert compiled.outputs == "label" and compiled.info()["bootstraps"] == 2 * 45 + 10  # two roundings a pair
-    q = compiled.concrete.quantize_input(model.scale(digits.X_test))
+    q = compiled.concrete.quantize_input(compiled.inputs(digits.X_test))
     clear = compiled.predict(digits.X_test, fhe="disable")  # Concrete ML's clear quantized model
     assert compiled.rule is not None
     assert np.array_equal(np.asarray(compiled.concrete.classes_)[compiled.rule.clear(q)], clear)

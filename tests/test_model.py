@@ -105,6 +105,19 @@ def test_unscaled_weights_on_raw_inputs_equal_scaled_weights_on_scaled_inputs():
     assert np.allclose(model.to_scaled_sklearn().predict(model.scale(X)), model.to_sklearn().predict(X))
 
 
+def test_features_no_output_weighs_leave_the_circuit_and_change_no_prediction():
+    rng = np.random.default_rng(2)
+    coef = rng.normal(size=(3, 6))
+    coef[:, [1, 4]] = 0.0  # no class weighs features 1 and 4
+    model = LinearModel(coef, rng.normal(size=3), np.arange(3), (np.zeros(6), np.full(6, 10.0)))
+    X = rng.uniform(0, 10, size=(20, 6))
+    assert model.used_features.tolist() == [0, 2, 3, 5]
+    lean = model.to_scaled_sklearn(model.used_features).decision_function(model.scale(X)[:, [0, 2, 3, 5]])
+    assert np.allclose(lean, model.to_sklearn().decision_function(X))
+    silent = LinearModel(np.zeros((1, 3)), np.zeros(1), np.array([], dtype=np.int64), (0.0, 1.0), kind="ridge")
+    assert silent.used_features.tolist() == [0]  # a circuit needs an input
+
+
 @pytest.mark.parametrize("name", ["logistic", "svm"])
 def test_fit_keeps_rows_for_classes_a_client_lacks(name):
     rng = np.random.default_rng(0)

@@ -42,6 +42,16 @@ def rows(digits) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
+def inputs(run_dir, rows) -> np.ndarray:
+    """The rows as the circuit takes them: scaled to [0, 1] (digits: / 16), the features no output weighs left out."""
+    from fedfhe.model import LinearModel
+
+    model = LinearModel.load(run_dir / "model.npz")
+    assert len(model.used_features) < model.n_features  # digits' always-blank pixels leave the circuit
+    return model.scale(rows)[:, model.used_features]
+
+
+@pytest.fixture(scope="module")
 def truth(run_dir, rows) -> np.ndarray:
     """What the compiled circuit predicts locally, in simulation."""
     from fedfhe.fhe import load_compiled
@@ -106,11 +116,11 @@ def test_two_clients_at_the_same_time_each_get_their_own_results(server, rows, t
     assert first and first != second
 
 
-def test_results_for_one_client_do_not_decrypt_with_another_clients_key(server, alice, rows, truth, tmp_path):
+def test_results_for_one_client_do_not_decrypt_with_another_clients_key(server, alice, rows, inputs, truth, tmp_path):
     with EncryptedClient(server.url, tmp_path / "bob") as bob:
         bob.predict(rows[:1])
     a, b = fhe_client(alice.key_dir), fhe_client(tmp_path / "bob")
-    body = encode_frames([a.quantize_encrypt_serialize(row[None, :]) for row in rows / 16])
+    body = encode_frames([a.quantize_encrypt_serialize(row[None, :]) for row in inputs])
     response = post_predict(server.url, key_id(alice.key_dir), body)
     assert response.status_code == 200
     outputs = decode_frames(response.content, len(rows))
@@ -121,16 +131,16 @@ def test_results_for_one_client_do_not_decrypt_with_another_clients_key(server, 
     assert (other.argmax(axis=1) == truth).mean() < 0.5
 
 
-def test_unknown_or_malformed_key_id(server, alice, rows):
-    body = encode_frames([fhe_client(alice.key_dir).quantize_encrypt_serialize(rows[:1] / 16)])
+def test_unknown_or_malformed_key_id(server, alice, inputs):
+    body = encode_frames([fhe_client(alice.key_dir).quantize_encrypt_serialize(inputs[:1])])
     response = post_predict(server.url, "0" * 64, body)
     assert response.status_code == 404 and "unknown key id" in response.json()["detail"]
     assert post_predict(server.url, "../../etc/passwd", body).status_code == 422
 
 
-def test_bad_ciphertexts_are_400_and_the_next_request_works(server, alice, rows, truth):
+def test_bad_ciphertexts_are_400_and_the_next_request_works(server, alice, rows, inputs, truth):
     url, key = server.url, key_id(alice.key_dir)
-    good = fhe_client(alice.key_dir).quantize_encrypt_serialize(rows[:1] / 16)
+    good = fhe_client(alice.key_dir).quantize_encrypt_serialize(inputs[:1])
     for body in (
         encode_frames([b"not a ciphertext" * 10]),
         encode_frames([good[: len(good) // 2]]),
@@ -156,7 +166,7 @@ def test_uploading_the_same_keys_twice_gives_the_same_id(server, alice):
     assert ids == {hashlib.sha256(keys).hexdigest()}
 
 
-def test_too_large_bodies_and_batches_are_413(server, alice, rows):
+def test_too_large_bodies_and_batches_are_413(server, alice, inputs):
     url, key = server.url, key_id(alice.key_dir)
     big = b"\x00" * (1 << 20 | 1)
     assert post_predict(url, key, big).status_code == 413
@@ -165,7 +175,7 @@ def test_too_large_bodies_and_batches_are_413(server, alice, rows):
     )
     assert response.status_code == 413  # streamed without Content-Length: the actual length counts
     assert httpx.post(f"{url}/v1/keys", content=big, headers=OCTET).status_code == 413
-    good = fhe_client(alice.key_dir).quantize_encrypt_serialize(rows[:1] / 16)
+    good = fhe_client(alice.key_dir).quantize_encrypt_serialize(inputs[:1])
     response = post_predict(url, key, encode_frames([good] * 17))
     assert response.status_code == 413 and "over the limit of 16" in response.json()["detail"]
 
@@ -203,10 +213,14 @@ def test_client_refuses_a_server_whose_artifacts_differ(server, alice, rows, tmp
 
 
 def test_model_and_client_spec(server, run_dir):
+    from fedfhe.model import LinearModel
+
     model = httpx.get(f"{server.url}/v1/model").json()
     assert (model["dataset"], model["n_features"], model["classes"]) == ("digits", 64, list(range(10)))
     assert (model["input_low"], model["input_high"]) == ([0.0] * 64, [16.0] * 64)
     assert (model["kind"], model["n_bits"], model["max_batch"]) == ("logistic", 6, 16)
+    assert model["inputs_used"] == LinearModel.load(run_dir / "model.npz").used_features.tolist()
+    assert len(model["inputs_used"]) < 64  # digits' always-blank pixels are never encrypted
     spec = httpx.get(f"{server.url}/v1/client-spec")
     assert spec.headers["content-type"] == "application/zip"
     assert spec.content == (run_dir / "fhe" / "client.zip").read_bytes()
@@ -384,12 +398,34 @@ def test_two_replicas_behind_nginx_share_one_key_store(run_dir, many, tmp_path):
     assert sum(uploads) == 1  # uploaded to one replica, found by the other in the shared store
 
 
-def test_keys_survive_a_server_restart(run_dir, rows, truth, tmp_path):
+def test_a_run_compiled_before_inputs_used_is_served_on_every_feature(run_dir, rows, tmp_path):
+    from fedfhe import fhe
+    from fedfhe.model import LinearModel
+
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    model = LinearModel.load(old / "model.npz")
+    every = np.arange(model.n_features)  # as fedfhe compiled before features no output weighs left the circuit
+    fhe.export(fhe._compile(model, 6, fhe.bound_inputs(model), "input-range bounds", "scores", every), old)
+    info = json.loads((old / "fhe" / "fhe.json").read_text())
+    del info["inputs_used"]
+    (old / "fhe" / "fhe.json").write_text(json.dumps(info))
+    expected = fhe.load_compiled(old, model).predict(rows, fhe="simulate")
+    with serving(old, tmp_path / "store", tmp_path / "s.log", "--workers", "1") as served:
+        assert httpx.get(f"{served.url}/v1/model").json()["inputs_used"] == every.tolist()
+        with EncryptedClient(served.url, tmp_path / "keys") as client:
+            np.testing.assert_array_equal(client.predict(rows).predicted, expected)
+    (old / "fhe" / "fhe.json").write_text(json.dumps({**info, "inputs_used": [5, 2]}))
+    done = fedfhe("serve", "--run", str(old), "--port", str(free_port()))
+    assert done.returncode == 2 and "inputs_used must be increasing feature indices below 64" in done.stderr
+
+
+def test_keys_survive_a_server_restart(run_dir, rows, inputs, truth, tmp_path):
     store, log = tmp_path / "store", tmp_path / "server.log"
     with serving(run_dir, store, log, "--workers", "1") as first, EncryptedClient(first.url, tmp_path / "c") as client:
         np.testing.assert_array_equal(client.predict(rows[:2]).predicted, truth[:2])
     with serving(run_dir, store, log, "--workers", "1", "--timeout", "0.001") as second:
-        body = encode_frames([fhe_client(tmp_path / "c").quantize_encrypt_serialize(rows[:1] / 16)])
+        body = encode_frames([fhe_client(tmp_path / "c").quantize_encrypt_serialize(inputs[:1])])
         response = post_predict(second.url, key_id(tmp_path / "c"), body)
         assert response.status_code == 504  # so the key was found; 1 ms is too short for any FHE work
         assert request_count(second.url, "/v1/keys") == 0

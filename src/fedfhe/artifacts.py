@@ -20,7 +20,9 @@ from fedfhe.rundir import CLIENT_SPEC, COMPILE_INPUTS, FHE_INFO, SERVER_SPEC, Ru
 N_BITS_RANGE = (2, 12)
 # The most each artifact may hold, far above what export writes, so a damaged file is refused before it is read.
 MAX_INFO_BYTES = 64 << 10  # fhe.json: its fields and up to model.MAX_OUTPUTS classes, plus ...
-INFO_BYTES_PER_FEATURE = 64  # ... its input range: two indented numbers of at most 30 characters a feature
+INFO_BYTES_PER_FEATURE = (
+    80  # ... its input range (two indented numbers of at most 30 characters) and its index in inputs_used
+)
 MAX_CLIENT_SPEC_BYTES = 16 << 20  # client.zip, packed or unpacked: about 3 KiB for every model fedfhe trains
 MAX_COMPILE_INPUTS_BYTES = 256 << 20  # 2 x outputs + 2 rows, or a calibration sample (40,000 rows of MNIST)
 INFO_TYPES = {"model_sha256": str, "n_bits": int, "max_bit_width": int, "calibration": str}
@@ -46,6 +48,7 @@ class Artifacts:
     compile_inputs: np.ndarray  # the (scaled) rows the circuit was compiled on
     client_spec: bytes  # client.zip, the only artifact a client sees
     outputs: str  # what a client decrypts: "scores", or "label" (the class index only)
+    inputs_used: np.ndarray  # the features the circuit takes; every one for artifacts from before fhe.json said
 
 
 def read_artifacts(run: RunDir, model: LinearModel) -> Artifacts:
@@ -61,7 +64,22 @@ def read_artifacts(run: RunDir, model: LinearModel) -> Artifacts:
     spec = _read(folder / CLIENT_SPEC, MAX_CLIENT_SPEC_BYTES, _read_spec)
     if info["model_sha256"] != model.sha256:
         raise FedfheError(f"{folder}: FHE artifacts were compiled for another model; compile again")
-    return Artifacts(folder, info["n_bits"], info["max_bit_width"], info["calibration"], inputs, spec, info["outputs"])
+    used = info.get("inputs_used", list(range(model.n_features)))
+    valid = isinstance(used, list) and all(type(i) is int for i in used) and len(used) > 0
+    if not valid or used != sorted(set(used)) or not 0 <= used[0] <= used[-1] < model.n_features:
+        raise FedfheError(
+            f"{folder / FHE_INFO}: inputs_used must be increasing feature indices below {model.n_features}"
+        )
+    return Artifacts(
+        folder,
+        info["n_bits"],
+        info["max_bit_width"],
+        info["calibration"],
+        inputs,
+        spec,
+        info["outputs"],
+        np.array(used),
+    )
 
 
 def compiled_outputs(run: RunDir, model: LinearModel) -> str:

@@ -71,6 +71,7 @@ class CompiledModel:
     compile_inputs: np.ndarray
     calibration: str
     compile_seconds: float
+    used: np.ndarray  # the features the circuit takes (see LinearModel.used_features), in the model's order
     label: Any = None  # outputs "label": the concrete-python circuit that returns the class index
     rule: Plan | None = None  # ... and the integer rule it computes
 
@@ -84,19 +85,23 @@ class CompiledModel:
         """The FHE circuit a server runs."""
         return self.concrete.fhe_circuit if self.label is None else self.label
 
+    def inputs(self, X: np.ndarray) -> np.ndarray:
+        """Raw rows as this circuit takes them: scaled, only the features it was compiled on."""
+        return self.source.scale(X)[:, self.used]
+
     def predict(self, X: np.ndarray, fhe: str) -> np.ndarray:
         """Classes or values for raw features, in the clear ("disable") or simulated FHE ("simulate")."""
         if self.label is not None and fhe == "simulate":
-            q = self.concrete.quantize_input(self.source.scale(X))
+            q = self.concrete.quantize_input(self.inputs(X))
             picked = [int(np.ravel(self.label.simulate(row[None, :]))[0]) for row in q]
             return np.asarray(self.concrete.classes_)[np.array(picked, dtype=np.int64)]
-        return np.ravel(self.concrete.predict(self.source.scale(X), fhe=fhe))
+        return np.ravel(self.concrete.predict(self.inputs(X), fhe=fhe))
 
     def classify(self, X: np.ndarray, fhe: str) -> tuple[np.ndarray, np.ndarray | None]:
         """A classifier's classes and class probabilities from one pass of the circuit (none for label outputs)."""
         if self.label is not None:
             return self.predict(X, fhe), None
-        scores = np.asarray(self.concrete.decision_function(self.source.scale(X), fhe=fhe))
+        scores = np.asarray(self.concrete.decision_function(self.inputs(X), fhe=fhe))
         proba = np.asarray(self.concrete.post_processing(scores))
         picked = (scores > 0).astype(int) if scores.ndim == 1 else scores.argmax(axis=1)
         return np.asarray(self.concrete.classes_)[picked], proba.reshape(len(X), -1)
@@ -124,6 +129,7 @@ class CompiledModel:
             "max_bit_width": self.max_bit_width,
             "compile_seconds": self.compile_seconds,
             "n_features": self.source.n_features,
+            "inputs_used": self.used.tolist(),  # the features encrypted, in the model's order
             "classes": [int(c) for c in self.source.classes],
             "input_low": self.source.input_range[0].tolist(),
             "input_high": self.source.input_range[1].tolist(),
@@ -155,20 +161,26 @@ def compile_model(
 
 
 def _compile(
-    model: LinearModel, n_bits: int, scaled_inputs: np.ndarray, calibration: str, outputs: str
+    model: LinearModel,
+    n_bits: int,
+    scaled_inputs: np.ndarray,
+    calibration: str,
+    outputs: str,
+    used: np.ndarray | None = None,
 ) -> CompiledModel:
-    """Convert the model (on scaled features) to its Concrete ML class and compile its circuit."""
+    """Convert the model (on scaled features, `used` ones: by default those it weighs) and compile its circuit."""
     converter = concrete_class(model.kind)  # imported before the clock starts: compile time is compile time
+    used = model.used_features if used is None else used
     start = time.perf_counter()
     with quiet():
-        concrete = converter.from_sklearn_model(model.to_scaled_sklearn(), X=scaled_inputs, n_bits=n_bits)
+        concrete = converter.from_sklearn_model(model.to_scaled_sklearn(used), X=scaled_inputs[:, used], n_bits=n_bits)
         if outputs == "scores":
-            concrete.compile(scaled_inputs)
+            concrete.compile(scaled_inputs[:, used])
             circuit, rule = None, None
         else:  # the quantizers are Concrete ML's; the circuit is the label rule on them
             circuit, rule = compile_label(concrete)
     seconds = time.perf_counter() - start
-    return CompiledModel(concrete, model, n_bits, scaled_inputs, calibration, seconds, circuit, rule)
+    return CompiledModel(concrete, model, n_bits, scaled_inputs, calibration, seconds, used, circuit, rule)
 
 
 def _deployable(compiled: CompiledModel) -> Any:
@@ -203,7 +215,14 @@ def export(compiled: CompiledModel, run_dir: str | os.PathLike[str]) -> Path:
 def load_compiled(run_dir: str | os.PathLike[str], model: LinearModel) -> CompiledModel:
     """Recompile exactly as `export` recorded, after checking the artifacts belong to this model."""
     artifacts = read_artifacts(RunDir(run_dir), model)
-    return _compile(model, artifacts.n_bits, artifacts.compile_inputs, artifacts.calibration, artifacts.outputs)
+    return _compile(
+        model,
+        artifacts.n_bits,
+        artifacts.compile_inputs,
+        artifacts.calibration,
+        artifacts.outputs,
+        artifacts.inputs_used,
+    )
 
 
 FHE_SAMPLES = 100  # rows run with real encryption unless told otherwise (fewer when the test set is smaller)
@@ -242,7 +261,7 @@ def evaluate(
     else:
         simulate_pred, proba = compiled.classify(X, fhe="simulate")
     simulate_seconds = time.perf_counter() - start
-    execute_pred, timings = execute(artifacts, model, X[:fhe_samples], on_sample, compiled.outputs)
+    execute_pred, timings = execute(artifacts, compiled, X[:fhe_samples], on_sample)
     pairs = {
         "sklearn": (sklearn_pred, y),
         "fhe_clear": (clear_pred, y),
@@ -289,13 +308,13 @@ def _agree(a: np.ndarray, b: np.ndarray) -> float | None:
 
 def execute(
     artifacts: str | os.PathLike[str],
-    model: LinearModel,
+    compiled: CompiledModel,
     X: np.ndarray,
     on_sample: Callable[[int], None] | None = None,
-    outputs: str = "scores",
 ) -> tuple[np.ndarray, dict[str, float]]:
-    """Real FHE through the exported client.zip/server.zip: keygen, scale + encrypt, run, decrypt per row."""
+    """Real FHE through the exported client.zip/server.zip of `compiled`: keygen, scale + encrypt, run, decrypt."""
     deployment = concrete("concrete.ml.deployment")
+    model, outputs = compiled.source, compiled.outputs
     if len(X) == 0:
         return np.array([], dtype=np.float64 if model.is_regression else np.int64), {}
     with tempfile.TemporaryDirectory(prefix="fedfhe-keys-") as key_dir, quiet():
@@ -309,7 +328,7 @@ def execute(
         # deserialized once, as the service's workers do: label outputs' keys are tens of MB
         held = concrete("concrete.fhe").EvaluationKeys.deserialize(keys)
         predictions, encrypt, run, decrypt, sizes = [], [], [], [], []
-        for i, row in enumerate(model.scale(X)):
+        for i, row in enumerate(compiled.inputs(X)):
             t0 = time.perf_counter()
             ciphertext = client.quantize_encrypt_serialize(row[None, :])
             t1 = time.perf_counter()

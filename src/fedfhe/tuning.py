@@ -29,7 +29,7 @@ def measure(
     predicted = compiled.predict(X, fhe="simulate")
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = fhe.export(compiled, Path(tmp))
-        _, timings = fhe.execute(artifacts, model, X[:latency_samples], outputs=outputs)
+        _, timings = fhe.execute(artifacts, compiled, X[:latency_samples])
     return {
         "n_bits": n_bits,
         "outputs": outputs,

@@ -189,8 +189,10 @@ class EncryptedClient:
         fhe_client = self._session()
         lock = threading.Lock()
 
+        used = self.model.get("inputs_used", list(range(self.model["n_features"])))  # older servers: every one
+
         def quantized(start: int, stop: int) -> np.ndarray:
-            return np.asarray(fhe_client.model.quantize_input((X[start:stop] - low) / (high - low)))
+            return np.asarray(fhe_client.model.quantize_input(((X[start:stop] - low) / (high - low))[:, used]))
 
         def encrypt_here(rows: np.ndarray) -> list[bytes]:
             with lock:  # Concrete's encrypt holds the GIL anyway; one thread at a time keeps its RNG to itself

@@ -88,6 +88,7 @@ class ModelInfo(BaseModel):
     class_names: list[str]  # what each class means, e.g. malignant; empty for a regressor
     input_low: list[float]  # per feature: the client scales each to [0, 1] before encrypting
     input_high: list[float]
+    inputs_used: list[int]  # the features the circuit takes, in order: the client encrypts only these
     n_bits: int
     outputs: str  # what a client decrypts: "scores", or "label" (the class index only)
     max_bit_width: int
@@ -133,6 +134,7 @@ def load_model_info(run: RunDir, limits: Limits) -> tuple[ModelInfo, bytes]:
         class_names=model.class_names,
         input_low=model.input_range[0].tolist(),
         input_high=model.input_range[1].tolist(),
+        inputs_used=artifacts.inputs_used.tolist(),
         n_bits=artifacts.n_bits,
         outputs=artifacts.outputs,
         max_bit_width=artifacts.max_bit_width,
