@@ -302,7 +302,7 @@ def test_encryption_workers_refuse_keys_other_than_the_uploaded_ones(alice):
     encryptor = Encryptor(alice.key_dir / "client.zip", alice.key_dir / "keys", "0" * 64, 1)
     try:
         with pytest.raises(KeysDiffer, match="other keys than the ones uploaded"):
-            encryptor.result(encryptor.submit(np.zeros((1, 64), dtype=np.int64)))
+            encryptor.encrypt(np.zeros((1, 64), dtype=np.int64))
     finally:
         encryptor.close()
 

@@ -20,9 +20,7 @@ from fedfhe.rundir import CLIENT_SPEC, COMPILE_INPUTS, FHE_INFO, SERVER_SPEC, Ru
 N_BITS_RANGE = (2, 12)
 # The most each artifact may hold, far above what export writes, so a damaged file is refused before it is read.
 MAX_INFO_BYTES = 64 << 10  # fhe.json: its fields and up to model.MAX_OUTPUTS classes, plus ...
-INFO_BYTES_PER_FEATURE = (
-    80  # ... its input range (two indented numbers of at most 30 characters) and its index in inputs_used
-)
+INFO_BYTES_PER_FEATURE = 80  # ... its input range (two numbers of at most 30 characters) and inputs_used
 MAX_CLIENT_SPEC_BYTES = 16 << 20  # client.zip, packed or unpacked: about 3 KiB for every model fedfhe trains
 MAX_COMPILE_INPUTS_BYTES = 256 << 20  # 2 x outputs + 2 rows, or a calibration sample (40,000 rows of MNIST)
 INFO_TYPES = {"model_sha256": str, "n_bits": int, "max_bit_width": int, "calibration": str}

@@ -171,11 +171,12 @@ def _compile(
     """Convert the model (on scaled features, `used` ones: by default those it weighs) and compile its circuit."""
     converter = concrete_class(model.kind)  # imported before the clock starts: compile time is compile time
     used = model.used_features if used is None else used
+    X = scaled_inputs[:, used]
     start = time.perf_counter()
     with quiet():
-        concrete = converter.from_sklearn_model(model.to_scaled_sklearn(used), X=scaled_inputs[:, used], n_bits=n_bits)
+        concrete = converter.from_sklearn_model(model.to_scaled_sklearn(used), X=X, n_bits=n_bits)
         if outputs == "scores":
-            concrete.compile(scaled_inputs[:, used])
+            concrete.compile(X)
             circuit, rule = None, None
         else:  # the quantizers are Concrete ML's; the circuit is the label rule on them
             circuit, rule = compile_label(concrete)

@@ -210,7 +210,7 @@ class EncryptedClient:
             if start == 0:
                 return self._evaluate(head)
             rows = quantized(start, stop)
-            return self._evaluate(encrypt_here(rows) if pool is None else pool.result(pool.submit(rows)))
+            return self._evaluate(encrypt_here(rows) if pool is None else pool.encrypt(rows))
 
         window = 2 * jobs + 2
         threads = ThreadPoolExecutor(window, thread_name_prefix="fedfhe-predict")

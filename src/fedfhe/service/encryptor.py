@@ -9,7 +9,6 @@ serialized ciphertexts. Quantizing stays with the caller, so workers import conc
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -60,15 +59,10 @@ class Encryptor:
         self.jobs = jobs
         self._pool = spawn_pool(jobs, _load, str(spec), str(keys), key_id, death_signal=False)  # any thread may call
 
-    def submit(self, rows: np.ndarray) -> Future[list[bytes]]:
-        """Encrypt quantized rows in a worker; the future holds their ciphertexts."""
-        return self._pool.submit(_encrypt, rows)
-
-    @staticmethod
-    def result(future: Future[list[bytes]]) -> list[bytes]:
-        """Wait for a submitted batch; a worker that could not start is one line."""
+    def encrypt(self, rows: np.ndarray) -> list[bytes]:
+        """Quantized rows' ciphertexts, encrypted in a worker (the caller waits); a worker gone is one line."""
         try:
-            return future.result()
+            return self._pool.submit(_encrypt, rows).result()
         except BrokenProcessPool:
             raise FedfheError(
                 "the encryption workers stopped: killed, out of memory, or started by a script without "
