@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedfhe.tuning import recommend
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -40,6 +42,7 @@ def main() -> None:
         tuned = json.loads((run / "tune.json").read_text())
     chosen = tuned["recommended"]
     eight = max((p for p in tuned["points"] if p["n_bits"] == 8), key=lambda p: p["accuracy"])
+    same = recommend([p for p in tuned["points"] if isinstance(p["n_bits"], int)])  # before inputs/weights apart
     result = {
         "run": str(args.run),
         "sweep": args.sweep,
@@ -50,6 +53,9 @@ def main() -> None:
         "server_ms_ratio_vs_8_bits": chosen["server_ms"] / eight["server_ms"],
         "accuracy_delta_vs_8_bits": chosen["accuracy"] - eight["accuracy"],
         "output_bytes_ratio_vs_8_bits": chosen["output_bytes"] / eight["output_bytes"],
+        "recommended_with_one_width": {"n_bits": same["n_bits"], **same["param"]},
+        "server_ms_ratio_vs_one_width": chosen["server_ms"] / same["server_ms"],
+        "accuracy_delta_vs_one_width": chosen["accuracy"] - same["accuracy"],
     }
     (HERE / "results").mkdir(exist_ok=True)
     name = "tune_sweep.json" if args.sweep else "tune.json"

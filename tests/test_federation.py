@@ -74,7 +74,7 @@ def test_a_deployed_run_is_a_run_directory(deployed, digits, tmp_path):
     done = fedfhe("evaluate", "--run", str(out), "--fhe-samples", "2")
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "report.json").read_text())["agreement"]["fhe_vs_clear"] == 1.0
-    done = fedfhe("tune", "--run", str(out), "--n-bits", "4,6", "--latency-samples", "1")
+    done = fedfhe("tune", "--run", str(out), "--n-bits", "4,6", "--latency-samples", "1", "--no-bit-pairs")
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "tune.json").read_text())["recommended"]["n_bits"] in (4, 6)
     from conftest import serving

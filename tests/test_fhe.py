@@ -20,6 +20,7 @@ from fedfhe.artifacts import read_artifacts
 from fedfhe.errors import FedfheError
 from fedfhe.model import LinearModel
 from fedfhe.rundir import CLIENT_SPEC, COMPILE_INPUTS, FHE_DIR, FHE_INFO, RunDir
+from fedfhe.service.server import Limits, load_model_info
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,15 @@ def test_export_writes_deployment_artifacts_tied_to_the_model(compiled, federate
         fhe.load_compiled(federated_run, other)
 
 
+def test_input_and_weight_widths_apart_reach_the_circuit_its_files_and_the_service(compiled, run_copy, digits):
+    narrow = fhe.compile_model(compiled.source, {"op_inputs": 6, "op_weights": 4})
+    assert narrow.max_bit_width < compiled.max_bit_width  # 4-bit weights: narrower sums than 6 bits
+    result = fhe.evaluate(narrow, digits.X_test, digits.y_test, 2, fhe.export(narrow, run_copy))
+    assert result["agreement"]["fhe_vs_clear"] == 1.0 and result["accuracy"]["fhe_simulate"] > 0.85
+    info, _ = load_model_info(RunDir(run_copy), Limits())
+    assert info.n_bits == {"op_inputs": 6, "op_weights": 4} and info.max_bit_width == narrow.max_bit_width
+
+
 def test_calibration_sample_is_validated(compiled):
     with pytest.raises(FedfheError, match="calibration data has shape"):
         fhe.compile_model(compiled.source, 8, np.zeros((5, 3)))
@@ -100,13 +110,15 @@ def zip_of_zeros(path: Path) -> None:
         archive.writestr("client.specs.json", bytes(32 << 20))
 
 
+NOT_N_BITS = r"n_bits must be an integer or \{op_inputs, op_weights\} integers"
 BROKEN_ARTIFACTS: dict[str, tuple[str, Callable[[Path], object], str]] = {
     "fhe.json not JSON": (FHE_INFO, lambda p: p.write_text("{not json"), "Expecting property name"),
     "fhe.json nested deep": (FHE_INFO, lambda p: p.write_text("[" * 30_000 + "]" * 30_000), "maximum recursion"),
     "fhe.json a list": (FHE_INFO, lambda p: p.write_text("[8]"), "a JSON list, not an object"),
-    "fhe.json n_bits a string": (FHE_INFO, edit_info(n_bits="8"), "n_bits is str, not int"),
-    "fhe.json n_bits true": (FHE_INFO, edit_info(n_bits=True), "n_bits is bool, not int"),
+    "fhe.json n_bits a string": (FHE_INFO, edit_info(n_bits="8"), rf"{NOT_N_BITS} \(got '8'\)"),
+    "fhe.json n_bits true": (FHE_INFO, edit_info(n_bits=True), rf"{NOT_N_BITS} \(got True\)"),
     "fhe.json n_bits 40": (FHE_INFO, edit_info(n_bits=40), "--n-bits must be between 2 and 12"),
+    "fhe.json n_bits of unknown widths": (FHE_INFO, edit_info(n_bits={"op_inputs": 6, "bits": 4}), NOT_N_BITS),
     "fhe.json of 3 GiB": (FHE_INFO, lambda p: os.truncate(p, 3 << 30), r"3221225472 bytes, more than the \d+ it"),
     "compile inputs garbage": (COMPILE_INPUTS, lambda p: p.write_bytes(b"garbage" * 9), "magic string is not correct"),
     "compile inputs of 10^12 rows": (COMPILE_INPUTS, huge_shape, "0 bytes of data where its header declares 5120"),

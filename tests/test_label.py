@@ -104,9 +104,10 @@ def test_bad_outputs_are_refused_and_the_mode_is_kept(label_run, tmp_path):
     assert done.returncode == 2 and "--outputs label applies to classifiers" in done.stderr and not out.exists()
     with pytest.raises(FedfheError, match="applies to classifiers"):
         fhe.check_outputs("label", regression=True)
-    assert fedfhe("compile", "--run", str(label_run), "--n-bits", "6").returncode == 0  # recompiled, still label
-    assert json.loads((label_run / "fhe" / "fhe.json").read_text())["outputs"] == "label"
-    done = fedfhe("tune", "--run", str(label_run), "--n-bits", "6,8", "--latency-samples", "2")
+    assert fedfhe("compile", "--run", str(label_run), "--n-bits", "6/4").returncode == 0  # recompiled, still label
+    info = json.loads((label_run / "fhe" / "fhe.json").read_text())
+    assert (info["outputs"], info["n_bits"]) == ("label", {"op_inputs": 6, "op_weights": 4})
+    done = fedfhe("tune", "--run", str(label_run), "--n-bits", "6,8", "--latency-samples", "2", "--no-bit-pairs")
     assert done.returncode == 0, done.stderr
     points = json.loads((label_run / "tune.json").read_text())["points"]
     assert [p["outputs"] for p in points] == ["label", "label"] and min(p["key_bytes"] for p in points) > 1 << 20

@@ -8,6 +8,7 @@ import pytest
 from conftest import fedfhe
 
 from fedfhe import TrainConfig, train, tuning
+from fedfhe.artifacts import bit_pair, n_bits_label, parse_n_bits
 from fedfhe.errors import FedfheError
 from fedfhe.rundir import RunDir
 
@@ -43,6 +44,32 @@ def test_recommend_prefers_speed_within_tolerance():
     assert tuning.recommend(points)["n_bits"] == 4
 
 
+@pytest.mark.parametrize("text, n_bits", [("6", 6), ("6/4", {"op_inputs": 6, "op_weights": 4}), (" 5 / 5", 5)])
+def test_n_bits_are_written_n_or_inputs_slash_weights(text, n_bits):
+    assert parse_n_bits(text) == n_bits and parse_n_bits(n_bits_label(n_bits)) == n_bits
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("x", "takes N or INPUTS/WEIGHTS"), ("6/4/2", "takes N or"), ("6/", "takes N or"), ("-4", "takes N or"),
+     ("6/1", r"between 2 and 12 \(got 6/1\)"), ("13", r"between 2 and 12 \(got 13\)")],
+)  # fmt: skip
+def test_bad_n_bits_are_refused_in_one_line(text, message):
+    with pytest.raises(FedfheError, match=message):
+        parse_n_bits(text)
+
+
+def test_neighbours_are_the_unmeasured_widths_one_step_from_the_choice():
+    points = [{"n_bits": b, "param": {}} for b in (2, 3, 4, 5)] + [{"n_bits": 4, "param": {"C": 10.0}}]
+    around = tuning.neighbours(points, points[2])
+    assert sorted(map(bit_pair, around)) == [(3, 4), (3, 5), (4, 3), (4, 5), (5, 3), (5, 4)]
+    assert tuning.neighbours(points, points[0]) == [
+        {"op_inputs": 2, "op_weights": 3},
+        {"op_inputs": 3, "op_weights": 2},
+    ]
+    assert len(tuning.neighbours(points, points[4])) == 8  # another model: only its own point was measured
+
+
 def test_bad_tuning_requests(central_model, digits):
     with pytest.raises(FedfheError, match="--latency-samples must be between 1 and the 360"):
         tuning.tune(central_model, digits.X_test, digits.y_test, {"n_bits": [4]}, latency_samples=0)
@@ -58,7 +85,11 @@ def test_sweep_retrains_per_regularisation_value_without_touching_the_run(tmp_pa
     done = fedfhe("tune", "--run", str(run), "--n-bits", "3,6", "--sweep", "C=0.01,1", "--latency-samples", "2")
     assert done.returncode == 0, done.stderr
     tuned = json.loads((run / "tune.json").read_text())
-    assert sorted((p["param"]["C"], p["n_bits"]) for p in tuned["points"]) == [(0.01, 3), (0.01, 6), (1, 3), (1, 6)]
+    grid, around = tuned["points"][:4], tuned["points"][4:]
+    assert sorted((p["param"]["C"], p["n_bits"]) for p in grid) == [(0.01, 3), (0.01, 6), (1, 3), (1, 6)]
+    first = tuning.recommend(grid)  # then its model, read back from RUN/tune/, at widths one step from it
+    assert around and all(p["param"] == first["param"] for p in around)
+    assert {bit_pair(p["n_bits"]) for p in around} == {bit_pair(n) for n in tuning.neighbours(grid, first)}
     for value in ("0.01", "1"):
         assert (run / "tune" / f"C={value}" / "model.npz").is_file()
     chosen = tuned["recommended"]["param"]["C"]

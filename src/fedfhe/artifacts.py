@@ -23,16 +23,51 @@ MAX_INFO_BYTES = 64 << 10  # fhe.json: its fields and up to model.MAX_OUTPUTS cl
 INFO_BYTES_PER_FEATURE = 80  # ... its input range (two numbers of at most 30 characters) and inputs_used
 MAX_CLIENT_SPEC_BYTES = 16 << 20  # client.zip, packed or unpacked: about 3 KiB for every model fedfhe trains
 MAX_COMPILE_INPUTS_BYTES = 256 << 20  # 2 x outputs + 2 rows, or a calibration sample (40,000 rows of MNIST)
-INFO_TYPES = {"model_sha256": str, "n_bits": int, "max_bit_width": int, "calibration": str}
+INFO_TYPES = {"model_sha256": str, "max_bit_width": int, "calibration": str}
+# Concrete ML's n_bits: one width for inputs and weights, or each its own as {"op_inputs": I, "op_weights": W}.
+NBits = int | dict[str, int]
+N_BITS_KEYS = ["op_inputs", "op_weights"]
 
 T = TypeVar("T")
 
 
-def check_n_bits(*values: int) -> None:
+def bit_pair(n_bits: NBits) -> tuple[int, int]:
+    """The input and weight widths of an n_bits."""
+    return (n_bits, n_bits) if isinstance(n_bits, int) else (n_bits["op_inputs"], n_bits["op_weights"])
+
+
+def n_bits_of(inputs: int, weights: int) -> NBits:
+    """The n_bits Concrete ML takes for these widths: one integer when they agree, so each point has one form."""
+    return inputs if inputs == weights else dict(zip(N_BITS_KEYS, (inputs, weights), strict=True))
+
+
+def n_bits_label(n_bits: NBits) -> str:
+    """How people write an n_bits: 6, or INPUTS/WEIGHTS such as 6/4."""
+    inputs, weights = bit_pair(n_bits)
+    return str(inputs) if inputs == weights else f"{inputs}/{weights}"
+
+
+def parse_n_bits(text: str) -> NBits:
+    """--n-bits N or INPUTS/WEIGHTS, checked."""
+    widths = text.strip().split("/")
+    if len(widths) > 2 or not all(w.strip().isdecimal() for w in widths):
+        raise FedfheError(f"--n-bits takes N or INPUTS/WEIGHTS such as 6/4 (got {text[:40]!r})")
+    inputs, weights = int(widths[0]), int(widths[-1])
+    n_bits = n_bits_of(inputs, weights)
+    check_n_bits(n_bits)
+    return n_bits
+
+
+def check_n_bits(*values: object) -> None:
     """Refuse quantization widths outside what fedfhe compiles, before any work starts."""
     low, high = N_BITS_RANGE
-    if not all(low <= v <= high for v in values):
-        raise FedfheError(f"--n-bits must be between {low} and {high} (got {', '.join(map(str, values))})")
+    for value in values:
+        widths = list(value.values()) if isinstance(value, dict) and sorted(value) == N_BITS_KEYS else [value]
+        ints = [w for w in widths if isinstance(w, int) and not isinstance(w, bool)]  # neither true nor 8.5
+        if len(ints) != len(widths):
+            raise FedfheError(f"n_bits must be an integer or {{op_inputs, op_weights}} integers (got {value!r:.40})")
+        if not all(low <= w <= high for w in ints):
+            raise FedfheError(f"--n-bits must be between {low} and {high} (got {'/'.join(map(str, widths))})")
 
 
 @dataclass(frozen=True)
@@ -40,7 +75,7 @@ class Artifacts:
     """What `fhe.export` wrote for one model: Concrete's client and server specs and how they were compiled."""
 
     folder: Path
-    n_bits: int  # quantization bits of inputs and weights
+    n_bits: NBits  # quantization bits of inputs and weights
     max_bit_width: int  # widest integer in the circuit
     calibration: str  # what the circuit was compiled on
     compile_inputs: np.ndarray  # the (scaled) rows the circuit was compiled on
@@ -113,7 +148,7 @@ def _read_info(f: io.BufferedReader) -> dict[str, Any]:
         for key, kind in INFO_TYPES.items():
             if type(info.get(key)) is not kind:  # so neither true nor 8.5 passes for an int
                 raise ValueError(f"{key} is {type(info.get(key)).__name__}, not {kind.__name__}")
-        check_n_bits(info["n_bits"])
+        check_n_bits(info.get("n_bits"))
         info.setdefault("outputs", "scores")  # compiled before label outputs existed: scores
         if info["outputs"] not in ("scores", "label"):
             raise ValueError(f"outputs is {str(info['outputs'])[:20]!r}, not scores or label")

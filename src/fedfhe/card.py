@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from fedfhe import quality
-from fedfhe.artifacts import read_artifacts
+from fedfhe.artifacts import bit_pair, n_bits_label, read_artifacts
 from fedfhe.errors import FedfheError
 from fedfhe.rundir import RunDir
 
@@ -96,7 +96,13 @@ def _limits(
     if compiled is None:
         limits.append("Not compiled: no FHE circuit has been measured for this model.")
     else:
-        limits.append(f"Inputs and weights are quantized to {compiled['n_bits']} bits inside the encrypted circuit.")
+        inputs, weights = bit_pair(compiled["n_bits"])
+        quantized = (
+            f"Inputs and weights are quantized to {inputs} bits"
+            if inputs == weights
+            else f"Inputs are quantized to {inputs} bits and weights to {weights}"
+        )
+        limits.append(f"{quantized} inside the encrypted circuit.")
     if report is None:
         limits.append("Not evaluated: no score of this model and circuit is on record (run `fedfhe evaluate`).")
     else:
@@ -152,7 +158,7 @@ def markdown(card: dict[str, Any]) -> str:
         fhe = card["fhe"]
         lines += [
             (
-                f"FHE circuit: {fhe['outputs']} outputs, n_bits {fhe['n_bits']}, largest integer "
+                f"FHE circuit: {fhe['outputs']} outputs, n_bits {n_bits_label(fhe['n_bits'])}, largest integer "
                 f"{fhe['max_bit_width']} bits, compiled on "
                 f"{fhe['calibration']}; client spec sha256 `{fhe['client_spec_sha256']}`."
             ),

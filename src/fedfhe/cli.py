@@ -61,7 +61,12 @@ DatasetName = Annotated[
 DataDir = Annotated[
     Path | None, typer.Option(help="Folder with the four MNIST IDX files (mnist only).", rich_help_panel=DATA)
 ]
-NBits = Annotated[int, typer.Option(help="Quantization bits of inputs and weights.", rich_help_panel=FHE)]
+NBits = Annotated[
+    str,
+    typer.Option(
+        help="Quantization bits: N for inputs and weights, or INPUTS/WEIGHTS such as 6/4.", rich_help_panel=FHE
+    ),
+]
 Outputs = Annotated[
     str | None,
     typer.Option(
@@ -337,8 +342,10 @@ def _trained(model: Any, out: Path) -> None:
 
 def _compiled(compiled: Any, out: Path) -> None:
     """One line on the circuit."""
+    from fedfhe.artifacts import n_bits_label
+
     console.print(
-        f"compiled: {compiled.outputs} outputs, n_bits {compiled.n_bits}, largest integer {compiled.max_bit_width} bits, "
+        f"compiled: {compiled.outputs} outputs, n_bits {n_bits_label(compiled.n_bits)}, largest integer {compiled.max_bit_width} bits, "
         f"{compiled.compile_seconds:.1f} s -> {out / 'fhe'}"
     )
 
@@ -402,16 +409,18 @@ def train(
 @app.command("compile", epilog=_examples("compile"))
 def compile_(
     run: RunDirOption = Path("runs/latest"),
-    n_bits: NBits = 8,
+    n_bits: NBits = "8",
     calibration: Calibration = None,
     max_input_mb: MaxInputMb = 1024.0,
     outputs: Outputs = None,
 ) -> None:
     """Convert the run's model with Concrete ML and compile it, without any training data."""
     from fedfhe import pipeline
+    from fedfhe.artifacts import parse_n_bits
 
+    bits = parse_n_bits(n_bits)
     with console.status("compiling the FHE circuit"):
-        compiled = pipeline.compile_run(run, n_bits, calibration, max_input_mb=max_input_mb, outputs=outputs)
+        compiled = pipeline.compile_run(run, bits, calibration, max_input_mb=max_input_mb, outputs=outputs)
     _compiled(compiled, run)
 
 
@@ -453,7 +462,7 @@ def run(
     schema: TableSchema = None,
     owners: Owners = None,
     test: TestFile = None,
-    n_bits: NBits = 8,
+    n_bits: NBits = "8",
     outputs: Outputs = None,
     calibration: Calibration = None,
     fhe_samples: FheSamples = None,
@@ -465,7 +474,9 @@ def run(
 ) -> None:
     """Train, compile and evaluate in one go; everything lands in --run."""
     from fedfhe import pipeline
+    from fedfhe.artifacts import parse_n_bits
 
+    bits = parse_n_bits(n_bits)
     _warn_unused(dataset, data_dir, data is not None or owners is not None)
     with _training(out) as bars:
         split = pipeline.dataset(dataset, config.seed, data_dir, data, schema, owners, test)
@@ -473,7 +484,7 @@ def run(
             split,
             config,
             out,
-            n_bits=n_bits,
+            n_bits=bits,
             calibration=calibration,
             fhe_samples=fhe_samples,
             progress=bars,
@@ -491,7 +502,13 @@ def run(
 @app.command(epilog=_examples("tune"))
 def tune(
     run: RunDirOption = Path("runs/latest"),
-    n_bits: Annotated[str, typer.Option(help="Comma-separated n_bits values to try.")] = "2,3,4,5,6,7,8",
+    n_bits: Annotated[
+        str, typer.Option(help="Comma-separated n_bits to try, each N or INPUTS/WEIGHTS such as 6/4.")
+    ] = "2,3,4,5,6,7,8",
+    bit_pairs: Annotated[
+        bool,
+        typer.Option(help="Then also try input and weight bits one step apart around the recommended point."),
+    ] = True,
     latency_samples: Annotated[int, typer.Option(help="Test samples run in real FHE per point for latency.")] = 10,
     sweep: Annotated[
         str | None,
@@ -504,11 +521,9 @@ def tune(
 ) -> None:
     """Sweep n_bits (and --sweep): score in FHE simulation vs server latency; compile the fastest good point."""
     from fedfhe import pipeline, tuning
+    from fedfhe.artifacts import parse_n_bits
 
-    try:
-        bits = [int(v) for v in n_bits.split(",")]
-    except ValueError:
-        raise FedfheError(f"--n-bits must be comma-separated integers (got {n_bits!r})") from None
+    bits = [parse_n_bits(v) for v in n_bits.split(",")]
     values = None
     if sweep is not None:
         name, _, listed = sweep.partition("=")
@@ -518,11 +533,12 @@ def tune(
             raise FedfheError(f"--sweep must look like NAME=V1,V2,... with numbers (got {sweep!r})") from None
     _warn_unused_by(run, data_dir)
     with _bars() as live:
-        tuned = pipeline.tune_run(run, bits, latency_samples, values, data_dir, Bars(live), outputs)
+        tuned = pipeline.tune_run(run, bits, latency_samples, values, data_dir, Bars(live), outputs, bit_pairs)
     key = tuned.score
     model = tuned.compiled.source
     table = Table(
-        title=f"{model.kind} on {model.metadata['dataset']}: n_bits sweep (FHE simulation {key}, real FHE latency)"
+        title=f"{model.kind} on {model.metadata['dataset']}: n_bits sweep (FHE simulation {key}, real FHE latency)",
+        caption="I/W bits: inputs quantized to I bits, weights to W",
     )
     for column in ("point", key, "server ms", "circuit bits", "output bytes"):
         table.add_column(column, justify="right")

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fedfhe.artifacts import check_n_bits, read_artifacts
+from fedfhe.artifacts import NBits, check_n_bits, read_artifacts
 from fedfhe.data import check_features
 from fedfhe.errors import FedfheError
 from fedfhe.kinds import Kind
@@ -67,7 +67,7 @@ class CompiledModel:
 
     concrete: Any
     source: LinearModel
-    n_bits: int
+    n_bits: NBits
     compile_inputs: np.ndarray
     calibration: str
     compile_seconds: float
@@ -146,7 +146,7 @@ def check_outputs(outputs: str, regression: bool) -> None:
 
 
 def compile_model(
-    model: LinearModel, n_bits: int = 8, calibration: np.ndarray | None = None, outputs: str = "scores"
+    model: LinearModel, n_bits: NBits = 8, calibration: np.ndarray | None = None, outputs: str = "scores"
 ) -> CompiledModel:
     """Quantize and compile; without calibration data the bounds come from the input range alone.
 
@@ -162,7 +162,7 @@ def compile_model(
 
 def _compile(
     model: LinearModel,
-    n_bits: int,
+    n_bits: NBits,
     scaled_inputs: np.ndarray,
     calibration: str,
     outputs: str,

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedfhe import fhe, quality, report, result, table, training, tuning
-from fedfhe.artifacts import check_n_bits, compiled_outputs
+from fedfhe.artifacts import NBits, bit_pair, check_n_bits, compiled_outputs
 from fedfhe.config import TrainConfig
 from fedfhe.data import Dataset, MiB, check_features, load_dataset, read_table
 from fedfhe.errors import FedfheError
@@ -102,7 +103,7 @@ def run(
     config: TrainConfig,
     out: PathLike,
     *,
-    n_bits: int = 8,
+    n_bits: NBits = 8,
     calibration: PathLike | None = None,
     fhe_samples: int | None = None,
     progress: Progress = QUIET,
@@ -166,7 +167,7 @@ def resume(run_dir: PathLike, data_dir: PathLike | None = None, progress: Progre
 
 def compile_run(
     run_dir: PathLike,
-    n_bits: int = 8,
+    n_bits: NBits = 8,
     calibration: np.ndarray | PathLike | None = None,
     progress: Progress = QUIET,
     model: LinearModel | None = None,
@@ -273,18 +274,20 @@ class TuneResult:
 
 def tune_run(
     run_dir: PathLike,
-    n_bits: list[int] = tuning.DEFAULT_GRID["n_bits"],
+    n_bits: Sequence[NBits] = tuning.DEFAULT_GRID["n_bits"],
     latency_samples: int = 10,
     sweep: tuple[str, list[float]] | None = None,
     data_dir: PathLike | None = None,
     progress: Progress = QUIET,
     outputs: str | None = None,
+    bit_pairs: bool = True,
 ) -> TuneResult:
     """Sweep n_bits (and one retrained parameter): score in FHE simulation vs latency; compile the best point.
 
     The run's own model is never replaced: a parameter value is trained again, federated as the run
     was, into RUN/tune/NAME=VALUE, and the recommended point is compiled where its model lives.
-    Every point is compiled for `outputs` (by default what the run was compiled for).
+    Every point is compiled for `outputs` (by default what the run was compiled for). With `bit_pairs`
+    the recommended point's model is then measured at the input and weight widths one step from it.
     """
     from sklearn.model_selection import ParameterGrid
 
@@ -297,7 +300,7 @@ def tune_run(
     split = _split_of(target, model.metadata["dataset"], seed, data_dir, test_only=sweep is None)
     if not 1 <= latency_samples <= len(split.y_test):
         raise FedfheError(f"--latency-samples must be between 1 and the {len(split.y_test)} test samples")
-    grid: dict[str, list[Any]] = {"n_bits": sorted(set(n_bits))}
+    grid: dict[str, list[Any]] = {"n_bits": sorted({bit_pair(n): n for n in n_bits}.values(), key=bit_pair)}
     retrain = None
     if sweep is not None:
         name, values = sweep
@@ -315,6 +318,16 @@ def tune_run(
     points = tuning.tune(model, split.X_test, split.y_test, grid, latency_samples, progress.update, retrain, outputs)
     score = model.kind.score_names[0]
     chosen = tuning.recommend(points, score)
+    around = tuning.neighbours(points, chosen) if bit_pairs else []
+    if around:
+        best = model
+        for name, value in chosen["param"].items():  # a retrained model: trained above, read back
+            best = target.tuned(name, value).load_model()
+        progress.start("input/weight bits", len(around))
+        grid = {"n_bits": around}
+        measured = tuning.tune(best, split.X_test, split.y_test, grid, latency_samples, progress.update, None, outputs)
+        points += [{**p, "param": chosen["param"]} for p in measured]
+        chosen = tuning.recommend(points, score)
     tuning.write(target, points, chosen, score)
     where = target
     for name, value in chosen["param"].items():  # a retrained model wins: compile it where it lives

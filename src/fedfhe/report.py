@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from fedfhe import quality
+from fedfhe.artifacts import n_bits_label
 from fedfhe.fhe import CompiledModel
 from fedfhe.rundir import RunDir
 
@@ -134,7 +135,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         (
             f"{report['n_train']} training samples, {evaluated}, {report['clients']} client(s), "
-            f"{report['rounds']} round(s), input ranges from {ranges}, n_bits {report['n_bits']}, "
+            f"{report['rounds']} round(s), input ranges from {ranges}, n_bits {n_bits_label(report['n_bits'])}, "
             f"compiled on {report['calibration']}, largest circuit integer {report['circuit']['max_bit_width']} bits, "
             + (
                 "label outputs: the circuit returns the class only, so a client never sees the scores."

@@ -12,6 +12,7 @@ import numpy as np
 from sklearn.model_selection import ParameterGrid
 
 from fedfhe import fhe
+from fedfhe.artifacts import N_BITS_RANGE, NBits, bit_pair, n_bits_label, n_bits_of
 from fedfhe.data import check_features
 from fedfhe.errors import FedfheError
 from fedfhe.model import LinearModel
@@ -22,7 +23,7 @@ TOLERANCE = 0.005  # "within half a point of the best accuracy"
 
 
 def measure(
-    model: LinearModel, n_bits: int, X: np.ndarray, y: np.ndarray, latency_samples: int, outputs: str = "scores"
+    model: LinearModel, n_bits: NBits, X: np.ndarray, y: np.ndarray, latency_samples: int, outputs: str = "scores"
 ) -> dict[str, Any]:
     """One grid point: simulated accuracy (or R2) on all rows, real FHE latency and sizes on a few."""
     compiled = fhe.compile_model(model, n_bits, outputs=outputs)
@@ -73,7 +74,7 @@ def tune(
                 assert retrain is not None  # refused above otherwise
                 trained[value] = retrain(name, value)
             current = trained[value]
-        point = measure(current, int(params["n_bits"]), X, y, latency_samples, outputs)
+        point = measure(current, params["n_bits"], X, y, latency_samples, outputs)
         points.append({**point, "param": retrained})
         if on_point is not None:
             on_point(len(points))
@@ -86,9 +87,20 @@ def recommend(points: list[dict[str, Any]], key: str = "accuracy", tolerance: fl
     return min((p for p in points if p[key] >= best - tolerance), key=lambda p: p["server_ms"])
 
 
+def neighbours(points: list[dict[str, Any]], chosen: dict[str, Any]) -> list[NBits]:
+    """The n_bits one step from the chosen point's input and weight widths that its model has not been measured at."""
+    low, high = N_BITS_RANGE
+    inputs, weights = bit_pair(chosen["n_bits"])
+    seen = {bit_pair(p["n_bits"]) for p in points if p["param"] == chosen["param"]}
+    around = [(i, w) for i in (inputs - 1, inputs, inputs + 1) for w in (weights - 1, weights, weights + 1)]
+    return [n_bits_of(i, w) for i, w in around if (i, w) not in seen and low <= min(i, w) and max(i, w) <= high]
+
+
 def label(point: dict[str, Any]) -> str:
-    """A point's settings: its n_bits, and the retrained parameter if any."""
-    return " ".join([f"{point['n_bits']} bits", *(f"{k}={v:g}" for k, v in point.get("param", {}).items())])
+    """A point's settings: its n_bits (INPUTS/WEIGHTS when they differ), and the retrained parameter if any."""
+    return " ".join(
+        [f"{n_bits_label(point['n_bits'])} bits", *(f"{k}={v:g}" for k, v in point.get("param", {}).items())]
+    )
 
 
 def shown(point: dict[str, Any], key: str) -> str:
@@ -124,7 +136,12 @@ def plot(points: list[dict[str, Any]], chosen: dict[str, Any], path: Path, key: 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.scatter([p["server_ms"] for p in points], [factor * p[key] for p in points], color="tab:blue")
     for p in points:
-        ax.annotate(f"{p['n_bits']} bits", (p["server_ms"], factor * p[key]), textcoords="offset points", xytext=(5, 4))
+        ax.annotate(
+            f"{n_bits_label(p['n_bits'])} bits",
+            (p["server_ms"], factor * p[key]),
+            textcoords="offset points",
+            xytext=(5, 4),
+        )
     ax.scatter(
         [chosen["server_ms"]],
         [factor * chosen[key]],

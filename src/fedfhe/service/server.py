@@ -89,7 +89,7 @@ class ModelInfo(BaseModel):
     input_low: list[float]  # per feature: the client scales each to [0, 1] before encrypting
     input_high: list[float]
     inputs_used: list[int]  # the features the circuit takes, in order: the client encrypts only these
-    n_bits: int
+    n_bits: int | dict[str, int]  # one width, or {"op_inputs": I, "op_weights": W}
     outputs: str  # what a client decrypts: "scores", or "label" (the class index only)
     max_bit_width: int
     model_sha256: str
