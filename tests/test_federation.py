@@ -136,6 +136,11 @@ def test_secagg_on_the_deployment_engine_shows_the_server_only_masked_vectors(tm
         assert coef.min() < 2**28 and coef.max() > 2**31  # spread over the whole modulus
 
 
+# Seconds a round (and each SecAgg+ stage) waits for a killed node: a round takes about 2.3 s here, a
+# SecAgg+ stage about 1 s, and the nodes connect within about 4 s of the run's start.
+DEAD_NODE_WAIT = 10
+
+
 def kill_inside_a_secagg_round(out: Path, nodes: tuple[int, ...] = (2,)):
     """on_started hook: SIGKILL SuperNodes once every node has shared its keys (the masked vectors come next)."""
 
@@ -158,7 +163,7 @@ def test_a_supernode_killed_inside_a_secagg_round_is_recovered_from_the_others_s
 
     config = TrainConfig(
         clients=3, rounds=1, local_iters=10, secagg=True, secagg_shares=3, secagg_threshold=2, min_clients=2,
-        dp=True, clipping="fixed", noise_multiplier=0.1, clipping_norm=5.0, round_timeout=15,
+        dp=True, clipping="fixed", noise_multiplier=0.1, clipping_norm=5.0, round_timeout=DEAD_NODE_WAIT,
     )  # fmt: skip
     out = tmp_path / "run"
     deployment.up(digits, config, out, audit=True, on_started=kill_inside_a_secagg_round(out))
@@ -171,7 +176,7 @@ def test_a_supernode_killed_inside_a_secagg_round_is_recovered_from_the_others_s
 
 def test_a_secagg_round_without_enough_shares_left_ends_in_one_line(tmp_path, digits):
     config = TrainConfig(
-        clients=3, rounds=1, local_iters=10, secagg=True, secagg_shares=3, secagg_threshold=2, round_timeout=15,
+        clients=3, rounds=1, local_iters=10, secagg=True, secagg_shares=3, secagg_threshold=2, round_timeout=DEAD_NODE_WAIT,
     )  # fmt: skip
     out = tmp_path / "run"
     with pytest.raises(FedfheError, match=r"SecAgg\+ could not unmask the sum") as refused:  # 1 share left, 2 needed
@@ -197,7 +202,7 @@ def kill_after_round_one(out: Path):
 
 def test_killed_supernode_run_completes_with_the_others(tmp_path, digits):
     out = tmp_path / "run"
-    config = TrainConfig(clients=3, rounds=2, local_iters=10, min_clients=2, round_timeout=20)
+    config = TrainConfig(clients=3, rounds=2, local_iters=10, min_clients=2, round_timeout=DEAD_NODE_WAIT)
     deployment.up(digits, config, out, on_started=kill_after_round_one(out))
     metrics = LinearModel.load(out / "model.npz").metadata["metrics"]
     assert metrics["final"]["score"] > 0.85
@@ -209,7 +214,7 @@ def test_killed_supernode_run_completes_with_the_others(tmp_path, digits):
 def test_killed_supernode_below_the_minimum_ends_with_a_clear_message(tmp_path, digits):
     out = tmp_path / "run"
     with pytest.raises(FedfheError, match=r"ended finished:failed: .*only 2 of 3 clients"):
-        config = TrainConfig(clients=3, rounds=2, local_iters=10, min_clients=3, round_timeout=20)
+        config = TrainConfig(clients=3, rounds=2, local_iters=10, min_clients=3, round_timeout=DEAD_NODE_WAIT)
         deployment.up(digits, config, out, on_started=kill_after_round_one(out))
     assert orphans(tmp_path) == []
 

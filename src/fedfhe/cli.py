@@ -124,6 +124,7 @@ EXAMPLES: dict[str, list[str]] = {  # shown under each command's --help
     ],
     "compile": [
         "fedfhe compile --run runs/bc --n-bits 6",
+        "fedfhe compile --run runs/bc --n-bits 3/4   # inputs quantized to 3 bits, weights to 4",
         "fedfhe compile --run runs/bc --calibration sample.npy",
     ],
     "evaluate": [
@@ -138,6 +139,7 @@ EXAMPLES: dict[str, list[str]] = {  # shown under each command's --help
     "tune": [
         "fedfhe tune --run runs/bc",
         "fedfhe tune --run runs/bc --n-bits 4,6,8 --sweep C=0.1,1,10",
+        "fedfhe tune --run runs/bc --n-bits 3,4,3/4 --no-bit-pairs   # exactly these points",
     ],
     "card": [
         "fedfhe card --run runs/bc   # then: fedfhe predict --expect-model SHA256 ...",
@@ -538,7 +540,7 @@ def tune(
     model = tuned.compiled.source
     table = Table(
         title=f"{model.kind} on {model.metadata['dataset']}: n_bits sweep (FHE simulation {key}, real FHE latency)",
-        caption="I/W bits: inputs quantized to I bits, weights to W",
+        caption=tuning.legend(tuned.points),
     )
     for column in ("point", key, "server ms", "circuit bits", "output bytes"):
         table.add_column(column, justify="right")

@@ -103,6 +103,15 @@ def label(point: dict[str, Any]) -> str:
     )
 
 
+def legend(points: list[dict[str, Any]]) -> str | None:
+    """What I/W means, for tables with points whose inputs and weights differ."""
+    return (
+        "I/W bits: inputs quantized to I bits, weights to W."
+        if any(isinstance(p["n_bits"], dict) for p in points)
+        else None
+    )
+
+
 def shown(point: dict[str, Any], key: str) -> str:
     """A point's score as people read it: accuracy in percent, R2 with four decimals."""
     return f"{100 * point[key]:.2f}%" if key == "accuracy" else f"{point[key]:.4f}"
@@ -121,6 +130,8 @@ def write(run: RunDir, points: list[dict[str, Any]], chosen: dict[str, Any], key
             f"| {label(p)}{mark} | {shown(p, key)} | {p['server_ms']:.1f} | {p['max_bit_width']} "
             f"| {p['input_bytes']} | {p['output_bytes']} |"
         )
+    if note := legend(points):
+        lines += ["", note]
     run.tune_md.write_text("\n".join(lines) + "\n")
     plot(points, chosen, run.pareto_plot, key)
 
