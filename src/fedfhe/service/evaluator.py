@@ -25,7 +25,7 @@ from typing import Any
 from fedfhe.errors import FedfheError
 from fedfhe.fhe import concrete
 from fedfhe.service.keystore import UnknownKey
-from fedfhe.service.workers import spawn_pool, usable_cores
+from fedfhe.service.workers import keep_freed_memory, spawn_pool, usable_cores
 
 KEYS_PER_WORKER = 8  # deserialized evaluation keys each worker keeps (least recently used go first)
 _keys: OrderedDict[str, Any] = OrderedDict()
@@ -63,6 +63,7 @@ def _start_worker(fhe_dir: str, loaded: Any, threads: int) -> None:
     while one worker's label circuit runs 1.8x faster on 2 threads than on 1.
     """
     os.environ["OMP_NUM_THREADS"] = str(threads)  # read when Concrete's runtime loads, just below
+    keep_freed_memory()
     with contextlib.suppress(Exception):  # a circuit that cannot load is reported by _ready, in one line
         _server(fhe_dir)
     loaded.put(os.getpid())
