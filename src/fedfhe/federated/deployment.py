@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self
 
+import psutil
+
 from fedfhe.config import RunConfig, TrainConfig
 from fedfhe.data import Dataset
 from fedfhe.errors import FedfheError
@@ -87,27 +89,69 @@ class Processes:
         return proc
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
-        """Signal one process group and wait for it to end (SIGKILL after 10 s)."""
-        proc = self.procs.pop(name)
+        """Signal one process group and wait for every process of it to end (SIGKILL after 10 s)."""
+        family = _family(self.procs[name].pid)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
+            os.killpg(self.procs[name].pid, sig)
+        self._reap(name, family)
+
+    def _reap(self, name: str, family: list[psutil.Process]) -> None:
+        """Wait for a signalled process and the family it had (SIGKILL after 10 s); forget it.
+
+        Not only the leader: a SuperNode's SuperExec and warm process may still be exiting when it has.
+        """
+        proc = self.procs.pop(name)
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        if not _ended(family, 10):
+            for left in family:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    left.kill()
+            _ended(family, 5)
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        """Signal every group first (the nodes, then the SuperLink), then wait for each."""
+        """Signal every group first (the nodes, then the SuperLink), then wait for each and what it had started.
+
+        Each family is listed before any signal: a child whose parent has exited is no longer found.
+        """
+        families = {name: _family(proc.pid) for name, proc in self.procs.items()}
         for proc in list(self.procs.values())[::-1]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
         for name in list(self.procs)[::-1]:
-            self.stop(name)
+            self._reap(name, families[name])
+
+
+def _family(pid: int) -> list[psutil.Process]:
+    """The processes a process has started (at any depth) that are still running."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _ended(processes: list[psutil.Process], timeout: float) -> bool:
+    """Wait until every process has exited (a zombie nobody reaps counts: it runs nothing); whether they all did."""
+
+    def running(process: psutil.Process) -> bool:
+        try:
+            return process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + timeout
+    while any(running(p) for p in processes):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def flwr(env: dict[str, str], *args: str, cwd: Path | None = None, via: Sequence[str] = ()) -> dict:
@@ -323,7 +367,7 @@ def _wait_for_run(
     The run folder is watched closely; `flwr ls` (a process of its own, a second of CPU) is asked every
     STATUS_EVERY seconds for a run that failed, and often once the model is written.
     """
-    seen, asked = 0, 0.0
+    seen, asked = 0, time.monotonic()  # just submitted: nothing to ask yet
     while True:
         done = run.last_round()
         if on_round is not None and done > seen:

@@ -78,7 +78,12 @@ def simulate(config: TrainConfig, server: ServerRun, partition_dir: Path, verbos
 def run_in_process(
     config: TrainConfig, server_main: Callable[[Grid, Context], None], partition_dir: Path, verbose: bool = False
 ) -> None:
-    """Run a server main function against one virtual SuperNode per partition file, Ray started from here."""
+    """Run a server main function against one virtual SuperNode per partition file, Ray started from here.
+
+    Ray's workers read the files by absolute path: with RAY_ADDRESS they join a running cluster, whose working
+    directory is not ours.
+    """
+    partition_dir = Path(partition_dir).resolve()
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {
