@@ -1,11 +1,14 @@
-# Two entry points: `make demo` and `make test`. Both create .venv on first use.
+# Two entry points: `make demo` and `make test`; `make check` is the inner loop. All create .venv on first use.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# pytest-xdist workers: one per core of the 2-core CI machine
+JOBS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(JOBS) --dist loadgroup
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test check lint clean
 
 install: $(STAMP)
 
@@ -19,7 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP) lint
 	bash deploy/install-nginx.sh  # the two-replica test's load balancer (Debian's nginx-light), when missing
-	$(BIN)/python -m pytest
+	$(PYTEST)
+
+check: $(STAMP) lint  # the gates and every test that needs no federation, no FHE keys and no server
+	$(PYTEST) -m "not federation and not fhe and not server"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,34 +1,119 @@
-"""Shared helpers (CLI runner, environment, free port) and fixtures reused across tests (data, one trained run)."""
+"""Shared helpers (the CLI in a process of its own or in this one, environment, free port, waits, a server) and
+the expensive fixtures: each trained run and compiled circuit is built once a session, by whichever xdist worker
+asks first, and read by every test that needs it (docs/development.md: tiers, markers, what runs where)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import httpx
 import pytest
 
-from fedfhe.federated.deployment import free_port
+from fedfhe.federated.deployment import _listening, free_port
 
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
 FEDFHE = [sys.executable, "-m", "fedfhe"]
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-__all__ = ["ENV", "FEDFHE", "Served", "fedfhe", "fhe_client", "free_port", "key_id", "serving", "wait_for"]
+__all__ = [
+    "ENV",
+    "FEDFHE",
+    "Ran",
+    "Served",
+    "cli",
+    "fedfhe",
+    "fhe_client",
+    "free_port",
+    "key_id",
+    "serving",
+    "wait_for",
+]
 
 
 def fedfhe(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the real CLI (`python -m fedfhe ARGS`) in a subprocess; its output is captured as text."""
+    """Run the real CLI (`python -m fedfhe ARGS`) in a subprocess; its output is captured as text.
+
+    For what only a process of its own shows: its exit status after the interpreter ends (atexit hooks),
+    signals, what imports print, its children. Everything else calls `cli`, which starts no interpreter.
+    """
     return subprocess.run(
         [*FEDFHE, *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=timeout, check=False
     )
+
+
+class Ran(NamedTuple):
+    """What `cli` gives, named as subprocess.run names it: the exit status and the output."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@contextmanager
+def _descriptors_to(out: IO[bytes], err: IO[bytes]) -> Iterator[None]:
+    """Descriptors 1 and 2, and sys.stdout and sys.stderr over them, into two files; all restored after."""
+    streams = sys.stdout, sys.stderr
+    for stream in streams:
+        stream.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.stdout = open(1, "w", buffering=1, encoding="utf-8", closefd=False)  # noqa: SIM115 - closed below
+        sys.stderr = open(2, "w", buffering=1, encoding="utf-8", closefd=False)  # noqa: SIM115 - closed below
+        yield
+    finally:
+        for opened in (sys.stdout, sys.stderr):
+            opened.flush()
+            opened.close()
+        sys.stdout, sys.stderr = streams
+        for number, copy in zip((1, 2), saved):
+            os.dup2(copy, number)
+            os.close(copy)
+
+
+def cli(*args: str) -> Ran:
+    """`fedfhe ARGS` in this process: exit status, stdout and stderr as `fedfhe` gives them from a subprocess.
+
+    What native code writes to the descriptors is captured too; the signal handlers and the logging a command
+    sets up are undone. It saves an interpreter and its imports (1.6 s and 2 CPU-s for a one-line refusal).
+    """
+    from fedfhe.cli import main
+
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    root_handlers, root_level = logging.root.handlers[:], logging.root.level
+    argv, code = sys.argv, 0
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        with _descriptors_to(out, err):
+            sys.argv = ["fedfhe", *args]
+            try:
+                main()
+            except SystemExit as exit:
+                if isinstance(exit.code, str):  # as the interpreter does with sys.exit("message")
+                    print(exit.code, file=sys.stderr)
+                code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+            finally:
+                sys.argv = argv
+                for number, handler in handlers.items():
+                    signal.signal(number, handler)
+                logging.root.handlers[:] = root_handlers  # `serve` logs to the stderr captured here
+                logging.root.setLevel(root_level)
+        out.seek(0)
+        err.seek(0)
+        return Ran(code, out.read().decode(errors="replace"), err.read().decode(errors="replace"))
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -99,6 +184,19 @@ def key_id(key_dir: Path) -> str:
     return str(json.loads((key_dir / "session.json").read_text())["key_id"])
 
 
+# Tests that read one of these expensive shared artifacts run on one xdist worker, so that the other never
+# waits for its build: `--dist loadgroup` (Makefile) keeps a group together.
+GROUPED = ("cli_run", "deployed", "label_run", "owners_run", "private_run", "wheel_federation")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Group each test by the first expensive artifact it reads, unless its module groups it already."""
+    for item in items:
+        shared = [name for name in GROUPED if name in getattr(item, "fixturenames", ())]
+        if shared and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     """Keep pytest's exit status: tests that import Concrete directly register its exit hook (fhe.keep_exit_status)."""
     from fedfhe.fhe import keep_exit_status
@@ -106,15 +204,91 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     keep_exit_status()
 
 
-@pytest.fixture(scope="session")
-def served_run(tmp_path_factory) -> Path:
-    """One run to serve: digits, trained centrally, compiled at 6 bits."""
-    out = tmp_path_factory.mktemp("service") / "run"
-    done = fedfhe(
-        "run", "--dataset", "digits", "--clients", "1", "--n-bits", "6", "--fhe-samples", "0", "--out", str(out)
+@pytest.fixture(scope="session", autouse=True)
+def ray_cluster(request) -> Iterator[None]:
+    """One Ray cluster for this worker's Flower simulations, which join it (RAY_ADDRESS) instead of starting one.
+
+    The simulations are Flower's own; what goes is starting and stopping Ray's processes for each (5 s and
+    6 CPU-s a simulation, measured). The cluster declares 1 CPU, so Flower runs one ClientApp actor that takes
+    the clients in turn (an actor costs 2.4 CPU-s to start; a test's clients train in milliseconds), and starts
+    no idle workers in advance. Only a session with federation tests starts it; tests of a fresh Ray's own
+    processes (test_interrupt) leave RAY_ADDRESS out, and run Flower's default of one actor per core.
+    """
+    if not any(item.get_closest_marker("federation") for item in request.session.items):
+        yield
+        return
+    port = free_port()
+    folder = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths must fit in 107 bytes
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=1"]
+    command += [
+        "--include-dashboard=false",
+        "--include-log-monitor=false",
+        "--disable-usage-stats",
+        f"--temp-dir={folder}",
+    ]
+    for flag in ("--ray-client-server-port", "--dashboard-port", "--dashboard-agent-listen-port"):
+        command.append(f"{flag}={free_port()}")  # fixed by default: two workers' clusters would collide
+    env = {**ENV, "RAY_enable_worker_prestart": "0"}
+    ray = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    assert done.returncode == 0, done.stderr
-    return out
+    try:
+        address = f"127.0.0.1:{port}"
+        wait_for(lambda: ray.poll() is not None or _listening(port), 60, "Ray's head node")
+        assert ray.poll() is None, f"ray start exited with {ray.returncode}"
+        os.environ["RAY_ADDRESS"] = ENV["RAY_ADDRESS"] = address
+        yield
+    finally:
+        os.environ.pop("RAY_ADDRESS", None)
+        ENV.pop("RAY_ADDRESS", None)
+        os.killpg(ray.pid, signal.SIGTERM)  # ray start and every process of the cluster lead one session
+        try:
+            ray.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(ray.pid, signal.SIGKILL)
+            ray.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def once(tmp_path_factory, worker_id) -> Callable[[str, Callable[[Path], object]], Path]:
+    """`once(name, build)`: the folder `build` fills, built once a session whichever xdist worker asks first.
+
+    The other workers wait on a lock and read the same folder: a test that changes an artifact changes a copy.
+    """
+    root = tmp_path_factory.getbasetemp()
+    root = (root if worker_id == "master" else root.parent) / "once"  # the workers' basetemps share a parent
+    root.mkdir(exist_ok=True)
+
+    def get(name: str, build: Callable[[Path], object]) -> Path:
+        folder, built = root / name, root / f"{name}.built"
+        with open(root / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not built.exists():
+                shutil.rmtree(folder, ignore_errors=True)  # a build that failed half-way starts over
+                build(folder)
+                built.touch()
+        return folder
+
+    return get
+
+
+def copy_of(run: Path, folder: Path) -> Path:
+    """A shared run copied into the test's folder, for a test that changes it."""
+    return Path(shutil.copytree(run, folder / run.name))
+
+
+@pytest.fixture(scope="session")
+def served_run(once) -> Path:
+    """One run to serve: digits, trained centrally, compiled at 6 bits."""
+
+    def build(out: Path) -> None:
+        done = cli(
+            "run", "--dataset", "digits", "--clients", "1", "--n-bits", "6", "--fhe-samples", "0", "--out", str(out)
+        )
+        assert done.returncode == 0, done.stderr
+
+    return once("served-run", build)
 
 
 @pytest.fixture(scope="session")
@@ -125,13 +299,17 @@ def digits():
     return load_dataset("digits", seed=0)
 
 
+FEDERATED = {"clients": 3, "rounds": 2, "local_iters": 10, "seed": 0}  # federated_run's settings
+
+
 @pytest.fixture(scope="session")
-def federated_run(tmp_path_factory, digits) -> Path:
-    """A real Flower simulation: digits, 3 clients, 2 rounds; its run directory."""
+def federated_run(once, digits) -> Path:
+    """A real Flower simulation: digits, 3 clients, 2 rounds (FEDERATED); its run directory, read-only."""
     from fedfhe import TrainConfig, train
 
-    out = tmp_path_factory.mktemp("federated")
-    rounds: list[int] = []
-    train(digits, TrainConfig(clients=3, rounds=2, local_iters=10, seed=0), out, on_round=lambda r, m: rounds.append(r))
-    assert rounds == [0, 1, 2]
-    return out
+    def build(out: Path) -> None:
+        rounds: list[int] = []
+        train(digits, TrainConfig(**FEDERATED), out, on_round=lambda r, m: rounds.append(r))
+        assert rounds == [0, 1, 2]
+
+    return once("federated-run", build)

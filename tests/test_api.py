@@ -22,6 +22,8 @@ class Recorder:
         self.events.append(("update", done, *sorted(figures)))
 
 
+@pytest.mark.federation
+@pytest.mark.fhe
 def test_run_trains_compiles_evaluates_and_reports_progress(tmp_path, digits):
     progress = Recorder()
     config = TrainConfig(clients=2, rounds=2, local_iters=5)

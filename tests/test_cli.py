@@ -1,4 +1,4 @@
-"""The CLI end to end (a real subprocess), and one-line errors for every bad input."""
+"""The CLI end to end (a real subprocess), and one-line errors for every bad input (in this process)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import fedfhe
+from conftest import cli, copy_of, fedfhe
 
 
-@pytest.fixture(scope="module")
-def cli_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cli") / "run"
+@pytest.fixture(scope="session")
+def cli_run(once) -> Path:
+    """`fedfhe run` in a process of its own: digits, 4 clients of a Dirichlet split, 6 bits, 3 rows in FHE."""
+    return once("cli-run", _cli_run)
+
+
+def _cli_run(out: Path) -> None:
     done = fedfhe(
         "run",
         "--dataset",
@@ -34,9 +38,10 @@ def cli_run(tmp_path_factory) -> Path:
         str(out),
     )
     assert done.returncode == 0, done.stderr
-    return out
 
 
+@pytest.mark.federation
+@pytest.mark.fhe
 def test_run_writes_the_whole_report(cli_run):
     report = json.loads((cli_run / "report.json").read_text())
     for key in ("dataset", "n_train", "n_test", "clients", "rounds", "fhe_samples"):
@@ -51,14 +56,17 @@ def test_run_writes_the_whole_report(cli_run):
         assert (cli_run / name).is_file()
 
 
+@pytest.mark.federation
+@pytest.mark.fhe
 def test_compile_and_evaluate_again_on_user_data(cli_run, tmp_path):
     from fedfhe.data import load_dataset
 
     test = load_dataset("digits", seed=0)
     np.savez(tmp_path / "mine.npz", X=test.X_test[:40], y=test.y_test[:40])
-    assert fedfhe("compile", "--run", str(cli_run), "--n-bits", "5").returncode == 0
+    cli_run = copy_of(cli_run, tmp_path)
+    assert cli("compile", "--run", str(cli_run), "--n-bits", "5").returncode == 0
     own = (cli_run / "report.json").read_bytes()
-    done = fedfhe("evaluate", "--run", str(cli_run), "--data", str(tmp_path / "mine.npz"), "--fhe-samples", "2")
+    done = cli("evaluate", "--run", str(cli_run), "--data", str(tmp_path / "mine.npz"), "--fhe-samples", "2")
     assert done.returncode == 0, done.stderr
     assert (cli_run / "report.json").read_bytes() == own  # the file's figures never replace the test split's
     report = json.loads((cli_run / "evaluations" / "mine.npz" / "report.json").read_text())
@@ -69,7 +77,7 @@ def test_compile_and_evaluate_again_on_user_data(cli_run, tmp_path):
     (tmp_path / "other").mkdir()  # another partner's file of the same name gets a folder of its own
     np.savez(tmp_path / "other" / "mine.npz", X=test.X_test[40:70], y=test.y_test[40:70])
     other = ("--data", str(tmp_path / "other" / "mine.npz"), "--data-dir", str(tmp_path))
-    done = fedfhe("evaluate", "--run", str(cli_run), *other, "--fhe-samples", "2")
+    done = cli("evaluate", "--run", str(cli_run), *other, "--fhe-samples", "2")
     assert "--data-dir applies to --dataset mnist only; ignored" in done.stderr  # a digits run reads no MNIST files
     assert done.returncode == 0 and "evaluations/mine.npz-2/report.md" in "".join(done.stderr.split()), done.stderr
     assert json.loads((cli_run / "evaluations" / "mine.npz-2" / "report.json").read_text())["n_test"] == 30
@@ -143,43 +151,44 @@ def bad_inputs(run: Path, tmp: Path) -> list[tuple[list[str], str]]:
     ]
 
 
-def test_bad_inputs_give_one_line_and_keep_the_run(cli_run, tmp_path):
-    before = snapshot(cli_run)
-    for args, message in bad_inputs(cli_run, tmp_path):
-        done = fedfhe(*args)
+def test_bad_inputs_give_one_line_and_keep_the_run(served_run, tmp_path):
+    before = snapshot(served_run)  # any digits run: the shared one, which nothing here may change
+    for args, message in bad_inputs(served_run, tmp_path):
+        done = cli(*args)
         assert done.returncode == 2, (args, done.stderr)
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (args, done.stderr)
         assert "Traceback" not in done.stderr + done.stdout
-    assert snapshot(cli_run) == before
+    assert snapshot(served_run) == before
     assert not (tmp_path / "fresh").exists()
 
 
+@pytest.mark.federation
 def test_force_starts_over_removing_only_what_the_old_run_wrote(cli_run, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(cli_run, old)  # a whole run: partitions, checkpoints, model, fhe/, report
     (old / "notes.txt").write_text("not fedfhe's")
-    done = fedfhe("train", "--dataset", "digits", "--clients", "1", "--force", "--out", str(old))
+    done = cli("train", "--dataset", "digits", "--clients", "1", "--force", "--out", str(old))
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in old.iterdir()) == ["metrics.json", "model.npz", "notes.txt", "train_config.json"]
     assert json.loads((old / "train_config.json").read_text())["training"]["clients"] == 1
 
 
-def test_model_file_from_elsewhere_is_refused(cli_run, tmp_path):
-    (tmp_path / "model.npz").write_bytes((cli_run / "model.npz").read_bytes()[:200])
-    done = fedfhe("compile", "--run", str(tmp_path))
+def test_model_file_from_elsewhere_is_refused(served_run, tmp_path):
+    (tmp_path / "model.npz").write_bytes((served_run / "model.npz").read_bytes()[:200])
+    done = cli("compile", "--run", str(tmp_path))
     assert done.returncode == 2 and "not a fedfhe model file" in done.stderr
 
 
 def test_help_groups_options_with_examples_and_names_typos(tmp_path):
-    shown = fedfhe("run", "--help").stdout
+    shown = cli("run", "--help").stdout
     for panel in ("Data", "FHE compilation and evaluation", "Output", "Training", "Examples:"):
         assert panel in shown, panel
-    done = fedfhe("train", "--dataset", "mnist5k", "--run", str(tmp_path / "x"))
+    done = cli("train", "--dataset", "mnist5k", "--run", str(tmp_path / "x"))
     assert done.returncode == 2 and "unknown data set 'mnist5k' (did you mean 'mnist-5k'?)" in done.stderr
-    done = fedfhe("train", "--model", "logisitc", "--run", str(tmp_path / "x"))
+    done = cli("train", "--model", "logisitc", "--run", str(tmp_path / "x"))
     assert done.returncode == 2 and "(did you mean 'logistic'?)" in done.stderr and not (tmp_path / "x").exists()
-    done = fedfhe(
+    done = cli(
         "train", "--dataset", "digits", "--clients", "1", "--data-dir", str(tmp_path), "--run", str(tmp_path / "r")
     )
     assert done.returncode == 0, done.stderr  # --run names the run directory everywhere (--out: the same)

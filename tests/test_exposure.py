@@ -18,12 +18,14 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from conftest import ENV, FEDFHE, Served, fedfhe, fhe_client, key_id, serving, wait_for
+from conftest import ENV, FEDFHE, Served, cli, fedfhe, fhe_client, key_id, serving, wait_for
 
 from fedfhe.errors import FedfheError
 from fedfhe.federated.certificates import make_certificates
 from fedfhe.service.access import token_label
 from fedfhe.service.client import EncryptedClient
+
+pytestmark = [pytest.mark.server, pytest.mark.xdist_group("exposure")]  # one `guarded` server
 
 OCTET = {"content-type": "application/octet-stream"}
 
@@ -199,10 +201,12 @@ def test_https_with_a_private_ca_and_bearer_tokens_with_a_rate(served_run, rows,
         assert answers[30].status_code == 429 and int(answers[30].headers["retry-after"]) == 2
         metrics = httpx.get(f"{served.url}/metrics", headers=second, verify=ca)
         assert metrics.status_code == 429  # the rate counts every route
-        time.sleep(2.1)
-        text = httpx.get(f"{served.url}/metrics", headers=second, verify=ca).text
-        assert f'fedfhe_token_requests_total{{token="{token_label(tokens[1])}",status="429"}} 2' in text
-        assert f'token="{token_label(tokens[0])}",status="200"' in text
+        limited = 2
+        while (metrics := httpx.get(f"{served.url}/metrics", headers=second, verify=ca)).status_code == 429:
+            limited += 1  # refused requests take nothing from the bucket: it refills (one request every 2 s)
+            time.sleep(0.05)
+        assert f'fedfhe_token_requests_total{{token="{token_label(tokens[1])}",status="429"}} {limited}' in metrics.text
+        assert f'token="{token_label(tokens[0])}",status="200"' in metrics.text
         args = ["--server", served.url, "--ca-cert", ca, "--key-dir", str(tmp_path / "cli"), "--json"]
         done = fedfhe_with_token(tokens[0], "predict", *args, rows_file(rows, tmp_path))
         assert done.returncode == 0, done.stderr
@@ -233,12 +237,18 @@ def test_careless_predict_options_are_one_line(guarded, rows, tmp_path):
         (["--max-input-mb", "0", str(tmp_path / "rows.npy")], "--max-input-mb must be > 0"),
     ]
     for options, message in cases:
-        done = fedfhe("predict", "--server", guarded.url, *options)
+        done = cli("predict", "--server", guarded.url, *options)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and message in lines[0], (options, done.stderr)
 
 
-def test_bad_serve_options_are_one_line_and_start_nothing(served_run, tmp_path):
+def test_bad_serve_options_are_one_line_and_start_nothing(served_run, tmp_path, monkeypatch):
+    from fedfhe.service.evaluator import Evaluator
+
+    def started(self: Evaluator) -> None:
+        raise AssertionError("FHE workers were started")  # what every refusal below must come before
+
+    monkeypatch.setattr(Evaluator, "start", started)
     garbage = tmp_path / "garbage-run"
     shutil.copytree(served_run, garbage, ignore=shutil.ignore_patterns("keys"))
     (garbage / "fhe" / "server.zip").write_bytes(b"PK\x03\x04 not a circuit")
@@ -261,11 +271,11 @@ def test_bad_serve_options_are_one_line_and_start_nothing(served_run, tmp_path):
         (["--max-keys", "0"], "--max-keys at least 1"),
     ]
     for options, message in cases:
-        done = fedfhe("serve", "--run", run, *options, timeout=120)
+        done = cli("serve", "--run", run, *options)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and message in lines[0], (options, done.stderr)
-    done = fedfhe("serve", "--run", str(garbage), "--port", "0", timeout=120)
+    done = cli("serve", "--run", str(garbage), "--port", "0")
     assert done.returncode == 2 and "--port" in done.stderr  # options are checked before any worker starts
-    done = fedfhe("serve", "--run", str(garbage), "--workers", "1", timeout=120)
+    done = fedfhe("serve", "--run", str(garbage), "--workers", "1", timeout=120)  # a real worker fails to load
     lines = [line for line in done.stderr.strip().splitlines() if not re.search(r"CUDA", line)]
     assert done.returncode == 2 and len(lines) == 1 and "server.zip: cannot be loaded" in lines[0], done.stderr

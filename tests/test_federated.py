@@ -12,6 +12,7 @@ from fedfhe.errors import FedfheError
 from fedfhe.model import LinearModel
 
 
+@pytest.mark.federation
 def test_federated_run_writes_model_metrics_and_plots(federated_run, digits):
     metrics = json.loads((federated_run / "metrics.json").read_text())
     assert [row["round"] for row in metrics["rounds"]] == [0, 1, 2]
@@ -70,12 +71,14 @@ def test_a_folder_holding_a_run_is_refused_unless_force(tmp_path, digits):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "model.npz", "notes.txt", "train_config.json"]
 
 
+@pytest.mark.federation
 def test_same_seed_gives_the_same_model(federated_run, digits, tmp_path):
     again = train(digits, TrainConfig(clients=3, rounds=2, local_iters=10, seed=0), tmp_path)
     first = LinearModel.load(federated_run / "model.npz")
     assert (again.coef == first.coef).all() and (again.intercept == first.intercept).all()
 
 
+@pytest.mark.federation
 def test_evaluate_messages_every_round_score_what_the_train_replies_scored(federated_run, digits, tmp_path):
     """By default a train reply scores the model it received; evaluate messages per round give the same figures."""
     every = train(digits, TrainConfig(clients=3, rounds=2, local_iters=10, seed=0, evaluate_every_round=True), tmp_path)

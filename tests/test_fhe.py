@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import fedfhe
+from conftest import cli, copy_of
 
 from fedfhe import fhe
 from fedfhe.artifacts import read_artifacts
@@ -22,12 +22,22 @@ from fedfhe.model import LinearModel
 from fedfhe.rundir import CLIENT_SPEC, COMPILE_INPUTS, FHE_DIR, FHE_INFO, RunDir
 from fedfhe.service.server import Limits, load_model_info
 
+pytestmark = [pytest.mark.xdist_group("fhe")]  # one compiled circuit, built once
+
 
 @pytest.fixture(scope="module")
-def compiled(federated_run):
-    model = LinearModel.load(federated_run / "model.npz")
+def compiled_run(federated_run, tmp_path_factory) -> Path:
+    """A folder with the federated run's model (the shared run itself stays as it is), `compiled` exports there."""
+    out = tmp_path_factory.mktemp("compiled")
+    shutil.copy(federated_run / "model.npz", out / "model.npz")
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled(compiled_run):
+    model = LinearModel.load(compiled_run / "model.npz")
     compiled = fhe.compile_model(model, n_bits=6)
-    fhe.export(compiled, federated_run)
+    fhe.export(compiled, compiled_run)
     return compiled
 
 
@@ -45,8 +55,10 @@ def test_bound_inputs_enclose_every_output_over_the_input_box():
     assert bounds.min() == 0 and bounds.max() == 1
 
 
-def test_fhe_agrees_with_the_clear_quantized_model(compiled, federated_run, digits):
-    result = fhe.evaluate(compiled, digits.X_test, digits.y_test, 3, federated_run / FHE_DIR)
+@pytest.mark.federation
+@pytest.mark.fhe
+def test_fhe_agrees_with_the_clear_quantized_model(compiled, compiled_run, digits):
+    result = fhe.evaluate(compiled, digits.X_test, digits.y_test, 3, compiled_run / FHE_DIR)
     agreement = result["agreement"]
     assert agreement["execute_vs_simulate"] == 1.0 and agreement["fhe_vs_clear"] == 1.0
     assert agreement["fhe_vs_sklearn"] > 0.95
@@ -56,18 +68,24 @@ def test_fhe_agrees_with_the_clear_quantized_model(compiled, federated_run, digi
     assert result["timing_s"]["input_ciphertext_bytes"] > 1000
 
 
-def test_export_writes_deployment_artifacts_tied_to_the_model(compiled, federated_run):
-    info = json.loads((federated_run / "fhe" / "fhe.json").read_text())
+@pytest.mark.federation
+def test_export_writes_deployment_artifacts_tied_to_the_model(compiled, compiled_run):
+    info = json.loads((compiled_run / "fhe" / "fhe.json").read_text())
     assert info["model_sha256"] == compiled.source.sha256 and info["n_bits"] == 6
-    assert {"client.zip", "server.zip"} <= {p.name for p in (federated_run / "fhe").iterdir()}
-    again = fhe.load_compiled(federated_run, compiled.source)
+    assert {"client.zip", "server.zip"} <= {p.name for p in (compiled_run / "fhe").iterdir()}
+    again = fhe.load_compiled(compiled_run, compiled.source)
     assert again.max_bit_width == compiled.max_bit_width
     other = LinearModel(compiled.source.coef * 2, compiled.source.intercept, compiled.source.classes, (0.0, 16.0))
     with pytest.raises(FedfheError, match="compiled for another model"):
-        fhe.load_compiled(federated_run, other)
+        fhe.load_compiled(compiled_run, other)
 
 
-def test_input_and_weight_widths_apart_reach_the_circuit_its_files_and_the_service(compiled, run_copy, digits):
+@pytest.mark.federation
+@pytest.mark.fhe
+def test_input_and_weight_widths_apart_reach_the_circuit_its_files_and_the_service(
+    compiled, compiled_run, digits, tmp_path
+):
+    run_copy = copy_of(compiled_run, tmp_path)
     narrow = fhe.compile_model(compiled.source, {"op_inputs": 6, "op_weights": 4})
     assert narrow.max_bit_width < compiled.max_bit_width  # 4-bit weights: narrower sums than 6 bits
     result = fhe.evaluate(narrow, digits.X_test, digits.y_test, 2, fhe.export(narrow, run_copy))
@@ -76,6 +94,7 @@ def test_input_and_weight_widths_apart_reach_the_circuit_its_files_and_the_servi
     assert info.n_bits == {"op_inputs": 6, "op_weights": 4} and info.max_bit_width == narrow.max_bit_width
 
 
+@pytest.mark.federation
 def test_calibration_sample_is_validated(compiled):
     with pytest.raises(FedfheError, match="calibration data has shape"):
         fhe.compile_model(compiled.source, 8, np.zeros((5, 3)))
@@ -83,13 +102,14 @@ def test_calibration_sample_is_validated(compiled):
         fhe.compile_model(compiled.source, 40)
 
 
-def test_evaluate_rejects_bad_requests(compiled, federated_run, digits):
+@pytest.mark.federation
+def test_evaluate_rejects_bad_requests(compiled, compiled_run, digits):
     with pytest.raises(FedfheError, match="--fhe-samples must be between 0 and the 360"):
-        fhe.evaluate(compiled, digits.X_test, digits.y_test, 361, federated_run / "fhe")
+        fhe.evaluate(compiled, digits.X_test, digits.y_test, 361, compiled_run / "fhe")
     X = digits.X_test.copy()
     X[0, 0] = np.nan
     with pytest.raises(FedfheError, match="NaN"):
-        fhe.evaluate(compiled, X, digits.y_test, 1, federated_run / "fhe")
+        fhe.evaluate(compiled, X, digits.y_test, 1, compiled_run / "fhe")
 
 
 def edit_info(**changes: object) -> Callable[[Path], None]:
@@ -139,10 +159,10 @@ BROKEN_ARTIFACTS: dict[str, tuple[str, Callable[[Path], object], str]] = {
 
 
 @pytest.fixture
-def run_copy(compiled, federated_run, tmp_path) -> Path:
-    """The compiled run's model and FHE artifacts, copied for a test to damage."""
-    shutil.copy(federated_run / "model.npz", tmp_path / "model.npz")
-    shutil.copytree(federated_run / FHE_DIR, tmp_path / FHE_DIR)
+def run_copy(served_run, tmp_path) -> Path:
+    """A compiled run's model and FHE artifacts (digits, 6 bits), copied for a test to damage."""
+    shutil.copy(served_run / "model.npz", tmp_path / "model.npz")
+    shutil.copytree(served_run / FHE_DIR, tmp_path / FHE_DIR)
     return tmp_path
 
 
@@ -162,13 +182,14 @@ def test_broken_artifacts_are_refused_in_one_line_naming_the_file(run_copy, case
 def test_cli_refuses_broken_artifacts_in_one_line(run_copy, case):
     name, damage, message = BROKEN_ARTIFACTS[case]
     damage(run_copy / FHE_DIR / name)
-    done = fedfhe("evaluate", "--run", str(run_copy), "--fhe-samples", "1", timeout=120)
+    done = cli("evaluate", "--run", str(run_copy), "--fhe-samples", "1")
     lines = [line for line in done.stderr.splitlines() if not line.startswith("compiling the FHE circuit")]
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr  # after the bar
     assert f"{name}: unreadable FHE artifact" in done.stderr and re.search(message, done.stderr)
     assert "Traceback" not in done.stderr and "unexpected" not in done.stderr
 
 
+@pytest.mark.fhe
 def test_a_failure_after_fhe_execution_keeps_its_exit_status(tmp_path):
     import subprocess
     import sys

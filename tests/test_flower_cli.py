@@ -15,6 +15,8 @@ from fedfhe import TrainConfig, train
 from fedfhe.federated import deployment
 from fedfhe.model import LinearModel
 
+pytestmark = [pytest.mark.federation, pytest.mark.server]
+
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- flwr-cli: tests/test_flower_cli.py runs these lines as written -->", "<!-- flwr-cli: end -->"
 
@@ -31,6 +33,8 @@ def checkout(tmp_path) -> tuple[Path, dict[str, str]]:
     """A checkout as `make demo` leaves it (the app's pyproject.toml, .venv) and a shell's environment.
 
     FLWR_HOME is the test's own, and so are the local SuperLink's ports: a developer's Flower is left alone.
+    The suite's shared Ray cluster is not: a user's shell has no RAY_ADDRESS, and Flower's client resources
+    would not fit the suite's one-CPU cluster.
     """
     project = tmp_path / "project"
     project.mkdir()
@@ -38,7 +42,7 @@ def checkout(tmp_path) -> tuple[Path, dict[str, str]]:
     (project / ".venv").symlink_to(deployment.BIN.parent)
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != deployment.BIN)
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
         "PATH": path,
         "FLWR_HOME": str(tmp_path / "flwr-home"),
         "FLWR_TELEMETRY_ENABLED": "0",
@@ -47,6 +51,14 @@ def checkout(tmp_path) -> tuple[Path, dict[str, str]]:
         "COLUMNS": "200",
     }
     return project, env
+
+
+@pytest.fixture(scope="session")
+def simulated(once, digits) -> LinearModel:
+    """The simulation of what docs/deployment.md runs: digits, 3 clients, 2 rounds, Flower's defaults otherwise."""
+    return LinearModel.load(
+        once("flwr-simulated", lambda out: train(digits, TrainConfig(clients=3, rounds=2), out)) / "model.npz"
+    )
 
 
 def shell(command: str, project: Path, env: dict[str, str], activate: str) -> str:
@@ -64,7 +76,7 @@ def shell(command: str, project: Path, env: dict[str, str], activate: str) -> st
     return done.stdout + done.stderr
 
 
-def test_the_documented_flower_commands_train_the_simulation_model(checkout, tmp_path, digits):
+def test_the_documented_flower_commands_train_the_simulation_model(checkout, tmp_path, simulated):
     project, env = checkout
     activate, start, run, ls, log, stop = readme_commands()
     assert activate == "source .venv/bin/activate" and stop == "fedfhe flower stop"
@@ -80,14 +92,13 @@ def test_the_documented_flower_commands_train_the_simulation_model(checkout, tmp
     assert "stopped the local SuperLink" in stopped
     assert orphans(tmp_path) == []
     flwr_run = LinearModel.load(project / "runs" / "flwr" / "model.npz")
-    simulated = train(digits, TrainConfig(clients=3, rounds=2), tmp_path / "simulated")
     assert np.allclose(flwr_run.coef, simulated.coef, rtol=0, atol=1e-8)
     metrics = json.loads((project / "runs" / "flwr" / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2] and len(metrics["rounds"][-1]["clients"]) == 3
     assert shell(stop, project, env, activate).strip() == "no local SuperLink was running"
 
 
-def test_flwr_run_dot_on_a_running_deployment_superlink(checkout, tmp_path, digits):
+def test_flwr_run_dot_on_a_running_deployment_superlink(checkout, tmp_path, simulated):
     project, env = checkout
     activate, *_ = readme_commands()
     port = deployment.free_port()
@@ -119,7 +130,6 @@ def test_flwr_run_dot_on_a_running_deployment_superlink(checkout, tmp_path, digi
         deployment.wait_until(finished, 300, "the deployed run")
     assert orphans(tmp_path) == []
     deployed = LinearModel.load(model)
-    simulated = train(digits, TrainConfig(clients=3, rounds=2), tmp_path / "simulated")
     assert np.allclose(deployed.coef, simulated.coef, rtol=0, atol=1e-8)
 
 

@@ -17,20 +17,23 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from conftest import ENV, FEDFHE, fedfhe, wait_for
+from conftest import ENV, FEDFHE, cli, wait_for
 
 from fedfhe import TrainConfig, train
 from fedfhe.model import LinearModel
+
+pytestmark = [pytest.mark.federation]
 
 ROUNDS = 4
 ARGS = ["--dataset", "digits", "--clients", "3", "--rounds", str(ROUNDS), "--local-iters", "5", "--seed", "0"]
 MARK = "FEDFHE_TEST_INTERRUPT"  # an environment variable every process started for one command inherits
 
 
-@pytest.fixture(scope="module")
-def whole(tmp_path_factory, digits) -> LinearModel:
+@pytest.fixture(scope="session")
+def whole(once, digits) -> LinearModel:
     """The same training as ARGS, never interrupted."""
-    return train(digits, TrainConfig(clients=3, rounds=ROUNDS, local_iters=5, seed=0), tmp_path_factory.mktemp("whole"))
+    config = TrainConfig(clients=3, rounds=ROUNDS, local_iters=5, seed=0)
+    return LinearModel.load(once("uninterrupted", lambda out: train(digits, config, out)) / "model.npz")
 
 
 class Command:
@@ -38,9 +41,10 @@ class Command:
 
     def __init__(self, *args: str, out: Path) -> None:
         self.out, self.mark, self.started = out, uuid.uuid4().hex, time.time()
+        env = {name: value for name, value in ENV.items() if name != "RAY_ADDRESS"}  # Ray of its own, to end with it
         self.proc = subprocess.Popen(
             [*FEDFHE, *args, "--out", str(out)],
-            env={**ENV, MARK: self.mark},
+            env={**env, MARK: self.mark},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -100,11 +104,11 @@ def test_ctrl_c_stops_train_in_one_line_then_refused_commands_keep_the_run_resum
         (["train", *ARGS], f"{out} already holds a run: pass --force to start over"),
         (["run", *ARGS], f"or continue it with: fedfhe train --resume {out}"),
     ]:
-        done = fedfhe(*args, "--out", str(out))
+        done = cli(*args, "--out", str(out))
         lines = done.stderr.splitlines()
         assert done.returncode == 2 and len(lines) == 1 and message in lines[0], (args, done.stderr)
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    resumed = fedfhe("train", "--resume", str(out))
+    resumed = cli("train", "--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr
     model = LinearModel.load(out / "model.npz")
     assert np.array_equal(model.coef, whole.coef) and np.array_equal(model.intercept, whole.intercept)
@@ -114,7 +118,7 @@ def test_sigterm_stops_run_in_one_line_and_the_run_resumes_to_the_same_model(tmp
     out = tmp_path / "run"
     interrupted(Command("run", *ARGS, "--fhe-samples", "1", out=out), signal.SIGTERM, group=False)
     assert not (out / "model.npz").exists() and not (out / "fhe").exists()
-    resumed = fedfhe("train", "--resume", str(out))
+    resumed = cli("train", "--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr
     model = LinearModel.load(out / "model.npz")
     assert np.array_equal(model.coef, whole.coef) and np.array_equal(model.intercept, whole.intercept)

@@ -8,22 +8,26 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import fedfhe, serving
+from conftest import cli, copy_of, serving
 
 from fedfhe import fhe
 from fedfhe.data import load_dataset
 from fedfhe.errors import FedfheError
 from fedfhe.model import LinearModel
 
+pytestmark = [pytest.mark.federation, pytest.mark.fhe]
 
-@pytest.fixture(scope="module")
-def label_run(tmp_path_factory) -> Path:
-    """breast-cancer, 3 clients, compiled with --outputs label and evaluated in real FHE on 5 rows."""
-    out = tmp_path_factory.mktemp("label") / "run"
-    done = fedfhe("run", "--dataset", "breast-cancer", "--clients", "3", "--rounds", "2", "--outputs", "label",
-                  "--fhe-samples", "5", "--run", str(out))  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return out
+
+@pytest.fixture(scope="session")
+def label_run(once) -> Path:
+    """breast-cancer, 3 clients, compiled with --outputs label and evaluated in real FHE on 5 rows; read-only."""
+
+    def build(out: Path) -> None:
+        done = cli("run", "--dataset", "breast-cancer", "--clients", "3", "--rounds", "2", "--outputs", "label",
+                   "--fhe-samples", "5", "--run", str(out))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+    return once("label-run", build)
 
 
 def near_ties_only(compiled: fhe.CompiledModel, X: np.ndarray, picked: np.ndarray) -> None:
@@ -74,40 +78,40 @@ def test_a_real_server_sends_classes_only(label_run, tmp_path):
     with serving(label_run, tmp_path / "store", tmp_path / "server.log", "--workers", "1") as served:
         info = httpx.get(f"{served.url}/v1/model").json()
         assert info["outputs"] == "label" and info["max_key_bytes"] == 128 << 20
-        done = fedfhe("predict", str(tmp_path / "rows.npy"), "--server", served.url, "--key-dir",
-                      str(tmp_path / "keys"), "--json")  # fmt: skip
+        done = cli("predict", str(tmp_path / "rows.npy"), "--server", served.url, "--key-dir",
+                   str(tmp_path / "keys"), "--json")  # fmt: skip
         assert done.returncode == 0, done.stderr
         answers = json.loads(done.stdout)
         assert [a["class"] for a in answers] == expected.tolist()
         assert all("scores" not in a for a in answers) and {a["name"] for a in answers} <= {"malignant", "benign"}
-        shown = fedfhe(
-            "predict", str(tmp_path / "rows.npy"), "--server", served.url, "--key-dir", str(tmp_path / "keys")
-        )
+        shown = cli("predict", str(tmp_path / "rows.npy"), "--server", served.url, "--key-dir", str(tmp_path / "keys"))
         assert "label outputs: the server returns classes only" in shown.stdout
     with serving(
         label_run, tmp_path / "small", tmp_path / "small.log", "--workers", "1", "--max-key-mb", "1"
     ) as served:
-        done = fedfhe("predict", str(tmp_path / "rows.npy"), "--server", served.url, "--key-dir", str(tmp_path / "k2"))
+        done = cli("predict", str(tmp_path / "rows.npy"), "--server", served.url, "--key-dir", str(tmp_path / "k2"))
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert "413" in done.stderr or "over the limit" in done.stderr
-    assert fedfhe("card", "--run", str(label_run)).returncode == 0
-    card = json.loads((label_run / "card.json").read_text())
+    carded = copy_of(label_run, tmp_path)  # the card is written into the run
+    assert cli("card", "--run", str(carded)).returncode == 0
+    card = json.loads((carded / "card.json").read_text())
     assert card["fhe"]["outputs"] == "label" and any("Label outputs" in limit for limit in card["limits"])
     assert card["evaluation"] is not None  # the report is of this very circuit
 
 
 def test_bad_outputs_are_refused_and_the_mode_is_kept(label_run, tmp_path):
-    done = fedfhe("compile", "--run", str(label_run), "--outputs", "probs")
+    label_run = copy_of(label_run, tmp_path)  # compiled and tuned again below
+    done = cli("compile", "--run", str(label_run), "--outputs", "probs")
     assert done.returncode == 2 and "--outputs must be one of: scores, label (got 'probs')" in done.stderr
     out = tmp_path / "ridge"
-    done = fedfhe("run", "--dataset", "diabetes", "--model", "ridge", "--outputs", "label", "--run", str(out))
+    done = cli("run", "--dataset", "diabetes", "--model", "ridge", "--outputs", "label", "--run", str(out))
     assert done.returncode == 2 and "--outputs label applies to classifiers" in done.stderr and not out.exists()
     with pytest.raises(FedfheError, match="applies to classifiers"):
         fhe.check_outputs("label", regression=True)
-    assert fedfhe("compile", "--run", str(label_run), "--n-bits", "6/4").returncode == 0  # recompiled, still label
+    assert cli("compile", "--run", str(label_run), "--n-bits", "6/4").returncode == 0  # recompiled, still label
     info = json.loads((label_run / "fhe" / "fhe.json").read_text())
     assert (info["outputs"], info["n_bits"]) == ("label", {"op_inputs": 6, "op_weights": 4})
-    done = fedfhe("tune", "--run", str(label_run), "--n-bits", "6,8", "--latency-samples", "2", "--no-bit-pairs")
+    done = cli("tune", "--run", str(label_run), "--n-bits", "6,8", "--latency-samples", "2", "--no-bit-pairs")
     assert done.returncode == 0, done.stderr
     points = json.loads((label_run / "tune.json").read_text())["points"]
     assert [p["outputs"] for p in points] == ["label", "label"] and min(p["key_bytes"] for p in points) > 1 << 20
@@ -116,8 +120,8 @@ def test_bad_outputs_are_refused_and_the_mode_is_kept(label_run, tmp_path):
 
 def test_a_linear_svm_with_label_outputs_serves_too(tmp_path):
     out = tmp_path / "svm"
-    done = fedfhe("run", "--dataset", "breast-cancer", "--model", "svm", "--clients", "2", "--rounds", "2",
-                  "--outputs", "label", "--fhe-samples", "3", "--run", str(out))  # fmt: skip
+    done = cli("run", "--dataset", "breast-cancer", "--model", "svm", "--clients", "2", "--rounds", "2",
+               "--outputs", "label", "--fhe-samples", "3", "--run", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["outputs"] == "label" and report["agreement"]["execute_vs_clear"] == 1.0
@@ -125,7 +129,7 @@ def test_a_linear_svm_with_label_outputs_serves_too(tmp_path):
     np.save(tmp_path / "rows.npy", split.X_test[10:14])
     expected = fhe.load_compiled(out, LinearModel.load(out / "model.npz")).predict(split.X_test[10:14], fhe="simulate")
     with serving(out, tmp_path / "store", tmp_path / "server.log", "--workers", "1") as served:
-        done = fedfhe("predict", str(tmp_path / "rows.npy"), "--server", served.url, "--key-dir",
-                      str(tmp_path / "keys"), "--json")  # fmt: skip
+        done = cli("predict", str(tmp_path / "rows.npy"), "--server", served.url, "--key-dir",
+                   str(tmp_path / "keys"), "--json")  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert [a["class"] for a in json.loads(done.stdout)] == expected.tolist()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ENV, fedfhe
+from conftest import ENV, cli, fedfhe
 
 from fedfhe.errors import FedfheError
 from fedfhe.model import FORMAT, LinearModel
@@ -177,16 +177,15 @@ def test_hostile_model_files_are_refused_in_one_line(tmp_path, name):
 @pytest.mark.parametrize("name", HOSTILE)
 def test_cli_refuses_hostile_model_files_in_one_line(tmp_path, name):
     HOSTILE[name][0](tmp_path / "model.npz")
-    done = fedfhe("compile", "--run", str(tmp_path), timeout=60)
+    done = cli("compile", "--run", str(tmp_path))
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
     assert "not a fedfhe model file" in done.stderr
     assert "Traceback" not in done.stderr and "unexpected" not in done.stderr
 
 
-@pytest.fixture(scope="module")
-def bomb(tmp_path_factory) -> Path:
-    """A 3 MB model file holding an extra member that deflates to 3 GiB of zeros."""
-    path = write_model(tmp_path_factory.mktemp("bomb") / "model.npz")
+def _bomb(folder: Path) -> None:
+    folder.mkdir()
+    path = write_model(folder / "model.npz")
     zeros = bytes(16 << 20)
     with (
         zipfile.ZipFile(path, "a", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as npz,
@@ -195,7 +194,12 @@ def bomb(tmp_path_factory) -> Path:
         for _ in range(3 << 6):  # 192 x 16 MiB = 3 GiB
             member.write(zeros)
     assert path.stat().st_size < 4 << 20
-    return path
+
+
+@pytest.fixture(scope="session")
+def bomb(once) -> Path:
+    """A 3 MB model file holding an extra member that deflates to 3 GiB of zeros."""
+    return once("bomb", _bomb) / "model.npz"
 
 
 LOAD_AND_MEASURE = """

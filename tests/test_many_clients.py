@@ -53,14 +53,14 @@ def test_target_epsilon_picks_the_smallest_noise_within_it_and_sampling_amplifie
         noise_multiplier(TrainConfig(clients=10, rounds=20, dp=True, target_epsilon=0.001))
 
 
-@pytest.fixture(scope="module")
-def private_run(tmp_path_factory, digits):
+@pytest.fixture(scope="session")
+def private_run(once, digits):
     """One DP federation: 12 clients each joining a round with probability 0.5, epsilon 20 over 3 rounds."""
-    out = tmp_path_factory.mktemp("private")
-    model = train(digits, PRIVATE, out)
-    return model, json.loads((out / "metrics.json").read_text())
+    out = once("private-run", lambda folder: train(digits, PRIVATE, folder))
+    return LinearModel.load(out / "model.npz"), json.loads((out / "metrics.json").read_text())
 
 
+@pytest.mark.federation
 def test_dp_rounds_sample_by_poisson_adapt_the_clipping_norm_and_report_epsilon(private_run):
     model, metrics = private_run
     rows = [row for row in metrics["rounds"] if row["round"] > 0]
@@ -74,12 +74,14 @@ def test_dp_rounds_sample_by_poisson_adapt_the_clipping_norm_and_report_epsilon(
     assert 0 <= model.metadata["metrics"]["final"]["score"] <= 1  # 12 clients at epsilon 20: noisy (accuracy: bench)
 
 
+@pytest.mark.federation
 def test_the_dp_model_compiles_with_full_fhe_clear_agreement(private_run, digits):
     compiled = fhe.compile_model(private_run[0], n_bits=8)
     clear = compiled.predict(digits.X_test, fhe="disable")
     assert np.array_equal(compiled.predict(digits.X_test, fhe="simulate"), clear)
 
 
+@pytest.mark.federation
 @pytest.mark.parametrize("optimizer", ["adam", "yogi"])
 def test_adaptive_server_optimizers_train(tmp_path, digits, federated_run, optimizer):
     fedavg = LinearModel.load(federated_run / "model.npz")  # the same clients and rounds, plain FedAvg (the default)

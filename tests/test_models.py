@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import fedfhe
+from conftest import cli
 
 from fedfhe import TrainConfig, train
 from fedfhe.data import load_dataset
@@ -15,6 +15,8 @@ from fedfhe.fhe import compile_model, evaluate
 from fedfhe.problem import shared_range
 
 
+@pytest.mark.federation
+@pytest.mark.fhe
 @pytest.mark.parametrize(
     "dataset, model, floor",
     [
@@ -29,7 +31,7 @@ from fedfhe.problem import shared_range
 )
 def test_every_model_runs_federated_and_encrypted_with_full_agreement(tmp_path, dataset, model, floor):
     args = ["run", "--dataset", dataset, "--model", model, "--clients", "3", "--rounds", "2", "--local-iters", "10"]
-    done = fedfhe(*args, "--fhe-samples", "3", "--out", str(tmp_path))
+    done = cli(*args, "--fhe-samples", "3", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert (report["model"], report["dataset"], report["clients"]) == (model, dataset, 3)
@@ -44,6 +46,7 @@ def test_every_model_runs_federated_and_encrypted_with_full_agreement(tmp_path, 
     assert info["kind"] == model and len(info["input_low"]) == len(info["input_high"]) == info["n_features"]
 
 
+@pytest.mark.federation
 def test_owners_share_rounded_ranges_never_rows(tmp_path):
     data = load_dataset("breast-cancer", seed=0)
     config = TrainConfig(clients=3, rounds=1, local_iters=5, input_ranges="clients")
@@ -103,7 +106,7 @@ def test_concrete_engine_fits_concrete_mls_own_estimator(tmp_path):
     ],
 )
 def test_bad_model_settings_are_one_line_errors(tmp_path, args, message):
-    done = fedfhe("train", "--clients", "3", "--rounds", "1", *args, "--out", str(tmp_path))
+    done = cli("train", "--clients", "3", "--rounds", "1", *args, "--out", str(tmp_path))
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 

@@ -15,11 +15,14 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
+from conftest import FEDERATED
 from test_federation import orphans
 
-from fedfhe import TrainConfig, train
+from fedfhe import TrainConfig
 from fedfhe.federated import certificates, deployment
 from fedfhe.model import LinearModel
+
+pytestmark = [pytest.mark.federation, pytest.mark.server]
 
 PORT = 9092  # the SuperLink's one port: Fleet, Control and Runtime APIs
 ADDRESSES = {"superlink": "10.99.0.1", "node-0": "10.99.0.11", "node-1": "10.99.0.12", "node-2": "10.99.0.13"}
@@ -99,8 +102,8 @@ def wait_for_run(link: Party, env: dict[str, str], run_id: int, model: Path) -> 
     raise AssertionError(f"run {run_id} did not finish in 300 s")
 
 
-def test_supernodes_in_namespaces_of_their_own_train_the_simulation_model(tmp_path, digits, network):
-    config = TrainConfig(clients=3, rounds=2, local_iters=10)
+def test_supernodes_in_namespaces_of_their_own_train_the_simulation_model(tmp_path, digits, network, federated_run):
+    config = TrainConfig(**FEDERATED)  # federated_run's: that run is the simulation to compare with
     link, nodes = network["superlink"], [network[f"node-{i}"] for i in range(config.clients)]
     work, out = tmp_path / "federation", tmp_path / "run"
     home, logs = work / "flwr-home", work / "logs"
@@ -152,7 +155,7 @@ def test_supernodes_in_namespaces_of_their_own_train_the_simulation_model(tmp_pa
     assert deployed.metadata["metrics"]["final"]["score"] > 0.85
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2] and len(rounds[-1]["clients"]) == config.clients
-    simulated = train(digits, config, tmp_path / "simulated")  # same files, seed and config: the same model
+    simulated = LinearModel.load(federated_run / "model.npz")  # same files, seed and config: the same model
     assert np.allclose(deployed.coef, simulated.coef, rtol=0, atol=1e-8)
     assert np.allclose(deployed.intercept, simulated.intercept, rtol=0, atol=1e-8)
     assert orphans(tmp_path) == []

@@ -8,13 +8,14 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ENV, fedfhe, serving
+from conftest import ENV, Served, cli, copy_of, fedfhe, serving
 from test_table import STAY_SCHEMA, hospital, schema_file, stay
 
 from fedfhe import TrainConfig, pipeline, table
@@ -26,41 +27,63 @@ from fedfhe.service.client import EncryptedClient
 SKEWS = {"hospital-a.csv": (0.9, 0.05, 0.05), "hospital-b.csv": (0.05, 0.9, 0.05), "hospital-c.csv": (0.05, 0.05, 0.9)}
 
 
-@pytest.fixture(scope="module")
-def hospitals(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """Three hospitals' CSV files with label skew (each mostly one ward), the server's test file, the schema."""
-    root = tmp_path_factory.mktemp("hospitals")
-    (root / "owners").mkdir()
+def _hospitals(root: Path) -> None:
+    (root / "owners").mkdir(parents=True)
     for seed, (name, wards) in enumerate(SKEWS.items()):
         hospital(root / "owners" / name, rows=200, seed=seed, wards=wards)
     hospital(root / "test.csv", rows=150, seed=9)
-    return root / "owners", root / "test.csv", Path(schema_file(root))
+    schema_file(root)
 
 
-@pytest.fixture(scope="module")
-def stays(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """Two owners' length-of-stay tables (a regression), a test file and their schema."""
-    root = tmp_path_factory.mktemp("stays")
-    (root / "owners").mkdir()
+@pytest.fixture(scope="session")
+def hospitals(once) -> tuple[Path, Path, Path]:
+    """Three hospitals' CSV files with label skew (each mostly one ward), the server's test file, the schema.
+
+    Shared by every worker, read-only: a test that moves a file works on a copy.
+    """
+    root = once("hospitals", _hospitals)
+    return root / "owners", root / "test.csv", root / "schema.json"
+
+
+def _stays(root: Path) -> None:
+    (root / "owners").mkdir(parents=True)
     for seed in (1, 2):
         stay(root / "owners" / f"clinic-{seed}.csv", rows=150, seed=seed)
     stay(root / "test.csv", rows=100, seed=3)
     (root / "schema.json").write_text(json.dumps(STAY_SCHEMA))
+
+
+@pytest.fixture(scope="session")
+def stays(once) -> tuple[Path, Path, Path]:
+    """Two owners' length-of-stay tables (a regression), a test file and their schema."""
+    root = once("stays", _stays)
     return root / "owners", root / "test.csv", root / "schema.json"
 
 
-@pytest.fixture(scope="module")
-def owners_run(hospitals) -> Path:
+@pytest.fixture(scope="session")
+def owners_run(once, hospitals) -> Path:
     """`fedfhe run --owners DIR --test FILE --schema S`: one client per hospital, compiled, evaluated in FHE."""
     owners, test, schema = hospitals
-    out = owners.parent / "run"
-    done = fedfhe("run", "--owners", str(owners), "--test", str(test), "--schema", str(schema),
-                  "--rounds", "3", "--fhe-samples", "10", "--out", str(out))  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return out
+
+    def build(out: Path) -> None:
+        done = cli("run", "--owners", str(owners), "--test", str(test), "--schema", str(schema),
+                   "--rounds", "3", "--fhe-samples", "10", "--out", str(out))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+    return once("owners-run", build)
 
 
-def test_each_owner_file_is_one_client(owners_run, hospitals):
+@pytest.fixture(scope="module")
+def owners_server(owners_run, tmp_path_factory) -> Iterator[Served]:
+    """One `fedfhe serve` of the owners' run for this module's tests, one FHE worker."""
+    tmp = tmp_path_factory.mktemp("owners-server")
+    with serving(owners_run, tmp / "store", tmp / "server.log", "--workers", "1") as served:
+        yield served
+
+
+@pytest.mark.federation
+@pytest.mark.fhe
+def test_each_owner_file_is_one_client(owners_run, hospitals, tmp_path):
     owners, test, _ = hospitals
     model = LinearModel.load(owners_run / "model.npz")
     assert model.metadata["training"]["clients"] == 3  # the file count: --clients was left out
@@ -82,15 +105,20 @@ def test_each_owner_file_is_one_client(owners_run, hospitals):
     assert metrics["positive_class"] == "readmitted" and metrics["auc"]["rows"] == 150
     assert metrics["auc"]["low"] <= metrics["auc"]["value"] <= metrics["auc"]["high"]
     assert (owners_run / "roc.png").is_file() and "sensitivity (readmitted)" in (owners_run / "report.md").read_text()
-    again = fedfhe("evaluate", "--run", str(owners_run), "--fhe-samples", "5", "--data", str(test))
+    run = copy_of(owners_run, tmp_path)
+    again = cli("evaluate", "--run", str(run), "--fhe-samples", "5", "--data", str(test))
     assert again.returncode == 0, again.stderr
-    assert json.loads((owners_run / "report.json").read_text()) == report  # its own report, beside the run's
-    external = json.loads((owners_run / "evaluations" / "test.csv" / "report.json").read_text())
+    assert json.loads((run / "report.json").read_text()) == report  # its own report, beside the run's
+    external = json.loads((run / "evaluations" / "test.csv" / "report.json").read_text())
     assert external["evaluated_on"] == str(test.resolve()) and external["n_test"] == 150
 
 
-def test_the_model_card_names_what_answers_and_predict_pins_it(owners_run, hospitals, tmp_path):
-    done = fedfhe("card", "--run", str(owners_run))
+@pytest.mark.federation
+@pytest.mark.server
+@pytest.mark.fhe
+def test_the_model_card_names_what_answers_and_predict_pins_it(owners_run, owners_server, hospitals, tmp_path):
+    owners_run = copy_of(owners_run, tmp_path)  # the card is written into the run
+    done = cli("card", "--run", str(owners_run))
     assert done.returncode == 0, done.stderr
     card = json.loads((owners_run / "card.json").read_text())
     model = LinearModel.load(owners_run / "model.npz")
@@ -110,23 +138,28 @@ def test_the_model_card_names_what_answers_and_predict_pins_it(owners_run, hospi
     assert model.sha256 in (owners_run / "card.md").read_text()
     _, test, _ = hospitals
     pd.read_csv(test).head(2).to_csv(tmp_path / "rows.csv", index=False)
-    with serving(owners_run, tmp_path / "store", tmp_path / "server.log", "--workers", "1") as served:
-        info = httpx.get(f"{served.url}/v1/model").json()
-        assert info["feature_names"] == names and info["class_names"] == ["discharged", "readmitted"]
-        wrong = "0" * 64
-        refused = fedfhe("predict", str(tmp_path / "rows.csv"), "--server", served.url, "--key-dir",
-                         str(tmp_path / "wrong"), "--expect-model", wrong)  # fmt: skip
-        assert refused.returncode == 2 and "not the expected 000000000000: nothing was sent" in refused.stderr
-        assert not (tmp_path / "wrong").exists()
-        pinned = fedfhe("predict", str(tmp_path / "rows.csv"), "--server", served.url, "--key-dir",
-                        str(tmp_path / "keys"), "--expect-model", card["model"]["sha256"], "--json")  # fmt: skip
-        assert pinned.returncode == 0, pinned.stderr
-        assert [row["name"] for row in json.loads(pinned.stdout)] == [row["class"] for row in json.loads(pinned.stdout)]
-    bad = fedfhe("predict", str(tmp_path / "rows.csv"), "--expect-model", "abc")
+    url = owners_server.url  # serving the run the card describes
+    info = httpx.get(f"{url}/v1/model").json()
+    assert info["feature_names"] == names and info["class_names"] == ["discharged", "readmitted"]
+    wrong = "0" * 64
+    refused = cli("predict", str(tmp_path / "rows.csv"), "--server", url, "--key-dir",
+                  str(tmp_path / "wrong"), "--expect-model", wrong)  # fmt: skip
+    assert refused.returncode == 2 and "not the expected 000000000000: nothing was sent" in refused.stderr
+    assert not (tmp_path / "wrong").exists()
+    pinned = cli("predict", str(tmp_path / "rows.csv"), "--server", url, "--key-dir",
+                 str(tmp_path / "keys"), "--expect-model", card["model"]["sha256"], "--json")  # fmt: skip
+    assert pinned.returncode == 0, pinned.stderr
+    assert [row["name"] for row in json.loads(pinned.stdout)] == [row["class"] for row in json.loads(pinned.stdout)]
+    bad = cli("predict", str(tmp_path / "rows.csv"), "--expect-model", "abc")
     assert bad.returncode == 2 and "64 hex digits" in bad.stderr
 
 
-def test_raw_csv_rows_are_predicted_under_encryption_with_the_schemas_classes(owners_run, hospitals, tmp_path):
+@pytest.mark.federation
+@pytest.mark.server
+@pytest.mark.fhe
+def test_raw_csv_rows_are_predicted_under_encryption_with_the_schemas_classes(
+    owners_run, owners_server, hospitals, tmp_path
+):
     _, test, schema = hospitals
     rows = pd.read_csv(test).head(6)  # as the partner lab holds them: an id, a text ward, the outcome column
     rows.to_csv(tmp_path / "rows.csv", index=False)
@@ -134,29 +167,32 @@ def test_raw_csv_rows_are_predicted_under_encryption_with_the_schemas_classes(ow
     model = LinearModel.load(owners_run / "model.npz")
     simulated = load_compiled(owners_run, model).predict(encoded, fhe="simulate")
     expected = [["discharged", "readmitted"][int(c)] for c in simulated]
-    with serving(owners_run, tmp_path / "store", tmp_path / "server.log", "--workers", "1") as served:
-        done = fedfhe("predict", str(tmp_path / "rows.csv"), "--server", served.url, "--key-dir",
-                      str(tmp_path / "keys"), "--json")  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        assert "KeySetCache" not in done.stderr  # the runtime's own line stays out of the user's way
-        answers = json.loads(done.stdout)
-        assert [a["class"] for a in answers] == expected
-        assert set(answers[0]["scores"]) == {"discharged", "readmitted"}
-        with EncryptedClient(served.url, tmp_path / "keys") as client:  # the API takes the DataFrame itself
-            assert client.predict(rows.drop(columns=["outcome"])).predicted.tolist() == expected
-        bad = rows.head(1).assign(ward="dermatology")
-        bad.to_csv(tmp_path / "bad.csv", index=False)
-        refused = fedfhe("predict", str(tmp_path / "bad.csv"), "--server", served.url, "--key-dir",
-                         str(tmp_path / "keys"))  # fmt: skip
-        assert refused.returncode == 2 and "'dermatology' is not one of its categories" in refused.stderr
-        assert len(refused.stderr.strip().splitlines()) == 1
+    url = owners_server.url
+    done = fedfhe("predict", str(tmp_path / "rows.csv"), "--server", url, "--key-dir",
+                  str(tmp_path / "keys"), "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "KeySetCache" not in done.stderr  # the runtime's own line stays out of the user's way
+    answers = json.loads(done.stdout)
+    assert [a["class"] for a in answers] == expected
+    assert set(answers[0]["scores"]) == {"discharged", "readmitted"}
+    with EncryptedClient(url, tmp_path / "keys") as client:  # the API takes the DataFrame itself
+        assert client.predict(rows.drop(columns=["outcome"])).predicted.tolist() == expected
+    bad = rows.head(1).assign(ward="dermatology")
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    refused = cli("predict", str(tmp_path / "bad.csv"), "--server", url, "--key-dir",
+                  str(tmp_path / "keys"))  # fmt: skip
+    assert refused.returncode == 2 and "'dermatology' is not one of its categories" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.federation
+@pytest.mark.server
+@pytest.mark.fhe
 def test_a_regressor_from_owner_files_serves_raw_rows(stays, tmp_path):
     owners, test, schema = stays
     out = tmp_path / "run"
-    done = fedfhe("run", "--owners", str(owners), "--test", str(test), "--schema", str(schema), "--model", "ridge",
-                  "--rounds", "2", "--fhe-samples", "5", "--n-bits", "10", "--out", str(out))  # fmt: skip
+    done = cli("run", "--owners", str(owners), "--test", str(test), "--schema", str(schema), "--model", "ridge",
+               "--rounds", "2", "--fhe-samples", "5", "--n-bits", "10", "--out", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr
     model = LinearModel.load(out / "model.npz")
     assert model.metadata["training"]["clients"] == 2 and model.metadata["metrics"]["final"]["score"] > 0.8
@@ -167,12 +203,15 @@ def test_a_regressor_from_owner_files_serves_raw_rows(stays, tmp_path):
     encoded, _ = table.Schema.load(schema).encode(rows, "rows", labelled=False)
     simulated = load_compiled(out, model).predict(encoded, fhe="simulate")
     with serving(out, tmp_path / "store", tmp_path / "server.log", "--workers", "1") as served:
-        done = fedfhe("predict", str(tmp_path / "rows.parquet"), "--server", served.url, "--key-dir",
-                      str(tmp_path / "keys"), "--json")  # fmt: skip
+        done = cli("predict", str(tmp_path / "rows.parquet"), "--server", served.url, "--key-dir",
+                   str(tmp_path / "keys"), "--json")  # fmt: skip
     assert done.returncode == 0, done.stderr
     np.testing.assert_allclose([a["value"] for a in json.loads(done.stdout)], simulated, rtol=1e-9)
 
 
+@pytest.mark.federation
+@pytest.mark.server
+@pytest.mark.fhe
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_every_model_kind_trains_from_data_and_owners_compiles_exactly_and_serves_raw_rows(
     kind, hospitals, stays, tmp_path
@@ -249,15 +288,19 @@ def test_bad_owner_folders_are_one_line_and_write_nothing(hospitals, tmp_path, c
              }.get(change, [])  # fmt: skip
     given = [] if change == "no-test" else ["--test", str(test)]
     out = tmp_path / "run"
-    done = fedfhe("train", "--owners", str(folder), *given, "--schema", str(schema), *extra, "--out", str(out))
+    done = cli("train", "--owners", str(folder), *given, "--schema", str(schema), *extra, "--out", str(out))
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
+@pytest.mark.federation
+@pytest.mark.server
+@pytest.mark.fhe
 def test_the_deployment_engine_trains_on_the_owners_own_files(owners_run, hospitals, tmp_path):
-    owners, test, schema = hospitals
+    shared, test, schema = hospitals
+    owners = Path(shutil.copytree(shared, tmp_path / "owners"))  # one of its files is moved away below
     out = tmp_path / "deployed"
-    done = fedfhe("federation", "up", "--owners", str(owners), "--test", str(test), "--schema", str(schema),
+    done = cli("federation", "up", "--owners", str(owners), "--test", str(test), "--schema", str(schema),
                   "--rounds", "3", "--out", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert list((out / "federation" / "data").iterdir()) == []  # no copies: each SuperNode read its CSV
@@ -265,13 +308,13 @@ def test_the_deployment_engine_trains_on_the_owners_own_files(owners_run, hospit
     assert model.metadata["training"]["clients"] == 3 and model.metadata["schema"] == simulated.metadata["schema"]
     assert model.metadata["n_train"] == 600  # the server holds only the test file: the nodes reported their rows
     assert np.allclose(model.coef, simulated.coef, rtol=0, atol=1e-8)  # the simulation's model, as for bundled sets
-    assert fedfhe("compile", "--run", str(out)).returncode == 0
-    done = fedfhe("evaluate", "--run", str(out), "--fhe-samples", "3")  # the owners' files, read again
+    assert cli("compile", "--run", str(out)).returncode == 0
+    done = cli("evaluate", "--run", str(out), "--fhe-samples", "3")  # the owners' files, read again
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "report.json").read_text())["agreement"]["fhe_vs_clear"] == 1.0
     (owners / "hospital-a.csv").rename(tmp_path / "away.csv")  # evaluating and tuning need only the test file
     try:
-        tuned = fedfhe("tune", "--run", str(out), "--n-bits", "6,8", "--latency-samples", "1", "--no-bit-pairs")
+        tuned = cli("tune", "--run", str(out), "--n-bits", "6,8", "--latency-samples", "1", "--no-bit-pairs")
     finally:
         (tmp_path / "away.csv").rename(owners / "hospital-a.csv")
     assert tuned.returncode == 0, tuned.stderr
@@ -321,6 +364,9 @@ def run_block(lines: list[str], folder: Path) -> str:
     return done.stdout
 
 
+@pytest.mark.federation
+@pytest.mark.server
+@pytest.mark.fhe
 def test_the_readmes_quick_start_runs_as_written(tmp_path):
     out = run_block(readme_block("quick-start"), tmp_path)
     assert "classified under encryption" in out and ("malignant" in out or "benign" in out)
@@ -328,6 +374,9 @@ def test_the_readmes_quick_start_runs_as_written(tmp_path):
     assert report["metrics"]["positive_class"] == "malignant" and (tmp_path / "runs" / "bc" / "card.md").is_file()
 
 
+@pytest.mark.federation
+@pytest.mark.server
+@pytest.mark.fhe
 def test_the_readmes_own_data_walkthrough_runs_as_written(hospitals, tmp_path):
     owners, test, _ = hospitals
     shutil.copytree(owners, tmp_path / "hospitals")
@@ -345,6 +394,9 @@ def test_the_readmes_own_data_walkthrough_runs_as_written(hospitals, tmp_path):
     assert [a["class"] for a in answers] == [schema.label.classes[int(c)] for c in simulated]
 
 
+@pytest.mark.federation
+@pytest.mark.server
+@pytest.mark.fhe
 def test_the_readmes_cheat_sheet_runs_as_written(hospitals, tmp_path):
     from fedfhe.data import load_dataset
 

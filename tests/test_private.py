@@ -19,6 +19,8 @@ from fedfhe.partition import partition, save_partitions
 from fedfhe.problem import Problem
 from fedfhe.rundir import RunDir
 
+pytestmark = [pytest.mark.xdist_group("private")]  # the plain and SecAgg+ runs, built once
+
 BASE = TrainConfig(clients=4, rounds=1, local_iters=10, seed=0)
 
 
@@ -65,10 +67,25 @@ def run(digits, config: TrainConfig, folder: Path, broken: int | None = None, gr
     return server.params, server.log, parts
 
 
-def test_secagg_matches_fedavg_within_the_quantization_bound(tmp_path, digits):
-    plain, _, parts = run(digits, BASE, tmp_path / "plain")
+@pytest.fixture(scope="module")
+def plain(digits, tmp_path_factory) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """BASE simulated with plain FedAvg: the final weights and each client's partition."""
+    params, _, parts = run(digits, BASE, tmp_path_factory.mktemp("plain"))
+    return params, parts
+
+
+@pytest.fixture(scope="module")
+def secure(digits, tmp_path_factory) -> tuple[list[np.ndarray], RecordingGrid]:
+    """BASE simulated with SecAgg+: the final weights and every reply the server-side code received."""
+    box: list = []
+    params, _, _ = run(digits, dataclasses.replace(BASE, secagg=True), tmp_path_factory.mktemp("secagg"), grid_box=box)
+    return params, box[0]
+
+
+@pytest.mark.federation
+def test_secagg_matches_fedavg_within_the_quantization_bound(plain, secure):
+    (plain, parts), (secure, _) = plain, secure
     secagg_config = dataclasses.replace(BASE, secagg=True)
-    secure, _, _ = run(digits, secagg_config, tmp_path / "secagg")
     # Each client sends ratio * w stochastically rounded to a grid of step 2*clip/Q (error < 1 step),
     # ratio = n_k / max_weight; the server divides the sum by sum(ratio): error < step / mean(ratio).
     step = 2 * secagg_config.secagg_clipping_range / secagg_config.secagg_quantization_range
@@ -79,12 +96,12 @@ def test_secagg_matches_fedavg_within_the_quantization_bound(tmp_path, digits):
     assert not all(np.array_equal(a, b) for a, b in zip(plain, secure))  # it really went through SecAgg+
 
 
-def test_server_receives_only_masked_vectors(tmp_path, digits):
-    box: list = []
-    run(digits, dataclasses.replace(BASE, secagg=True), tmp_path, grid_box=box)
+@pytest.mark.federation
+def test_server_receives_only_masked_vectors(secure, digits):
+    _, grid = secure
     masked = [
         m.content.config_records["secaggplus_configs"]["masked_params"]
-        for m in box[0].replies
+        for m in grid.replies
         if not m.has_error() and "masked_params" in m.content.config_records.get("secaggplus_configs", {})
     ]
     assert len(masked) == BASE.clients
@@ -100,6 +117,7 @@ def test_server_receives_only_masked_vectors(tmp_path, digits):
         assert coef.min() < 2**28 and coef.max() > 2**31  # spread over the whole modulus
 
 
+@pytest.mark.federation
 def test_secagg_survives_a_client_dropping_after_key_sharing(tmp_path, digits):
     # A corrupt data file makes client 1 fail at local training, i.e. after the key-sharing stages.
     config = dataclasses.replace(BASE, secagg=True)
@@ -108,6 +126,7 @@ def test_secagg_survives_a_client_dropping_after_key_sharing(tmp_path, digits):
     assert objective.evaluate(problem(digits), params, problem(digits).scale(digits.X_test), digits.y_test)[0] > 0.85
 
 
+@pytest.mark.federation
 def test_failing_client_is_counted_and_the_minimum_enforced(tmp_path, digits):
     _, log, _ = run(digits, BASE, tmp_path / "a", broken=2)
     assert log.rows[1]["failures"] == 1 and [c["client"] for c in log.rows[1]["clients"]] == [0, 1, 3]
@@ -115,15 +134,16 @@ def test_failing_client_is_counted_and_the_minimum_enforced(tmp_path, digits):
         run(digits, dataclasses.replace(BASE, min_clients=4), tmp_path / "b", broken=2)
 
 
-def test_dp_adds_noise_and_reports_epsilon(tmp_path, digits):
+@pytest.mark.federation
+def test_dp_adds_noise_and_reports_epsilon(tmp_path, digits, plain):
     config = dataclasses.replace(BASE, dp=True, noise_multiplier=1.0, clipping_norm=5.0)
     model = train(digits, config, tmp_path)
     privacy = model.metadata["metrics"]["privacy"]
     assert 0 < privacy["epsilon"] < float("inf") and privacy["delta"] == 1e-5
     rows = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
     assert len(rows[-1]["clients"]) == BASE.clients  # clipping wraps training only: clients still evaluate
-    plain = train(digits, BASE, tmp_path / "plain")
-    assert not np.allclose(model.coef, plain.coef)
+    plain_coef, _ = problem(digits).unscale(plain[0])  # as the saved model keeps them: on raw features
+    assert not np.allclose(model.coef, plain_coef)
 
 
 def test_more_noise_spends_less_epsilon():
@@ -149,6 +169,7 @@ def fit_all(config: TrainConfig, digits, parts: list[np.ndarray], mu: float) -> 
     ]
 
 
+@pytest.mark.federation
 @pytest.mark.parametrize("strategy", ["fedmedian", "krum", "trimmed-mean", "fedprox"])
 def test_strategies_by_name(tmp_path, digits, strategy):
     config = dataclasses.replace(BASE, clients=5, strategy=strategy)
@@ -178,6 +199,7 @@ def test_strategies_by_name(tmp_path, digits, strategy):
     assert objective.evaluate(problem(digits), params, problem(digits).scale(digits.X_test), digits.y_test)[0] > 0.8
 
 
+@pytest.mark.federation
 def test_resumed_run_ends_with_the_same_model(tmp_path, digits):
     # All clients (simulation node ids change per run); momentum: round 3 needs rounds 1-2's velocity back.
     config = dataclasses.replace(BASE, rounds=3, server_momentum=0.5)

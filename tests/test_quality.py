@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import fedfhe
+from conftest import cli
 from sklearn.metrics import (
     accuracy_score,
     brier_score_loss,
@@ -82,9 +82,9 @@ def test_the_positive_class_by_name_or_number_and_bad_ones(tmp_path):
     with pytest.raises(FedfheError, match="'cancer' is not a class; the classes are: malignant, benign"):
         quality.positive_index("cancer", [0, 1], ["malignant", "benign"])
     out = tmp_path / "run"
-    done = fedfhe("run", "--dataset", "breast-cancer", "--positive-class", "cancer", "--out", str(out))
+    done = cli("run", "--dataset", "breast-cancer", "--positive-class", "cancer", "--out", str(out))
     assert done.returncode == 2 and "the classes are: malignant, benign" in done.stderr and not out.exists()
-    done = fedfhe("run", "--dataset", "diabetes", "--model", "ridge", "--positive-class", "1", "--out", str(out))
+    done = cli("run", "--dataset", "diabetes", "--model", "ridge", "--positive-class", "1", "--out", str(out))
     assert done.returncode == 2 and "applies to two-class models" in done.stderr and not out.exists()
     assert quality.positive_index("0", [0, 1], ["1", "0"]) == 1  # a name before a number
 

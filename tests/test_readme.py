@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 from pathlib import Path
 
 import pytest
-from conftest import ENV, FEDFHE
+from conftest import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ("federation", "flower", "schema")  # commands with subcommands
@@ -44,12 +45,15 @@ def deployed_commands() -> list[tuple[str, str]]:
 
 @functools.cache
 def help_of(command: tuple[str, ...]) -> str:
-    """A command's --help, wide enough that no option name is cut."""
-    import subprocess
-
-    done = subprocess.run(
-        [*FEDFHE, *command, "--help"], capture_output=True, text=True, env={**ENV, "COLUMNS": "250"}, check=False
-    )
+    """A command's --help, wide enough that no option name is cut (rich reads COLUMNS as it draws it)."""
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "250"
+    try:
+        done = cli(*command, "--help")
+    finally:
+        os.environ.pop("COLUMNS")
+        if columns is not None:
+            os.environ["COLUMNS"] = columns
     assert done.returncode == 0, f"fedfhe {' '.join(command)}: {done.stderr[-300:]}"
     return done.stdout
 

@@ -19,12 +19,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import Served, fedfhe, fhe_client, free_port, key_id, serving, wait_for
+from conftest import Served, cli, fedfhe, fhe_client, free_port, key_id, serving, wait_for
 
 from fedfhe.errors import FedfheError
 from fedfhe.service.client import EncryptedClient, image_row
 from fedfhe.service.keystore import KeyStore, UnknownKey
 from fedfhe.service.protocol import BatchTooLarge, decode_frames, encode_frames
+
+pytestmark = [pytest.mark.xdist_group("service")]  # the module's server and client, built once
 
 OCTET = {"content-type": "application/octet-stream"}
 
@@ -93,6 +95,8 @@ def request_count(url: str, route: str) -> int:
     )
 
 
+@pytest.mark.server
+@pytest.mark.fhe
 def test_predictions_equal_local_simulation(alice, rows, truth):
     result = alice.predict(rows)
     np.testing.assert_array_equal(result.predicted, truth)
@@ -102,6 +106,8 @@ def test_predictions_equal_local_simulation(alice, rows, truth):
     assert written and all((p.stat().st_mode & 0o777) == 0o600 for p in written)
 
 
+@pytest.mark.server
+@pytest.mark.fhe
 def test_two_clients_at_the_same_time_each_get_their_own_results(server, rows, truth, tmp_path):
     def classify(name: str) -> np.ndarray:
         with EncryptedClient(server.url, tmp_path / name) as client:
@@ -116,6 +122,8 @@ def test_two_clients_at_the_same_time_each_get_their_own_results(server, rows, t
     assert first and first != second
 
 
+@pytest.mark.server
+@pytest.mark.fhe
 def test_results_for_one_client_do_not_decrypt_with_another_clients_key(server, alice, rows, inputs, truth, tmp_path):
     with EncryptedClient(server.url, tmp_path / "bob") as bob:
         bob.predict(rows[:1])
@@ -131,6 +139,8 @@ def test_results_for_one_client_do_not_decrypt_with_another_clients_key(server, 
     assert (other.argmax(axis=1) == truth).mean() < 0.5
 
 
+@pytest.mark.server
+@pytest.mark.fhe
 def test_unknown_or_malformed_key_id(server, alice, inputs):
     body = encode_frames([fhe_client(alice.key_dir).quantize_encrypt_serialize(inputs[:1])])
     response = post_predict(server.url, "0" * 64, body)
@@ -138,6 +148,8 @@ def test_unknown_or_malformed_key_id(server, alice, inputs):
     assert post_predict(server.url, "../../etc/passwd", body).status_code == 422
 
 
+@pytest.mark.server
+@pytest.mark.fhe
 def test_bad_ciphertexts_are_400_and_the_next_request_works(server, alice, rows, inputs, truth):
     url, key = server.url, key_id(alice.key_dir)
     good = fhe_client(alice.key_dir).quantize_encrypt_serialize(inputs[:1])
@@ -154,18 +166,23 @@ def test_bad_ciphertexts_are_400_and_the_next_request_works(server, alice, rows,
     np.testing.assert_array_equal(alice.predict(rows).predicted, truth)
 
 
+@pytest.mark.server
 def test_garbage_key_upload_is_400(server):
     response = httpx.post(f"{server.url}/v1/keys", content=b"\x00garbage" * 8, headers=OCTET)
     assert response.status_code == 400
     assert "not Concrete evaluation keys" in response.json()["detail"]
 
 
+@pytest.mark.server
+@pytest.mark.fhe
 def test_uploading_the_same_keys_twice_gives_the_same_id(server, alice):
     keys = fhe_client(alice.key_dir).get_serialized_evaluation_keys()
     ids = {httpx.post(f"{server.url}/v1/keys", content=keys, headers=OCTET).json()["key_id"] for _ in range(2)}
     assert ids == {hashlib.sha256(keys).hexdigest()}
 
 
+@pytest.mark.server
+@pytest.mark.fhe
 def test_too_large_bodies_and_batches_are_413(server, alice, inputs):
     url, key = server.url, key_id(alice.key_dir)
     big = b"\x00" * (1 << 20 | 1)
@@ -180,12 +197,16 @@ def test_too_large_bodies_and_batches_are_413(server, alice, inputs):
     assert response.status_code == 413 and "over the limit of 16" in response.json()["detail"]
 
 
+@pytest.mark.server
+@pytest.mark.fhe
 def test_wrong_content_type_is_415(server, alice):
     response = post_predict(server.url, key_id(alice.key_dir), b"{}", {"content-type": "application/json"})
     assert response.status_code == 415
     assert httpx.post(f"{server.url}/v1/keys", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
 
 
+@pytest.mark.server
+@pytest.mark.fhe
 def test_bad_inputs_fail_before_anything_is_sent(server, rows, tmp_path):
     url = server.url
     before = request_count(url, "/v1/keys"), request_count(url, "/v1/predict")
@@ -203,6 +224,8 @@ def test_bad_inputs_fail_before_anything_is_sent(server, rows, tmp_path):
     assert (request_count(url, "/v1/keys"), request_count(url, "/v1/predict")) == before
 
 
+@pytest.mark.server
+@pytest.mark.fhe
 def test_client_refuses_a_server_whose_artifacts_differ(server, alice, rows, tmp_path):
     stale = tmp_path / "stale"
     shutil.copytree(alice.key_dir, stale)
@@ -212,6 +235,7 @@ def test_client_refuses_a_server_whose_artifacts_differ(server, alice, rows, tmp
         client.predict(rows[:1])
 
 
+@pytest.mark.server
 def test_model_and_client_spec(server, run_dir):
     from fedfhe.model import LinearModel
 
@@ -227,6 +251,7 @@ def test_model_and_client_spec(server, run_dir):
     assert hashlib.sha256(spec.content).hexdigest() == model["client_spec_sha256"]
 
 
+@pytest.mark.server
 def test_request_ids_json_logs_and_metrics(server):
     url, log = server.url, server.log
     response = httpx.get(f"{url}/v1/health", headers={"X-Request-ID": "test-123"})
@@ -246,6 +271,8 @@ def test_request_ids_json_logs_and_metrics(server):
     assert mine()[0]["path"] == "/v1/health" and mine()[0]["status"] == 200
 
 
+@pytest.mark.server
+@pytest.mark.fhe
 def test_cli_predict_prints_json(server, rows, truth, tmp_path):
     np.save(tmp_path / "rows.npy", rows)
     args = [
@@ -257,12 +284,12 @@ def test_cli_predict_prints_json(server, rows, truth, tmp_path):
         "--json",
         str(tmp_path / "rows.npy"),
     ]
-    done = fedfhe(*args)
+    done = cli(*args)
     assert done.returncode == 0, done.stderr
     assert [row["class"] for row in json.loads(done.stdout)] == truth.tolist()
-    refused = fedfhe("predict", "--server", f"http://127.0.0.1:{free_port()}", str(tmp_path / "rows.npy"))
+    refused = cli("predict", "--server", f"http://127.0.0.1:{free_port()}", str(tmp_path / "rows.npy"))
     assert refused.returncode == 2 and "refused" in refused.stderr.lower()
-    missing = fedfhe("predict", "--server", server.url, "nope.npy")
+    missing = cli("predict", "--server", server.url, "nope.npy")
     assert missing.returncode == 2 and "nope.npy: file not found" in missing.stderr
 
 
@@ -276,6 +303,8 @@ def many(digits, run_dir) -> tuple[np.ndarray, np.ndarray]:
     return X, load_compiled(run_dir, LinearModel.load(run_dir / "model.npz")).predict(X, fhe="simulate")
 
 
+@pytest.mark.server
+@pytest.mark.fhe
 def test_pipelined_prediction_in_worker_processes_equals_simulation(server, many, tmp_path, monkeypatch):
     import psutil
 
@@ -296,6 +325,8 @@ def test_pipelined_prediction_in_worker_processes_equals_simulation(server, many
     assert not any(p.is_running() for p in workers)
 
 
+@pytest.mark.server
+@pytest.mark.fhe
 def test_encryption_workers_refuse_keys_other_than_the_uploaded_ones(alice):
     from fedfhe.service.encryptor import Encryptor, KeysDiffer
 
@@ -307,18 +338,20 @@ def test_encryption_workers_refuse_keys_other_than_the_uploaded_ones(alice):
         encryptor.close()
 
 
+@pytest.mark.server
+@pytest.mark.fhe
 def test_cli_predict_writes_results_as_they_arrive(server, many, tmp_path):
     X, expected = many
     np.save(tmp_path / "rows.npy", X)
     common = ["predict", "--server", server.url, "--key-dir", str(tmp_path / "keys")]
-    done = fedfhe(*common, "--jobs", "1", "--out", str(tmp_path / "p.csv"), str(tmp_path / "rows.npy"))
+    done = cli(*common, "--jobs", "1", "--out", str(tmp_path / "p.csv"), str(tmp_path / "rows.npy"))
     assert done.returncode == 0, done.stderr
     assert "40 row(s) written to" in done.stderr
     with open(tmp_path / "p.csv") as f:
         table = list(csv.DictReader(f))
     assert [int(r["class"]) for r in table] == expected.tolist()
     assert list(table[0]) == ["row", "class", "name", *(f"score_{c}" for c in range(10))]
-    done = fedfhe(*common, "--out", str(tmp_path / "p.jsonl"), str(tmp_path / "rows.npy"))
+    done = cli(*common, "--out", str(tmp_path / "p.jsonl"), str(tmp_path / "rows.npy"))
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert [r["row"] for r in lines] == list(range(40)) and [r["class"] for r in lines] == expected.tolist()
@@ -329,7 +362,7 @@ def test_cli_predict_writes_results_as_they_arrive(server, many, tmp_path):
         (["--jobs", "0", "rows.npy"], "--jobs must be at least 1"),
         (["--out", str(tmp_path / "n.csv"), "narrow.npy"], "expected (n_samples, 64)"),
     ]:
-        refused = fedfhe(*common, *args[:-1], str(tmp_path / args[-1]))
+        refused = cli(*common, *args[:-1], str(tmp_path / args[-1]))
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.glob("n.csv*")) and not list(tmp_path.glob("q.csv*"))
@@ -382,6 +415,8 @@ def behind_nginx(replicas: list[Served], prefix: Path) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
+@pytest.mark.server
+@pytest.mark.fhe
 def test_two_replicas_behind_nginx_share_one_key_store(run_dir, many, tmp_path):
     X, expected = many
     store, options = tmp_path / "store", ("--workers", "1", "--threads", "1")  # two replicas on one machine
@@ -398,6 +433,8 @@ def test_two_replicas_behind_nginx_share_one_key_store(run_dir, many, tmp_path):
     assert sum(uploads) == 1  # uploaded to one replica, found by the other in the shared store
 
 
+@pytest.mark.server
+@pytest.mark.fhe
 def test_a_run_compiled_before_inputs_used_is_served_on_every_feature(run_dir, rows, tmp_path):
     from fedfhe import fhe
     from fedfhe.model import LinearModel
@@ -420,6 +457,8 @@ def test_a_run_compiled_before_inputs_used_is_served_on_every_feature(run_dir, r
     assert done.returncode == 2 and "inputs_used must be increasing feature indices below 64" in done.stderr
 
 
+@pytest.mark.server
+@pytest.mark.fhe
 def test_keys_survive_a_server_restart(run_dir, rows, inputs, truth, tmp_path):
     store, log = tmp_path / "store", tmp_path / "server.log"
     with serving(run_dir, store, log, "--workers", "1") as first, EncryptedClient(first.url, tmp_path / "c") as client:
@@ -431,6 +470,8 @@ def test_keys_survive_a_server_restart(run_dir, rows, inputs, truth, tmp_path):
         assert request_count(second.url, "/v1/keys") == 0
 
 
+@pytest.mark.server
+@pytest.mark.fhe
 def test_an_evicted_key_is_uploaded_again_transparently(server, alice, rows, truth):
     uploads = request_count(server.url, "/v1/keys")
     (server.store / f"{key_id(alice.key_dir)}.key").unlink()
@@ -438,6 +479,8 @@ def test_an_evicted_key_is_uploaded_again_transparently(server, alice, rows, tru
     assert request_count(server.url, "/v1/keys") == uploads + 1
 
 
+@pytest.mark.server
+@pytest.mark.fhe
 def test_a_dead_worker_is_replaced(server, alice, rows, truth):
     children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
     pids = [int(p) for p in children if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
@@ -448,6 +491,8 @@ def test_a_dead_worker_is_replaced(server, alice, rows, truth):
     np.testing.assert_array_equal(alice.predict(rows).predicted, truth)
 
 
+@pytest.mark.server
+@pytest.mark.fhe
 def test_cli_predict_reads_an_image(server, run_dir, digits, tmp_path):
     from PIL import Image
 
@@ -459,7 +504,7 @@ def test_cli_predict_reads_an_image(server, run_dir, digits, tmp_path):
     i = int(right[np.argmax(np.sort(scores[right], axis=1)[:, -1] - np.sort(scores[right], axis=1)[:, -2])])
     pixels = np.round(digits.X_test[i].reshape(8, 8) / 16 * 255).astype(np.uint8)
     Image.fromarray(np.kron(pixels, np.ones((4, 4), dtype=np.uint8))).save(tmp_path / "digit.png")
-    done = fedfhe(
+    done = cli(
         "predict", "--server", server.url, "--key-dir", str(tmp_path / "keys"), "--json", str(tmp_path / "digit.png")
     )
     assert done.returncode == 0, done.stderr
@@ -536,6 +581,8 @@ def test_framing_round_trip_and_refusals():
             decode_frames(body, 3)
 
 
+@pytest.mark.server
+@pytest.mark.fhe
 def test_a_regressor_with_per_feature_ranges_is_served(tmp_path):
     from fedfhe.data import load_dataset
     from fedfhe.fhe import load_compiled
@@ -543,19 +590,19 @@ def test_a_regressor_with_per_feature_ranges_is_served(tmp_path):
 
     run = tmp_path / "run"
     args = ["run", "--dataset", "diabetes", "--model", "ridge", "--clients", "1", "--fhe-samples", "0"]
-    done = fedfhe(*args, "--out", str(run))
+    done = cli(*args, "--out", str(run))
     assert done.returncode == 0, done.stderr
     rows = load_dataset("diabetes", seed=0).X_test[:4]
     expected = load_compiled(run, LinearModel.load(run / "model.npz")).predict(rows, fhe="simulate")
     np.save(tmp_path / "rows.npy", rows)
-    with serving(run, tmp_path / "store", tmp_path / "server.log") as served:
+    with serving(run, tmp_path / "store", tmp_path / "server.log", "--workers", "1") as served:
         assert httpx.get(f"{served.url}/v1/model").json()["kind"] == "ridge"
         predict = ["predict", "--server", served.url, "--key-dir", str(tmp_path / "keys"), "--json"]
-        done = fedfhe(*predict, str(tmp_path / "rows.npy"))
+        done = cli(*predict, str(tmp_path / "rows.npy"))
         assert done.returncode == 0, done.stderr
         np.testing.assert_allclose([row["value"] for row in json.loads(done.stdout)], expected, rtol=1e-9)
         too_high = rows[:1].copy()
         too_high[0, 9] = 400.0  # glucose above the declared 150
         np.save(tmp_path / "bad.npy", too_high)
-        done = fedfhe(*predict, str(tmp_path / "bad.npy"))
+        done = cli(*predict, str(tmp_path / "bad.npy"))
         assert done.returncode == 2 and "column 9 has values in [400, 400]" in done.stderr

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,11 +18,21 @@ import pytest
 
 from fedfhe.federated import deployment, supernode
 
+pytestmark = [pytest.mark.server]
+
 
 @pytest.fixture
-def node(tmp_path) -> Iterator[tuple[subprocess.Popen, Path]]:
+def short_tmp() -> Iterator[Path]:
+    """A TMPDIR for a node: short, for its socket's path must fit in 107 bytes (an xdist worker's short_tmp may not)."""
+    folder = Path(tempfile.mkdtemp(prefix="node-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def node(short_tmp) -> Iterator[tuple[subprocess.Popen, Path]]:
     """A fedfhe-supernode dialling a SuperLink that is not there; its shim folder (under our TMPDIR)."""
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env = {**os.environ, "TMPDIR": str(short_tmp)}
     args = [
         str(deployment.BIN / "fedfhe-supernode"),
         "--insecure",
@@ -28,8 +40,8 @@ def node(tmp_path) -> Iterator[tuple[subprocess.Popen, Path]]:
         f"--port={deployment.free_port()}",
     ]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deployment.wait_until(lambda: any(tmp_path.glob("fedfhe-supernode-*/clientapp.sock")), 60, "the warm process")
-    (folder,) = tmp_path.glob("fedfhe-supernode-*")
+    deployment.wait_until(lambda: any(short_tmp.glob("fedfhe-supernode-*/clientapp.sock")), 60, "the warm process")
+    (folder,) = short_tmp.glob("fedfhe-supernode-*")
     yield proc, folder
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -84,8 +96,8 @@ def test_a_poll_interval_out_of_range_is_one_line():
     assert done.stderr.strip() == "fedfhe-supernode: --poll-interval must be within [0.01, 60] s, got 0.0"
 
 
-def test_cold_keeps_flowers_process_per_message(tmp_path):
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+def test_cold_keeps_flowers_process_per_message(short_tmp):
+    env = {**os.environ, "TMPDIR": str(short_tmp)}
     args = [str(deployment.BIN / "fedfhe-supernode"), "--cold", "--insecure", "--superlink=127.0.0.1:9"]
     proc = subprocess.Popen(
         [*args, f"--port={deployment.free_port()}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -96,17 +108,18 @@ def test_cold_keeps_flowers_process_per_message(tmp_path):
             return any("flower-superexec" in " ".join(c.cmdline()) for c in psutil.Process(proc.pid).children())
 
         deployment.wait_until(superexec_started, 60, "Flower's SuperExec")
-        assert not list(tmp_path.glob("fedfhe-supernode-*"))  # no warm process, no shim: Flower's flwr-clientapp
+        assert not list(short_tmp.glob("fedfhe-supernode-*"))  # no warm process, no shim: Flower's flwr-clientapp
     finally:
         for child in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
             child.kill()
         proc.wait()
 
 
-def test_a_node_removes_the_folders_of_warm_processes_killed_outright(tmp_path):
+def test_a_node_removes_the_folders_of_warm_processes_killed_outright(short_tmp):
+
     def dead_folder(name: str, age_s: float) -> Path:
         """A warm process's folder whose process is gone (SIGKILL): its socket file, nobody listening."""
-        folder = tmp_path / name
+        folder = short_tmp / name
         folder.mkdir()
         with socket.socket(socket.AF_UNIX) as s:
             s.bind(str(folder / "clientapp.sock"))
@@ -114,14 +127,14 @@ def test_a_node_removes_the_folders_of_warm_processes_killed_outright(tmp_path):
         return folder
 
     stale, recent = dead_folder("fedfhe-supernode-old", 120), dead_folder("fedfhe-supernode-new", 0)
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env = {**os.environ, "TMPDIR": str(short_tmp)}
     args = [str(deployment.BIN / "fedfhe-supernode"), "--insecure", "--superlink=127.0.0.1:9"]
     proc = subprocess.Popen(
         [*args, f"--port={deployment.free_port()}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
     try:
-        deployment.wait_until(lambda: len(list(tmp_path.glob("fedfhe-supernode-*/flwr-clientapp"))) == 1, 60, "a node")
+        deployment.wait_until(lambda: len(list(short_tmp.glob("fedfhe-supernode-*/flwr-clientapp"))) == 1, 60, "a node")
         assert not stale.exists()  # over a minute old and nobody answers: gone
         assert recent.exists()  # may be a node still starting: kept
     finally:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import fedfhe
+from conftest import cli
 
 from fedfhe import TrainConfig, table, train
 from fedfhe.errors import FedfheError
@@ -76,7 +76,7 @@ def test_parquet_and_npz_tables_read_as_the_csv(owner, tmp_path):
 
 def test_schema_infer_drafts_ranges_and_categories_from_the_owners_file(owner, tmp_path):
     out = tmp_path / "draft.json"
-    done = fedfhe("schema", "infer", str(owner), "--label", "outcome", "--out", str(out))
+    done = cli("schema", "infer", str(owner), "--label", "outcome", "--out", str(out))
     assert done.returncode == 0, done.stderr
     draft = json.loads(out.read_text())
     features = {f["name"]: f for f in draft["features"]}
@@ -85,10 +85,10 @@ def test_schema_infer_drafts_ranges_and_categories_from_the_owners_file(owner, t
     assert features["ward"]["categories"] == ["cardiology", "oncology", "surgery"]
     assert features["patient"]["categories"] == ["p1", "p2", "p3", "p4"]  # the owner decides what to ignore
     assert draft["label"] == {"name": "outcome", "classes": ["discharged", "readmitted"]}
-    again = fedfhe("schema", "infer", str(owner), "--label", "outcome", "--out", str(out))
+    again = cli("schema", "infer", str(owner), "--label", "outcome", "--out", str(out))
     assert again.returncode == 2 and "already exists" in again.stderr  # nothing saved is lost
     out.unlink()
-    done = fedfhe("schema", "infer", str(owner), "--label", "outcome", "--ignore", "patient", "--out", str(out))
+    done = cli("schema", "infer", str(owner), "--label", "outcome", "--ignore", "patient", "--out", str(out))
     assert done.returncode == 0 and json.loads(out.read_text())["ignore"] == ["patient"], done.stderr
     assert "patient" not in {f["name"] for f in json.loads(out.read_text())["features"]}
     with pytest.raises(FedfheError, match="no column 'nurse' to ignore"):
@@ -100,7 +100,7 @@ def test_schema_infer_drafts_ranges_and_categories_from_the_owners_file(owner, t
 
 
 def test_schema_check_reports_what_training_would_read(owner, tmp_path):
-    done = fedfhe("schema", "check", str(owner), "--schema", schema_file(tmp_path))
+    done = cli("schema", "check", str(owner), "--schema", schema_file(tmp_path))
     assert done.returncode == 0, done.stderr
     said = done.stdout + done.stderr
     assert "4 rows, 5 model inputs from 3 features; discharged: 3, readmitted: 1" in said
@@ -127,7 +127,7 @@ def test_bad_tables_are_one_line(tmp_path, csv, changes, message):
     path.write_text(csv)
     with pytest.raises(FedfheError, match=message):
         table.Schema.load(schema_file(tmp_path, **changes)).encode(table.read_frame(path), str(path))
-    done = fedfhe("schema", "check", str(path), "--schema", schema_file(tmp_path, **changes))
+    done = cli("schema", "check", str(path), "--schema", schema_file(tmp_path, **changes))
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
@@ -151,7 +151,7 @@ def test_bad_schemas_are_one_line(owner, tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(FedfheError, match=message):
         table.Schema.load(path)
-    done = fedfhe("schema", "check", str(owner), "--schema", str(path))
+    done = cli("schema", "check", str(owner), "--schema", str(path))
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
@@ -170,7 +170,7 @@ def test_a_table_file_that_is_not_one_is_refused(tmp_path):
     with pytest.raises(FedfheError, match="no column 'y' to use as the label"):
         table.infer(frame, "y")
     out = tmp_path / "draft.json"
-    done = fedfhe("schema", "infer", str(tmp_path / "t.parquet"), "--label", "y", "--out", str(out))
+    done = cli("schema", "infer", str(tmp_path / "t.parquet"), "--label", "y", "--out", str(out))
     assert done.returncode == 2 and "cannot read" in done.stderr and not out.exists()
 
 
@@ -189,10 +189,12 @@ def hospital(path, rows: int = 300, seed: int = 0, wards: tuple[float, float, fl
     return path
 
 
+@pytest.mark.federation
+@pytest.mark.fhe
 def test_train_compile_and_evaluate_on_your_own_table(tmp_path):
     data, out = hospital(tmp_path / "hospital.csv"), tmp_path / "run"
     schema = schema_file(tmp_path)
-    done = fedfhe("run", "--data", str(data), "--schema", schema, "--clients", "3", "--rounds", "3",
+    done = cli("run", "--data", str(data), "--schema", schema, "--clients", "3", "--rounds", "3",
                   "--fhe-samples", "10", "--out", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "schema.json").read_text()) == json.loads(Path(schema).read_text())
@@ -202,7 +204,7 @@ def test_train_compile_and_evaluate_on_your_own_table(tmp_path):
     assert model.metadata["metrics"]["final"]["score"] > 0.8
     report = json.loads((out / "report.json").read_text())
     assert all(value == 1.0 for value in report["agreement"].values() if value is not None), report["agreement"]
-    again = fedfhe("evaluate", "--run", str(out), "--fhe-samples", "5")  # the run's table, read with its schema
+    again = cli("evaluate", "--run", str(out), "--fhe-samples", "5")  # the run's table, read with its schema
     assert again.returncode == 0, again.stderr
 
 
@@ -221,6 +223,7 @@ def stay(path, rows: int = 200, seed: int = 1):
     return path
 
 
+@pytest.mark.federation
 def test_a_regressor_on_your_own_table(tmp_path):
     schema = tmp_path / "stay.json"
     schema.write_text(json.dumps(STAY_SCHEMA))
@@ -234,8 +237,8 @@ def test_a_regressor_on_your_own_table(tmp_path):
 
 def test_data_without_its_schema_is_one_line_and_writes_nothing(tmp_path):
     data, out = hospital(tmp_path / "hospital.csv"), tmp_path / "run"
-    done = fedfhe("train", "--data", str(data), "--out", str(out))
+    done = cli("train", "--data", str(data), "--out", str(out))
     assert done.returncode == 2 and "--data (or --owners) and --schema go together" in done.stderr and not out.exists()
     (tmp_path / "bad.csv").write_text(CSV.replace("surgery", "dermatology"))
-    done = fedfhe("train", "--data", str(tmp_path / "bad.csv"), "--schema", schema_file(tmp_path), "--out", str(out))
+    done = cli("train", "--data", str(tmp_path / "bad.csv"), "--schema", schema_file(tmp_path), "--out", str(out))
     assert done.returncode == 2 and "dermatology" in done.stderr and not out.exists()

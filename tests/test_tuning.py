@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import fedfhe
+from conftest import cli
 
 from fedfhe import TrainConfig, train, tuning
 from fedfhe.artifacts import bit_pair, n_bits_label, parse_n_bits
@@ -18,6 +18,7 @@ def central_model(tmp_path_factory, digits):
     return train(digits, TrainConfig(clients=1), tmp_path_factory.mktemp("central"))
 
 
+@pytest.mark.fhe
 def test_sweep_measures_every_point_and_recommends_the_fastest_accurate_one(central_model, digits, tmp_path):
     points = tuning.tune(central_model, digits.X_test, digits.y_test, {"n_bits": [3, 6]}, latency_samples=2)
     assert [p["n_bits"] for p in points] == [3, 6]
@@ -77,12 +78,14 @@ def test_bad_tuning_requests(central_model, digits):
         tuning.tune(central_model, digits.X_test, digits.y_test, {"n_bits": [1]}, latency_samples=1)
 
 
+@pytest.mark.federation
+@pytest.mark.fhe
 def test_sweep_retrains_per_regularisation_value_without_touching_the_run(tmp_path):
     run = tmp_path / "run"
     args = ["--dataset", "breast-cancer", "--model", "svm", "--clients", "3", "--rounds", "1", "--local-iters", "5"]
-    assert fedfhe("train", *args, "--out", str(run)).returncode == 0
+    assert cli("train", *args, "--out", str(run)).returncode == 0
     before = (run / "model.npz").read_bytes()
-    done = fedfhe("tune", "--run", str(run), "--n-bits", "3,6", "--sweep", "C=0.01,1", "--latency-samples", "2")
+    done = cli("tune", "--run", str(run), "--n-bits", "3,6", "--sweep", "C=0.01,1", "--latency-samples", "2")
     assert done.returncode == 0, done.stderr
     tuned = json.loads((run / "tune.json").read_text())
     grid, around = tuned["points"][:4], tuned["points"][4:]
@@ -96,5 +99,5 @@ def test_sweep_retrains_per_regularisation_value_without_touching_the_run(tmp_pa
     assert (run / "tune" / f"C={chosen:g}" / "fhe" / "client.zip").is_file()
     assert (run / "model.npz").read_bytes() == before  # the run's own model is never replaced
     for sweep, message in (("max_iter=10,20", "--param max_iter applies to centralized"), ("C=x", "NAME=V1,V2")):
-        done = fedfhe("tune", "--run", str(run), "--sweep", sweep)
+        done = cli("tune", "--run", str(run), "--sweep", sweep)
         assert done.returncode == 2 and message in done.stderr
