@@ -370,10 +370,11 @@ def _wait_for_run(
     seen, asked = 0, time.monotonic()  # just submitted: nothing to ask yet
     while True:
         done = run.last_round()
-        if on_round is not None and done > seen:
+        if on_round is not None and done > seen:  # every round since the last look (a `flwr ls` may span two)
+            rows = {row["round"]: row for row in run.load_checkpoint().rows}
+            for r in range(seen + 1, done + 1):
+                on_round(r, dict(rows.get(r, {}).get("global", {})))
             seen = done
-            rows = run.load_checkpoint().rows
-            on_round(done, dict(rows[-1].get("global", {})) if rows else {})
         if run.model_file.exists() or time.monotonic() - asked > STATUS_EVERY:
             asked = time.monotonic()
             runs = flwr(env, "ls", CONNECTION, "--run-id", str(run_id))["runs"]
