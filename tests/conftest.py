@@ -211,8 +211,9 @@ def ray_cluster(request) -> Iterator[None]:
     The simulations are Flower's own; what goes is starting and stopping Ray's processes for each (5 s and
     6 CPU-s a simulation, measured). The cluster declares 1 CPU, so Flower runs one ClientApp actor that takes
     the clients in turn (an actor costs 2.4 CPU-s to start; a test's clients train in milliseconds), and starts
-    no idle workers in advance. Only a session with federation tests starts it; tests of a fresh Ray's own
-    processes (test_interrupt) leave RAY_ADDRESS out, and run Flower's default of one actor per core.
+    no idle workers in advance. Only a session with federation tests starts it. Two leave RAY_ADDRESS out: the
+    tests of a fresh Ray's own processes (test_interrupt), and the Flower-CLI walkthrough, whose ClientApps ask
+    Flower's default 2 CPUs (test_flower_cli).
     """
     if not any(item.get_closest_marker("federation") for item in request.session.items):
         yield

@@ -201,9 +201,10 @@ def test_https_with_a_private_ca_and_bearer_tokens_with_a_rate(served_run, rows,
         assert answers[30].status_code == 429 and int(answers[30].headers["retry-after"]) == 2
         metrics = httpx.get(f"{served.url}/metrics", headers=second, verify=ca)
         assert metrics.status_code == 429  # the rate counts every route
-        limited = 2
+        limited, deadline = 2, time.monotonic() + 10
         while (metrics := httpx.get(f"{served.url}/metrics", headers=second, verify=ca)).status_code == 429:
             limited += 1  # refused requests take nothing from the bucket: it refills (one request every 2 s)
+            assert time.monotonic() < deadline, "the token's rate never let a request through again"
             time.sleep(0.05)
         assert f'fedfhe_token_requests_total{{token="{token_label(tokens[1])}",status="429"}} {limited}' in metrics.text
         assert f'token="{token_label(tokens[0])}",status="200"' in metrics.text

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.server]
 
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
-    """A TMPDIR for a node: short, for its socket's path must fit in 107 bytes (an xdist worker's short_tmp may not)."""
+    """A TMPDIR for a node: short, for its socket's path must fit in 107 bytes (an xdist worker's tmp_path may not)."""
     folder = Path(tempfile.mkdtemp(prefix="node-"))
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
@@ -116,7 +116,6 @@ def test_cold_keeps_flowers_process_per_message(short_tmp):
 
 
 def test_a_node_removes_the_folders_of_warm_processes_killed_outright(short_tmp):
-
     def dead_folder(name: str, age_s: float) -> Path:
         """A warm process's folder whose process is gone (SIGKILL): its socket file, nobody listening."""
         folder = short_tmp / name

@@ -90,9 +90,10 @@ class Processes:
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
         """Signal one process group and wait for every process of it to end (SIGKILL after 10 s)."""
-        family = _family(self.procs[name].pid)
+        pid = self.procs[name].pid
+        family = _family(pid)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.procs[name].pid, sig)
+            os.killpg(pid, sig)
         self._reap(name, family)
 
     def _reap(self, name: str, family: list[psutil.Process]) -> None:
