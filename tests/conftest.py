@@ -211,9 +211,8 @@ def ray_cluster(request) -> Iterator[None]:
     The simulations are Flower's own; what goes is starting and stopping Ray's processes for each (5 s and
     6 CPU-s a simulation, measured). The cluster declares 1 CPU, so Flower runs one ClientApp actor that takes
     the clients in turn (an actor costs 2.4 CPU-s to start; a test's clients train in milliseconds), and starts
-    no idle workers in advance. Only a session with federation tests starts it. Two leave RAY_ADDRESS out: the
-    tests of a fresh Ray's own processes (test_interrupt), and the Flower-CLI walkthrough, whose ClientApps ask
-    Flower's default 2 CPUs (test_flower_cli).
+    no idle workers in advance. Only a session with federation tests starts it. The tests of a fresh Ray's own
+    processes leave RAY_ADDRESS out (test_interrupt).
     """
     if not any(item.get_closest_marker("federation") for item in request.session.items):
         yield

@@ -33,8 +33,8 @@ def checkout(tmp_path) -> tuple[Path, dict[str, str]]:
     """A checkout as `make demo` leaves it (the app's pyproject.toml, .venv) and a shell's environment.
 
     FLWR_HOME is the test's own, and so are the local SuperLink's ports: a developer's Flower is left alone.
-    The suite's shared Ray cluster is not: a user's shell has no RAY_ADDRESS, and Flower's client resources
-    would not fit the suite's one-CPU cluster.
+    RAY_ADDRESS stays: Flower's simulation joins the suite's Ray cluster (one CPU, which the ClientApps
+    `fedfhe flower start` configures fit) instead of starting Ray, as a user's shell would.
     """
     project = tmp_path / "project"
     project.mkdir()
@@ -42,7 +42,7 @@ def checkout(tmp_path) -> tuple[Path, dict[str, str]]:
     (project / ".venv").symlink_to(deployment.BIN.parent)
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != deployment.BIN)
     env = {
-        **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        **os.environ,
         "PATH": path,
         "FLWR_HOME": str(tmp_path / "flwr-home"),
         "FLWR_TELEMETRY_ENABLED": "0",

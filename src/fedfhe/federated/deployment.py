@@ -45,7 +45,7 @@ RUN_SETTINGS: RunConfig = {
     "owners-dir": "",
 }
 POLL = "0.25"  # seconds between the SuperExec's looks for work (Flower's default: 1)
-STATUS_EVERY = 5.0  # seconds between asks for a run's status
+STATUS_EVERY = 0.5  # seconds between looks at a run's checkpoints and status (a request of a few ms)
 
 
 def write_owner_files(
@@ -175,6 +175,57 @@ def flwr(env: dict[str, str], *args: str, cwd: Path | None = None, via: Sequence
     return answer
 
 
+class Control:
+    """Flower's Control API from this process: a node key registered, a run's status, each a request.
+
+    `flwr supernode register` and `flwr ls` do the same as processes that import Flower first: 1.35 CPU-s each.
+    """
+
+    def __init__(self, port: int, certs: Path | None) -> None:
+        from flwr.supercore.control import ControlHttpClient
+        from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+
+        self._client = ControlHttpClient.from_server_address(
+            f"127.0.0.1:{port}",
+            insecure=certs is None,
+            root_certificates=None if certs is None else str(certs / "ca.crt"),
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
+        )
+
+    def register(self, public_key: Path) -> None:
+        """Let the SuperNode holding this key's private half in (its OpenSSH public key file)."""
+        from cryptography.hazmat.primitives import serialization
+        from flwr.proto.control_pb2 import RegisterNodeRequest
+
+        key = serialization.load_ssh_public_key(public_key.read_bytes())
+        pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        if not self._ask(lambda: self._client.RegisterNode(RegisterNodeRequest(public_key=pem))).node_id:
+            raise FedfheError(f"the SuperLink did not register the node key {public_key}")
+
+    def run(self, run_id: int) -> dict[str, str]:
+        """A run's status as `flwr ls` shows it ("finished:completed") and the details of a failure."""
+        from flwr.proto.control_pb2 import ListRunsRequest
+
+        status = self._ask(lambda: self._client.ListRuns(ListRunsRequest(run_id=run_id))).run_dict[run_id].status
+        shown = f"{status.status}:{status.sub_status}" if status.sub_status else status.status
+        return {"status": shown, "status-details": status.details}
+
+    def _ask(self, request: Callable[[], Any]) -> Any:
+        """One request; a refusal or an unreachable SuperLink is one line."""
+        import httpx
+
+        try:
+            return request()
+        except httpx.HTTPStatusError as exc:
+            raise FedfheError(f"the SuperLink refused: {exc.response.text.strip()[-300:]}") from None
+        except httpx.HTTPError as exc:
+            raise FedfheError(f"the SuperLink did not answer: {exc}") from None
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._client.close()
+
+
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll until check() holds; a clear error when it never does."""
     deadline = time.monotonic() + timeout
@@ -252,27 +303,27 @@ def up(
         **table,
     }
     settings.write_text(to_toml({**config.to_run_config(), **where}))
-    with Processes(env, work / "logs") as procs:
+    with Processes(env, work / "logs") as procs, contextlib.closing(Control(port, certs)) as control:
         procs.start("superlink", superlink_command(port, certs, work / "superlink.db"), cwd=work)
         wait_until(lambda: _listening(port), 60, "the SuperLink")
         keys = [None if certs is None else make_node_key(work / "keys", f"node-{i}") for i in range(len(files))]
 
         def join(i: int) -> None:
-            """Register node i's key (a `flwr` process: a second of imports), then start its SuperNode."""
+            """Register node i's key, then start its SuperNode."""
             pair, private = keys[i], None
             if pair is not None:
                 private, public = pair
-                flwr(env, "supernode", "register", str(public), CONNECTION)
+                control.register(public)
             node_config = f"data-file='{files[i]}' partition-id={i} num-partitions={config.clients}"
             procs.start(f"supernode-{i}", supernode_command(port, certs, private, node_config), cwd=work / f"node-{i}")
 
         with ThreadPoolExecutor(4) as pool:  # the run is submitted while nodes join: the ServerApp waits for them
             submitted = pool.submit(flwr, env, "run", str(app), CONNECTION, "--run-config", str(settings), cwd=app)
             list(pool.map(join, range(len(files))))
-            run_id = submitted.result()["run-id"]
+            run_id = int(submitted.result()["run-id"])
         if on_started is not None:
             on_started(procs)
-        status = _wait_for_run(env, run_id, run, on_round)
+        status = _wait_for_run(control, run_id, run, on_round)
         if status["status"] != "finished:completed":
             reason = (status.get("status-details") or status["status"]).splitlines()[-1]
             raise FedfheError(f"federated run {run_id} ended {status['status']}: {reason}")
@@ -361,24 +412,18 @@ def _listening(port: int) -> bool:
 
 
 def _wait_for_run(
-    env: dict[str, str], run_id: int, run: RunDir, on_round: Callable[[int, dict[str, float]], None] | None
-) -> dict:
-    """Watch the run until it ends, reporting each round, with the global model's test score, as its checkpoint lands.
-
-    The run folder is watched closely; `flwr ls` (a process of its own, a second of CPU) is asked every
-    STATUS_EVERY seconds for a run that failed, and often once the model is written.
-    """
-    seen, asked = 0, time.monotonic()  # just submitted: nothing to ask yet
+    control: Control, run_id: int, run: RunDir, on_round: Callable[[int, dict[str, float]], None] | None
+) -> dict[str, str]:
+    """Watch the run until it ends, reporting each round, with the global model's test score, as its checkpoint lands."""
+    seen = 0
     while True:
         done = run.last_round()
-        if on_round is not None and done > seen:  # every round since the last look (a `flwr ls` may span two)
+        if on_round is not None and done > seen:  # every round since the last look
             rows = {row["round"]: row for row in run.load_checkpoint().rows}
             for r in range(seen + 1, done + 1):
                 on_round(r, dict(rows.get(r, {}).get("global", {})))
             seen = done
-        if run.model_file.exists() or time.monotonic() - asked > STATUS_EVERY:
-            asked = time.monotonic()
-            runs = flwr(env, "ls", CONNECTION, "--run-id", str(run_id))["runs"]
-            if runs and str(runs[0]["status"]).startswith("finished"):
-                return dict(runs[0])
-        time.sleep(0.2)
+        status = control.run(run_id)
+        if status["status"].startswith("finished"):
+            return status
+        time.sleep(STATUS_EVERY)

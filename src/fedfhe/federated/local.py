@@ -63,7 +63,7 @@ def _env() -> dict[str, str]:
 
 
 def start(supernodes: int = 10) -> LocalSuperLink:
-    """Start the local SuperLink (runtime installs off) in this folder, for `supernodes` simulated nodes.
+    """Start the local SuperLink (runtime installs off) in this folder, for `supernodes` simulated nodes, 1 CPU each.
 
     Runs land where it was started (relative `out-dir`s are relative to it). Already running: only the
     node count is set. Flower's own (installing) SuperLink on the port is refused: stop it first.
@@ -107,7 +107,16 @@ def start(supernodes: int = 10) -> LocalSuperLink:
             return _healthy()
 
         wait_until(ready, 60, "the local SuperLink")
-    flwr(_env(), "federation", "simulation-config", "--num-supernodes", str(supernodes))
+    # One CPU per ClientApp, as `fedfhe train` asks (Flower's default, 2, runs one at a time on 2 cores)
+    flwr(
+        _env(),
+        "federation",
+        "simulation-config",
+        "--num-supernodes",
+        str(supernodes),
+        "--client-resources-num-cpus",
+        "1",
+    )
     found = find()
     if found is None:
         raise FedfheError(f"the local SuperLink stopped right after it started: see {get_flwr_home()}")
