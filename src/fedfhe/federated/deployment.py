@@ -131,11 +131,20 @@ class Processes:
 
 
 def _family(pid: int) -> list[psutil.Process]:
-    """The processes a process has started (at any depth) that are still running."""
+    """The processes a group leader has started (at any depth) and those left in its group, still running.
+
+    A leader that has exited leaves its children to init, but not its group: a SuperNode that failed to
+    connect exits before its warm process, which notices within a second.
+    """
     try:
-        return psutil.Process(pid).children(recursive=True)
+        found = {p.pid: p for p in psutil.Process(pid).children(recursive=True)}
     except psutil.NoSuchProcess:
-        return []
+        found = {}
+    for process in psutil.process_iter():
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if process.pid != pid and os.getpgid(process.pid) == pid:
+                found.setdefault(process.pid, process)
+    return list(found.values())
 
 
 def _ended(processes: list[psutil.Process], timeout: float) -> bool:
