@@ -178,8 +178,7 @@ def test_a_supernode_killed_inside_a_secagg_round_is_recovered_from_the_others_s
     deployment.up(digits, config, out, audit=True, on_started=kill_inside_a_secagg_round(out))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["failures"] == 1 and metrics["final"]["score"] > 0.5
-    simulated = train(digits, config, tmp_path / "simulated")
-    assert metrics["privacy"] == simulated.metadata["metrics"]["privacy"] == privacy_spent(config)
+    assert metrics["privacy"] == privacy_spent(config)  # as the simulation reports it (test_private)
     assert orphans(tmp_path) == []
 
 

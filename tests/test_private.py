@@ -140,6 +140,7 @@ def test_dp_adds_noise_and_reports_epsilon(tmp_path, digits, plain):
     model = train(digits, config, tmp_path)
     privacy = model.metadata["metrics"]["privacy"]
     assert 0 < privacy["epsilon"] < float("inf") and privacy["delta"] == 1e-5
+    assert privacy == privacy_spent(config, clipping_norm=privacy["clipping_norm"])  # the norm adapted
     rows = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
     assert len(rows[-1]["clients"]) == BASE.clients  # clipping wraps training only: clients still evaluate
     plain_coef, _ = problem(digits).unscale(plain[0])  # as the saved model keeps them: on raw features

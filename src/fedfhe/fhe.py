@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import copy
 import importlib
+import importlib.metadata
 import io
 import json
 import os
@@ -307,6 +308,27 @@ def _agree(a: np.ndarray, b: np.ndarray) -> float | None:
     return _mean(a == b)
 
 
+class CircuitServer:
+    """A server.zip loaded with concrete-python alone: Concrete ML's FHEModelServer does the same after
+    importing all of Concrete ML (5.3 s a process here, against 2.2 s for concrete.fhe).
+    """
+
+    def __init__(self, artifacts: str | os.PathLike[str]) -> None:
+        self.fhe = concrete("concrete.fhe")
+        path = Path(artifacts) / "server.zip"
+        with zipfile.ZipFile(path) as archive:
+            built = json.loads(archive.read("versions.json")).get("concrete-python")
+        here = importlib.metadata.version("concrete-python")
+        if built != here:
+            raise FedfheError(f"{path}: compiled with concrete-python {built}, this is {here}; compile again")
+        self.server = self.fhe.Server.load(path)
+
+    def run(self, ciphertext: bytes, keys: Any) -> bytes:
+        """One serialized ciphertext through the circuit under deserialized evaluation keys; serialized result."""
+        result = self.server.run(self.fhe.Value.deserialize(ciphertext), evaluation_keys=keys)
+        return result.serialize()  # type: ignore[no-any-return]
+
+
 def execute(
     artifacts: str | os.PathLike[str],
     compiled: CompiledModel,
@@ -325,7 +347,7 @@ def execute(
             client.generate_private_and_evaluation_keys()
         keys = client.get_serialized_evaluation_keys()
         keygen = time.perf_counter() - start
-        server = deployment.FHEModelServer(str(artifacts))  # loads server.zip
+        server = CircuitServer(artifacts)
         # deserialized once, as the service's workers do: label outputs' keys are tens of MB
         held = concrete("concrete.fhe").EvaluationKeys.deserialize(keys)
         predictions, encrypt, run, decrypt, sizes = [], [], [], [], []

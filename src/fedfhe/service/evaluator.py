@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfhe.errors import FedfheError
-from fedfhe.fhe import concrete
+from fedfhe.fhe import CircuitServer
 from fedfhe.service.keystore import UnknownKey
 from fedfhe.service.workers import keep_freed_memory, spawn_pool, usable_cores
 
@@ -44,9 +44,9 @@ class WorkerDied(FedfheError):
 
 
 @functools.cache
-def _server(fhe_dir: str) -> Any:
-    """One FHEModelServer per worker process, loaded once."""
-    return concrete("concrete.ml.deployment").FHEModelServer(fhe_dir)
+def _server(fhe_dir: str) -> CircuitServer:
+    """One circuit per worker process, loaded once."""
+    return CircuitServer(fhe_dir)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -102,7 +102,7 @@ def _run(fhe_dir: str, ciphertext: bytes, key_id: str, key_path: str) -> bytes:
     """Evaluate one ciphertext; Concrete's errors become Rejected so they cross the process boundary cleanly."""
     keys = _evaluation_keys(key_id, key_path)
     try:
-        return _server(fhe_dir).run(ciphertext, keys)  # type: ignore[no-any-return]
+        return _server(fhe_dir).run(ciphertext, keys)
     except (RuntimeError, ValueError, AssertionError) as exc:
         raise Rejected(_first_line(exc)) from None
 
