@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -177,6 +178,16 @@ def fhe_client(key_dir: Path) -> Any:
     client = FHEModelClient(str(key_dir), key_dir=str(key_dir / "keys"))
     client.generate_private_and_evaluation_keys()  # loads the keys already in key_dir
     return client
+
+
+def evaluation_keys(run_dir: Path) -> bytes:
+    """Evaluation keys made from a run's client spec with Concrete directly, as any client could make them."""
+    from concrete import fhe
+
+    with zipfile.ZipFile(run_dir / "fhe" / "client.zip") as spec:
+        client = fhe.Client(fhe.ClientSpecs.deserialize(spec.read("client.specs.json")))
+    client.keygen(force=True, secret_seed=2, encryption_seed=2)
+    return bytes(client.evaluation_keys.serialize())
 
 
 def key_id(key_dir: Path) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import http.server
+import json
 import os
 import re
 import resource
@@ -10,7 +13,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +23,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from conftest import ENV, FEDFHE, Served, cli, fedfhe, fhe_client, key_id, serving, wait_for
+from conftest import ENV, FEDFHE, Served, cli, copy_of, fedfhe, fhe_client, key_id, serving, wait_for
 
 from fedfhe.errors import FedfheError
 from fedfhe.federated.certificates import make_certificates
@@ -61,6 +66,10 @@ def test_slow_clients_cannot_stop_the_service(served_run, rows, tmp_path):
     with serving(served_run, tmp_path / "keys", tmp_path / "log", "--workers", "1", nofile=1024) as served:
         port = int(served.url.rsplit(":", 1)[1])
         attackers = []
+        upload = socket.create_connection(("127.0.0.1", port), timeout=30)  # an honest upload, under way
+        body = os.urandom(4 << 20)
+        upload.sendall(b"POST /v1/keys HTTP/1.1\r\nHost: x\r\ncontent-type: application/octet-stream\r\n")
+        upload.sendall(f"content-length: {len(body)}\r\n\r\n".encode() + body[: 1 << 20])
         try:
             for _ in range(1100):  # never finish their headers
                 s = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -71,9 +80,36 @@ def test_slow_clients_cannot_stop_the_service(served_run, rows, tmp_path):
             assert time.monotonic() - start < 2
             with EncryptedClient(served.url, tmp_path / "client") as client:
                 assert len(client.predict(rows).predicted) == len(rows)
+            upload.sendall(body[1 << 20 :])  # its body was arriving: the idle connections went first
+            assert upload.recv(4096).startswith(b"HTTP/1.1 400")  # junk keys, answered, not cut
         finally:
-            for s in attackers:
+            for s in [*attackers, upload]:
                 s.close()
+    assert '"event": "connections-full"' in served.log.read_text()
+
+
+def test_https_connections_count_from_the_tcp_accept(served_run, tmp_path):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 1300:
+        pytest.skip(f"this test opens 1,100 sockets; the descriptor limit here is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1300), hard))
+    certs = make_certificates(tmp_path / "certs", ("127.0.0.1",))
+    tls = ("--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key"))
+    ca = str(certs / "ca.crt")
+    with serving(
+        served_run, tmp_path / "keys", tmp_path / "log", "--workers", "1", *tls, verify=ca, nofile=1024
+    ) as served:
+        port = int(served.url.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(1100)]  # no ClientHello
+        try:
+            start = time.monotonic()
+            assert httpx.get(f"{served.url}/v1/health", timeout=2, verify=ca).status_code == 200
+            assert time.monotonic() - start < 2
+            assert idle[0].recv(1) == b""  # the oldest silent connection was closed to make room
+        finally:
+            for s in idle:
+                s.close()
+    assert '"event": "connections-full"' in served.log.read_text()
 
 
 def test_a_request_must_arrive_whole_within_the_read_timeout(guarded):
@@ -189,6 +225,10 @@ def test_https_with_a_private_ca_and_bearer_tokens_with_a_rate(served_run, rows,
         assert httpx.get(f"{served.url}/v1/model", headers=wrong, verify=ca).status_code == 401
         with pytest.raises(httpx.HTTPError):
             httpx.get(served.url.replace("https", "http") + "/v1/health")
+        for path in ("/docs", "/redoc", "/openapi.json"):  # the API's description is for token holders
+            assert httpx.get(f"{served.url}{path}", verify=ca).status_code in (401, 404), path
+        first = {"authorization": f"Bearer {tokens[0]}"}
+        assert "/v1/predict" in httpx.get(f"{served.url}/openapi.json", headers=first, verify=ca).json()["paths"]
         with EncryptedClient(served.url, tmp_path / "c", token=tokens[0], ca_cert=ca) as client:
             assert len(client.predict(rows).predicted) == len(rows)
         with pytest.raises(FedfheError, match="CERTIFICATE_VERIFY_FAILED"):
@@ -227,6 +267,40 @@ def fedfhe_with_token(token: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*FEDFHE, *args], capture_output=True, text=True, env=env, timeout=120, check=False)
 
 
+def weakened(spec: Path) -> None:
+    """Rewrite a client.zip as a malicious server would: LWE dimension 1, no seed, ciphertexts readable by anyone."""
+    with zipfile.ZipFile(spec) as original:
+        files = {name: original.read(name) for name in original.namelist()}
+    specs = json.loads(files["client.specs.json"])
+    for key in specs["keyset"]["lweSecretKeys"]:
+        key["params"]["lweDimension"] = 1
+    for value in specs["circuits"][0]["inputs"]:
+        info = value["typeInfo"]["lweCiphertext"]
+        info["encryption"]["lweDimension"], info["compression"] = 1, "none"
+        info["concreteShape"]["dimensions"][-1] = 2
+    files["client.specs.json"] = json.dumps(specs).encode()
+    with zipfile.ZipFile(spec, "w") as rewritten:
+        for name, data in files.items():
+            rewritten.writestr(name, data)
+
+
+def test_a_server_serving_weak_crypto_parameters_gets_no_key_and_no_row(served_run, rows, tmp_path):
+    run = copy_of(served_run, tmp_path)
+    honest = hashlib.sha256((run / "fhe" / "client.zip").read_bytes()).hexdigest()
+    weakened(run / "fhe" / "client.zip")
+    with serving(run, tmp_path / "store", tmp_path / "server.log", "--workers", "1") as served:
+        facts = httpx.get(f"{served.url}/v1/model").json()  # the real model's facts: --expect-model is satisfied
+        args = ["predict", rows_file(rows, tmp_path), "--server", served.url, "--expect-model", facts["model_sha256"]]
+        done = cli(*args, "--key-dir", str(tmp_path / "a"))
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr
+        assert "refused, secret key 0 has dimension 1, under 450; no key was made" in lines[0]
+        assert not (tmp_path / "a" / "keys").exists() and httpx.get(f"{served.url}/v1/health").json()["keys"] == 0
+        done = cli(*args, "--key-dir", str(tmp_path / "b"), "--expect-spec", honest)
+        assert done.returncode == 2 and f"not the expected {honest[:12]}: no key was made" in done.stderr
+    assert hashlib.sha256((run / "fhe" / "client.zip").read_bytes()).hexdigest() == facts["client_spec_sha256"]
+
+
 def test_careless_predict_options_are_one_line(guarded, rows, tmp_path):
     np.save(tmp_path / "rows.npy", np.repeat(rows, 8, axis=0))  # 32 rows: 16 KiB
     (tmp_path / "a-file").write_text("not a folder")
@@ -241,6 +315,11 @@ def test_careless_predict_options_are_one_line(guarded, rows, tmp_path):
         done = cli("predict", "--server", guarded.url, *options)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and message in lines[0], (options, done.stderr)
+    remote = "http://203.0.113.7:8000"  # a documentation address: nothing is sent before the pin is refused
+    done = cli("predict", "--server", remote, "--expect-spec", "nope", str(tmp_path / "rows.npy"))
+    warning, error = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and warning.startswith(f"warning: {remote}: plain http to another host")
+    assert "--expect-spec must be a client spec's sha256, 64 hex digits (got 'nope')" in error
 
 
 def test_bad_serve_options_are_one_line_and_start_nothing(served_run, tmp_path, monkeypatch):
@@ -280,3 +359,66 @@ def test_bad_serve_options_are_one_line_and_start_nothing(served_run, tmp_path, 
     done = fedfhe("serve", "--run", str(garbage), "--workers", "1", timeout=120)  # a real worker fails to load
     lines = [line for line in done.stderr.strip().splitlines() if not re.search(r"CUDA", line)]
     assert done.returncode == 2 and len(lines) == 1 and "server.zip: cannot be loaded" in lines[0], done.stderr
+
+
+class Hostile(http.server.BaseHTTPRequestHandler):
+    """A server that answers /v1/model as the test says: too much, too slowly, or with bad facts."""
+
+    answer: tuple[str, bytes] = ("whole", b"{}")
+
+    def do_GET(self) -> None:
+        how, body = self.answer
+        head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        try:  # MSG_NOSIGNAL: a client that hung up is an error here, never a SIGPIPE for the test's process
+            self.connection.sendall(head.encode(), socket.MSG_NOSIGNAL)
+            if how == "trickle":
+                for byte in body:
+                    self.connection.sendall(bytes([byte]), socket.MSG_NOSIGNAL)
+                    time.sleep(0.5)
+            else:
+                self.connection.sendall(body, socket.MSG_NOSIGNAL)
+        except OSError:
+            self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def hostile() -> Iterator[tuple[str, type[Hostile]]]:
+    """A real HTTP server on a free loopback port, answering as Hostile.answer says."""
+    handler = type("Answering", (Hostile,), {})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True  # a trickling answer ends when the client hangs up, not before shutdown
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+FACTS = {"n_features": 2, "classes": [0, 1], "input_low": [0, 0], "input_high": [1, 1], "client_spec_sha256": "a" * 64}
+
+
+@pytest.mark.parametrize(
+    "how, body, problem",
+    [
+        ("whole", b" " * (2 << 20), "an answer over 1048576 bytes; refused"),
+        ("trickle", json.dumps({**FACTS, "max_batch": 8}).encode(), "no whole answer within 2 s"),
+        ("whole", json.dumps({**FACTS, "max_batch": 0}).encode(), "/v1/model: max_batch 0"),
+        ("whole", json.dumps({**FACTS, "max_batch": 8, "inputs_used": [5]}).encode(), "inputs_used outside 0..1"),
+        ("whole", json.dumps({**FACTS, "max_batch": 8, "input_low": [0]}).encode(), "input_low is not 2 numbers"),
+    ],
+)
+def test_a_hostile_server_cannot_flood_stall_or_mislead_the_client(hostile, tmp_path, how, body, problem):
+    url, handler = hostile
+    handler.answer = (how, body)
+    start = time.monotonic()
+    with (
+        pytest.raises(FedfheError, match=re.escape(problem)) as refused,
+        EncryptedClient(url, tmp_path / "k", timeout=2) as c,
+    ):
+        _ = c.model
+    assert "\n" not in str(refused.value) and time.monotonic() - start < 5

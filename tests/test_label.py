@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from conftest import cli, copy_of, serving
+from conftest import cli, copy_of, evaluation_keys, fhe_client, serving, wait_for
 
 from fedfhe import fhe
 from fedfhe.data import load_dataset
 from fedfhe.errors import FedfheError
 from fedfhe.model import LinearModel
+from fedfhe.service.protocol import OCTET_STREAM, encode_frames
 
 pytestmark = [pytest.mark.federation, pytest.mark.fhe]
+OCTET = {"content-type": OCTET_STREAM}
 
 
 @pytest.fixture(scope="session")
@@ -70,11 +73,12 @@ def test_two_classes_agree_in_simulation_and_real_fhe(label_run):
     near_ties_only(compiled, box, compiled.predict(box, fhe="simulate"))
 
 
-def test_a_real_server_sends_classes_only(label_run, tmp_path):
+def test_a_real_server_sends_classes_only(label_run, served_run, tmp_path):
     split = load_dataset("breast-cancer", seed=0)
     np.save(tmp_path / "rows.npy", split.X_test[:6])
     model = LinearModel.load(label_run / "model.npz")
-    expected = fhe.load_compiled(label_run, model).predict(split.X_test[:6], fhe="simulate")
+    compiled = fhe.load_compiled(label_run, model)
+    expected = compiled.predict(split.X_test[:6], fhe="simulate")
     with serving(label_run, tmp_path / "store", tmp_path / "server.log", "--workers", "1") as served:
         info = httpx.get(f"{served.url}/v1/model").json()
         assert info["outputs"] == "label" and info["max_key_bytes"] == 128 << 20
@@ -86,6 +90,26 @@ def test_a_real_server_sends_classes_only(label_run, tmp_path):
         assert all("scores" not in a for a in answers) and {a["name"] for a in answers} <= {"malignant", "benign"}
         shown = cli("predict", str(tmp_path / "rows.npy"), "--server", served.url, "--key-dir", str(tmp_path / "keys"))
         assert "label outputs: the server returns classes only" in shown.stdout
+        # A scores-mode client's keys (no bootstrap or keyswitch key) would abort a label circuit: refused.
+        foreign = evaluation_keys(served_run)
+        refused = httpx.post(f"{served.url}/v1/keys", content=foreign, headers=OCTET, timeout=60)
+        assert refused.status_code == 400, refused.text
+        needs = "evaluation keys for another circuit: this one needs 1 bootstrap, 1 keyswitch, 0 packing keyswitch keys"
+        assert refused.json()["detail"].startswith(needs) and httpx.get(f"{served.url}/v1/health").json()["keys"] == 1
+        # Planted in the store all the same (as a server before this check accepted them), they crash the workers:
+        # the request is tried again with the pool to itself, then the key id is refused, not the other clients.
+        planted = hashlib.sha256(foreign).hexdigest()
+        (tmp_path / "store" / f"{planted}.key").write_bytes(foreign)
+        row = fhe_client(tmp_path / "keys").quantize_encrypt_serialize(compiled.inputs(split.X_test[:1]))
+        frames = {"content": encode_frames([row]), "headers": OCTET, "params": {"key_id": planted}, "timeout": 120}
+        crashed = httpx.post(f"{served.url}/v1/predict", **frames)
+        assert crashed.status_code == 400 and "crashed the FHE workers twice" in crashed.json()["detail"]
+        again = httpx.post(f"{served.url}/v1/predict", **frames)
+        assert again.status_code == 400 and "crashed the FHE workers;" in again.json()["detail"]
+        wait_for(lambda: httpx.get(f"{served.url}/v1/health").json()["status"] == "ok", 120, "the workers back")
+        done = cli("predict", str(tmp_path / "rows.npy"), "--server", served.url, "--key-dir", str(tmp_path / "keys"),
+                   "--json")  # fmt: skip
+        assert done.returncode == 0 and [a["class"] for a in json.loads(done.stdout)] == expected.tolist()
     with serving(
         label_run, tmp_path / "small", tmp_path / "small.log", "--workers", "1", "--max-key-mb", "1"
     ) as served:

@@ -49,12 +49,20 @@ def problem(digits) -> Problem:
     return BASE.problem(digits)
 
 
-def run(digits, config: TrainConfig, folder: Path, broken: int | None = None, grid_box: list | None = None):
-    """Simulate with the partition files in folder; optionally corrupt one client's file."""
+def run(
+    digits, config: TrainConfig, folder: Path, broken: int | None = None, grid_box: list | None = None,
+    poisoned: int | None = None,
+):  # fmt: skip
+    """Simulate with the partition files in folder; optionally corrupt one client's file, or put a NaN in its rows
+    (that client then trains in earnest and replies with a NaN update)."""
     parts = partition(digits.y_train, config.clients, seed=config.seed)
     save_partitions(digits.X_train, digits.y_train, parts, folder / "p")
     if broken is not None:
         (folder / "p" / f"client-{broken}.npz").write_bytes(b"corrupt")
+    if poisoned is not None:
+        X = digits.X_train[parts[poisoned]].copy()
+        X[0, 0] = np.nan
+        np.savez(folder / "p" / f"client-{poisoned}.npz", X=X, y=digits.y_train[parts[poisoned]])
     server = ServerRun(config, config.problem(digits), digits.X_test, digits.y_test, RunDir(folder / "ck"))
 
     def recorded(grid, context):
@@ -132,6 +140,18 @@ def test_failing_client_is_counted_and_the_minimum_enforced(tmp_path, digits):
     assert log.rows[1]["failures"] == 1 and [c["client"] for c in log.rows[1]["clients"]] == [0, 1, 3]
     with pytest.raises(FedfheError, match=r"round 1: only 3 of 4 clients returned an update \(--min-clients 4\)"):
         run(digits, dataclasses.replace(BASE, min_clients=4), tmp_path / "b", broken=2)
+
+
+@pytest.mark.federation
+def test_a_client_sending_nan_is_dropped_named_and_the_median_stays_finite(tmp_path, digits):
+    config = dataclasses.replace(BASE, strategy="fedmedian", rounds=2)
+    params, log, _ = run(digits, config, tmp_path, poisoned=2)
+    for row in (log.rows[1], log.rows[2]):
+        assert row["failures"] == 1 and row["dropped"] == [{"client": 2, "reason": "non-finite update or metrics"}]
+    assert all(np.isfinite(p).all() for p in params)
+    assert objective.evaluate(problem(digits), params, problem(digits).scale(digits.X_test), digits.y_test)[0] > 0.85
+    with pytest.raises(FedfheError, match=r"round 1: only 3 of 4 clients returned an update \(--min-clients 4\)"):
+        run(digits, dataclasses.replace(BASE, min_clients=4), tmp_path / "b", poisoned=0)
 
 
 @pytest.mark.federation

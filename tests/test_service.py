@@ -384,6 +384,15 @@ def test_a_results_file_keeps_the_finished_rows_when_a_run_fails(tmp_path):
     ]
 
 
+def test_names_that_look_like_formulas_reach_a_csv_as_text(tmp_path):
+    from fedfhe.service.client import ResultsFile
+
+    with ResultsFile(tmp_path / "preds.csv") as results:  # class names come from the server or a schema
+        results.write([{"row": 0, "class": 1, "name": '=HYPERLINK("http://x")', "scores": {"@SUM(A1)": -0.5}}])
+    header, row = (tmp_path / "preds.csv").read_text().splitlines()
+    assert header == "row,class,name,score_@SUM(A1)" and row == '0,1,"\'=HYPERLINK(""http://x"")",-0.5'
+
+
 @contextmanager
 def behind_nginx(replicas: list[Served], prefix: Path) -> Iterator[str]:
     """deploy/nginx.conf as shipped, its placeholders filled, balancing the replicas; its URL."""

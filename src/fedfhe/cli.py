@@ -842,6 +842,10 @@ def predict(
         str | None,
         typer.Option(help="Refuse the server unless it serves this model (sha256 from its model card)."),
     ] = None,
+    expect_spec: Annotated[
+        str | None,
+        typer.Option(help="Refuse the server unless it serves this client spec (sha256 from its model card)."),
+    ] = None,
 ) -> None:
     """Classify (or regress) inputs on a remote server without ever sending them in the clear."""
     import hashlib
@@ -859,7 +863,9 @@ def predict(
     keys = key_dir or DEFAULT_CACHE / "client-keys" / hashlib.sha256(server.rstrip("/").encode()).hexdigest()[:16]
     limit = int(max_input_mb * (1 << 20))
     records: list[dict[str, Any]] = []
-    with EncryptedClient(server, keys, token=token, ca_cert=ca_cert, expect_model=expect_model) as client:
+    with EncryptedClient(
+        server, keys, token=token, ca_cert=ca_cert, expect_model=expect_model, expect_spec=expect_spec
+    ) as client:
         if input.suffix.lower() in (".csv", ".parquet") and client.schema is not None:  # raw rows, by its schema
             X = read_frame(input, limit)
         else:
@@ -904,12 +910,19 @@ def predict(
         Console().print("label outputs: the server returns classes only, never the scores", soft_wrap=True)
 
 
+def _warn(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+    """A warning in one line on stderr."""
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Entry point: bad input ends in one line on stderr and exit code 2, never a traceback."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)  # third-party import-time notices
     try:
-        app()
+        with warnings.catch_warnings():  # undone on return: tests run commands in their own process
+            warnings.filterwarnings("ignore", category=DeprecationWarning)  # third-party import-time notices
+            warnings.showwarning = _warn  # a warning is one line, as an error is
+            app()
     except FedfheError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -110,6 +110,32 @@ class ServerStep:
         return _shaped(x + self.lr * first / (np.sqrt(second) + self.TAU), current)
 
 
+def finite_or_stop(params: Params, server_round: int) -> Params:
+    """The round's new weights, or a one-line stop: a model that is not finite would poison every later round."""
+    if not all(np.isfinite(np.asarray(p, dtype=np.float64)).all() for p in params):
+        raise FedfheError(
+            f"round {server_round}: the aggregated model is not finite (an overflow in aggregation or in the "
+            "server step); the run stops here, its last checkpoint is the round before"
+        )
+    return params
+
+
+def _finite(reply: Message) -> bool:
+    """Whether a reply's update and metrics are all finite numbers (one NaN would make every median NaN)."""
+    arrays = reply.content.array_records.get("arrays")
+    updates = [] if arrays is None else arrays.to_numpy_ndarrays()
+    metrics = [v for record in reply.content.metric_records.values() for v in record.values()]
+    numbers = [np.asarray(v, dtype=np.float64) for v in metrics if isinstance(v, int | float | list)]
+    return all(np.isfinite(u).all() for u in updates) and all(np.isfinite(n).all() for n in numbers)
+
+
+def _sender(reply: Message) -> int | None:
+    """The client a reply says it is from (its metrics' "client"), if it says so in a usable way."""
+    metrics = reply.content.metric_records.get("metrics")
+    value = None if metrics is None else metrics.get("client")
+    return int(value) if isinstance(value, int | float) and np.isfinite(value) else None
+
+
 def _flat(params: Params) -> np.ndarray:
     """All weights as one vector."""
     return np.concatenate([np.asarray(p, dtype=np.float64).ravel() for p in params])
@@ -138,7 +164,8 @@ class LegacyStepped(LegacyStrategy):
     def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
         aggregate, metrics = self.inner.aggregate_fit(server_round, results, failures)
         if aggregate is not None and self.current is not None:
-            aggregate = ndarrays_to_parameters(self.step(self.current, parameters_to_ndarrays(aggregate)))
+            stepped = self.step(self.current, parameters_to_ndarrays(aggregate))
+            aggregate = ndarrays_to_parameters(finite_or_stop(stepped, server_round))
         return aggregate, metrics
 
     def configure_evaluate(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
@@ -208,15 +235,19 @@ class Guarded(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Drop failed replies (counted), require --min-clients, aggregate in content-hash order.
+        """Drop failed replies and non-finite ones (counted, the latter named), require --min-clients,
+        aggregate in content-hash order; an aggregate that is not finite stops the run at this round.
 
         Each reply also scored the global model it received: the previous round's clients row.
         """
         arrived = time.monotonic()
-        ok = sorted((m for m in replies if not m.has_error()), key=lambda m: m.content["arrays"].object_id)
+        answered = [m for m in replies if not m.has_error()]
+        ok = sorted((m for m in answered if _finite(m)), key=lambda m: m.content["arrays"].object_id)
         absolute = server_round + self.offset
         row = self.log.row(absolute)
         row["failures"], row["sampled"] = self.sampled - len(ok), self.sampled
+        if poisoned := [m for m in answered if not _finite(m)]:
+            row["dropped"] = [{"client": _sender(m), "reason": "non-finite update or metrics"} for m in poisoned]
         if len(ok) < min(self.config.min_clients, self.sampled):
             raise FedfheError(
                 f"round {absolute}: only {len(ok)} of {self.sampled} clients returned an update "
@@ -233,7 +264,7 @@ class Guarded(Strategy):
             row["privacy"]["epsilon"] = epsilon(self.config, self.noise, absolute)
         if arrays is not None:
             current = self.current.to_numpy_ndarrays()
-            arrays = ArrayRecord(self.step(current, arrays.to_numpy_ndarrays()))
+            arrays = ArrayRecord(finite_or_stop(self.step(current, arrays.to_numpy_ndarrays()), absolute))
         if metrics is not None:
             row["train"] = {key: metrics[key] for key in ("train-score", "train-loss")}
         row["timing"] = {  # where a round's time goes: a node's fresh process, its training, the rest is waiting

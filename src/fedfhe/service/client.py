@@ -2,7 +2,9 @@
 
 Key directory layout (0o700, files 0o600): client.zip (the server's client spec, pinned by hash on
 first use), keys/ (Concrete's private and evaluation keys), session.json (the uploaded key id).
-A server that later serves another client spec is refused: keys belong to one circuit.
+A server that later serves another client spec is refused: keys belong to one circuit. Before any key
+is made the spec must be one a client can safely make keys for (spec.py), and, if the client pinned one
+(`expect_spec`, the card's client-spec sha256), that very spec.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import ssl
 import tempfile
 import threading
 import time
+import warnings
 import zipfile
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any, Self, TextIO
 
@@ -34,6 +38,7 @@ from fedfhe.errors import FedfheError
 from fedfhe.rundir import CLIENT_SPEC, SPEC_SCHEMA
 from fedfhe.service.encryptor import Encryptor
 from fedfhe.service.protocol import API, OCTET_STREAM, SPEC_HASH_HEADER, decode_frames, encode_frames
+from fedfhe.service.spec import check_spec
 from fedfhe.service.workers import usable_cores
 from fedfhe.table import Schema
 
@@ -42,6 +47,12 @@ KEYS_DIR = "keys"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 RATE_RETRIES, MAX_RATE_WAIT = 4, 60  # a rate-limited call is tried again this often, if told to wait at most this
 MODEL_FIELDS = {"n_features", "classes", "input_low", "input_high", "client_spec_sha256", "max_batch"}
+# The most a server's answer may hold, by route: facts, the client spec (a few KiB), a key id, a batch's outputs.
+ANSWER_BYTES = {"model": 1 << 20, "client-spec": 16 << 20, "keys": 64 << 10, "predict": 64 << 20}
+
+
+class PlainHttp(UserWarning):
+    """The client talks plain http to another host: anyone on the way can read and change what is exchanged."""
 
 
 class ServerError(FedfheError):
@@ -69,7 +80,8 @@ class EncryptedClient:
 
     https is verified against the system's CAs, or `ca_cert` for a private CA; `token` is sent as a
     bearer token (for a server started with --tokens). `expect_model` (a model card's sha256) refuses a
-    server that announces any other model before anything is encrypted.
+    server that announces any other model, `expect_spec` (the card's client-spec sha256) one that serves any
+    other client spec, before any key is made or anything encrypted.
     """
 
     def __init__(
@@ -80,11 +92,18 @@ class EncryptedClient:
         token: str | None = None,
         ca_cert: str | os.PathLike[str] | None = None,
         expect_model: str | None = None,
+        expect_spec: str | None = None,
     ) -> None:
-        if expect_model is not None and not re.fullmatch(r"[0-9a-f]{64}", expect_model.strip().lower()):
-            raise FedfheError(f"--expect-model must be a model's sha256, 64 hex digits (got {expect_model!r})")
-        self.expect_model = None if expect_model is None else expect_model.strip().lower()
         self.url, self.key_dir, self.timeout = url.rstrip("/"), Path(key_dir), timeout
+        if httpx.URL(self.url).scheme == "http" and not _loopback(httpx.URL(self.url).host):
+            warnings.warn(
+                f"{self.url}: plain http to another host, anyone on the network can read and change the client "
+                "spec, keys and results; use https (--ca-cert for a private CA) and --expect-spec",
+                PlainHttp,
+                stacklevel=2,
+            )
+        self.expect_model = _sha256(expect_model, "--expect-model", "a model's sha256")
+        self.expect_spec = _sha256(expect_spec, "--expect-spec", "a client spec's sha256")
         verify: ssl.SSLContext | bool = True
         if ca_cert is not None:
             try:
@@ -125,6 +144,8 @@ class EncryptedClient:
                 answer = None
             if not isinstance(answer, dict) or not MODEL_FIELDS <= answer.keys():
                 raise FedfheError(f"{self.url}: not a fedfhe server (unexpected answer to {API}/model)")
+            if problem := _model_problem(answer):
+                raise FedfheError(f"{self.url}: not a fedfhe server ({API}/model: {problem})")
             served = str(answer.get("model_sha256", ""))
             if self.expect_model is not None and served != self.expect_model:
                 raise FedfheError(
@@ -248,6 +269,14 @@ class EncryptedClient:
         return self._encryptor
 
     def _decrypt(self, fhe_client: Any, outputs: list[bytes]) -> Prediction:
+        """One batch's predictions from its encrypted outputs; outputs that are not this circuit's are one line."""
+        try:
+            return self._decrypted(fhe_client, outputs)
+        except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise FedfheError(f"{self.url} answered outputs that do not decrypt for this circuit ({first})") from None
+
+    def _decrypted(self, fhe_client: Any, outputs: list[bytes]) -> Prediction:
         """One batch's predictions from its encrypted outputs."""
         if self.outputs == "label":  # each output decrypts to the class index the circuit picked
             picked = [int(np.ravel(fhe_client.deserialize_decrypt(out))[0]) for out in outputs]
@@ -277,12 +306,19 @@ class EncryptedClient:
         return [str(n) for n in names] if isinstance(names, list) else [str(c) for c in self.model["classes"]]
 
     def _spec(self) -> Path:
-        """The client spec, fetched once and pinned by the hash the server advertises."""
-        expected = self.model["client_spec_sha256"]
+        """The client spec, fetched once and pinned by the hash the server advertises (or the one expected);
+        checked for 128-bit parameters before any key is made from it."""
+        expected = str(self.model["client_spec_sha256"])
+        if self.expect_spec is not None and expected != self.expect_spec:
+            raise FedfheError(
+                f"{self.url} serves client spec {expected[:12] or 'unknown'}, not the expected "
+                f"{self.expect_spec[:12]}: no key was made and nothing was sent"
+            )
         _private_dir(self.key_dir)
         spec = self.key_dir / CLIENT_SPEC
         if spec.is_file():
-            held = hashlib.sha256(spec.read_bytes()).hexdigest()
+            data = spec.read_bytes()
+            held = hashlib.sha256(data).hexdigest()
             if held != expected:
                 raise FedfheError(
                     f"{self.url} serves client spec {expected[:12]} but {self.key_dir} holds keys for "
@@ -292,6 +328,8 @@ class EncryptedClient:
             data = self._request("GET", f"{API}/client-spec").content
             if hashlib.sha256(data).hexdigest() != expected:
                 raise FedfheError(f"{self.url}: the client spec does not match the hash the server advertises")
+        check_spec(data, f"{self.url} client spec {expected[:12]}")
+        if not spec.is_file():
             _write_private(spec, data)
         return spec
 
@@ -358,10 +396,13 @@ class EncryptedClient:
         return outputs
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """An HTTP call whose failures are one-line FedfheErrors; a rate-limited call waits and tries again."""
+        """An HTTP call whose failures are one-line FedfheErrors; a rate-limited call waits and tries again.
+
+        Its answer must arrive whole within the timeout and hold at most its route's ANSWER_BYTES.
+        """
         for _ in range(RATE_RETRIES):
             try:
-                response = self._http.request(method, path, **kwargs)
+                response = self._bounded(method, path, **kwargs)
             except httpx.TimeoutException:
                 raise FedfheError(f"{self.url}: no answer within {self.timeout:g} s") from None
             except httpx.HTTPError as exc:
@@ -381,6 +422,23 @@ class EncryptedClient:
                 detail = response.text[:200]
             raise ServerError(response.status_code, f"{self.url}{path}: {response.status_code} {detail}")
         return response
+
+    def _bounded(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The whole answer, read as it streams in: refused past its size cap, or once the timeout has passed
+        since the request (a server trickling a byte every few seconds never trips a per-read timeout)."""
+        limit = ANSWER_BYTES.get(path.rsplit("/", 1)[-1], ANSWER_BYTES["model"])
+        deadline = time.monotonic() + self.timeout
+        with self._http.stream(method, path, **kwargs) as streamed:
+            body = bytearray()
+            for chunk in streamed.iter_bytes():
+                body += chunk
+                if len(body) > limit:
+                    raise FedfheError(f"{self.url}{path}: an answer over {limit} bytes; refused")
+                if time.monotonic() > deadline:
+                    raise FedfheError(f"{self.url}{path}: no whole answer within {self.timeout:g} s")
+            framing = ("content-encoding", "content-length", "transfer-encoding")  # undone by iter_bytes
+            headers = [(k, v) for k, v in streamed.headers.items() if k.lower() not in framing]
+            return httpx.Response(streamed.status_code, headers=headers, content=bytes(body))
 
 
 class ResultsFile:
@@ -407,7 +465,13 @@ class ResultsFile:
         if self.path.suffix.lower() == ".jsonl":
             self._file.writelines(json.dumps(r) + "\n" for r in records)
         else:
-            flat = [{**{k: v for k, v in r.items() if k != "scores"}, **_score_columns(r)} for r in records]
+            flat = [
+                {
+                    _cell(k): _cell(v)
+                    for k, v in {**{k: v for k, v in r.items() if k != "scores"}, **_score_columns(r)}.items()
+                }
+                for r in records
+            ]
             if self._csv is None and flat:
                 self._csv = csv.DictWriter(self._file, fieldnames=list(flat[0]))
                 self._csv.writeheader()
@@ -435,6 +499,14 @@ class ResultsFile:
             os.replace(self.part, self.path)
         elif isinstance(error, FedfheError) and self.rows:
             raise FedfheError(f"{error} ({self.rows} row(s) done are in {self.part})") from None
+
+
+FORMULA = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet would run as a formula at the start of a cell
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: names (the server's or a schema's) that start like a formula get a '."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA) else value
 
 
 def _score_columns(record: dict[str, Any]) -> dict[str, float]:
@@ -470,6 +542,49 @@ def image_row(path: Path, n_features: int, input_range: Range) -> np.ndarray:
         pixels = 255.0 - pixels
     low, high = input_range
     return low + pixels.reshape(1, -1) / 255.0 * (np.asarray(high) - np.asarray(low))
+
+
+def _model_problem(answer: dict[str, Any]) -> str | None:
+    """What is wrong with a server's model facts, if anything: a client sizes its work by them."""
+    n, batch = answer.get("n_features"), answer.get("max_batch")
+    if type(n) is not int or not 1 <= n <= 1_000_000:
+        return f"n_features {n!r}"
+    if type(batch) is not int or batch < 1:
+        return f"max_batch {batch!r}"
+    for field in ("input_low", "input_high"):
+        values = answer[field]
+        if not isinstance(values, list) or len(values) != n or not all(type(v) in (int, float) for v in values):
+            return f"{field} is not {n} numbers"
+    classes = answer["classes"]
+    if not isinstance(classes, list) or not all(type(c) is int and c >= 0 for c in classes):
+        return "classes are not class numbers"
+    used = answer.get("inputs_used", list(range(n)))
+    if not isinstance(used, list) or not used or not all(type(i) is int for i in used) or used != sorted(set(used)):
+        return "inputs_used is not increasing feature indices"
+    if not 0 <= used[0] <= used[-1] < n:
+        return f"inputs_used outside 0..{n - 1}"
+    return None
+
+
+def _sha256(value: str | None, option: str, what: str) -> str | None:
+    """A pinned hash, normalized; anything but 64 hex digits is refused in one line."""
+    if value is None:
+        return None
+    if not re.fullmatch(r"[0-9a-f]{64}", value.strip().lower()):
+        raise FedfheError(f"{option} must be {what}, 64 hex digits (got {value!r})")
+    return value.strip().lower()
+
+
+def _loopback(host: str) -> bool:
+    """Whether a URL's host is this machine (localhost or a loopback address)."""
+    if host == "localhost":
+        return True
+    try:
+        address = ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is this machine too
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _private_dir(path: Path) -> None:

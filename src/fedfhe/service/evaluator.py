@@ -17,13 +17,15 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 from fedfhe.errors import FedfheError
-from fedfhe.fhe import CircuitServer
+from fedfhe.fhe import CircuitServer, native_quiet
+from fedfhe.service import keyset
 from fedfhe.service.keystore import UnknownKey
 from fedfhe.service.workers import keep_freed_memory, spawn_pool, usable_cores
 
@@ -41,6 +43,10 @@ class EvaluationTimeout(FedfheError):
 
 class WorkerDied(FedfheError):
     """Every worker is gone and none came back in time; the request may be retried."""
+
+
+class Crashed(WorkerDied):
+    """A worker died on this request, and again on the retry in a fresh pool."""
 
 
 @functools.cache
@@ -107,8 +113,20 @@ def _run(fhe_dir: str, ciphertext: bytes, key_id: str, key_path: str) -> bytes:
         raise Rejected(_first_line(exc)) from None
 
 
-def _check_key(key: bytes) -> None:
-    """Deserialize evaluation keys as the circuit will; they must serialize back to exactly the bytes sent."""
+@functools.cache
+def _expected_keys(fhe_dir: str) -> keyset.Layout:
+    """What evaluation keys for this circuit look like: those of a keyset made here from its client spec."""
+    from concrete import fhe
+
+    client = fhe.Client(_server(fhe_dir).server.client_specs)
+    with native_quiet():
+        client.keygen(force=True, secret_seed=1, encryption_seed=1)
+    return keyset.layout(client.evaluation_keys.serialize())
+
+
+def _check_key(fhe_dir: str, key: bytes) -> None:
+    """Deserialize evaluation keys as the circuit will; they must serialize back to exactly the bytes sent,
+    and hold the keys this circuit uses with its parameters (sizes, ids, dimensions), nothing else."""
     from concrete import fhe
 
     try:
@@ -117,6 +135,16 @@ def _check_key(key: bytes) -> None:
         raise Rejected(f"not Concrete evaluation keys ({_first_line(exc)})") from None
     if again != key:
         raise Rejected(f"not Concrete evaluation keys alone: {len(key)} bytes sent, the keys in them are {len(again)}")
+    try:
+        sent = keyset.layout(key)
+    except keyset.Malformed as exc:
+        raise Rejected(f"not Concrete evaluation keys ({exc})") from None
+    expected = _expected_keys(fhe_dir)
+    if sent != expected:
+        need, have = keyset.counts(expected), keyset.counts(sent)
+        needed = ", ".join(f"{n} {kind}" for n, kind in zip(need, keyset.LISTS))
+        held = "the same numbers with other parameters" if have == need else ", ".join(map(str, have))
+        raise Rejected(f"evaluation keys for another circuit: this one needs {needed} keys of its parameters ({held})")
 
 
 class Evaluator:
@@ -132,6 +160,9 @@ class Evaluator:
         self._pool: ProcessPoolExecutor | None = None
         self._ready = threading.Event()
         self._lock = threading.Lock()
+        self.crashed: set[str] = set()  # key ids the workers died on, twice
+        self._gate = asyncio.Condition()  # requests share the pool; a retry after a death has it alone
+        self._in_pool, self._alone_now = 0, False
 
     def start(self) -> None:
         """Start the workers and load the circuit in each, once; a circuit that cannot load is one line."""
@@ -152,26 +183,88 @@ class Evaluator:
                 await asyncio.to_thread(self._replace)
 
     async def check_key(self, key: bytes, timeout: float) -> None:
-        """Refuse keys Concrete cannot read, or that carry anything more; parsing happens in a worker."""
-        await self._submit([(_check_key, key)], timeout)
+        """Refuse keys Concrete cannot read, that carry anything more, or that are not this circuit's keys;
+        parsing happens in a worker."""
+        try:
+            await self._submit([(_check_key, self.fhe_dir, key)], timeout)
+        except Crashed:
+            raise Rejected("these evaluation keys crashed an FHE worker twice") from None
 
     async def run(self, ciphertexts: list[bytes], key_id: str, key_path: Path, timeout: float) -> list[bytes]:
-        """Evaluate a batch across the workers under one deadline; the first bad frame stops the batch."""
-        return await self._submit([(_run, self.fhe_dir, c, key_id, str(key_path)) for c in ciphertexts], timeout)
+        """Evaluate a batch across the workers under one deadline; the first bad frame stops the batch.
+
+        Keys under which workers died twice are refused from then on: one client cannot keep the pool restarting.
+        """
+        if key_id in self.crashed:
+            raise Rejected(
+                f"key id {key_id[:12]} crashed the FHE workers; upload evaluation keys made for this circuit"
+            )
+        try:
+            return await self._submit([(_run, self.fhe_dir, c, key_id, str(key_path)) for c in ciphertexts], timeout)
+        except Crashed:
+            self.crashed.add(key_id)
+            raise Rejected(
+                f"key id {key_id[:12]} crashed the FHE workers twice and is refused from now on; "
+                "upload evaluation keys made for this circuit"
+            ) from None
 
     async def _submit(self, calls: list[tuple[Any, ...]], timeout: float) -> list[Any]:
-        """Run calls in the pool under one deadline; a pool found broken is replaced (warm) and tried once more."""
+        """Run calls in the pool under one deadline. A pool found broken is replaced (warm) and the calls tried
+        once more with the pool to themselves: if it breaks again, they are what breaks it (Crashed)."""
         deadline = time.monotonic() + timeout
-        for attempt in (1, 2):
-            if not await asyncio.to_thread(self._ready.wait, max(deadline - time.monotonic(), 0)):
-                raise WorkerDied(f"no FHE worker came back within {timeout:g} s; retry later")
+        try:
+            async with asyncio.timeout(timeout), self._shared():
+                return await self._attempt(calls, deadline, timeout)
+        except (BrokenProcessPool, RuntimeError):  # RuntimeError: the pool was shut down for a replacement
+            pass
+        except TimeoutError:
+            raise EvaluationTimeout(f"FHE evaluation took longer than {timeout:g} s") from None
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0)), self._alone():
+                await asyncio.to_thread(self._replace)  # unless another request has replaced it already
+                return await self._attempt(calls, deadline, timeout)
+        except (BrokenProcessPool, RuntimeError):
+            raise Crashed("an FHE worker died on this request, and again with the pool to itself") from None
+        except TimeoutError:
+            raise WorkerDied(f"an FHE worker died on this request and no retry fitted in {timeout:g} s") from None
+
+    async def _attempt(self, calls: list[tuple[Any, ...]], deadline: float, timeout: float) -> list[Any]:
+        """Once the pool is ready, gather the calls."""
+        if not await asyncio.to_thread(self._ready.wait, max(deadline - time.monotonic(), 0)):
+            raise WorkerDied(f"no FHE worker came back within {timeout:g} s; retry later")
+        return await self._gather(calls, deadline, timeout)
+
+    @contextlib.asynccontextmanager
+    async def _shared(self) -> AsyncIterator[None]:
+        """Use the pool alongside other requests (not while one has it to itself)."""
+        async with self._gate:
+            await self._gate.wait_for(lambda: not self._alone_now)
+            self._in_pool += 1
+        try:
+            yield
+        finally:
+            async with self._gate:
+                self._in_pool -= 1
+                self._gate.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def _alone(self) -> AsyncIterator[None]:
+        """Have the pool to ourselves: wait for the requests in it to finish, let no other in meanwhile."""
+        async with self._gate:
+            await self._gate.wait_for(lambda: not self._alone_now)
+            self._alone_now = True
             try:
-                return await self._gather(calls, deadline, timeout)
-            except (BrokenProcessPool, RuntimeError):  # RuntimeError: the pool was shut down for a replacement
-                if attempt == 2 or time.monotonic() > deadline:
-                    break
-                await asyncio.to_thread(self._replace)
-        raise WorkerDied("an FHE worker died twice on this request; retry it later")
+                await self._gate.wait_for(lambda: self._in_pool == 0)
+            except BaseException:
+                self._alone_now = False
+                self._gate.notify_all()
+                raise
+        try:
+            yield
+        finally:
+            async with self._gate:
+                self._alone_now = False
+                self._gate.notify_all()
 
     async def _gather(self, calls: list[tuple[Any, ...]], deadline: float, timeout: float) -> list[Any]:
         """Submit every call, collect in order; the first error cancels what has not started."""

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -213,8 +214,28 @@ def create_app(
         request.state.token = label
         access.admit(label)
 
-    app = FastAPI(title="fedfhe encrypted inference", version="1", lifespan=lifespan)
+    # With tokens, the API's description is for token holders too: /docs, /redoc and /openapi.json.
+    open_docs = access is None
+    app = FastAPI(
+        title="fedfhe encrypted inference",
+        version="1",
+        lifespan=lifespan,
+        docs_url="/docs" if open_docs else None,
+        redoc_url="/redoc" if open_docs else None,
+        openapi_url="/openapi.json" if open_docs else None,
+    )
     protected = APIRouter(prefix=API, dependencies=[Depends(authorized)])
+    if access is not None:
+
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorized)])
+        def openapi() -> JSONResponse:
+            """The OpenAPI description, for a caller with a token."""
+            return JSONResponse(app.openapi())
+
+        @app.get("/docs", include_in_schema=False, dependencies=[Depends(authorized)])
+        def docs() -> HTMLResponse:
+            """Swagger UI, for a caller with a token (its page fetches /openapi.json, which needs one too)."""
+            return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
 
     def _finish(request: Request, status: int, seconds: float, error: str | None) -> None:
         """Count the request and write its log line."""
