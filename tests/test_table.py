@@ -170,6 +170,17 @@ def test_a_schema_of_40_000_features_is_read_whole_and_its_repeats_found():
         )
 
 
+def test_a_small_parquet_file_of_many_rows_is_refused_from_its_metadata(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "rows.parquet"
+    pd.DataFrame({"a": np.zeros(2_000_000), "b": np.zeros(2_000_000)}).to_parquet(path)  # a few KB on disk
+    assert path.stat().st_size < 1 << 20
+    with pytest.raises(FedfheError, match=r"rows.parquet: 30.52 MiB declared, more than the 1 MiB allowed"):
+        table.read_frame(path, max_bytes=1 << 20)
+    assert len(table.read_frame(path, max_bytes=64 << 20)) == 2_000_000
+
+
 def test_a_table_file_that_is_not_one_is_refused(tmp_path):
     for name, content, message in [
         ("t.xlsx", b"PK", "unsupported table format"),

@@ -166,6 +166,12 @@ def test_a_compiled_specs_parameters_pass_and_sit_above_the_curve():
         ("keyset.lweKeyswitchKeys.0.outputId", 7, "keyswitch key 0 is encrypted at dimension 801 under a key"),
         ("keyset.lweKeyswitchKeys.0.params.variance", float("nan"), "keyswitch key 0 has noise variance nan"),
         ("circuits", "nothing", "unreadable client spec"),
+        (
+            "circuits.0.inputs.0.typeInfo.lweCiphertext.encryption.modulus",
+            {"modulus": {"integer": {"modulus": 65536}}},
+            "input 0 is not over the native 64-bit modulus",
+        ),
+        ("keyset.lweSecretKeys.1.id", 0, "two secret keys share an id"),
     ],
 )
 def test_weak_or_unexpected_specs_are_refused_in_one_line(path, value, problem):
@@ -182,4 +188,13 @@ def test_what_is_not_a_spec_is_one_line():
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("client.specs.json", b" " * (2 << 20))  # 2 MiB of blanks, 2 KB packed
     with pytest.raises(WeakSpec, match="unpacks to 2097152 bytes"):
+        check_spec(buffer.getvalue(), "here")
+
+
+def test_a_second_spec_in_the_zip_is_refused():
+    buffer = io.BytesIO()  # Concrete unpacks every entry: ./client.specs.json would replace the one checked
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("client.specs.json", json.dumps(SECURE))
+        archive.writestr("./client.specs.json", json.dumps(changed("keyset.lweSecretKeys.0.params.lweDimension", 1)))
+    with pytest.raises(WeakSpec, match="it holds client.specs.json more than once"):
         check_spec(buffer.getvalue(), "here")

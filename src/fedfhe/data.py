@@ -277,7 +277,8 @@ def read_table(
 
 
 def check_size(path: Path, max_bytes: int) -> None:
-    """Refuse a file, or the arrays its .npy/.npz headers declare (X, y), larger than max_bytes (no data is read)."""
+    """Refuse a file, or what its headers declare (.npy/.npz arrays X and y, a Parquet file's rows), larger than
+    max_bytes (no data is read)."""
     if max_bytes <= 0:
         raise FedfheError(f"the largest input allowed must be positive (got {max_bytes} bytes)")
     sizes = {"on disk": path.stat().st_size}
@@ -290,6 +291,14 @@ def check_size(path: Path, max_bytes: int) -> None:
             for name in set(z.namelist()) & {"X.npy", "y.npy", "X", "y"}:  # the arrays read_table loads
                 with z.open(name) as member:
                     sizes["declared"] += _declared_bytes(member)
+    elif path.suffix.lower() == ".parquet":  # 68 KB of Parquet can declare 100 million rows
+        import pyarrow.parquet as pq  # type: ignore[import-untyped]  # pyarrow ships no type stubs
+
+        meta = pq.ParquetFile(path).metadata
+        sizes["declared"] = max(
+            meta.num_rows * meta.num_columns * 8,  # 8 bytes a cell at least, once decoded
+            sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)),
+        )
     for what, size in sizes.items():
         if size > max_bytes:
             raise FedfheError(f"{path}: {size / MiB:.4g} MiB {what}, more than the {max_bytes / MiB:.4g} MiB allowed")

@@ -219,8 +219,9 @@ class Evaluator:
             pass
         except TimeoutError:
             raise EvaluationTimeout(f"FHE evaluation took longer than {timeout:g} s") from None
+        deadline = time.monotonic() + timeout  # the retry's own time: every first death gets a verdict
         try:
-            async with asyncio.timeout(max(deadline - time.monotonic(), 0)), self._alone():
+            async with asyncio.timeout(timeout), self._alone():
                 await asyncio.to_thread(self._replace)  # unless another request has replaced it already
                 return await self._attempt(calls, deadline, timeout)
         except (BrokenProcessPool, RuntimeError):

@@ -83,6 +83,7 @@ class _Walk:
         w = self.word(segment, index)
         if w == 0:
             return None
+        self.budget -= 1  # every pointer followed, far hops included, is a step of the walk
         if depth > MAX_DEPTH:
             raise Malformed(f"nested over {MAX_DEPTH} levels")
         kind = w & 3

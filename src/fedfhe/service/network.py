@@ -59,8 +59,9 @@ def guarded_protocol(
         """Past the cap, close the connection that has waited longest (or refuse the newcomer if none waits)."""
         if tally["open"] <= max_connections:
             return
-        victim = next(iter(early), None) or next(iter(late), None)
-        if victim is None or victim is newcomer:  # nobody else waits (all are being answered or closing)
+        others = (c for waiting in (early, late) for c in waiting if c is not newcomer)
+        victim = next(others, None)  # the oldest without a request's headers, else the oldest body arriving
+        if victim is None:  # nobody else waits (all are being answered or closing)
             newcomer.refuse()
         else:
             victim.evict()
@@ -110,17 +111,22 @@ def guarded_protocol(
             self._close()
 
         def evict(self) -> None:
-            """Make room, or end a request that did not arrive in time. A TLS connection is closed at once: a
-            TLS close would keep the descriptor while it waits (up to 30 s) for the peer's goodbye."""
+            """Make room: close at once (a graceful close waits for unsent data or, over TLS, the peer's goodbye)."""
             self._stop_waiting()
+            self.transport.abort()
+
+        def _expire(self) -> None:
+            """A request did not arrive in time: close plainly over http (the peer sees the end), at once over TLS."""
             if tls is None:
                 self._close()
             else:
-                self.transport.abort()
+                self.evict()
 
         def _wait(self) -> None:
             early[self] = None
-            self._deadline = self.loop.call_later(read_timeout, self.evict)
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(read_timeout, self._expire)
 
         def _stop_waiting(self) -> None:
             early.pop(self, None)

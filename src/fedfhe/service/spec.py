@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import posixpath
 import zipfile
 from typing import Any
 
@@ -21,6 +22,7 @@ from fedfhe.errors import FedfheError
 
 SLOPE, BIAS, MIN_DIMENSION = -0.026405028765226296, 2.482642269104389, 450  # Concrete's curve for 128 bits
 SPECS = "client.specs.json"
+NATIVE: dict[str, Any] = {"modulus": {"native": {}}}  # the 2^64 modulus the security curve is for
 MAX_SPECS_BYTES = 1 << 20  # a linear model's spec is a few KB
 
 
@@ -37,11 +39,15 @@ def check_spec(client_zip: bytes, where: str) -> None:
     """Refuse a client.zip whose spec a client could not safely make keys for; `where` names it in errors."""
     try:
         with zipfile.ZipFile(io.BytesIO(client_zip)) as spec:
+            if [posixpath.normpath(n) for n in spec.namelist()].count(SPECS) != 1:  # Concrete unpacks them all
+                raise WeakSpec(f"it holds {SPECS} more than once")
             if spec.getinfo(SPECS).file_size > MAX_SPECS_BYTES:
                 raise WeakSpec(f"{SPECS} unpacks to {spec.getinfo(SPECS).file_size} bytes")
             specs = json.loads(spec.read(SPECS))
         keyset, circuits = specs["keyset"], specs["circuits"]
         secret = {int(k["id"]): _secret_key(k) for k in keyset["lweSecretKeys"]}
+        if len(secret) != len(keyset["lweSecretKeys"]):
+            raise WeakSpec("two secret keys share an id")
         for kind, keys in (
             ("bootstrap", keyset["lweBootstrapKeys"]),
             ("packing keyswitch", keyset["packingKeyswitchKeys"]),
@@ -62,7 +68,7 @@ def check_spec(client_zip: bytes, where: str) -> None:
                     raise WeakSpec(f"input {i} is not seed-compressed, as fedfhe compiles every input")
     except WeakSpec as exc:
         raise WeakSpec(f"{where}: refused, {exc}; no key was made and nothing was encrypted") from None
-    except (OSError, zipfile.BadZipFile, KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (OSError, zipfile.BadZipFile, KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
         raise WeakSpec(f"{where}: unreadable client spec ({type(exc).__name__}: {exc})") from None
 
 
@@ -81,6 +87,8 @@ def _secure(what: str, dimension: int, params: dict[str, Any], key: int | None) 
     """One encryption's noise against the curve at its dimension, which must be that of a key the spec makes."""
     if key != dimension:
         raise WeakSpec(f"{what} is encrypted at dimension {dimension} under a key the spec does not describe so")
+    if params.get("modulus", NATIVE) != NATIVE:
+        raise WeakSpec(f"{what} is not over the native 64-bit modulus")
     variance = float(params["variance"])
     if not math.isfinite(variance) or variance < min_variance(dimension):
         raise WeakSpec(
