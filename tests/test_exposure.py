@@ -408,7 +408,11 @@ FACTS = {"n_features": 2, "classes": [0, 1], "input_low": [0, 0], "input_high": 
         ("whole", b" " * (2 << 20), "an answer over 1048576 bytes; refused"),
         ("trickle", json.dumps({**FACTS, "max_batch": 8}).encode(), "no whole answer within 2 s"),
         ("whole", json.dumps({**FACTS, "max_batch": 0}).encode(), "/v1/model: max_batch 0"),
-        ("whole", json.dumps({**FACTS, "max_batch": 8, "inputs_used": [5]}).encode(), "inputs_used outside 0..1"),
+        (
+            "whole",
+            json.dumps({**FACTS, "max_batch": 8, "inputs_used": [5]}).encode(),
+            "inputs_used is not increasing feature indices below 2",
+        ),
         ("whole", json.dumps({**FACTS, "max_batch": 8, "input_low": [0]}).encode(), "input_low is not 2 numbers"),
     ],
 )

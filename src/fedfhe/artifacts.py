@@ -98,8 +98,7 @@ def read_artifacts(run: RunDir, model: LinearModel) -> Artifacts:
     if info["model_sha256"] != model.sha256:
         raise FedfheError(f"{folder}: FHE artifacts were compiled for another model; compile again")
     used = info.get("inputs_used", list(range(model.n_features)))
-    valid = isinstance(used, list) and all(type(i) is int for i in used) and len(used) > 0
-    if not valid or used != sorted(set(used)) or not 0 <= used[0] <= used[-1] < model.n_features:
+    if not valid_inputs_used(used, model.n_features):
         raise FedfheError(
             f"{folder / FHE_INFO}: inputs_used must be increasing feature indices below {model.n_features}"
         )
@@ -113,6 +112,12 @@ def read_artifacts(run: RunDir, model: LinearModel) -> Artifacts:
         info["outputs"],
         np.array(used),
     )
+
+
+def valid_inputs_used(used: Any, n_features: int) -> bool:
+    """Whether `inputs_used` (fhe.json, or a server's model facts) is increasing feature indices below n_features."""
+    valid = isinstance(used, list) and len(used) > 0 and all(type(i) is int for i in used)
+    return valid and used == sorted(set(used)) and 0 <= used[0] <= used[-1] < n_features
 
 
 def compiled_outputs(run: RunDir, model: LinearModel) -> str:

@@ -241,12 +241,16 @@ class Guarded(Strategy):
         Each reply also scored the global model it received: the previous round's clients row.
         """
         arrived = time.monotonic()
-        answered = [m for m in replies if not m.has_error()]
-        ok = sorted((m for m in answered if _finite(m)), key=lambda m: m.content["arrays"].object_id)
+        ok: list[Message] = []
+        poisoned: list[Message] = []
+        for m in replies:
+            if not m.has_error():
+                (ok if _finite(m) else poisoned).append(m)
+        ok.sort(key=lambda m: m.content["arrays"].object_id)
         absolute = server_round + self.offset
         row = self.log.row(absolute)
         row["failures"], row["sampled"] = self.sampled - len(ok), self.sampled
-        if poisoned := [m for m in answered if not _finite(m)]:
+        if poisoned:
             row["dropped"] = [{"client": _sender(m), "reason": "non-finite update or metrics"} for m in poisoned]
         if len(ok) < min(self.config.min_clients, self.sampled):
             raise FedfheError(

@@ -33,6 +33,7 @@ from typing import Any, Self, TextIO
 import httpx
 import numpy as np
 
+from fedfhe.artifacts import valid_inputs_used
 from fedfhe.data import Range, check_features, read_table
 from fedfhe.errors import FedfheError
 from fedfhe.rundir import CLIENT_SPEC, SPEC_SCHEMA
@@ -95,7 +96,8 @@ class EncryptedClient:
         expect_spec: str | None = None,
     ) -> None:
         self.url, self.key_dir, self.timeout = url.rstrip("/"), Path(key_dir), timeout
-        if httpx.URL(self.url).scheme == "http" and not _loopback(httpx.URL(self.url).host):
+        parsed = httpx.URL(self.url)
+        if parsed.scheme == "http" and not _loopback(parsed.host):
             warnings.warn(
                 f"{self.url}: plain http to another host, anyone on the network can read and change the client "
                 "spec, keys and results; use https (--ca-cert for a private CA) and --expect-spec",
@@ -465,13 +467,7 @@ class ResultsFile:
         if self.path.suffix.lower() == ".jsonl":
             self._file.writelines(json.dumps(r) + "\n" for r in records)
         else:
-            flat = [
-                {
-                    _cell(k): _cell(v)
-                    for k, v in {**{k: v for k, v in r.items() if k != "scores"}, **_score_columns(r)}.items()
-                }
-                for r in records
-            ]
+            flat = [_csv_row(r) for r in records]
             if self._csv is None and flat:
                 self._csv = csv.DictWriter(self._file, fieldnames=list(flat[0]))
                 self._csv.writeheader()
@@ -509,9 +505,10 @@ def _cell(value: Any) -> Any:
     return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA) else value
 
 
-def _score_columns(record: dict[str, Any]) -> dict[str, float]:
-    """A record's scores as CSV columns."""
-    return {f"score_{name}": value for name, value in record.get("scores", {}).items()}
+def _csv_row(record: dict[str, Any]) -> dict[str, Any]:
+    """A record as one CSV row: its scores as score_NAME columns, every name and value safe for a spreadsheet."""
+    scores = {f"score_{name}": value for name, value in record.get("scores", {}).items()}
+    return {_cell(k): _cell(v) for k, v in {**record, **scores}.items() if k != "scores"}
 
 
 def read_inputs(path: Path, n_features: int, input_range: Range, max_bytes: int | None = None) -> np.ndarray:
@@ -558,11 +555,8 @@ def _model_problem(answer: dict[str, Any]) -> str | None:
     classes = answer["classes"]
     if not isinstance(classes, list) or not all(type(c) is int and c >= 0 for c in classes):
         return "classes are not class numbers"
-    used = answer.get("inputs_used", list(range(n)))
-    if not isinstance(used, list) or not used or not all(type(i) is int for i in used) or used != sorted(set(used)):
-        return "inputs_used is not increasing feature indices"
-    if not 0 <= used[0] <= used[-1] < n:
-        return f"inputs_used outside 0..{n - 1}"
+    if not valid_inputs_used(answer.get("inputs_used", list(range(n))), n):
+        return f"inputs_used is not increasing feature indices below {n}"
     return None
 
 

@@ -23,8 +23,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -214,7 +213,8 @@ def create_app(
         request.state.token = label
         access.admit(label)
 
-    # With tokens, the API's description is for token holders too: /docs, /redoc and /openapi.json.
+    # With tokens the API's description is for token holders: /openapi.json needs one, and the /docs and /redoc
+    # pages are off (a browser page cannot send the token when it fetches the description).
     open_docs = access is None
     app = FastAPI(
         title="fedfhe encrypted inference",
@@ -231,11 +231,6 @@ def create_app(
         def openapi() -> JSONResponse:
             """The OpenAPI description, for a caller with a token."""
             return JSONResponse(app.openapi())
-
-        @app.get("/docs", include_in_schema=False, dependencies=[Depends(authorized)])
-        def docs() -> HTMLResponse:
-            """Swagger UI, for a caller with a token (its page fetches /openapi.json, which needs one too)."""
-            return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
 
     def _finish(request: Request, status: int, seconds: float, error: str | None) -> None:
         """Count the request and write its log line."""
