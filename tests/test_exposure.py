@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.server
 import json
@@ -29,6 +30,7 @@ from fedfhe.errors import FedfheError
 from fedfhe.federated.certificates import make_certificates
 from fedfhe.service.access import token_label
 from fedfhe.service.client import EncryptedClient
+from fedfhe.service.processing import read_quantizers
 
 pytestmark = [pytest.mark.server, pytest.mark.xdist_group("exposure")]  # one `guarded` server
 
@@ -42,9 +44,10 @@ def rows(digits) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def guarded(served_run, tmp_path_factory) -> Iterator[Served]:
-    """One worker, a 3 s read deadline, at most 2 stored keys and 1 MiB of them."""
+    """One worker, a 3 s read deadline, at most 2 stored keys and 1 MiB of them, 20 MiB of bodies at once."""
     tmp = tmp_path_factory.mktemp("guarded")
     options = ("--workers", "1", "--read-timeout", "3", "--max-keys", "2", "--max-key-store-mb", "1")
+    options += ("--max-inflight-mb", "20")
     with serving(served_run, tmp / "keys", tmp / "server.log", *options) as served:
         yield served
 
@@ -139,6 +142,23 @@ def test_a_client_hanging_up_mid_body_is_one_log_line_not_a_500(guarded):
     new = log_lines(guarded)[before:]
     assert not any("Traceback" in line or '"status": 500' in line for line in new)
     assert 'status="500"' not in httpx.get(f"{guarded.url}/metrics").text
+
+
+def test_bodies_in_flight_share_one_budget(guarded):
+    port = int(guarded.url.rsplit(":", 1)[1])
+    first = socket.create_connection(("127.0.0.1", port), timeout=10)  # 12 MiB announced, 1 MiB sent so far
+    first.sendall(b"POST /v1/keys HTTP/1.1\r\nHost: x\r\ncontent-type: application/octet-stream\r\n")
+    first.sendall(f"content-length: {12 << 20}\r\n\r\n".encode() + b"x" * (1 << 20))
+    try:
+        refused = httpx.post(f"{guarded.url}/v1/keys", content=b"y" * (10 << 20), headers=OCTET, timeout=30)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert "holds 12582912 bytes of request bodies, the most it takes is 20971520" in refused.json()["detail"]
+        first.sendall(b"x" * (11 << 20))
+        assert first.recv(4096).startswith(b"HTTP/1.1 400")  # read whole and answered: its bytes are free again
+    finally:
+        first.close()
+    again = httpx.post(f"{guarded.url}/v1/keys", content=b"y" * (10 << 20), headers=OCTET, timeout=30)
+    assert again.status_code == 400
 
 
 def test_evaluation_keys_must_be_the_keys_alone(guarded, rows, tmp_path):
@@ -301,6 +321,41 @@ def test_a_server_serving_weak_crypto_parameters_gets_no_key_and_no_row(served_r
     assert hashlib.sha256((run / "fhe" / "client.zip").read_bytes()).hexdigest() == facts["client_spec_sha256"]
 
 
+def test_the_client_reads_quantizers_as_numbers_and_never_decodes_a_type(served_run, guarded, rows, tmp_path):
+    from concrete.ml.deployment import FHEModelClient
+
+    run = copy_of(served_run, tmp_path)
+    spec = run / "fhe" / "client.zip"
+    reference = FHEModelClient(str(run / "fhe")).model  # Concrete ML's own reading (skops), of the honest file
+    ours = read_quantizers(spec.read_bytes(), "here")
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-0.2, 1.2, (64, rows.shape[1]))
+    assert np.array_equal(ours.quantize(X), reference.quantize_input(X))
+    outputs = rng.integers(-3000, 3000, (64, 10))
+    expected = reference.post_processing(reference.dequantize_output(outputs))
+    assert np.allclose(np.vstack([ours.scores(row, classifier=True) for row in outputs]), expected)
+    with zipfile.ZipFile(spec) as original:
+        files = {name: original.read(name) for name in original.namelist()}
+    processing = json.loads(files["serialized_processing.json"])
+    processing["model_type"]["serialized_value"] = "ff" * 64  # what Concrete ML would hand to skops: junk
+    files["serialized_processing.json"] = json.dumps(processing).encode()
+    with zipfile.ZipFile(spec, "w") as rewritten:
+        for name, data in files.items():
+            rewritten.writestr(name, data)
+    with pytest.raises(zipfile.BadZipFile):  # Concrete ML's client hands that value to skops, as a zip
+        FHEModelClient(str(run / "fhe"))
+    with EncryptedClient(guarded.url, tmp_path / "honest") as client:
+        honest = client.predict(rows)
+    with (
+        serving(run, tmp_path / "store", tmp_path / "server.log", "--workers", "1") as served,
+        EncryptedClient(served.url, tmp_path / "k") as client,
+    ):
+        served_junk = client.predict(rows)
+    assert served_junk.predicted.tolist() == honest.predicted.tolist()
+    assert served_junk.scores is not None and honest.scores is not None
+    assert np.allclose(served_junk.scores, honest.scores) and np.allclose(served_junk.scores.sum(axis=1), 1)
+
+
 def test_careless_predict_options_are_one_line(guarded, rows, tmp_path):
     np.save(tmp_path / "rows.npy", np.repeat(rows, 8, axis=0))  # 32 rows: 16 KiB
     (tmp_path / "a-file").write_text("not a folder")
@@ -368,7 +423,10 @@ class Hostile(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         how, body = self.answer
-        head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        if how == "gzip":  # a bomb: 64 MiB of blanks in 64 KB, over the 1 MiB cap once unpacked
+            body = gzip.compress(b" " * (64 << 20), compresslevel=1)
+        encoding = "content-encoding: gzip\r\n" if how == "gzip" else ""
+        head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{encoding}content-length: {len(body)}\r\n\r\n"
         try:  # MSG_NOSIGNAL: a client that hung up is an error here, never a SIGPIPE for the test's process
             self.connection.sendall(head.encode(), socket.MSG_NOSIGNAL)
             if how == "trickle":
@@ -406,6 +464,7 @@ FACTS = {"n_features": 2, "classes": [0, 1], "input_low": [0, 0], "input_high": 
     "how, body, problem",
     [
         ("whole", b" " * (2 << 20), "an answer over 1048576 bytes; refused"),
+        ("gzip", b"", "a compressed answer, which the client did not ask for; refused"),
         ("trickle", json.dumps({**FACTS, "max_batch": 8}).encode(), "no whole answer within 2 s"),
         ("whole", json.dumps({**FACTS, "max_batch": 0}).encode(), "/v1/model: max_batch 0"),
         (

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 import zipfile
 
+import numpy as np
 import pytest
 
+from fedfhe.errors import FedfheError
 from fedfhe.service.keyset import Malformed, counts, layout
+from fedfhe.service.processing import read_quantizers
 from fedfhe.service.spec import WeakSpec, check_spec, min_variance
 
 
@@ -124,9 +128,9 @@ def zipped(specs: dict) -> bytes:
     return buffer.getvalue()
 
 
-def changed(path: str, value: object) -> dict:
-    """SECURE with one field replaced; `path` is dotted, numbers index lists."""
-    specs = json.loads(json.dumps(SECURE))
+def changed(path: str, value: object, original: dict = SECURE) -> dict:
+    """A copy of `original` with one field replaced; `path` is dotted, numbers index lists."""
+    specs = json.loads(json.dumps(original))
     *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
     node = specs
     for part in parents:
@@ -198,3 +202,76 @@ def test_a_second_spec_in_the_zip_is_refused():
         archive.writestr("./client.specs.json", json.dumps(changed("keyset.lweSecretKeys.0.params.lweDimension", 1)))
     with pytest.raises(WeakSpec, match="it holds client.specs.json more than once"):
         check_spec(buffer.getvalue(), "here")
+
+
+def number(kind: str, value: object) -> dict:
+    return {"type_name": kind, "serialized_value": value, "dtype": "int64" if kind != "numpy_float" else "float64"}
+
+
+# A 6-bit model's serialized_processing.json as Concrete ML 1.9 writes it, with its model class left out.
+PROCESSING = {
+    "model_type": {"type_name": "type", "serialized_value": "00 not a skops archive: the client never decodes it"},
+    "model_post_processing_params": {},
+    "input_quantizers": [
+        {
+            "type_name": "UniformQuantizer",
+            "serialized_value": {
+                "n_bits": 6,
+                "is_signed": True,
+                "is_narrow": False,
+                "scale": number("numpy_float", 1 / 63),
+                "zero_point": number("numpy_integer", -32),
+                "offset": 32,
+                "no_clipping": False,
+            },
+        }
+    ],
+    "output_quantizers": [
+        {
+            "type_name": "UniformQuantizer",
+            "serialized_value": {
+                "scale": number("numpy_float", 0.01),
+                "zero_point": number("numpy_array", [[100, -50]]),
+            },
+        }
+    ],
+}
+
+
+def with_processing(processing: dict) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("client.specs.json", json.dumps(SECURE))
+        archive.writestr("serialized_processing.json", json.dumps(processing))
+    return buffer.getvalue()
+
+
+def test_quantizers_are_read_as_numbers_and_used_as_concrete_ml_does():
+    quantizers = read_quantizers(with_processing(PROCESSING), "here")
+    assert quantizers.quantize(np.array([[0.0, 0.5, 1.0, -3.0, 7.0]])).tolist() == [[-32, 0, 31, -32, 31]]
+    two = quantizers.scores(np.array([[300, 50]]), classifier=True)  # logits 2 and 1: softmax
+    assert np.allclose(two, np.exp([2, 1]) / np.exp([2, 1]).sum())
+    assert np.allclose(quantizers.scores(np.array([[300, 50]]), classifier=False), [[2, 1]])
+    single = changed("output_quantizers.0.serialized_value.zero_point", number("numpy_array", [[0]]), PROCESSING)
+    p = 1 / (1 + np.exp(-1.5))  # one logit of a binary classifier: [1 - p, p]
+    assert np.allclose(read_quantizers(with_processing(single), "here").scores(np.array([[150]]), True), [[1 - p, p]])
+
+
+@pytest.mark.parametrize(
+    "path, value, problem",
+    [
+        ("input_quantizers.0.serialized_value.scale", number("numpy_float", float("nan")), "non-finite"),
+        ("input_quantizers.0.serialized_value.scale", number("numpy_float", -1.0), "a quantizer scale of [-1.0]"),
+        ("input_quantizers.0.serialized_value.n_bits", 40, "input quantizer of 40 bits"),
+        ("input_quantizers.0.serialized_value.offset", 3, "with offset 3"),
+        ("input_quantizers.0.serialized_value.no_clipping", True, "an input quantizer that does not clip"),
+        ("input_quantizers.0.type_name", "SkopsObject", "not a UniformQuantizer"),
+        ("input_quantizers.0.serialized_value.zero_point", {"type_name": "function", "x": 1}, "a number tagged"),
+        ("output_quantizers", [], "not one input and one output quantizer"),
+        ("output_quantizers.0.serialized_value.zero_point", [[[1]]], "zero points of an unexpected shape"),
+    ],
+)
+def test_quantizers_that_are_not_a_linear_models_are_one_line(path, value, problem):
+    with pytest.raises(FedfheError, match=re.escape(problem)) as refused:
+        read_quantizers(with_processing(changed(path, value, PROCESSING)), "https://server client spec")
+    assert "\n" not in str(refused.value) and str(refused.value).startswith("https://server client spec")

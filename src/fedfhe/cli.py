@@ -757,6 +757,9 @@ def serve(
     max_key_mb: Annotated[
         float, typer.Option(help="Largest evaluation key upload, in MiB (label outputs need 26-47 MB).")
     ] = 128.0,
+    max_inflight_mb: Annotated[
+        float, typer.Option(help="Most MiB of request bodies held at once, all clients together (then 503).")
+    ] = 512.0,
     max_batch: Annotated[int, typer.Option(help="Most ciphertexts per request.")] = 256,
     timeout: Annotated[float, typer.Option(help="Seconds of FHE work allowed per request.")] = 60.0,
     read_timeout: Annotated[
@@ -783,9 +786,9 @@ def serve(
     from fedfhe.service.evaluator import Evaluator
     from fedfhe.service.server import Limits, create_app
 
-    if min(max_body_mb, max_key_mb, max_key_store_mb, timeout) <= 0 or max_batch < 1 or max_keys < 1:
+    if min(max_body_mb, max_key_mb, max_key_store_mb, max_inflight_mb, timeout) <= 0 or min(max_batch, max_keys) < 1:
         raise FedfheError(
-            "--max-body-mb, --max-key-mb, --max-key-store-mb and --timeout must be positive, "
+            "--max-body-mb, --max-key-mb, --max-key-store-mb, --max-inflight-mb and --timeout must be positive, "
             "--max-batch and --max-keys at least 1"
         )
     if (tls_cert is None) != (tls_key is None):
@@ -800,6 +803,7 @@ def serve(
         timeout_s=timeout,
         max_keys=max_keys,
         max_key_store_bytes=int(max_key_store_mb * (1 << 20)),
+        max_inflight_bytes=int(max_inflight_mb * (1 << 20)),
     )
     access = None if tokens is None else Access.from_file(tokens, rate)
     pool = Evaluator(RunDir(run).fhe, workers, threads)

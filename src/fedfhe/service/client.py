@@ -1,7 +1,8 @@
 """The encrypting client: keys are made and kept here; the server only gets evaluation keys and ciphertexts.
 
 Key directory layout (0o700, files 0o600): client.zip (the server's client spec, pinned by hash on
-first use), keys/ (Concrete's private and evaluation keys), session.json (the uploaded key id).
+first use; its quantizers are read as numbers, never with skops: processing.py), keys/ (Concrete's
+private and evaluation keys), session.json (the uploaded key id).
 A server that later serves another client spec is refused: keys belong to one circuit. Before any key
 is made the spec must be one a client can safely make keys for (spec.py), and, if the client pinned one
 (`expect_spec`, the card's client-spec sha256), that very spec.
@@ -37,9 +38,10 @@ from fedfhe.artifacts import valid_inputs_used
 from fedfhe.data import Range, check_features, read_table
 from fedfhe.errors import FedfheError
 from fedfhe.rundir import CLIENT_SPEC, SPEC_SCHEMA
-from fedfhe.service.encryptor import Encryptor
+from fedfhe.service.encryptor import Encryptor, concrete_client
+from fedfhe.service.processing import Quantizers, read_quantizers
 from fedfhe.service.protocol import API, OCTET_STREAM, SPEC_HASH_HEADER, decode_frames, encode_frames
-from fedfhe.service.spec import check_spec
+from fedfhe.service.spec import check_spec, member
 from fedfhe.service.workers import usable_cores
 from fedfhe.table import Schema
 
@@ -112,10 +114,12 @@ class EncryptedClient:
                 verify = ssl.create_default_context(cafile=os.fspath(ca_cert))
             except (OSError, ssl.SSLError) as exc:
                 raise FedfheError(f"--ca-cert {ca_cert}: cannot be used ({exc})") from None
-        headers = {} if token is None else {"Authorization": f"Bearer {token.strip()}"}
+        headers = {"Accept-Encoding": "identity"}  # a compressed answer could unpack past its size cap at once
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token.strip()}"
         self._http = httpx.Client(base_url=self.url, timeout=timeout, verify=verify, headers=headers)
         self._model: dict[str, Any] | None = None
-        self._fhe: Any = None
+        self._fhe: tuple[Any, Quantizers] | None = None  # Concrete's client with this key directory's keys
         self._schema: tuple[Schema | None] | None = None  # read once: (the schema,) or (None,)
         self._evaluation_keys = b""
         self._key_id = ""
@@ -168,12 +172,13 @@ class EncryptedClient:
     def schema(self) -> Schema | None:
         """The schema a model trained on a user's table was compiled with, read from the pinned client spec."""
         if self._schema is None:
-            path = self._spec()
+            data = self._spec()
             try:
-                with zipfile.ZipFile(path) as spec:
-                    raw = spec.read(SPEC_SCHEMA) if SPEC_SCHEMA in spec.namelist() else None
-            except (OSError, zipfile.BadZipFile) as exc:
-                raise FedfheError(f"{path}: unreadable client spec ({exc})") from None
+                raw = member(data, SPEC_SCHEMA)
+            except KeyError:  # a model trained on numbers
+                raw = None
+            except (OSError, zipfile.BadZipFile, FedfheError) as exc:
+                raise FedfheError(f"{self.url}: unreadable client spec ({exc})") from None
             self._schema = (None if raw is None else Schema.from_json(raw, f"{self.url} client spec"),)
         return self._schema[0]
 
@@ -209,17 +214,17 @@ class EncryptedClient:
         X = check_features(X, self.model["n_features"], (low, high), source)
         if len(X) == 0:
             return
-        fhe_client = self._session()
+        fhe_client, quantizers = self._session()
         lock = threading.Lock()
 
         used = self.model.get("inputs_used", list(range(self.model["n_features"])))  # older servers: every one
 
         def quantized(start: int, stop: int) -> np.ndarray:
-            return np.asarray(fhe_client.model.quantize_input(((X[start:stop] - low) / (high - low))[:, used]))
+            return quantizers.quantize(((X[start:stop] - low) / (high - low))[:, used])
 
         def encrypt_here(rows: np.ndarray) -> list[bytes]:
             with lock:  # Concrete's encrypt holds the GIL anyway; one thread at a time keeps its RNG to itself
-                return [fhe_client.client.encrypt(row[None, :]).serialize() for row in rows]
+                return [fhe_client.encrypt(row[None, :]).serialize() for row in rows]
 
         began = time.perf_counter()
         head = encrypt_here(quantized(0, 1))  # the first row, timed: is a pool of encrypting processes worth it?
@@ -246,7 +251,7 @@ class EncryptedClient:
                 outputs = pending.popleft().result()
                 for start, stop in itertools.islice(todo, 1):
                     pending.append(threads.submit(batch, start, stop))
-                yield self._decrypt(fhe_client, outputs)
+                yield self._decrypt(fhe_client, quantizers, outputs)
         finally:
             threads.shutdown(wait=False, cancel_futures=True)
 
@@ -270,20 +275,24 @@ class EncryptedClient:
             self._encryptor = Encryptor(self.key_dir / CLIENT_SPEC, self.key_dir / KEYS_DIR, self._key_id, jobs)
         return self._encryptor
 
-    def _decrypt(self, fhe_client: Any, outputs: list[bytes]) -> Prediction:
+    def _decrypt(self, fhe_client: Any, quantizers: Quantizers, outputs: list[bytes]) -> Prediction:
         """One batch's predictions from its encrypted outputs; outputs that are not this circuit's are one line."""
         try:
-            return self._decrypted(fhe_client, outputs)
+            return self._decrypted(fhe_client, quantizers, outputs)
         except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise FedfheError(f"{self.url} answered outputs that do not decrypt for this circuit ({first})") from None
 
-    def _decrypted(self, fhe_client: Any, outputs: list[bytes]) -> Prediction:
+    def _decrypted(self, fhe_client: Any, quantizers: Quantizers, outputs: list[bytes]) -> Prediction:
         """One batch's predictions from its encrypted outputs."""
+        from concrete import fhe
+
+        decrypted = [np.asarray(fhe_client.decrypt(fhe.Value.deserialize(out))) for out in outputs]
         if self.outputs == "label":  # each output decrypts to the class index the circuit picked
-            picked = [int(np.ravel(fhe_client.deserialize_decrypt(out))[0]) for out in outputs]
+            picked = [int(np.ravel(out)[0]) for out in decrypted]
             return Prediction(self.classes[np.array(picked, dtype=np.int64)], None)
-        scores = np.vstack([np.reshape(fhe_client.deserialize_decrypt_dequantize(out), (1, -1)) for out in outputs])
+        classifier = bool(self.model["classes"])
+        scores = np.vstack([quantizers.scores(out, classifier) for out in decrypted])
         if not self.model["classes"]:
             return Prediction(scores[:, 0], scores)
         return Prediction(self.classes[scores.argmax(axis=1)], scores)
@@ -307,9 +316,9 @@ class EncryptedClient:
         names = self.model.get("class_names")
         return [str(n) for n in names] if isinstance(names, list) else [str(c) for c in self.model["classes"]]
 
-    def _spec(self) -> Path:
-        """The client spec, fetched once and pinned by the hash the server advertises (or the one expected);
-        checked for 128-bit parameters before any key is made from it."""
+    def _spec(self) -> bytes:
+        """The client spec (client.zip), fetched once and pinned by the hash the server advertises (or the one
+        expected); checked for 128-bit parameters before any key is made from it."""
         expected = str(self.model["client_spec_sha256"])
         if self.expect_spec is not None and expected != self.expect_spec:
             raise FedfheError(
@@ -333,29 +342,28 @@ class EncryptedClient:
         check_spec(data, f"{self.url} client spec {expected[:12]}")
         if not spec.is_file():
             _write_private(spec, data)
-        return spec
+        return data
 
-    def _session(self) -> Any:
+    def _session(self) -> tuple[Any, Quantizers]:
         """Pin the client spec, make or load the keys, upload the evaluation keys once."""
         if self._fhe is not None:
             return self._fhe
-        from fedfhe.fhe import concrete, native_quiet
+        from fedfhe.fhe import native_quiet
 
-        self._spec()
+        data = self._spec()
+        quantizers = read_quantizers(data, f"{self.url} client spec {self.model['client_spec_sha256'][:12]}")
         _private_dir(self.key_dir / KEYS_DIR)
-        fhe_client = concrete("concrete.ml.deployment").FHEModelClient(
-            str(self.key_dir), key_dir=str(self.key_dir / KEYS_DIR)
-        )
+        fhe_client = concrete_client(data, self.key_dir / KEYS_DIR)
         with native_quiet():
-            fhe_client.generate_private_and_evaluation_keys()
+            fhe_client.keygen(False)
         for path in (self.key_dir / KEYS_DIR).rglob("*"):
             path.chmod(0o700 if path.is_dir() else 0o600)
-        self._evaluation_keys = fhe_client.get_serialized_evaluation_keys()
+        self._evaluation_keys = fhe_client.evaluation_keys.serialize()
         self._key_id = hashlib.sha256(self._evaluation_keys).hexdigest()
         if _read_session(self.key_dir).get("key_id") != self._key_id:
             self._upload_keys()
-        self._fhe = fhe_client
-        return fhe_client
+        self._fhe = fhe_client, quantizers
+        return self._fhe
 
     def _upload_keys(self) -> None:
         """Send the evaluation keys; the server must file them under their sha256, as we computed."""
@@ -412,7 +420,7 @@ class EncryptedClient:
                     f"{self.url}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                 ) from None
             wait = response.headers.get("retry-after", "")
-            if response.status_code != 429 or not wait.isdigit() or int(wait) > MAX_RATE_WAIT:
+            if response.status_code not in (429, 503) or not wait.isdigit() or int(wait) > MAX_RATE_WAIT:
                 break
             time.sleep(int(wait))
         if response.status_code == 401:
@@ -431,6 +439,8 @@ class EncryptedClient:
         limit = ANSWER_BYTES.get(path.rsplit("/", 1)[-1], ANSWER_BYTES["model"])
         deadline = time.monotonic() + self.timeout
         with self._http.stream(method, path, **kwargs) as streamed:
+            if streamed.headers.get("content-encoding", "identity").lower() != "identity":
+                raise FedfheError(f"{self.url}{path}: a compressed answer, which the client did not ask for; refused")
             body = bytearray()
             for chunk in streamed.iter_bytes():
                 body += chunk
@@ -438,7 +448,7 @@ class EncryptedClient:
                     raise FedfheError(f"{self.url}{path}: an answer over {limit} bytes; refused")
                 if time.monotonic() > deadline:
                     raise FedfheError(f"{self.url}{path}: no whole answer within {self.timeout:g} s")
-            framing = ("content-encoding", "content-length", "transfer-encoding")  # undone by iter_bytes
+            framing = ("content-length", "transfer-encoding")  # undone by iter_bytes
             headers = [(k, v) for k, v in streamed.headers.items() if k.lower() not in framing]
             return httpx.Response(streamed.status_code, headers=headers, content=bytes(body))
 

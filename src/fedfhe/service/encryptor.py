@@ -9,6 +9,7 @@ serialized ciphertexts. Quantizing stays with the caller, so workers import conc
 from __future__ import annotations
 
 import hashlib
+import os
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 
 from fedfhe.errors import FedfheError
 from fedfhe.fhe import native_quiet
+from fedfhe.service.spec import SPECS, member
 from fedfhe.service.workers import spawn_pool
 
 _client: Any = None  # each worker's Concrete client, holding the private key
@@ -27,17 +29,23 @@ class KeysDiffer(FedfheError):
     """A worker loaded other keys than the ones uploaded: its ciphertexts would not decrypt."""
 
 
+def concrete_client(client_zip: bytes, keys: str | os.PathLike[str]) -> Any:
+    """Concrete's client for the spec in a client.zip, keeping keys in `keys`: built from client.specs.json
+    alone (Client.load unpacks every file of the zip, whatever its size)."""
+    from concrete import fhe  # concrete-python: no torch, no notice to silence
+
+    return fhe.Client(fhe.ClientSpecs.deserialize(member(client_zip, SPECS)), keys)
+
+
 def _load(spec: str, keys: str, key_id: str) -> None:
     """Load the spec and the caller's keys (a cache hit: the caller made them); refuse keys other than `key_id`."""
     global _client, _failure
-    from concrete import fhe  # concrete-python: no torch, no notice to silence
-
     try:
-        client = fhe.Client.load(spec, keys)
+        client = concrete_client(Path(spec).read_bytes(), keys)
         with native_quiet():
             client.keygen(False)
         held = hashlib.sha256(client.evaluation_keys.serialize()).hexdigest()
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
         _failure = FedfheError(f"{keys}: an encryption worker cannot load the keys ({exc})")
         return
     if held != key_id:

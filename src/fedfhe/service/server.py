@@ -67,6 +67,31 @@ class Limits:
     timeout_s: float = 60.0
     max_keys: int = 1000
     max_key_store_bytes: int = 1 << 30
+    max_inflight_bytes: int = 512 << 20  # request bodies held at once, all connections together
+
+
+class Inflight:
+    """The request body bytes the server holds at once: junk uploads in parallel cannot take its memory."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+
+    def take(self, request: Request, size: int) -> None:
+        """Hold `size` more bytes for this request (given back when it is answered); 503 past the limit."""
+        if self.held + size > self.limit:
+            raise HTTPException(
+                503,
+                f"the server holds {self.held} bytes of request bodies, the most it takes is {self.limit}; "
+                "try again shortly",
+                headers={"Retry-After": "1"},
+            )
+        self.held += size
+        request.state.held = getattr(request.state, "held", 0) + size
+
+    def give_back(self, request: Request) -> None:
+        """The request was answered: its bytes are free again."""
+        self.held -= getattr(request.state, "held", 0)
+        request.state.held = 0
 
 
 class Health(BaseModel):
@@ -146,20 +171,26 @@ def load_model_info(run: RunDir, limits: Limits) -> tuple[ModelInfo, bytes]:
     ), artifacts.client_spec
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refused with 415 unless octet-stream and with 413 past `limit` (declared or actual)."""
+async def read_body(request: Request, limit: int, inflight: Inflight) -> bytes:
+    """The raw body, refused with 415 unless octet-stream, with 413 past `limit` (declared or actual) and with
+    503 while other bodies hold the server's in-flight bytes (a declared length is held before any is read)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != OCTET_STREAM:
         raise HTTPException(415, f"content type must be {OCTET_STREAM} (got {content_type[:40] or 'none'!r})")
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise HTTPException(413, f"body of {declared[:20]} bytes is over the limit of {limit}")
+    held = int(declared or 0)
+    inflight.take(request, held)
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise HTTPException(413, f"body is over the limit of {limit} bytes")
+            if size > held:  # no length was declared, or more came than was: held as it arrives
+                inflight.take(request, size - held)
+                held = size
             chunks.append(chunk)
     except ClientDisconnect:
         raise ClientGone(f"client hung up after {size} bytes of the body") from None
@@ -192,6 +223,7 @@ def create_app(
     keys = KeyStore(Path(key_dir) if key_dir is not None else run.keys, limits.max_keys, limits.max_key_store_bytes)
     pool = evaluator or Evaluator(run.fhe, workers)
     metrics = Metrics()
+    inflight = Inflight(limits.max_inflight_bytes)
     spec_header = {SPEC_HASH_HEADER: info.client_spec_sha256}
 
     @asynccontextmanager
@@ -260,6 +292,8 @@ def create_app(
         except Exception as exc:
             _finish(request, 500, time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
             raise
+        finally:
+            inflight.give_back(request)
         _finish(request, response.status_code, time.perf_counter() - start, request.state.error)
         response.headers["X-Request-ID"] = request.state.request_id
         return response
@@ -312,7 +346,7 @@ def create_app(
     @protected.post("/keys", openapi_extra=BINARY_BODY, responses=_errors(400, 401, 413, 415, 429, 504))
     async def upload_key(request: Request) -> KeyId:
         """Store evaluation keys (raw bytes); uploading the same keys again returns the same id."""
-        body = await read_body(request, limits.max_key_bytes)
+        body = await read_body(request, limits.max_key_bytes, inflight)
         await pool.check_key(body, limits.timeout_s)
         return KeyId(key_id=await run_in_threadpool(keys.put, body))
 
@@ -325,7 +359,7 @@ def create_app(
     async def predict(request: Request, key_id: str = Depends(key_id_of)) -> Response:
         """Evaluate a framed batch of ciphertexts (see protocol.py) and answer the framed encrypted outputs."""
         key_path = await run_in_threadpool(keys.locate, key_id)
-        frames = decode_frames(await read_body(request, limits.max_body_bytes), limits.max_batch)
+        frames = decode_frames(await read_body(request, limits.max_body_bytes, inflight), limits.max_batch)
         outputs = await pool.run(frames, key_id, key_path, limits.timeout_s)
         metrics.ciphertexts += len(outputs)
         return Response(encode_frames(outputs), media_type=OCTET_STREAM, headers=spec_header)

@@ -38,12 +38,7 @@ def min_variance(dimension: int) -> float:
 def check_spec(client_zip: bytes, where: str) -> None:
     """Refuse a client.zip whose spec a client could not safely make keys for; `where` names it in errors."""
     try:
-        with zipfile.ZipFile(io.BytesIO(client_zip)) as spec:
-            if [posixpath.normpath(n) for n in spec.namelist()].count(SPECS) != 1:  # Concrete unpacks them all
-                raise WeakSpec(f"it holds {SPECS} more than once")
-            if spec.getinfo(SPECS).file_size > MAX_SPECS_BYTES:
-                raise WeakSpec(f"{SPECS} unpacks to {spec.getinfo(SPECS).file_size} bytes")
-            specs = json.loads(spec.read(SPECS))
+        specs = json.loads(member(client_zip, SPECS))
         keyset, circuits = specs["keyset"], specs["circuits"]
         secret = {int(k["id"]): _secret_key(k) for k in keyset["lweSecretKeys"]}
         if len(secret) != len(keyset["lweSecretKeys"]):
@@ -70,6 +65,16 @@ def check_spec(client_zip: bytes, where: str) -> None:
         raise WeakSpec(f"{where}: refused, {exc}; no key was made and nothing was encrypted") from None
     except (OSError, zipfile.BadZipFile, KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
         raise WeakSpec(f"{where}: unreadable client spec ({type(exc).__name__}: {exc})") from None
+
+
+def member(client_zip: bytes, name: str) -> bytes:
+    """One file of a client.zip, refused if missing, held twice (under any spelling) or over MAX_SPECS_BYTES."""
+    with zipfile.ZipFile(io.BytesIO(client_zip)) as archive:
+        if [posixpath.normpath(n) for n in archive.namelist()].count(name) > 1:
+            raise WeakSpec(f"it holds {name} more than once")
+        if archive.getinfo(name).file_size > MAX_SPECS_BYTES:
+            raise WeakSpec(f"{name} unpacks to {archive.getinfo(name).file_size} bytes")
+        return archive.read(name)
 
 
 def _secret_key(key: dict[str, Any]) -> int:
