@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from conftest import cli
 
 from fedfhe import TrainConfig, table, train
 from fedfhe.errors import FedfheError
-from fedfhe.model import LinearModel
+from fedfhe.model import MAX_HEADER, LinearModel
 
 CSV = """patient,age,ward,bmi,outcome
 p1,34,cardiology,22.5,discharged
@@ -148,7 +149,16 @@ def test_bad_tables_are_one_line(tmp_path, csv, changes, message):
         (json.dumps({"features": [{"name": "a", "categories": ["x", "x\u0000"]}], "label": {"name": "y", "classes": [0, 1]}}),
          "feature 'a': a category contains a NUL character"),
         (json.dumps({"features": [{"name": "a", "low": 0, "high": 1}], "label": {"name": "y", "classes": ["n", "y\u0000"]}}),
-         "label 'y': its name or a class contains a NUL character"),
+         "label 'y': a class contains a NUL character"),
+        (json.dumps({"features": [{"name": "a", "low": 0, "high": 1}], "label": {"name": "y" * 1001, "classes": [0, 1]}}),
+         "the label's name has 1,001 characters"),
+        (json.dumps({"features": [{"name": "a", "low": 0, "high": 1}], "label": {"name": "y", "classes": [0, 1]}, "ignore": ["i" * 1001]}),
+         "a column to ignore has 1,001 characters"),
+        ('{"features": [{"name": "a", "low": 0, "high": 1}], "label": {"name": "y", "classes": [0, ' + "1" * 5000 + "]}}",
+         "not valid JSON \\(Exceeds the limit \\(4300 digits\\)"),
+        (json.dumps({"features": [{"name": "a", "categories": [f"{i:03}" + "\u20ac" * 997 for i in range(100)]}],
+                     "label": {"name": "y", "classes": [0, 1]}}),
+         r"its names, categories and classes take 1,19\d,\d{3} bytes in a model file, more than the 983,040 it keeps"),
     ],
 )  # fmt: skip
 def test_bad_schemas_are_one_line(owner, tmp_path, text, message):
@@ -160,14 +170,50 @@ def test_bad_schemas_are_one_line(owner, tmp_path, text, message):
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
-def test_a_schema_of_40_000_features_is_read_whole_and_its_repeats_found():
+def test_a_schema_of_40_000_features_is_read_in_one_pass_and_refused_as_too_large_for_a_model_file():
     features = [{"name": f"f{i}", "low": 0, "high": 1} for i in range(40_000)]
-    schema = table.Schema.from_dict({"features": features, "label": {"name": "y", "classes": [0, 1]}})
-    assert len(schema.encoded_names) == 40_000  # a name count per name made this 17.9 s: now one pass
-    with pytest.raises(FedfheError, match="column 'f7' is named more than once"):
-        table.Schema.from_dict(
-            {"features": [*features, {"name": "f7", "low": 0, "high": 1}], "label": {"name": "y", "classes": [0, 1]}}
+    label = {"name": "y", "classes": [0, 1]}
+    with pytest.raises(FedfheError, match="column 'f7' is named more than once"):  # a count per name took 17.9 s
+        table.Schema.from_dict({"features": [*features, {"name": "f7", "low": 0, "high": 1}], "label": label})
+    with pytest.raises(FedfheError, match=r"take 2,1\d\d,\d{3} bytes in a model file, more than the 983,040"):
+        table.Schema.from_dict({"features": features, "label": label})  # its model file would hold 2.2 MB of JSON
+    assert len(table.Schema.from_dict({"features": features[:17_000], "label": label}).encoded_names) == 17_000
+
+
+def test_a_schema_at_the_model_files_limit_trains_a_model_that_loads(tmp_path):
+    """The model file keeps a schema of exactly MAX_SCHEMA_BYTES (names escaped as in JSON); a byte more is refused."""
+    long = [f"{i:03}" + "\u20ac" * 997 for i in range(80)]  # 1,000 characters, 6 bytes each in the header
+    raw = {"features": [{"name": "ward", "categories": ["x", *long]}], "label": {"name": "y", "classes": ["a", "b"]}}
+    below = table.Schema.from_dict({**raw, "description": "d"}).stored_bytes
+    raw["description"] = "d" * (1 + table.MAX_SCHEMA_BYTES - below)
+    schema = table.Schema.from_dict(raw)
+    assert schema.stored_bytes == table.MAX_SCHEMA_BYTES
+    with pytest.raises(FedfheError, match="more than the 983,040 it keeps"):
+        table.Schema.from_dict({**raw, "description": raw["description"] + "d"})
+    data = tmp_path / "t.csv"
+    data.write_text("ward,y\n" + "x,a\nx,b\n" * 10)
+    train(table.load(data, schema), TrainConfig(clients=1), tmp_path / "run")
+    model = LinearModel.load(tmp_path / "run" / "model.npz")  # card, compile, evaluate and serve read it so
+    assert model.metadata["schema"]["features"][0]["categories"][1:] == long and model.n_features == 81
+    header = np.load(tmp_path / "run" / "model.npz")["header"]
+    assert table.MAX_SCHEMA_BYTES < len(header) <= MAX_HEADER
+
+
+def test_category_values_too_long_for_a_model_file_are_refused_before_training(tmp_path):
+    """Two 600 KB category values: `run` used to train a model no command could load; now nothing is written."""
+    values = ["a" * 600_000, "b" * 600_000]
+    data, out = tmp_path / "t.csv", tmp_path / "run"
+    data.write_text("note,y\n" + "".join(f"{v},{y}\n" for v in values for y in "nyny"))
+    schema = tmp_path / "s.json"
+    schema.write_text(
+        json.dumps(
+            {"features": [{"name": "note", "categories": values}], "label": {"name": "y", "classes": ["n", "y"]}}
         )
+    )
+    done = cli("run", "--data", str(data), "--schema", str(schema), "--clients", "1", "--out", str(out))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "feature 'note': a category has 600,000 characters, more than the 1,000 allowed" in done.stderr
+    assert not out.exists()
 
 
 def test_a_small_parquet_file_of_many_rows_is_refused_from_its_metadata(tmp_path):
@@ -268,3 +314,20 @@ def test_data_without_its_schema_is_one_line_and_writes_nothing(tmp_path):
     (tmp_path / "bad.csv").write_text(CSV.replace("surgery", "dermatology"))
     done = cli("train", "--data", str(tmp_path / "bad.csv"), "--schema", schema_file(tmp_path), "--out", str(out))
     assert done.returncode == 2 and "dermatology" in done.stderr and not out.exists()
+
+
+def test_train_and_run_refuse_an_owner_or_data_file_over_max_input_mb_before_reading_it(tmp_path):
+    owners, out = tmp_path / "owners", tmp_path / "run"
+    owners.mkdir()
+    hospital(owners / "a.csv", rows=20)  # 0.6 KB, under the limit
+    hospital(owners / "b.csv", rows=300, seed=1)  # 8.5 KB, over it
+    test, schema = hospital(tmp_path / "test.csv", rows=20, seed=2), schema_file(tmp_path)
+    for args, message in [
+        (["train", "--owners", str(owners), "--test", str(test), "--max-input-mb", "0.005"],
+         r"b.csv: 0.00\d+ MiB on disk, more than the 0.005 MiB allowed"),
+        (["run", "--data", str(owners / "b.csv"), "--max-input-mb", "0.005"], "b.csv: 0.00"),
+        (["train", "--owners", str(owners), "--test", str(test), "--max-input-mb", "0"], "--max-input-mb must be > 0"),
+    ]:  # fmt: skip
+        done = cli(*args, "--schema", schema, "--out", str(out))
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert re.search(message, done.stderr) and not out.exists(), done.stderr

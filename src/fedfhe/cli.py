@@ -391,6 +391,7 @@ def train(
         Path | None, typer.Option(help="Continue an interrupted run from its last checkpoint (other options ignored).")
     ] = None,
     force: Force = False,
+    max_input_mb: MaxInputMb = 1024.0,
     verbose: Verbose = False,
 ) -> None:
     """Train a linear model with Flower on its simulation engine (or centrally with --clients 1)."""
@@ -403,7 +404,7 @@ def train(
             model = pipeline.resume(resume, data_dir, bars)
         else:
             _warn_unused(dataset, data_dir, data is not None or owners is not None)
-            split = pipeline.dataset(dataset, config.seed, data_dir, data, schema, owners, test)
+            split = pipeline.dataset(dataset, config.seed, data_dir, data, schema, owners, test, max_input_mb)
             model = pipeline.train(split, config, out, bars, verbose, force=force)
     _trained(model, target)
 
@@ -481,7 +482,7 @@ def run(
     bits = parse_n_bits(n_bits)
     _warn_unused(dataset, data_dir, data is not None or owners is not None)
     with _training(out) as bars:
-        split = pipeline.dataset(dataset, config.seed, data_dir, data, schema, owners, test)
+        split = pipeline.dataset(dataset, config.seed, data_dir, data, schema, owners, test, max_input_mb)
         result = pipeline.run(
             split,
             config,

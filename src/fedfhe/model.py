@@ -18,6 +18,7 @@ import numpy as np
 from fedfhe.data import Range, as_range
 from fedfhe.errors import FedfheError
 from fedfhe.kinds import KINDS, Kind, kind_of
+from fedfhe.table import MAX_SCHEMA_BYTES
 
 FORMAT = "fedfhe-linear-model/2"
 
@@ -26,7 +27,7 @@ FORMAT = "fedfhe-linear-model/2"
 MAX_OUTPUTS = 1_000  # weight rows (one per class, or one) and classes
 MAX_FEATURES = 1_000_000
 MAX_WEIGHTS = 1 << 24  # outputs x features: 128 MiB of float64
-MAX_HEADER = 1 << 20  # bytes of JSON header
+MAX_HEADER = MAX_SCHEMA_BYTES + (64 << 10)  # bytes of JSON header: 1 MiB, a schema and the training facts
 NPY_PREFIX = 16 << 10  # an .npy's magic and array header (numpy refuses headers over 10,000 characters)
 MEMBER_BYTES = {  # data bytes of each member; names are known and unique, so this bounds the total too
     "header": MAX_HEADER,

@@ -69,8 +69,13 @@ def dataset(
     schema: PathLike | None = None,
     owners: PathLike | None = None,
     test: PathLike | None = None,
+    max_input_mb: float | None = None,
 ) -> Dataset:
-    """A bundled data set by name, or the user's own table (`data`), or one file per owner with a test file."""
+    """A bundled data set by name, or the user's own table (`data`), or one file per owner with a test file.
+
+    A user's file larger than `max_input_mb` MiB is refused before it is read.
+    """
+    limit = _max_bytes(max_input_mb)
     if data is None and schema is None and owners is None and test is None:
         return load_dataset(name, data_dir=data_dir, seed=seed)
     if data is not None and owners is not None:
@@ -83,9 +88,9 @@ def dataset(
         )
     agreed = table.Schema.load(schema)
     if owners is not None and test is not None:
-        return table.load_owners(owners, test, agreed)
+        return table.load_owners(owners, test, agreed, limit)
     assert data is not None  # checked above
-    return table.load(data, agreed, seed)
+    return table.load(data, agreed, seed, max_bytes=limit)
 
 
 def _split_of(target: RunDir, name: str, seed: int, data_dir: PathLike | None, test_only: bool = False) -> Dataset:

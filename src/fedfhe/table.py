@@ -24,6 +24,10 @@ from fedfhe.problem import shared_range
 
 FORMATS = (".csv", ".parquet", ".npz")
 MAX_CLASSES = 20  # `schema infer`: a whole-number label with more distinct values is a regression target
+# The model file keeps the schema, its one-hot column names and class names in its JSON header (model.MAX_HEADER):
+# a schema is refused when they would not fit, before any training.
+MAX_NAME = 1_000  # characters of a column name, a category or a class
+MAX_SCHEMA_BYTES = 960 << 10  # the schema's share of the header; the rest (training facts) takes a few KiB
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ class Schema:
         """A schema from its JSON text (a file, a run config, a client spec), checked."""
         try:
             raw = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except ValueError as exc:  # bad JSON or UTF-8, an integer of over 4,300 digits
             raise FedfheError(f"{source}: not valid JSON ({exc})".replace("\n", " ")) from None
         except RecursionError:
             raise FedfheError(f"{source}: not a schema (JSON nested too deep to read)") from None
@@ -99,10 +103,17 @@ class Schema:
         ignore = raw.get("ignore", [])
         if not isinstance(ignore, list) or not all(isinstance(c, str) for c in ignore):
             raise fail('"ignore" must be a list of column names')
+        _check_text(ignore, "a column to ignore", fail)
         names = [f.name for f in features] + [label.name] + ignore
         if duplicated := repeated(names):
             raise fail(f"column {duplicated[0]!r} is named more than once")
-        return cls(features, label, tuple(ignore), str(raw.get("description", "")), source)
+        schema = cls(features, label, tuple(ignore), str(raw.get("description", "")), source)
+        if (size := schema.stored_bytes) > MAX_SCHEMA_BYTES:
+            raise fail(
+                f"its names, categories and classes take {size:,} bytes in a model file, "
+                f"more than the {MAX_SCHEMA_BYTES:,} it keeps (use fewer or shorter ones)"
+            )
+        return schema
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (what `schema infer` writes)."""
@@ -132,6 +143,11 @@ class Schema:
     def encoded_names(self) -> list[str]:
         """The model's input columns, one-hot categories expanded, in schema order."""
         return [name for f in self.features for name in f.encoded]
+
+    @property
+    def stored_bytes(self) -> int:
+        """The bytes the model file's header spends on this schema: itself, its input columns' and classes' names."""
+        return len(json.dumps([self.to_dict(), self.encoded_names, self.class_names]))  # escaped as model.save does
 
     @property
     def target_range(self) -> tuple[float, float] | None:
@@ -180,10 +196,13 @@ def repeated(names: list[str]) -> list[str]:
     return sorted(name for name, n in Counter(names).items() if n > 1)
 
 
-def _no_nul(values: Any, what: str, fail: Any) -> None:
-    """Refuse a NUL character in a name or value: NumPy's fixed-width text drops trailing NULs on save."""
-    if any("\x00" in _as_text(v) for v in values):
-        raise fail(f"{what} contains a NUL character")
+def _check_text(values: Any, what: str, fail: Any) -> None:
+    """Refuse a NUL character (NumPy's fixed-width text drops trailing NULs on save) or a name over MAX_NAME."""
+    for text in map(_as_text, values):
+        if "\x00" in text:
+            raise fail(f"{what} contains a NUL character")
+        if len(text) > MAX_NAME:
+            raise fail(f"{what} has {len(text):,} characters, more than the {MAX_NAME:,} allowed")
 
 
 def _feature(entry: Any, i: int, fail: Any) -> Feature:
@@ -191,12 +210,12 @@ def _feature(entry: Any, i: int, fail: Any) -> Feature:
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
         raise fail(f"feature {i} needs a name")
     name = entry["name"]
-    _no_nul([name], f"feature {i}'s name", fail)
+    _check_text([name], f"feature {i}'s name", fail)
     if "categories" in entry:
         categories = entry["categories"]
         if not isinstance(categories, list) or not categories or len(set(map(_as_text, categories))) != len(categories):
             raise fail(f"feature {name!r}: categories must be a non-empty list of distinct values")
-        _no_nul(categories, f"feature {name!r}: a category", fail)
+        _check_text(categories, f"feature {name!r}: a category", fail)
         return Feature(name, categories=tuple(_as_text(c) for c in categories), missing=entry.get("missing"))
     low, high = _bounds(entry, f"feature {name!r}", '"low" and "high" (finite numbers) or "categories"', fail)
     missing = entry.get("missing")
@@ -208,11 +227,12 @@ def _feature(entry: Any, i: int, fail: Any) -> Feature:
 def _label(entry: dict[str, Any], fail: Any) -> Label:
     """The label entry, checked: classes (text or numbers, distinct) or a finite low < high."""
     name = entry["name"]
+    _check_text([name], "the label's name", fail)
     if "classes" in entry:
         classes = entry["classes"]
         if not isinstance(classes, list) or len(classes) < 2 or len(set(map(_as_text, classes))) != len(classes):
             raise fail(f"label {name!r}: classes must be a list of at least 2 distinct values")
-        _no_nul([name, *classes], f"label {name!r}: its name or a class", fail)
+        _check_text(classes, f"label {name!r}: a class", fail)
         return Label(name, classes=tuple(classes))
     low, high = _bounds(entry, f"label {name!r}", '"classes" or "low" and "high" (finite numbers)', fail)
     return Label(name, low=low, high=high)
@@ -300,10 +320,15 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-def load(path: str | os.PathLike[str], schema: Schema, seed: int = 0, test_size: float = 0.2) -> Dataset:
-    """A user's table as a data set: encoded by the schema, split as the bundled ones (seeded, stratified)."""
+def load(
+    path: str | os.PathLike[str], schema: Schema, seed: int = 0, test_size: float = 0.2, max_bytes: int | None = None
+) -> Dataset:
+    """A user's table as a data set: encoded by the schema, split as the bundled ones (seeded, stratified).
+
+    A file over `max_bytes` is not read.
+    """
     path = Path(path).resolve()
-    X, y = read_labelled(path, schema)
+    X, y = read_labelled(path, schema, max_bytes)
     try:
         data = split_dataset(str(path), X, y, schema.input_range, seed, test_size, schema.target_range)
     except ValueError as exc:  # scikit-learn's split: too few rows, or a class with one row
@@ -327,7 +352,10 @@ def owner_files(folder: str | os.PathLike[str]) -> list[Path]:
 def load_owners(
     folder: str | os.PathLike[str], test: str | os.PathLike[str], schema: Schema, max_bytes: int | None = None
 ) -> Dataset:
-    """One file per data owner (each a client, its rows kept together) and the server's held-out test file."""
+    """One file per data owner (each a client, its rows kept together) and the server's held-out test file.
+
+    A file over `max_bytes` is not read.
+    """
     folder, test = Path(folder).resolve(), Path(test).resolve()
     files = [p.resolve() for p in owner_files(folder)]
     if test in files:
