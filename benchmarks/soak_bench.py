@@ -6,8 +6,11 @@ p50/p99 per route, throughput, 5xx and tracebacks in the server log, server + wo
 every 5 s (start = after warm-up, end = last sample), and afterwards every replayed ciphertext is
 decrypted and checked against local FHE simulation.
 
+With --tls the server answers HTTPS only (a private CA made for the run; Locust and every check verify
+against it): the same soak through the TLS layer that counts connections from the TCP accept.
+
 Usage: .venv/bin/pip install -c constraints.txt -e ".[bench]"
-       .venv/bin/python benchmarks/soak_bench.py [--users 8] [--minutes 5]  -> results/soak.json
+       .venv/bin/python benchmarks/soak_bench.py [--users 8] [--minutes 5] [--tls]  -> results/soak[_https].json
 """
 
 from __future__ import annotations
@@ -60,14 +63,17 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "soak.json")
+    parser.add_argument("--tls", action="store_true", help="serve HTTPS with a private CA")
+    parser.add_argument("--out", type=Path, default=None, help="default results/soak.json (--tls: soak_https.json)")
     args = parser.parse_args()
+    args.out = args.out or HERE / "results" / ("soak_https.json" if args.tls else "soak.json")
     if not (args.run / "fhe" / "server.zip").is_file():
         subprocess.run([sys.executable, "-m", "fedfhe", *RUN_COMMAND, "--out", str(args.run)], check=True, env=ENV)
 
     from concrete.ml.deployment import FHEModelClient
 
     from fedfhe.data import load_dataset
+    from fedfhe.federated.certificates import make_certificates
     from fedfhe.fhe import load_compiled
     from fedfhe.model import LinearModel
     from fedfhe.service.protocol import decode_frames, encode_frames
@@ -82,9 +88,15 @@ def main() -> None:
         (soak / "tokens").write_text(token + "\n")
         (soak / "token").write_text(token)
         port = free_port()
-        url = f"http://127.0.0.1:{port}"
+        url = f"{'https' if args.tls else 'http'}://127.0.0.1:{port}"
         serve = [sys.executable, "-m", "fedfhe", "serve", "--run", str(args.run), "--port", str(port)]
         serve += ["--workers", str(args.workers), "--key-store", str(soak / "store"), "--tokens", str(soak / "tokens")]
+        verify: str | bool = True
+        if args.tls:
+            certs = make_certificates(soak / "certs", ("127.0.0.1",))
+            serve += ["--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key")]
+            verify = str(certs / "ca.crt")
+        http = httpx.Client(verify=verify, timeout=60)
         log = soak / "server.log"
         with open(log, "wb") as err:
             server = subprocess.Popen(serve, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
@@ -94,7 +106,7 @@ def main() -> None:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"fedfhe serve did not start: {log.read_text()[-2000:]}")
                 try:
-                    if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
+                    if http.get(f"{url}/v1/health", timeout=1).status_code == 200:
                         break
                 except httpx.HTTPError:
                     time.sleep(0.2)
@@ -103,14 +115,14 @@ def main() -> None:
             client.generate_private_and_evaluation_keys()
             keys = client.get_serialized_evaluation_keys()
             octet = {**auth, "content-type": "application/octet-stream"}
-            key_id = httpx.post(f"{url}/v1/keys", content=keys, headers=octet).json()["key_id"]
+            key_id = http.post(f"{url}/v1/keys", content=keys, headers=octet).json()["key_id"]
             (soak / "key_id").write_text(key_id)
             frames = []
             for i, row in enumerate(compiled.inputs(rows)):
                 frames.append(encode_frames([client.quantize_encrypt_serialize(row[None, :])]))
                 (soak / f"frame-{i:03d}.bin").write_bytes(frames[-1])
             for frame in frames[:4]:  # warm-up: every worker has run the circuit before the first sample
-                httpx.post(f"{url}/v1/predict", params={"key_id": key_id}, content=frame, headers=octet, timeout=60)
+                http.post(f"{url}/v1/predict", params={"key_id": key_id}, content=frame, headers=octet)
 
             samples: list[tuple[float, int]] = []
             stop = threading.Event()
@@ -127,19 +139,19 @@ def main() -> None:
             locust += ["--headless", "-u", str(args.users), "-r", str(args.users), "-t", f"{int(args.minutes * 60)}s"]
             locust += ["--host", url, "--csv", str(soak / "locust"), "--only-summary", "--loglevel", "WARNING"]
             started = time.perf_counter()
-            subprocess.run(locust, env={**ENV, "SOAK_DIR": str(soak)}, check=False, capture_output=True)
+            locust_env = {**ENV, "SOAK_DIR": str(soak), "SOAK_CA": verify if isinstance(verify, str) else ""}
+            subprocess.run(locust, env=locust_env, check=False, capture_output=True)
             wall = time.perf_counter() - started
             stop.set()
             sampler.join()
 
             agree = []
             for frame, want in zip(frames, expected):
-                answer = httpx.post(
-                    f"{url}/v1/predict", params={"key_id": key_id}, content=frame, headers=octet, timeout=60
-                )
+                answer = http.post(f"{url}/v1/predict", params={"key_id": key_id}, content=frame, headers=octet)
                 (out,) = decode_frames(answer.content, 1)
                 agree.append(int(np.argmax(client.deserialize_decrypt_dequantize(out))) == int(want))
         finally:
+            http.close()
             server.terminate()
             server.wait(timeout=60)
         with open(soak / "locust_stats.csv") as f:
@@ -168,6 +180,7 @@ def main() -> None:
             "workers": args.workers,
             "model": "mnist-5k logistic, n_bits 8",
             "auth": "bearer token",
+            "transport": "https (private CA, verified)" if args.tls else "http",
         },
         "wall_s": wall,
         "routes": {name: route(name) for name in ("/v1/predict", "/v1/model", "/v1/health", "Aggregated")},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import ssl
 import struct
 from pathlib import Path
 
@@ -19,10 +20,18 @@ KEY_ID = (SOAK / "key_id").read_text().strip()
 HEADERS = {"authorization": f"Bearer {(SOAK / 'token').read_text().strip()}"}
 
 
+def _verified() -> ssl.SSLContext:
+    """HTTPS checked against the soak's private CA (SOAK_CA), as a real client would."""
+    return ssl.create_default_context(cafile=os.environ["SOAK_CA"])
+
+
 class Client(FastHttpUser):
     """Mostly predictions of one ciphertext; now and then the model facts and health."""
 
     wait_time = constant(0)
+    if os.environ.get("SOAK_CA"):
+        insecure = False
+        ssl_context_factory = staticmethod(_verified)
 
     @task(20)
     def predict(self) -> None:

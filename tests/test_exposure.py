@@ -428,7 +428,10 @@ class Hostile(http.server.BaseHTTPRequestHandler):
         encoding = "content-encoding: gzip\r\n" if how == "gzip" else ""
         head = f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{encoding}content-length: {len(body)}\r\n\r\n"
         try:  # MSG_NOSIGNAL: a client that hung up is an error here, never a SIGPIPE for the test's process
-            self.connection.sendall(head.encode(), socket.MSG_NOSIGNAL)
+            pace = 0.5 if how == "trickle-head" else 0.0  # the status line and headers a byte at a time
+            for part in list(head) if pace else [head]:
+                self.connection.sendall(part.encode(), socket.MSG_NOSIGNAL)
+                time.sleep(pace)
             if how == "trickle":
                 for byte in body:
                     self.connection.sendall(bytes([byte]), socket.MSG_NOSIGNAL)
@@ -466,6 +469,7 @@ FACTS = {"n_features": 2, "classes": [0, 1], "input_low": [0, 0], "input_high": 
         ("whole", b" " * (2 << 20), "an answer over 1048576 bytes; refused"),
         ("gzip", b"", "a compressed answer, which the client did not ask for; refused"),
         ("trickle", json.dumps({**FACTS, "max_batch": 8}).encode(), "no whole answer within 2 s"),
+        ("trickle-head", json.dumps({**FACTS, "max_batch": 8}).encode(), "no whole answer within 2 s"),
         ("whole", json.dumps({**FACTS, "max_batch": 0}).encode(), "/v1/model: max_batch 0"),
         (
             "whole",

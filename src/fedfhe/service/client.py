@@ -434,10 +434,29 @@ class EncryptedClient:
         return response
 
     def _bounded(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """The whole answer, read as it streams in: refused past its size cap, or once the timeout has passed
-        since the request (a server trickling a byte every few seconds never trips a per-read timeout)."""
-        limit = ANSWER_BYTES.get(path.rsplit("/", 1)[-1], ANSWER_BYTES["model"])
+        """The whole answer within the timeout, headers included: a server trickling a byte every few seconds
+        never trips httpx's per-read timeout, so the call runs in a thread the caller stops waiting for."""
         deadline = time.monotonic() + self.timeout
+        outcome: list[httpx.Response | BaseException] = []
+
+        def call() -> None:
+            try:
+                outcome.append(self._read_whole(method, path, deadline, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread as it is
+                outcome.append(exc)
+
+        caller = threading.Thread(target=call, name="fedfhe-request", daemon=True)  # left to the read timeout
+        caller.start()
+        caller.join(self.timeout)
+        if not outcome:
+            raise FedfheError(f"{self.url}{path}: no whole answer within {self.timeout:g} s")
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
+    def _read_whole(self, method: str, path: str, deadline: float, **kwargs: Any) -> httpx.Response:
+        """The whole answer, read as it streams in: refused past its size cap or its deadline."""
+        limit = ANSWER_BYTES.get(path.rsplit("/", 1)[-1], ANSWER_BYTES["model"])
         with self._http.stream(method, path, **kwargs) as streamed:
             if streamed.headers.get("content-encoding", "identity").lower() != "identity":
                 raise FedfheError(f"{self.url}{path}: a compressed answer, which the client did not ask for; refused")
