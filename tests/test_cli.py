@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +60,11 @@ def test_run_writes_the_whole_report(cli_run):
 
 @pytest.mark.federation
 @pytest.mark.fhe
-def test_compile_and_evaluate_again_on_user_data(cli_run, tmp_path):
+def test_compile_and_evaluate_again_on_user_data(cli_run, tmp_path, monkeypatch):
     from fedfhe.data import load_dataset
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # Concrete's temporary folders land here
+    (tmp_path / "tmp").mkdir()
     test = load_dataset("digits", seed=0)
     np.savez(tmp_path / "mine.npz", X=test.X_test[:40], y=test.y_test[:40])
     cli_run = copy_of(cli_run, tmp_path)
@@ -82,6 +86,7 @@ def test_compile_and_evaluate_again_on_user_data(cli_run, tmp_path):
     assert done.returncode == 0 and "evaluations/mine.npz-2/report.md" in "".join(done.stderr.split()), done.stderr
     assert json.loads((cli_run / "evaluations" / "mine.npz-2" / "report.json").read_text())["n_test"] == 30
     assert (cli_run / "evaluations" / "mine.npz" / "report.json").read_bytes() == first
+    assert list((tmp_path / "tmp").iterdir()) == []  # no folder of concrete-python's is left behind
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -178,6 +183,26 @@ def test_model_file_from_elsewhere_is_refused(served_run, tmp_path):
     (tmp_path / "model.npz").write_bytes((served_run / "model.npz").read_bytes()[:200])
     done = cli("compile", "--run", str(tmp_path))
     assert done.returncode == 2 and "not a fedfhe model file" in done.stderr
+
+
+def test_names_with_bars_and_line_breaks_keep_the_markdown_tables(served_run):
+    from fedfhe import card, report
+    from fedfhe.rundir import RunDir
+
+    odd = "ward | icu\nnight\\|shift"  # a bar, a line break, and a backslash before a bar
+    facts = card.build(RunDir(served_run))
+    facts["features"][0]["name"] = facts["classes"][0]["name"] = odd
+    summary = json.loads((served_run / "report.json").read_text())
+    per_class = summary["metrics"]["per_class"]
+    summary["metrics"]["per_class"] = {odd if name == "0" else name: figures for name, figures in per_class.items()}
+    for text in (card.markdown(facts), report.markdown(summary)):
+        assert "ward \\| icu night\\\\\\|shift" in text
+        rows = [line for line in text.splitlines() if line.startswith("|")]
+        # cells as GitHub splits a row: at each bar that no backslash escapes
+        cells = [len(re.findall(r"\|", re.sub(r"\\.", "", row))) for row in rows]
+        headers = [i for i, row in enumerate(rows) if i + 1 < len(rows) and rows[i + 1].startswith("|---")]
+        for start, end in zip(headers, [*headers[1:], len(rows)]):
+            assert set(cells[start:end]) == {cells[start]}, rows[start:end]
 
 
 def test_help_groups_options_with_examples_and_names_typos(tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import Served, cli, fedfhe, fhe_client, free_port, key_id, serving, wait_for
+from conftest import ENV, Served, cli, fedfhe, fhe_client, free_port, key_id, serving, wait_for
 
 from fedfhe.errors import FedfheError
 from fedfhe.service.client import EncryptedClient, image_row
@@ -468,11 +468,15 @@ def test_a_run_compiled_before_inputs_used_is_served_on_every_feature(run_dir, r
 
 @pytest.mark.server
 @pytest.mark.fhe
-def test_keys_survive_a_server_restart(run_dir, rows, inputs, truth, tmp_path):
+def test_keys_survive_a_server_restart(run_dir, rows, inputs, truth, tmp_path, monkeypatch):
     store, log = tmp_path / "store", tmp_path / "server.log"
+    monkeypatch.setitem(ENV, "TMPDIR", str(tmp_path / "tmp"))  # the servers' temporary folders (Concrete's)
+    (tmp_path / "tmp").mkdir()
     with serving(run_dir, store, log, "--workers", "1") as first, EncryptedClient(first.url, tmp_path / "c") as client:
         np.testing.assert_array_equal(client.predict(rows[:2]).predicted, truth[:2])
+    assert list((tmp_path / "tmp").iterdir()) == []  # stopped by SIGTERM: nothing left behind
     with serving(run_dir, store, log, "--workers", "1", "--timeout", "0.001") as second:
+        assert "leaked semaphore" not in log.read_text()  # the first server's resource tracker has spoken by now
         body = encode_frames([fhe_client(tmp_path / "c").quantize_encrypt_serialize(inputs[:1])])
         response = post_predict(second.url, key_id(tmp_path / "c"), body)
         assert response.status_code == 504  # so the key was found; 1 ms is too short for any FHE work

@@ -14,7 +14,7 @@ from typing import Any
 from fedfhe import quality
 from fedfhe.artifacts import bit_pair, n_bits_label, read_artifacts
 from fedfhe.errors import FedfheError
-from fedfhe.rundir import RunDir
+from fedfhe.rundir import RunDir, md_cell
 
 
 def build(run: RunDir) -> dict[str, Any]:
@@ -142,11 +142,16 @@ def markdown(card: dict[str, Any]) -> str:
         "",
         "| position | input | low | high |",
         "|---|---|---|---|",
-        *(f"| {f['position']} | {f['name']} | {f['low']:g} | {f['high']:g} |" for f in card["features"]),
+        *(f"| {f['position']} | {md_cell(f['name'])} | {f['low']:g} | {f['high']:g} |" for f in card["features"]),
         "",
     ]
     if card["classes"]:
-        lines += ["| class | name |", "|---|---|", *(f"| {c['class']} | {c['name']} |" for c in card["classes"]), ""]
+        lines += [
+            "| class | name |",
+            "|---|---|",
+            *(f"| {c['class']} | {md_cell(c['name'])} |" for c in card["classes"]),
+            "",
+        ]
     evaluation = card["evaluation"]
     if evaluation is not None:
         lines += [f"Evaluation on {evaluation['rows']} rows ({evaluation['evaluated_on']}):", ""]

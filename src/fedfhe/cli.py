@@ -418,11 +418,11 @@ def compile_(
     outputs: Outputs = None,
 ) -> None:
     """Convert the run's model with Concrete ML and compile it, without any training data."""
-    from fedfhe import pipeline
+    from fedfhe import fhe, pipeline
     from fedfhe.artifacts import parse_n_bits
 
     bits = parse_n_bits(n_bits)
-    with console.status("compiling the FHE circuit"):
+    with console.status("compiling the FHE circuit"), fhe.scratch():
         compiled = pipeline.compile_run(run, bits, calibration, max_input_mb=max_input_mb, outputs=outputs)
     _compiled(compiled, run)
 
@@ -447,10 +447,10 @@ def evaluate(
     On the run's test split the run's report is rewritten; a --data file gets its own, in RUN/evaluations/FILE/
     (FILE-2/ for another file of the same name).
     """
-    from fedfhe import pipeline
+    from fedfhe import fhe, pipeline
 
     _warn_unused_by(run, data_dir, data)
-    with _bars() as live:
+    with _bars() as live, fhe.scratch():
         summary = pipeline.evaluate_run(run, fhe_samples, data, data_dir, Bars(live), max_input_mb, positive_class)
     _show(summary, run if data is None else pipeline.evaluation_dir(run, data).path)
 
@@ -476,12 +476,12 @@ def run(
     verbose: Verbose = False,
 ) -> None:
     """Train, compile and evaluate in one go; everything lands in --run."""
-    from fedfhe import pipeline
+    from fedfhe import fhe, pipeline
     from fedfhe.artifacts import parse_n_bits
 
     bits = parse_n_bits(n_bits)
     _warn_unused(dataset, data_dir, data is not None or owners is not None)
-    with _training(out) as bars:
+    with _training(out) as bars, fhe.scratch():
         split = pipeline.dataset(dataset, config.seed, data_dir, data, schema, owners, test, max_input_mb)
         result = pipeline.run(
             split,
@@ -523,7 +523,7 @@ def tune(
     outputs: Outputs = None,
 ) -> None:
     """Sweep n_bits (and --sweep): score in FHE simulation vs server latency; compile the fastest good point."""
-    from fedfhe import pipeline, tuning
+    from fedfhe import fhe, pipeline, tuning
     from fedfhe.artifacts import parse_n_bits
 
     bits = [parse_n_bits(v) for v in n_bits.split(",")]
@@ -535,7 +535,7 @@ def tune(
         except ValueError:
             raise FedfheError(f"--sweep must look like NAME=V1,V2,... with numbers (got {sweep!r})") from None
     _warn_unused_by(run, data_dir)
-    with _bars() as live:
+    with _bars() as live, fhe.scratch():
         tuned = pipeline.tune_run(run, bits, latency_samples, values, data_dir, Bars(live), outputs, bit_pairs)
     key = tuned.score
     model = tuned.compiled.source

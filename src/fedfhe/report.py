@@ -13,7 +13,7 @@ import numpy as np
 from fedfhe import quality
 from fedfhe.artifacts import n_bits_label
 from fedfhe.fhe import CompiledModel
-from fedfhe.rundir import RunDir
+from fedfhe.rundir import RunDir, md_cell
 
 SCORES = ("accuracy", "r2", "mse")
 POSITIVE = ("sensitivity", "ppv", "auc", "brier")  # figures about the positive class (specificity, npv: the other)
@@ -183,7 +183,7 @@ def _figures(metrics: dict[str, Any]) -> list[str]:
 
     def row(name: str, f: dict[str, Any]) -> str:
         shown = [("n/a" if f[k] is None else f"{f[k]:.4g}") for k in ("value", "low", "high")]
-        return f"| {name} | {shown[0]} | {shown[1]} to {shown[2]} | {f['rows']} |"
+        return f"| {md_cell(name)} | {shown[0]} | {shown[1]} to {shown[2]} | {f['rows']} |"
 
     lines = ["| figure (FHE outputs) | value | 95% interval | rows |", "|---|---|---|---|"]
     for name, f in metrics.items():

@@ -31,6 +31,12 @@ SERVER_SPEC = "server.zip"  # what the server needs to evaluate
 SPEC_SCHEMA = "fedfhe-schema.json"  # in client.zip for a user's table: how a client encodes raw rows
 
 
+def md_cell(value: object) -> str:
+    """A name in a Markdown table cell (report.md, card.md): line breaks become spaces, `|` and backslashes are
+    escaped (a name's own backslash would undo the escape of its `|`), so a name cannot end its row or add cells."""
+    return " ".join(str(value).splitlines()).replace("\\", "\\\\").replace("|", "\\|")
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """The state after a completed round: enough to resume bit for bit."""

@@ -14,6 +14,8 @@ import functools
 import multiprocessing
 import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfhe.errors import FedfheError
-from fedfhe.fhe import CircuitServer, native_quiet
+from fedfhe.fhe import SCRATCH_PREFIX, CircuitServer, native_quiet
 from fedfhe.service import keyset
 from fedfhe.service.keystore import UnknownKey
 from fedfhe.service.workers import keep_freed_memory, spawn_pool, usable_cores
@@ -60,15 +62,16 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
-def _start_worker(fhe_dir: str, loaded: Any, threads: int) -> None:
+def _start_worker(fhe_dir: str, loaded: Any, threads: int, scratch: str) -> None:
     """Load the circuit before any work, then say so (a worker still loading takes no task, so _ready alone
-    cannot tell that every worker has loaded).
+    cannot tell that every worker has loaded). Concrete's temporary folders go into the evaluator's `scratch`.
 
     Concrete's runtime runs a circuit on as many OpenMP threads as there are cores: with a worker per
     core they spin against each other (mnist-5k on 2 cores: 2 workers did 17 runs/s, at 1 thread each 25),
     while one worker's label circuit runs 1.8x faster on 2 threads than on 1.
     """
     os.environ["OMP_NUM_THREADS"] = str(threads)  # read when Concrete's runtime loads, just below
+    tempfile.tempdir = scratch
     keep_freed_memory()
     with contextlib.suppress(Exception):  # a circuit that cannot load is reported by _ready, in one line
         _server(fhe_dir)
@@ -158,6 +161,7 @@ class Evaluator:
         self.fhe_dir, self.workers = str(fhe_dir), workers
         self.threads = threads or max(1, usable_cores() // workers)
         self._pool: ProcessPoolExecutor | None = None
+        self._scratch: str | None = None  # the workers' temporary folder (Concrete's), made by start
         self._ready = threading.Event()
         self._lock = threading.Lock()
         self.crashed: set[str] = set()  # key ids the workers died on, twice
@@ -168,7 +172,12 @@ class Evaluator:
         """Start the workers and load the circuit in each, once; a circuit that cannot load is one line."""
         with self._lock:
             if self._pool is None:
-                self._pool = self._warm_pool()
+                self._scratch = tempfile.mkdtemp(prefix=SCRATCH_PREFIX)
+                try:
+                    self._pool = self._warm_pool()
+                except BaseException:
+                    shutil.rmtree(self._scratch, ignore_errors=True)
+                    raise
                 self._ready.set()
 
     def alive(self) -> int:
@@ -295,7 +304,7 @@ class Evaluator:
     def _warm_pool(self) -> ProcessPoolExecutor:
         """A new pool whose every worker has loaded the circuit (spawned: the server process has threads)."""
         loaded = multiprocessing.get_context("spawn").Queue()
-        pool = spawn_pool(self.workers, _start_worker, self.fhe_dir, loaded, self.threads)
+        pool = spawn_pool(self.workers, _start_worker, self.fhe_dir, loaded, self.threads, self._scratch)
         try:
             for future in [pool.submit(_ready, self.fhe_dir) for _ in range(self.workers)]:
                 future.result(timeout=600)
@@ -326,9 +335,18 @@ class Evaluator:
                 self._ready.set()
 
     def close(self) -> None:
-        """Stop the workers, dropping queued work; waits, since uvicorn exits by re-raising the signal."""
+        """Stop the workers, dropping queued work, and remove their temporary folder; waits, since uvicorn exits
+        by re-raising the signal.
+
+        The pool goes too: the semaphores of the queue it holds (`loaded`) are unlinked when it is collected,
+        and a process that a signal ends runs no exit hook to do it (the resource tracker warned of them).
+        """
+        self._ready.clear()  # no replacement pool from here on; a late request waits for its deadline
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
 
 def _pids(pool: ProcessPoolExecutor) -> list[int]:
