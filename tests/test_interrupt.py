@@ -2,7 +2,7 @@
 
 Each ends within 10 s with exit code 130 or 143 and one line naming the last checkpoint, leaves no
 process behind, and the run resumes (after refused commands that must not touch it) to the model of an
-uninterrupted run, bit for bit.
+uninterrupted run, bit for bit. After a kill -9, Ray's processes end within 10 s too.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.federation]
 ROUNDS = 4
 ARGS = ["--dataset", "digits", "--clients", "3", "--rounds", str(ROUNDS), "--local-iters", "5", "--seed", "0"]
 MARK = "FEDFHE_TEST_INTERRUPT"  # an environment variable every process started for one command inherits
+RAY = {"raylet", "gcs_server", "ray::DashboardAgent", "ray::RuntimeEnvAgent"}  # the agents keep neither mark nor path
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +42,7 @@ class Command:
 
     def __init__(self, *args: str, out: Path) -> None:
         self.out, self.mark, self.started = out, uuid.uuid4().hex, time.time()
+        self.sessions: set[int] = set()
         env = {name: value for name, value in ENV.items() if name != "RAY_ADDRESS"}  # Ray of its own, to end with it
         self.proc = subprocess.Popen(
             [*FEDFHE, *args, "--out", str(out)],
@@ -52,17 +54,20 @@ class Command:
         )
 
     def processes(self) -> list[list[str]]:
-        """Command lines of the live processes started for this command: marked, or naming its run directory."""
-        found = []
+        """Command lines of the live processes started for this command: marked, naming its run directory, or in
+        the session of one that is (its sessions are remembered: their leaders may be dead by the next call)."""
+        live = []
         for p in psutil.process_iter(["cmdline", "create_time", "status"]):
             try:
                 if p.info["create_time"] < self.started - 1 or p.info["status"] == psutil.STATUS_ZOMBIE:
                     continue  # older, or dead (this machine's init does not reap orphans)
-                if p.environ().get(MARK) == self.mark or str(self.out) in " ".join(p.info["cmdline"] or []):
-                    found.append(p.info["cmdline"] or [])
-            except psutil.Error:
+                cmdline, session = p.info["cmdline"] or [], os.getsid(p.pid)
+                if p.environ().get(MARK) == self.mark or str(self.out) in " ".join(cmdline):
+                    self.sessions.add(session)
+                live.append((session, cmdline))
+            except (psutil.Error, ProcessLookupError):
                 continue
-        return found
+        return [cmdline for session, cmdline in live if session in self.sessions]
 
     def stop(self, number: int, group: bool) -> tuple[float, list[str]]:
         """Send the signal (to the whole process group, as a terminal's Ctrl-C does); seconds to exit, stderr lines."""
@@ -85,7 +90,7 @@ def interrupted(command: Command, number: int, group: bool) -> None:
     checkpoint = command.out / "checkpoints" / "round-0001.npz"
     wait_for(checkpoint.exists, 120, "round 1's checkpoint")
     programs = {Path(cmdline[0]).name for cmdline in command.processes() if cmdline}
-    assert {"raylet", "gcs_server"} <= programs, "the mark must reach Ray's processes, or the last check proves nothing"
+    assert RAY <= programs, "the check must find Ray's processes, or the last one proves nothing"
     seconds, lines = command.stop(number, group)
     assert command.proc.returncode == 128 + number and seconds < 10, (command.proc.returncode, seconds, lines)
     done = last_round(command.out)
@@ -130,3 +135,13 @@ def test_ctrl_c_before_the_first_checkpoint(tmp_path):
     seconds, lines = command.stop(signal.SIGINT, group=True)
     assert (command.proc.returncode, lines) == (130, ["interrupted before the first checkpoint"]) and seconds < 10
     wait_for(lambda: not command.processes(), 5, "every process of the command to end")
+
+
+def test_kill_9_of_train_takes_rays_processes_with_it_within_10_s(tmp_path):
+    command = Command("train", *ARGS, out=tmp_path / "run")
+    wait_for((command.out / "checkpoints" / "round-0001.npz").exists, 120, "round 1's checkpoint")
+    assert RAY <= {Path(cmdline[0]).name for cmdline in command.processes() if cmdline}
+    command.proc.kill()
+    command.proc.wait()
+    wait_for(lambda: not command.processes(), 10, "every process of the killed command to end")  # Ray's agents: 62 s
+    assert command.proc.communicate(timeout=10) == ("", "")  # nothing left behind to print a traceback
