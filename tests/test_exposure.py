@@ -468,8 +468,8 @@ FACTS = {"n_features": 2, "classes": [0, 1], "input_low": [0, 0], "input_high": 
     [
         ("whole", b" " * (2 << 20), "an answer over 1048576 bytes; refused"),
         ("gzip", b"", "a compressed answer, which the client did not ask for; refused"),
-        ("trickle", json.dumps({**FACTS, "max_batch": 8}).encode(), "no whole answer within 2 s"),
-        ("trickle-head", json.dumps({**FACTS, "max_batch": 8}).encode(), "no whole answer within 2 s"),
+        ("trickle", json.dumps({**FACTS, "max_batch": 8}).encode(), "no whole answer within 5 s"),
+        ("trickle-head", json.dumps({**FACTS, "max_batch": 8}).encode(), "no whole answer within 5 s"),
         ("whole", json.dumps({**FACTS, "max_batch": 0}).encode(), "/v1/model: max_batch 0"),
         (
             "whole",
@@ -485,7 +485,9 @@ def test_a_hostile_server_cannot_flood_stall_or_mislead_the_client(hostile, tmp_
     start = time.monotonic()
     with (
         pytest.raises(FedfheError, match=re.escape(problem)) as refused,
-        EncryptedClient(url, tmp_path / "k", timeout=2) as c,
+        EncryptedClient(url, tmp_path / "k", timeout=5) as c,
     ):
         _ = c.model
-    assert "\n" not in str(refused.value) and time.monotonic() - start < 5
+    assert (
+        "\n" not in str(refused.value) and time.monotonic() - start < 10
+    )  # a loaded machine answers the others late, never a trickle

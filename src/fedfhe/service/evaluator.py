@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import queue
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -231,7 +232,7 @@ class Evaluator:
         deadline = time.monotonic() + timeout  # the retry's own time: every first death gets a verdict
         try:
             async with asyncio.timeout(timeout), self._alone():
-                await asyncio.to_thread(self._replace)  # unless another request has replaced it already
+                await asyncio.to_thread(self._replace, True)  # no job of an earlier request runs beside the retry
                 return await self._attempt(calls, deadline, timeout)
         except (BrokenProcessPool, RuntimeError):
             raise Crashed("an FHE worker died on this request, and again with the pool to itself") from None
@@ -321,14 +322,20 @@ class Evaluator:
             raise
         return pool
 
-    def _replace(self) -> None:
-        """Swap in a warmed pool; requests wait (up to their deadline) while it loads."""
+    def _replace(self, fresh: bool = False) -> None:
+        """Swap in a warmed pool when a worker died (or, `fresh`, anyway); requests wait (up to their deadline)
+        while it loads. The old workers are killed: a job left running by a request that stopped waiting (timed
+        out, or refused at another frame) could otherwise die later, beside a retry that has the pool alone."""
         with self._lock:
-            if self.alive() >= self.workers:
+            if not fresh and self.alive() >= self.workers:
                 return
             self._ready.clear()
             if self._pool is not None:
+                old = _pids(self._pool)
                 self._pool.shutdown(wait=False, cancel_futures=True)
+                for pid in old:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
             try:
                 self._pool = self._warm_pool()
             finally:
