@@ -16,6 +16,7 @@ import numpy as np
 import psutil
 import pytest
 from conftest import ENV, FEDERATED, cli, copy_of
+from test_supernode import claim
 
 from fedfhe import TrainConfig, train
 from fedfhe.errors import FedfheError
@@ -41,12 +42,26 @@ PLAIN = TrainConfig(**FEDERATED)  # federated_run's settings: that run is the si
 @pytest.fixture(scope="session")
 def deployed(once, digits) -> tuple[Path, list[tuple[int, dict]]]:
     """One training on the Deployment Engine (3 SuperNodes, TLS, node auth): its run folder (read-only) and its
-    progress as reported to the worker that ran it (kept in progress.json beside the run for the others)."""
+    progress as reported to the worker that ran it (kept in progress.json beside the run for the others); what
+    each Runtime API answered a task claim without the secret during the run is in claims.json beside it."""
 
     def build(folder: Path) -> None:
         progress: list[tuple[int, dict]] = []
-        deployment.up(digits, PLAIN, folder / "run", on_round=lambda r, m: progress.append((r, m)))
+        claims: dict[str, int] = {}
+
+        def claim_as_a_stranger(procs: deployment.Processes) -> None:
+            """Each Runtime API asked for a task, without the secret, while the run goes on."""
+            ca = folder / "run" / "federation" / "certs" / "ca.crt"
+            for name, proc in procs.procs.items():
+                port = next((a.split("=")[1] for a in proc.args if a.startswith("--port=")), None)
+                if port is not None:  # the SuperLink (TLS) and each SuperNode (loopback)
+                    claims[name] = claim(f"127.0.0.1:{port}", ca=ca if name == "superlink" else None)
+
+        deployment.up(
+            digits, PLAIN, folder / "run", on_started=claim_as_a_stranger, on_round=lambda r, m: progress.append((r, m))
+        )
         (folder / "progress.json").write_text(json.dumps(progress))
+        (folder / "claims.json").write_text(json.dumps(claims))
 
     folder = once("deployed", build)
     progress = [(r, m) for r, m in json.loads((folder / "progress.json").read_text())]
@@ -66,6 +81,13 @@ def test_deployment_with_tls_and_auth_gives_the_simulation_model(deployed, feder
     assert [r for r, _ in progress] == [1, 2]  # reported as each round's checkpoint landed, with its test score
     assert [m["score"] for _, m in progress] == [rows[1]["global"]["score"], rows[2]["global"]["score"]]
     assert orphans(out.parent) == []
+
+
+def test_only_the_federations_superexecs_may_claim_tasks(deployed):
+    out, _ = deployed  # the run completed (the test above): its SuperExecs held the secret
+    claims = json.loads((out.parent / "claims.json").read_text())
+    assert claims == {"superlink": 401, "supernode-0": 401, "supernode-1": 401, "supernode-2": 401}
+    assert (out / "federation" / "superexec.secret").stat().st_mode & 0o777 == 0o600
 
 
 def test_a_deployed_run_is_a_run_directory(deployed, digits, tmp_path):

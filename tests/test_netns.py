@@ -19,7 +19,7 @@ from conftest import FEDERATED
 from test_federation import orphans
 
 from fedfhe import TrainConfig
-from fedfhe.federated import certificates, deployment
+from fedfhe.federated import certificates, deployment, supernode
 from fedfhe.model import LinearModel
 
 pytestmark = [pytest.mark.federation, pytest.mark.server]
@@ -130,15 +130,22 @@ def test_supernodes_in_namespaces_of_their_own_train_the_simulation_model(tmp_pa
     settings.write_text(
         deployment.to_toml({**config.to_run_config(), "dataset": "digits", "out-dir": str(out), "audit-dir": ""})
     )
+    secret = certificates.make_secret(work / "superexec.secret")  # the coordinator's: its SuperLink and SuperExec
     with deployment.Processes(env, logs) as procs:
-        superlink = deployment.superlink_command(PORT, certs, work / "superlink.db", host=link.address)
-        procs.start("superlink", link.command(superlink), cwd=work)
+        superlink = deployment.superlink_command(PORT, certs, work / "superlink.db", host=link.address, secret=secret)
+        started = procs.start("superlink", link.command(superlink), cwd=work)  # `ip netns exec` execs: same pid
         deployment.wait_until(lambda: f"{link.address}:{PORT}" in listening(link), 60, "the SuperLink")
+        tls = [f"--root-certificates={certs / 'ca.crt'}"]
+        superexec = supernode.superexec_command(f"{link.address}:{PORT}", tls, secret, started.pid)
+        procs.start("superexec", link.command(superexec), cwd=work)
         for i, (node, data_file) in enumerate(zip(nodes, files)):
             private, public = certificates.make_node_key(work / "keys", f"node-{i}")
             deployment.flwr(env, "supernode", "register", str(public), deployment.CONNECTION, via=link.command([]))
             node_config = f"data-file='{data_file}' partition-id={i} num-partitions={config.clients}"
-            command = deployment.supernode_command(PORT, certs, private, node_config, superlink=link.address)
+            own = certificates.make_secret(work / "keys" / f"node-{i}.secret")  # each owner's, never sent
+            command = deployment.supernode_command(
+                PORT, certs, private, node_config, superlink=link.address, secret=own
+            )
             procs.start(f"supernode-{i}", node.command(command), cwd=work / f"node-{i}")
         submit = ("run", str(app), deployment.CONNECTION, "--run-config", str(settings))
         run = deployment.flwr(env, *submit, cwd=app, via=link.command([]))

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedfhe.federated import deployment, supernode
+from fedfhe.federated import certificates, deployment, supernode
 
 pytestmark = [pytest.mark.server]
 
@@ -46,6 +46,43 @@ def node(short_tmp) -> Iterator[tuple[subprocess.Popen, Path]]:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def claim(address: str, secret: Path | None = None, ca: Path | None = None) -> int:
+    """The HTTP status a Runtime API answers a task claim with (AcquireTask, by Flower's client, signed if a secret).
+
+    An API not listening yet is asked again for up to a minute.
+    """
+    import httpx
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.interceptors.http import SuperExecAuthHttpInterceptor
+    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+    from flwr.supercore.runtime.runtime_http_client import RuntimeHttpClient
+
+    interceptors: list = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    if secret is not None:
+        method = "/flwr.proto.Runtime/AcquireTask"
+        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret.read_bytes(), protected_methods={method}))
+    client = RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=ca is None,
+        root_certificates=None if ca is None else ca.read_bytes(),
+        interceptors=interceptors,
+    )
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            try:
+                client.AcquireTask(AcquireTaskRequest())
+                return 200
+            except httpx.HTTPStatusError as exc:
+                return exc.response.status_code
+            except httpx.ConnectError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    finally:
+        client.close()
 
 
 def clientapp(folder: Path, *args: str, warm: bool = True) -> tuple[subprocess.CompletedProcess, float]:
@@ -82,6 +119,31 @@ def test_the_warm_process_and_its_folder_end_with_the_supernode(node, kill):
     _, alive = psutil.wait_procs(family, timeout=10)
     assert alive == []
     assert not folder.exists()
+
+
+def test_with_a_secret_file_only_a_superexec_holding_it_may_claim_the_nodes_tasks(short_tmp):
+    secret, port = certificates.make_secret(short_tmp / "secret"), deployment.free_port()
+    args = [str(deployment.BIN / "fedfhe-supernode"), "--insecure", "--superlink=127.0.0.1:9", f"--port={port}"]
+    proc = subprocess.Popen(
+        [*args, f"--superexec-auth-secret-file={secret}"], env={**os.environ, "TMPDIR": str(short_tmp)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+
+        def superexec() -> list[str]:
+            found = [c.cmdline() for c in psutil.Process(proc.pid).children() if "flower-superexec" in str(c.cmdline())]
+            return found[0] if found else []
+
+        deployment.wait_until(lambda: bool(superexec()), 60, "the node's SuperExec")
+        assert f"--superexec-auth-secret-file={secret}" in superexec()  # the one the node started, with the secret
+        assert f"--runtime-api-address=127.0.0.1:{port}" in superexec()
+        assert claim(f"127.0.0.1:{port}") == 401  # any other local process: refused (Flower's default answers 200)
+        assert claim(f"127.0.0.1:{port}", certificates.make_secret(short_tmp / "guess")) == 401
+        assert claim(f"127.0.0.1:{port}", secret) == 200  # the secret's holder: served (no task is pending)
+        assert (secret.stat().st_mode & 0o777) == 0o600
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 def test_a_poll_interval_out_of_range_is_one_line():

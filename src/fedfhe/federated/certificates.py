@@ -1,4 +1,5 @@
-"""Certificates and node keys for a federation: a local CA, the SuperLink's TLS certificate, SuperNode identities.
+"""Certificates and keys for a federation: a local CA, the SuperLink's TLS certificate, SuperNode identities,
+the secret a SuperExec signs its Runtime API requests with.
 
 For tests, demos and small federations; an organisation with its own PKI uses its own files
 (docs/multi-host.md).
@@ -9,6 +10,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +25,18 @@ def _private_pem(key: Any) -> bytes:
 
 
 def _write_secret(path: Path, data: bytes) -> None:
-    """Write a private key readable by its owner only."""
-    path.write_bytes(data)
-    path.chmod(0o600)
+    """Write a private key readable by its owner only, from the moment the file exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "wb") as file:
+        os.fchmod(fd, 0o600)  # a file that was there keeps its mode otherwise
+        file.write(data)
+
+
+def make_secret(path: str | os.PathLike[str]) -> Path:
+    """32 random bytes (0600) shared by a SuperLink or SuperNode and its SuperExec: only they may claim tasks."""
+    path = Path(path)
+    _write_secret(path, secrets.token_bytes(32))
+    return path
 
 
 def make_certificates(

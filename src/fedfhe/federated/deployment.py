@@ -1,8 +1,9 @@
 """The federation on Flower's Deployment Engine: one SuperLink, N SuperNodes, gRPC over TLS.
 
 `up()` does on one machine what a coordinator and N data owners do on theirs (docs/multi-host.md):
-certificates and node keys, the SuperLink with node authentication, the SuperNodes each pointing
-at its owner's data file, `flwr run`, then it stops every process it started, whatever happens.
+certificates and node keys, the SuperLink with node authentication and its SuperExec, the SuperNodes each
+pointing at its owner's data file, `flwr run`, then it stops every process it started, whatever happens.
+Only SuperExecs holding the federation's secret may claim tasks on the Runtime APIs (SuperLink and SuperNodes).
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ import psutil
 from fedfhe.config import RunConfig, TrainConfig
 from fedfhe.data import Dataset
 from fedfhe.errors import FedfheError
-from fedfhe.federated.certificates import make_certificates, make_node_key
+from fedfhe.federated.certificates import make_certificates, make_node_key, make_secret
+from fedfhe.federated.supernode import superexec_command
 from fedfhe.partition import partition, save_partitions
 from fedfhe.rundir import RunDir
 from fedfhe.table import owner_files
 
-BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr live beside python
+BIN = Path(sys.executable).parent  # flower-superlink, flower-superexec and flwr live beside python
 SERVER_APP = "fedfhe.federated.server_app:app"
 CLIENT_APP = "fedfhe.federated.client_app:app"
 # Besides training: where data and outputs are; a user's table adds its schema (JSON), the server's test file
@@ -274,7 +276,7 @@ def up(
     port = free_port()
     env = {
         **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # SuperLink/SuperNode start flower-superexec
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # SuperExecs start flwr-serverapp/-clientapp by name
         "FLWR_HOME": str(work / "flwr-home"),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -298,6 +300,7 @@ def up(
         raise FedfheError("the Deployment Engine trains on one file per owner: use --owners DIR --test FILE")
     connection = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n'
     certs = None if insecure else make_certificates(work / "certs")
+    secret = make_secret(work / "superexec.secret")
     if certs is None:
         connection += "insecure = true\n"
     else:
@@ -313,8 +316,10 @@ def up(
     }
     settings.write_text(to_toml({**config.to_run_config(), **where}))
     with Processes(env, work / "logs") as procs, contextlib.closing(Control(port, certs)) as control:
-        procs.start("superlink", superlink_command(port, certs, work / "superlink.db"), cwd=work)
+        link = procs.start("superlink", superlink_command(port, certs, work / "superlink.db", secret=secret), cwd=work)
         wait_until(lambda: _listening(port), 60, "the SuperLink")
+        tls = ["--insecure"] if certs is None else [f"--root-certificates={certs / 'ca.crt'}"]
+        procs.start("superexec", superexec_command(f"127.0.0.1:{port}", tls, secret, link.pid), cwd=work)
         keys = [None if certs is None else make_node_key(work / "keys", f"node-{i}") for i in range(len(files))]
 
         def join(i: int) -> None:
@@ -324,7 +329,8 @@ def up(
                 private, public = pair
                 control.register(public)
             node_config = f"data-file='{files[i]}' partition-id={i} num-partitions={config.clients}"
-            procs.start(f"supernode-{i}", supernode_command(port, certs, private, node_config), cwd=work / f"node-{i}")
+            command = supernode_command(port, certs, private, node_config, secret=secret)
+            procs.start(f"supernode-{i}", command, cwd=work / f"node-{i}")
 
         with ThreadPoolExecutor(4) as pool:  # the run is submitted while nodes join: the ServerApp waits for them
             submitted = pool.submit(flwr, env, "run", str(app), CONNECTION, "--run-config", str(settings), cwd=app)
@@ -372,8 +378,13 @@ def to_toml(entries: dict[str, Any]) -> str:
     return "".join(f"{key} = {value(v)}\n" for key, v in entries.items())
 
 
-def superlink_command(port: int, certs: Path | None, database: Path, host: str = "127.0.0.1") -> list[str]:
-    """The coordinator's SuperLink on host:port (Fleet, Control and Runtime APIs): TLS, registered SuperNodes only."""
+def superlink_command(
+    port: int, certs: Path | None, database: Path, host: str = "127.0.0.1", secret: Path | None = None
+) -> list[str]:
+    """The coordinator's SuperLink on host:port (Fleet, Control and Runtime APIs): TLS, registered SuperNodes only.
+
+    With a secret, only a SuperExec holding it claims ServerApp tasks; Flower then starts none (we do).
+    """
     tls = (
         ["--insecure"]
         if certs is None
@@ -384,9 +395,11 @@ def superlink_command(port: int, certs: Path | None, database: Path, host: str =
             "--enable-supernode-auth",
         ]
     )
+    signed = [] if secret is None else ["--isolation=process", f"--superexec-auth-secret-file={secret}"]
     return [
         str(BIN / "flower-superlink"),
         *tls,
+        *signed,
         f"--host={host}",
         f"--port={port}",
         "--disable-runtime-dependency-installation",
@@ -395,19 +408,27 @@ def superlink_command(port: int, certs: Path | None, database: Path, host: str =
 
 
 def supernode_command(
-    port: int, certs: Path | None, private_key: Path | None, node_config: str, superlink: str = "127.0.0.1"
+    port: int,
+    certs: Path | None,
+    private_key: Path | None,
+    node_config: str,
+    superlink: str = "127.0.0.1",
+    secret: Path | None = None,
 ) -> list[str]:
     """A data owner's SuperNode reaching the SuperLink at superlink:port: trusts our CA, proves itself with its key.
 
-    fedfhe-supernode is flower-supernode with warm ClientApp processes and a 0.2 s idle poll (supernode.py).
+    fedfhe-supernode is flower-supernode with warm ClientApp processes and a short idle poll (supernode.py);
+    with a secret, it starts its SuperExec with it, and only that SuperExec claims the node's ClientApp tasks.
     """
     tls = ["--insecure"] if certs is None else [f"--root-certificates={certs / 'ca.crt'}"]
     auth = [] if private_key is None else [f"--auth-supernode-private-key={private_key}"]
+    signed = [] if secret is None else [f"--superexec-auth-secret-file={secret}"]
     return [
         str(BIN / "fedfhe-supernode"),
         f"--superlink={superlink}:{port}",
         *tls,
         *auth,
+        *signed,
         f"--port={free_port()}",
         "--max-retries=5",
         f"--node-config={node_config}",

@@ -6,6 +6,10 @@ of `flower-supernode` and changes only those two costs: a process that has alrea
 ClientApp and SciPy forks a child per message that runs Flower's own `flwr-clientapp` code, and the idle
 pull waits `--poll-interval` seconds. Without the warm process (it died, or `flower-supernode` runs the
 node) the `flwr-clientapp` on PATH starts Flower's own command, as before.
+
+Given `--superexec-auth-secret-file`, only a SuperExec holding that secret may claim the node's tasks on its
+Runtime API. Flower 1.42 honours the secret only with `--isolation process`, where the SuperNode starts no
+SuperExec; `fedfhe-supernode` then starts the one Flower would have, with the secret.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import select
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -181,6 +186,46 @@ def _warm() -> None:
     os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ['PATH']}"
 
 
+def superexec_command(runtime: str, tls: list[str], secret: str | os.PathLike[str], parent: int) -> list[str]:
+    """Flower's SuperExec for the Runtime API at `runtime`, signing its task claims with the secret; it ends with `parent`."""
+    return [
+        str(Path(sys.executable).parent / "flower-superexec"),
+        f"--runtime-api-address={runtime}",
+        *tls,
+        f"--superexec-auth-secret-file={secret}",
+        f"--parent-pid={parent}",
+    ]
+
+
+def _signed(theirs: list[str]) -> list[str]:
+    """Flower's options; given a secret file, the SuperExec Flower would start is started here, with the secret.
+
+    Flower 1.42 ignores the secret in its default `--isolation subprocess`, the one that starts a SuperExec
+    (start_client_internal.py): the node switches to `process`, and its SuperExec (same Runtime API address and
+    TLS, ending with this process) gets the secret.
+    """
+    from flwr.common.constant import ISOLATION_MODE_PROCESS
+    from flwr.supercore.address import resolve_bind_address
+    from flwr.supercore.tls import get_client_tls_args
+    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+
+    args = _parse_args_run_supernode().parse_args(theirs)
+    if args.superexec_auth_secret_file is None or args.isolation == ISOLATION_MODE_PROCESS:
+        return theirs
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    insecure = not (args.ssl_certfile or args.ssl_keyfile or args.ssl_ca_certfile)
+    command = superexec_command(
+        resolve_bind_address(f"{host}:{args.port}"),
+        get_client_tls_args(insecure, args.ssl_ca_certfile),
+        args.superexec_auth_secret_file,
+        os.getpid(),
+    )
+    if args.runtime_dependency_install:
+        command.append("--allow-runtime-dependency-installation")
+    subprocess.Popen(command)  # in our process group; it ends with us (--parent-pid)
+    return [*theirs, f"--isolation={ISOLATION_MODE_PROCESS}"]
+
+
 def main(argv: list[str] | None = None) -> None:
     """`fedfhe-supernode [--poll-interval S] [--cold] <flower-supernode options>`."""
     parser = argparse.ArgumentParser(prog="fedfhe-supernode", description=__doc__.splitlines()[0], add_help=False)
@@ -201,8 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     # Flower starts flower-superexec by name: found beside our Python even in a venv nobody activated.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     if not (ours.cold or helping):
-        _warm()
-    sys.argv = ["flower-supernode", *theirs]
+        _warm()  # first: the SuperExec started below finds the shim through our environment
+    sys.argv = ["flower-supernode", *(theirs if helping else _signed(theirs))]
     flower_supernode()
 
 
