@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -131,8 +132,12 @@ def test_with_a_secret_file_only_a_superexec_holding_it_may_claim_the_nodes_task
     try:
 
         def superexec() -> list[str]:
-            found = [c.cmdline() for c in psutil.Process(proc.pid).children() if "flower-superexec" in str(c.cmdline())]
-            return found[0] if found else []
+            """The running SuperExec's command line (one that stopped is started again: the node needs one)."""
+            for child in psutil.Process(proc.pid).children():
+                with contextlib.suppress(psutil.Error):
+                    if child.status() != psutil.STATUS_ZOMBIE and "flower-superexec" in str(child.cmdline()):
+                        return list(child.cmdline())
+            return []
 
         deployment.wait_until(lambda: bool(superexec()), 60, "the node's SuperExec")
         assert f"--superexec-auth-secret-file={secret}" in superexec()  # the one the node started, with the secret

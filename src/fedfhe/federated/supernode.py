@@ -9,7 +9,8 @@ node) the `flwr-clientapp` on PATH starts Flower's own command, as before.
 
 Given `--superexec-auth-secret-file`, only a SuperExec holding that secret may claim the node's tasks on its
 Runtime API. Flower 1.42 honours the secret only with `--isolation process`, where the SuperNode starts no
-SuperExec; `fedfhe-supernode` then starts the one Flower would have, with the secret.
+SuperExec; `fedfhe-supernode` then starts the one Flower would have, with the secret, and again if it stops
+(it stops itself on any 401: once seen under load in the tests, which would leave the node claiming nothing).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -222,8 +224,19 @@ def _signed(theirs: list[str]) -> list[str]:
     )
     if args.runtime_dependency_install:
         command.append("--allow-runtime-dependency-installation")
-    subprocess.Popen(command)  # in our process group; it ends with us (--parent-pid)
+    threading.Thread(target=_keep_running, args=(command,), name="superexec", daemon=True).start()
     return [*theirs, f"--isolation={ISOLATION_MODE_PROCESS}"]
+
+
+def _keep_running(command: list[str]) -> None:
+    """Run the SuperExec (in our process group, ending with us: --parent-pid), and again whenever it stops while
+    the node runs: Flower's SuperExec stops itself on any 401, and without it the node claims no task."""
+    pause = 1.0
+    while True:
+        started = time.monotonic()
+        subprocess.run(command, check=False)
+        pause = 1.0 if time.monotonic() - started > 60 else min(2 * pause, 60.0)  # a wrong secret: backs off
+        time.sleep(pause)
 
 
 def main(argv: list[str] | None = None) -> None:
