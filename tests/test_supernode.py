@@ -41,7 +41,11 @@ def node(short_tmp) -> Iterator[tuple[subprocess.Popen, Path]]:
         f"--port={deployment.free_port()}",
     ]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deployment.wait_until(lambda: any(short_tmp.glob("fedfhe-supernode-*/clientapp.sock")), 60, "the warm process")
+
+    def warm() -> bool:  # its socket is bound before the fork: wait for the process too
+        return any(short_tmp.glob("fedfhe-supernode-*/clientapp.sock")) and bool(psutil.Process(proc.pid).children())
+
+    deployment.wait_until(warm, 60, "the warm process")
     (folder,) = short_tmp.glob("fedfhe-supernode-*")
     yield proc, folder
     if proc.poll() is None:
