@@ -24,6 +24,7 @@ from fedfhe.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 POSITIVE = st.floats(min_value=1e-6, max_value=1e6, allow_nan=False)
+CLASS_WEIGHTS = ["balanced", "malignant=2.5", "benign=0.5, malignant=3", "7=1e-3"]
 SHARE = st.one_of(st.floats(0.01, 0.99), st.integers(1, 100).map(float))  # a fraction or a count
 
 
@@ -67,6 +68,7 @@ def configs(draw: Any) -> TrainConfig:
         seed=draw(st.integers(0, 2**32 - 1)),
         model=model,
         params=draw(params(model, clients == 1)),
+        class_weight=None if KINDS[model].regression else draw(st.none() | st.sampled_from(CLASS_WEIGHTS)),
         engine=draw(st.sampled_from(["sklearn", "concrete"] if clients == 1 else ["sklearn"])),
         input_ranges=draw(st.sampled_from(INPUT_RANGES)),
         strategy=strategy,

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shlex
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
+import numpy as np
+
+from fedfhe.data import Dataset, class_names
 from fedfhe.errors import FedfheError, unknown
 from fedfhe.kinds import KINDS, Kind, kind_of
-from fedfhe.partition import SCHEMES
-from fedfhe.problem import Problem
-
-if TYPE_CHECKING:
-    from fedfhe.data import Dataset
+from fedfhe.partition import SCHEMES, label_counts
+from fedfhe.problem import Problem, balanced_weights
 
 STRATEGIES = ("fedavg", "fedprox", "fedmedian", "krum", "trimmed-mean")
 INPUT_RANGES = ("schema", "clients")  # the data set's declared ranges, or the owners' shared min/max
@@ -58,6 +59,11 @@ class TrainConfig:
     seed: int = option(0, "Seed of the split, the partitions and client sampling.")
     model: str = option("logistic", "logistic | svm (classifiers); linear | ridge | lasso | elasticnet (regressors).")
     params: dict[str, Any] = option({}, "Estimator parameter NAME=VALUE (repeatable), e.g. --param C=0.5.")
+    class_weight: str | None = option(
+        None,
+        "Classifiers: each class's weight in every client's loss: balanced (n / (classes x count), from the owners' "
+        "class counts) | CLASS=WEIGHT,... (classes as the data names them; others weigh 1)  [default: all weigh 1]",
+    )
     engine: str = option("sklearn", f"{_choices(ENGINES)} (fit Concrete ML's own estimator; --clients 1).")
     input_ranges: str = option(
         "schema", "schema (the data set's declared ranges) | clients (owners share rounded min/max)."
@@ -133,11 +139,19 @@ class TrainConfig:
         central_only = sorted(set(self.params) - set(kind.federated))
         if self.clients > 1 and central_only:
             honoured = ", ".join(kind.federated) or "none"
+            hint = " (class weights: --class-weight)" if central_only[0] == "class_weight" else ""
             raise FedfheError(
                 f"--param {central_only[0]} applies to centralized training (--clients 1) only; "
-                f"federated {self.model} uses: {honoured}"
+                f"federated {self.model} uses: {honoured}{hint}"
             )
         kind.resolve(self.params)
+        if self.class_weight is not None:
+            if kind.regression:
+                raise FedfheError(f"--class-weight applies to classifiers, not {self.model}")
+            if "class_weight" in self.params:
+                raise FedfheError("give --class-weight or --param class_weight, not both")
+            if self.class_weight != "balanced":
+                parse_class_weight(self.class_weight)
         if self.input_ranges not in INPUT_RANGES:
             raise unknown("input ranges", self.input_ranges, INPUT_RANGES)
         if self.engine not in ENGINES:
@@ -235,7 +249,23 @@ class TrainConfig:
             )
         if dataset.is_regression and self.clients > 1 and self.partitioning != "iid":
             raise FedfheError(f"{self.partitioning} partitioning skews class labels; {dataset.name} has none (use iid)")
-        return Problem(self.kind, dataset.classes, dataset.input_range, dataset.target_range)
+        return Problem(
+            self.kind, dataset.classes, dataset.input_range, dataset.target_range, self._class_weights(dataset)
+        )
+
+    def _class_weights(self, dataset: Dataset) -> np.ndarray | None:
+        """The weights --class-weight gives this data set's classes; federated balanced ones come from ServerRun.agree."""
+        if self.class_weight is None or (self.class_weight == "balanced" and self.clients > 1):
+            return None
+        if self.class_weight == "balanced":  # one owner: its own rows are the whole federation's
+            everything = [np.arange(len(dataset.y_train))]
+            return balanced_weights(label_counts(dataset.y_train, everything, dataset.classes)[0], dataset.classes)
+        names, weights = class_names(dataset), np.ones(len(dataset.classes))
+        for name, weight in parse_class_weight(self.class_weight).items():
+            if name not in names:
+                raise FedfheError(f"--class-weight: {dataset.name} has no class {name!r} (classes: {', '.join(names)})")
+            weights[names.index(name)] = weight
+        return weights
 
     def client_hyper(self) -> dict[str, float]:
         """Each client's share of the regularisation, so the clients' objectives add up to the central one.
@@ -307,6 +337,25 @@ def _typed(f: dataclasses.Field, value: Any, name: str) -> Any:
     if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
         raise FedfheError(f"{name} must be {kind} (got {value!r})")
     return float(cast(float, value)) if kind == "float" else value
+
+
+def parse_class_weight(text: str) -> dict[str, float]:
+    """--class-weight CLASS=WEIGHT,... as {class: weight}, each weight a positive number, or a one-line error."""
+    weights: dict[str, float] = {}
+    for pair in text.split(","):
+        name, sep, value = (part.strip() for part in pair.partition("="))
+        if not sep or not name:
+            raise FedfheError(f"--class-weight must be balanced or CLASS=WEIGHT,... (got {text!r})")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not (math.isfinite(weight) and weight > 0):
+            raise FedfheError(f"--class-weight {name}: the weight must be a positive number (got {value!r})")
+        if name in weights:
+            raise FedfheError(f"--class-weight names class {name!r} twice")
+        weights[name] = weight
+    return weights
 
 
 def parse_params(pairs: list[str]) -> dict[str, Any]:

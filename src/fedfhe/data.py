@@ -116,6 +116,21 @@ def bundled_names(name: str, n_features: int, classes: np.ndarray) -> tuple[list
     return features, [str(labels.get(str(int(c)), int(c))) for c in classes]
 
 
+def class_names(dataset: Dataset) -> list[str]:
+    """Each class's name as the data set's schema writes it (a user's table, a bundled set), else its number."""
+    if dataset.schema is not None:
+        named = dataset.schema["label"]["classes"]
+        return [as_text(named[int(c)]) for c in dataset.classes]
+    return bundled_names(dataset.name, dataset.n_features, dataset.classes)[1]
+
+
+def as_text(value: Any) -> str:
+    """A cell as the schema writes it: 1.0 read from a CSV matches the class 1."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def schema_range(name: str, n_features: int) -> Range:
     """The per-feature ranges a bundled data set declares in its schema file (schemas/<name>.json)."""
     features = json.loads((SCHEMAS / f"{name}.json").read_text())["features"]

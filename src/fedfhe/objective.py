@@ -40,7 +40,8 @@ def _lbfgs(
     """L-BFGS on weight * sum(loss) + strength * ||W||^2 / 2 (intercept not penalised) + FedProx's term.
 
     Classifiers use scikit-learn's C * sum(loss) + ||W||^2 / 2 (multinomial log-loss, or LinearSVC's
-    one-vs-rest squared hinge); regressors half of Ridge's ||y - Xw||^2 + alpha ||w||^2. FedProx adds
+    one-vs-rest squared hinge), each row's loss times its class's weight if the problem has class weights
+    (scikit-learn's class_weight); regressors half of Ridge's ||y - Xw||^2 + alpha ||w||^2. FedProx adds
     mu/2 * weight * n * ||theta - start||^2 (mu relative to the mean loss, as in the paper), which
     scikit-learn cannot, hence scipy. Every class keeps its row even when a client has no sample of it.
     """
@@ -50,11 +51,11 @@ def _lbfgs(
     n_out, n_features = params[0].shape
     weight, strength = (hyper["C"], 1.0) if not problem.kind.regression else (1.0, hyper.get("alpha", 0.0))
     prox = mu * weight * len(y)
-    target = _targets(problem, y)
+    target, rows = _targets(problem, y), problem.row_weights(y)
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
         W, b = theta[:-n_out].reshape(n_out, n_features), theta[-n_out:]
-        loss, dZ = _loss(problem.kind.name, X @ W.T + b, target)
+        loss, dZ = _loss(problem.kind.name, X @ W.T + b, target, rows)
         diff = theta - start
         value = weight * loss + 0.5 * strength * float(np.sum(W * W)) + 0.5 * prox * float(diff @ diff)
         grad = np.concatenate([(weight * dZ.T @ X + strength * W).ravel(), weight * dZ.sum(axis=0)]) + prox * diff
@@ -72,17 +73,21 @@ def _targets(problem: Problem, y: np.ndarray) -> np.ndarray:
     return onehot[:, 1:] if problem.n_outputs == 1 else onehot
 
 
-def _loss(model: str, Z: np.ndarray, T: np.ndarray) -> tuple[float, np.ndarray]:
-    """Summed loss of scores Z against targets T, and its gradient in Z."""
+def _loss(model: str, Z: np.ndarray, T: np.ndarray, rows: np.ndarray | None) -> tuple[float, np.ndarray]:
+    """Summed loss of scores Z against targets T, each row's times its weight in `rows` if given, and its gradient."""
     if model == "logistic":
         lse = _logsumexp(Z)
-        return float(np.sum(lse - np.sum(Z * T, axis=1))), np.exp(Z - lse[:, None]) - T
-    if model == "svm":
+        loss, dZ = lse - np.sum(Z * T, axis=1), np.exp(Z - lse[:, None]) - T
+    elif model == "svm":
         signs = 2 * T - 1
         margin = np.maximum(0.0, 1 - signs * Z)
-        return float(np.sum(margin**2)), -2 * signs * margin
-    residual = Z - T
-    return 0.5 * float(np.sum(residual**2)), residual
+        loss, dZ = margin**2, -2 * signs * margin
+    else:
+        residual = Z - T
+        loss, dZ = 0.5 * residual**2, residual
+    if rows is not None:
+        loss, dZ = loss * (rows if loss.ndim == 1 else rows[:, None]), dZ * rows[:, None]
+    return float(np.sum(loss)), dZ
 
 
 def _logsumexp(Z: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""What every party agrees on before training: the model kind, the classes, feature and target ranges."""
+"""What every party agrees on before training: the model kind, classes and their weights, feature and target ranges."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from fedfhe.data import Range
+from fedfhe.errors import FedfheError
 from fedfhe.kinds import Kind, Params, kind_of
 
 
@@ -19,6 +20,7 @@ class Problem:
     classes: np.ndarray
     input_range: Range
     target_range: tuple[float, float] | None = None
+    class_weight: np.ndarray | None = None  # each class's weight in every client's loss, in classes' order
 
     @property
     def n_outputs(self) -> int:
@@ -28,6 +30,12 @@ class Problem:
     def initial_params(self) -> Params:
         """Zero weights: the common starting point of every client."""
         return [np.zeros((self.n_outputs, len(self.input_range[0]))), np.zeros(self.n_outputs)]
+
+    def row_weights(self, y: np.ndarray) -> np.ndarray | None:
+        """Each row's weight in the loss: its class's (as scikit-learn's class_weight), or None when all weigh 1."""
+        if self.class_weight is None:
+            return None
+        return self.class_weight[np.searchsorted(self.classes, y)]  # type: ignore[no-any-return]
 
     def scale(self, X: np.ndarray) -> np.ndarray:
         """Map each feature's declared range to [0, 1]; a fixed map needs no statistics from anyone's data."""
@@ -66,6 +74,7 @@ class Problem:
             "input-low": ",".join(repr(float(v)) for v in self.input_range[0]),
             "input-high": ",".join(repr(float(v)) for v in self.input_range[1]),
             "target-range": "" if self.target_range is None else ",".join(map(repr, self.target_range)),
+            "class-weight": "" if self.class_weight is None else ",".join(repr(float(w)) for w in self.class_weight),
         }
 
     @classmethod
@@ -75,12 +84,13 @@ class Problem:
         def floats(key: str) -> list[float]:
             return [float(v) for v in str(config[key]).split(",") if v]
 
-        target = floats("target-range")
+        target, weights = floats("target-range"), floats("class-weight")
         return cls(
             kind=kind_of(str(config["model"])),
             classes=np.array([int(c) for c in str(config["classes"]).split(",") if c], dtype=np.int64),
             input_range=(np.array(floats("input-low")), np.array(floats("input-high"))),
             target_range=(target[0], target[1]) if target else None,
+            class_weight=np.array(weights) if weights else None,
         )
 
 
@@ -102,3 +112,10 @@ def shared_range(X: np.ndarray) -> Range:
 def merge_ranges(ranges: list[Range]) -> Range:
     """The smallest per-feature box holding every party's range."""
     return np.min([r[0] for r in ranges], axis=0), np.max([r[1] for r in ranges], axis=0)
+
+
+def balanced_weights(counts: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """scikit-learn's "balanced" class weights from the federation's class counts: n / (classes * count)."""
+    if not counts.all():
+        raise FedfheError(f"--class-weight balanced: class {classes[np.argmin(counts)]} has no training row anywhere")
+    return counts.sum() / (len(counts) * counts.astype(np.float64))  # type: ignore[no-any-return]

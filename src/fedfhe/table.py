@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from fedfhe.data import Dataset, assemble, check_size, split_dataset
+from fedfhe.data import as_text as _as_text
 from fedfhe.errors import FedfheError
 from fedfhe.problem import shared_range
 
@@ -311,13 +312,6 @@ def _encode_label(label: Label, column: Any, source: str) -> np.ndarray:
             f"{where}, row {row}: {column.iloc[row - 1]!r} is not a number in [{label.low:g}, {label.high:g}]"
         )
     return values
-
-
-def _as_text(value: Any) -> str:
-    """A cell as the schema writes it: 1.0 read from a CSV matches the class 1."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
 
 
 def load(

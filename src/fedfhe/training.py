@@ -91,6 +91,8 @@ def centralized_params(problem: Problem, dataset: Dataset, config: TrainConfig, 
     """
     X, y = problem.scale(dataset.X_train), problem.scale_target(dataset.y_train)
     params = problem.kind.resolve(config.params)
+    if problem.class_weight is not None:  # the federation's weights, so the reference weighs as the clients did
+        params["class_weight"] = dict(zip(problem.classes.tolist(), problem.class_weight.tolist()))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if engine == "concrete":

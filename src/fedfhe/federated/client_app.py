@@ -30,7 +30,7 @@ from fedfhe.config import TrainConfig
 from fedfhe.data import load_dataset, read_table
 from fedfhe.errors import FedfheError
 from fedfhe.kinds import Params
-from fedfhe.partition import partition
+from fedfhe.partition import label_counts, partition
 from fedfhe.problem import Problem, shared_range
 from fedfhe.table import Schema, read_labelled
 
@@ -191,9 +191,16 @@ def build_client_app(partition_dir: Path | None, train_mods: list | None = None)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        """Share this owner's per-feature min and max, rounded outward (problem.shared_range): never a row."""
-        X, _ = _checked_data(context, partition_dir, cast(int, msg.content.config_records["config"]["n-features"]))
-        return Message(RecordDict({"range": ArrayRecord(list(shared_range(X)))}), reply_to=msg)
+        """Share what the server asks, never a row: rounded per-feature min and max (shared_range), rows per class."""
+        asked = msg.content.config_records["config"]
+        X, y = _checked_data(context, partition_dir, cast(int, asked["n-features"]))
+        shared = RecordDict()
+        if asked["ranges"]:
+            shared["range"] = ArrayRecord(list(shared_range(X)))
+        if asked["classes"]:
+            classes = np.array([int(c) for c in str(asked["classes"]).split(",")])
+            shared["counts"] = ArrayRecord([label_counts(y, [np.arange(len(y))], classes)[0]])
+        return Message(shared, reply_to=msg)
 
     return app
 

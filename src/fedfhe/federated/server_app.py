@@ -37,17 +37,17 @@ from fedfhe.federated.strategy import (
 )
 from fedfhe.kinds import Params
 from fedfhe.objective import evaluate
-from fedfhe.problem import Problem, merge_ranges, shared_range
+from fedfhe.problem import Problem, balanced_weights, merge_ranges, shared_range
 from fedfhe.rundir import Checkpoint, RunDir
 
 RoundCallback = Callable[[int, dict[str, float]], None]
 
 
 class ServerRun:
-    """One training as the server sees it: agree on input ranges, run the rounds, checkpoint each.
+    """One training as the server sees it: agree on input ranges and class weights, run the rounds, checkpoint each.
 
     Called with (grid, context) it is a ServerApp main function; `start` resumes from a checkpoint.
-    Afterwards `problem` holds the agreed problem (input ranges included) and `params` the final weights.
+    Afterwards `problem` holds the agreed problem (input ranges, class weights) and `params` the final weights.
     """
 
     def __init__(
@@ -75,9 +75,8 @@ class ServerRun:
         return 0 if self.start is None else self.start.round
 
     def __call__(self, grid: Grid, context: Context) -> None:
-        """Agree on the input ranges (a resumed run keeps its checkpointed ones), then train."""
-        if self.config.input_ranges == "clients" and self.start is None:
-            self.problem = self.gather_ranges(grid)
+        """Agree on what the owners must tell (a resumed run keeps its checkpointed answers), then train."""
+        self.problem = self.agree(grid)
         rounds = self._secagg_rounds if self.config.secagg else self._message_api_rounds
         self.params = rounds(grid, context)
 
@@ -95,35 +94,57 @@ class ServerRun:
     def restore(self, state: Checkpoint) -> None:
         """Take up a state: a checkpoint to resume from, or what a child process ended with."""
         self.params, self.server = state.params, dict(state.server)
-        self.problem = dataclasses.replace(self.problem, input_range=state.input_range)
+        weights = self.problem.class_weight
+        if "class_counts" in self.server:  # the owners' counts, asked before the first round
+            weights = balanced_weights(self.server["class_counts"], self.problem.classes)
+        self.problem = dataclasses.replace(self.problem, input_range=state.input_range, class_weight=weights)
         self.log = RoundLog({row["round"]: row for row in state.rows})
 
     def metrics(self) -> dict[str, Any]:
         """The per-round log, failures counted and, under DP, the privacy spent."""
         rows = self.log.ordered()
         metrics: dict[str, Any] = {"rounds": rows, "failures": sum(row.get("failures", 0) for row in rows)}
+        if "class_counts" in self.server:
+            metrics["class_counts"] = self.server["class_counts"].tolist()
         if self.config.dp:
             clipping_norm = float(self.server.get("clipping_norm", self.config.clipping_norm))
             metrics["privacy"] = privacy_spent(self.config, self.noise, clipping_norm)
         return metrics
 
-    def gather_ranges(self, grid: Grid) -> Problem:
-        """Input ranges from every owner's shared (rounded) min/max and the server's own test set."""
-        config = self.config
-        nodes = wait_for_nodes(grid, config.clients, config.round_timeout, "sharing input ranges")
-        asked = ConfigRecord({"n-features": len(self.problem.input_range[0])})
+    def agree(self, grid: Grid) -> Problem:
+        """Ask every owner, in one query, what the problem still lacks: input ranges, class counts, or nothing.
+
+        Ranges: each owner's shared (rounded) min/max, merged with the server's test set's. Class counts: each
+        owner's rows per class, summed into the balanced weights. Both are answered in the clear, SecAgg+ or not.
+        """
+        config, problem = self.config, self.problem
+        ranges = config.input_ranges == "clients" and self.start is None
+        count = config.class_weight == "balanced" and "class_counts" not in self.server
+        if not ranges and not count:
+            return problem
+        nodes = wait_for_nodes(grid, config.clients, config.round_timeout, "sharing what the problem needs")
+        classes = ",".join(str(int(c)) for c in problem.classes) if count else ""
+        asked = ConfigRecord({"n-features": len(problem.input_range[0]), "ranges": ranges, "classes": classes})
         messages = [
             Message(RecordDict({"config": asked}), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes
         ]
         replies = [m for m in grid.send_and_receive(messages, timeout=config.round_timeout) if not m.has_error()]
         if len(replies) < len(nodes):
-            raise FedfheError(f"only {len(replies)} of {len(nodes)} clients shared their feature ranges")
-        ranges = [tuple(m.content.array_records["range"].to_numpy_ndarrays()) for m in replies]
-        merged = merge_ranges([*ranges, shared_range(self.X_test)])  # type: ignore[list-item]
-        return dataclasses.replace(self.problem, input_range=merged)
+            wanted = " and ".join(["feature ranges"] * ranges + ["class counts"] * count)
+            raise FedfheError(f"only {len(replies)} of {len(nodes)} clients shared their {wanted}")
+        if ranges:
+            shared = [tuple(m.content.array_records["range"].to_numpy_ndarrays()) for m in replies]
+            merged = merge_ranges([*shared, shared_range(self.X_test)])  # type: ignore[list-item]
+            problem = dataclasses.replace(problem, input_range=merged)
+        if count:
+            counts = [m.content.array_records["counts"].to_numpy_ndarrays()[0] for m in replies]
+            self.server["class_counts"] = np.sum(counts, axis=0)
+            weights = balanced_weights(self.server["class_counts"], problem.classes)
+            problem = dataclasses.replace(problem, class_weight=weights)
+        return problem
 
     def client_config(self) -> dict[str, Any]:
-        """What every client is told: the problem (model, classes, ranges) and how to train."""
+        """What every client is told: the problem (model, classes and their weights, ranges) and how to train."""
         return {
             **self.problem.to_config(),
             "hyper": json.dumps(self.config.client_hyper()),
