@@ -101,10 +101,12 @@ def test_each_owner_file_is_one_client(owners_run, hospitals, tmp_path):
     source = json.loads((owners_run / "train_config.json").read_text())["source"]
     assert source == {"owners": str(owners.resolve()), "test": str(test.resolve())}
     assert report["class_names"] == ["discharged", "readmitted"]
-    metrics = report["metrics"]  # on the FHE outputs, with intervals; the positive class by default the last
+    metrics = report["metrics"]  # on the FHE outputs, with intervals; the positive class the schema names
     assert metrics["positive_class"] == "readmitted" and metrics["auc"]["rows"] == 150
     assert metrics["auc"]["low"] <= metrics["auc"]["value"] <= metrics["auc"]["high"]
-    assert (owners_run / "roc.png").is_file() and "sensitivity (readmitted)" in (owners_run / "report.md").read_text()
+    shown = (owners_run / "report.md").read_text()
+    assert (owners_run / "roc.png").is_file() and "| sensitivity (recall of readmitted) |" in shown
+    assert f"| prevalence of readmitted | {metrics['prevalence']['value']:.4g} |" in shown
     run = copy_of(owners_run, tmp_path)
     again = cli("evaluate", "--run", str(run), "--fhe-samples", "5", "--data", str(test))
     assert again.returncode == 0, again.stderr
@@ -133,7 +135,11 @@ def test_the_model_card_names_what_answers_and_predict_pins_it(owners_run, owner
     assert card["fhe"]["client_spec_sha256"] == hashlib.sha256(spec).hexdigest()
     assert card["evaluation"]["rows"] == 150 and card["evaluation"]["agreement"]["fhe_vs_clear"] == 1.0
     auc = card["evaluation"]["figures"]["auc"]
-    assert auc["low"] <= auc["value"] <= auc["high"] and "auc: " in (owners_run / "card.md").read_text()
+    assert (
+        auc["low"] <= auc["value"] <= auc["high"]
+        and "- AUC (readmitted scored above discharged): " in (owners_run / "card.md").read_text()
+    )
+    assert card["model"]["positive_class"] == "readmitted"
     assert any("No differential privacy" in limit for limit in card["limits"])
     assert model.sha256 in (owners_run / "card.md").read_text()
     _, test, _ = hospitals
@@ -377,6 +383,7 @@ def test_the_readmes_own_data_walkthrough_runs_as_written(hospitals, tmp_path):
     assert {a["class"] for a in answers} <= {"discharged", "readmitted"}
     schema = table.Schema.load(tmp_path / "schema.json")
     assert schema.ignore == ("patient",) and schema.label.classes == ("discharged", "readmitted")
+    assert schema.label.positive == "readmitted"  # `schema infer` proposed the rarer class
     model = LinearModel.load(tmp_path / "runs" / "h" / "model.npz")
     encoded, _ = schema.encode(lab, "lab", labelled=False)
     simulated = load_compiled(tmp_path / "runs" / "h", model).predict(encoded, fhe="simulate")

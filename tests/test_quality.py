@@ -7,6 +7,8 @@ import pytest
 from conftest import cli
 from sklearn.metrics import (
     accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
     brier_score_loss,
     mean_absolute_error,
     precision_recall_fscore_support,
@@ -34,6 +36,10 @@ def test_two_class_figures_equal_scikit_learns_and_carry_intervals(binary):
     assert figures["positive_class"] == "malignant"
     expected = {
         "accuracy": accuracy_score(y, pred),
+        "balanced_accuracy": balanced_accuracy_score(y, pred),
+        "prevalence": np.mean(y == 1),
+        "no_information_accuracy": max(np.mean(y == 0), np.mean(y == 1)),
+        "pr_auc": average_precision_score(y, proba[:, 1]),
         "sensitivity": recall[1],
         "specificity": recall[0],
         "ppv": precision[1],
@@ -49,6 +55,8 @@ def test_two_class_figures_equal_scikit_learns_and_carry_intervals(binary):
     rows = {"accuracy": 300, "auc": 300, "brier": 300, "sensitivity": support[1], "specificity": support[0]}
     rows |= {"ppv": predicted[1], "npv": predicted[0]}  # each figure's row count is its denominator
     assert {name: figures[name]["rows"] for name in rows} == rows
+    assert figures["sensitivity"]["count"] == int(((pred == 1) & (y == 1)).sum())  # k of n, for k/n
+    assert "count" not in figures["auc"] and figures["decision"] == "argmax" and "warning" not in figures
     assert figures["per_class"]["benign"]["rows"] == support[0]
     assert figures["per_class"]["benign"]["precision"]["rows"] == predicted[0]
     assert figures["per_class"]["malignant"]["recall"]["value"] == pytest.approx(recall[1])
@@ -76,8 +84,10 @@ def test_many_classes_and_a_regressor(binary):
 
 
 def test_the_positive_class_by_name_or_number_and_bad_ones(tmp_path):
-    assert quality.positive_index(None, [0, 1], ["malignant", "benign"]) == 1
-    assert quality.positive_index("malignant", [0, 1], ["malignant", "benign"]) == 0
+    assert quality.positive_index(None, [0, 1], ["malignant", "benign"], "malignant") == 0  # the one the model names
+    with pytest.raises(FedfheError, match=r"names no positive class: give --positive-class \(malignant or benign\)"):
+        quality.positive_index(None, [0, 1], ["malignant", "benign"])  # never the last by position
+    assert quality.positive_index("malignant", [0, 1], ["malignant", "benign"], "benign") == 0
     assert quality.positive_index("1", [0, 1], ["malignant", "benign"]) == 1
     with pytest.raises(FedfheError, match="'cancer' is not a class; the classes are: malignant, benign"):
         quality.positive_index("cancer", [0, 1], ["malignant", "benign"])
@@ -87,6 +97,36 @@ def test_the_positive_class_by_name_or_number_and_bad_ones(tmp_path):
     done = cli("run", "--dataset", "diabetes", "--model", "ridge", "--positive-class", "1", "--out", str(out))
     assert done.returncode == 2 and "applies to two-class models" in done.stderr and not out.exists()
     assert quality.positive_index("0", [0, 1], ["1", "0"]) == 1  # a name before a number
+
+
+def test_proportions_get_exact_intervals_that_never_collapse_on_few_rows():
+    none_of_25, one_of_one = quality.proportion(0, 25), quality.proportion(1, 1)
+    assert none_of_25["low"] == 0 and none_of_25["high"] == pytest.approx(1 - 0.025 ** (1 / 25))  # 0.137
+    assert one_of_one["low"] == pytest.approx(0.025) and one_of_one["high"] == 1  # not [1, 1]
+    assert quality.proportion(0, 0)["value"] is None
+    assert quality.shown(quality.proportion(1, 58)) == "0.0172 [0.000436, 0.0924] 1/58"
+
+
+def test_a_model_that_always_answers_no_is_warned_about():
+    """The issue's readmission case: 58 of 400 readmitted, one flagged: 85.8% accuracy against 85.5% for "no"."""
+    y = np.r_[np.ones(58, int), np.zeros(342, int)]
+    pred = np.r_[1, np.zeros(399, int)]
+    score = np.r_[np.full(58, 0.3), np.full(342, 0.1)]
+    proba = np.column_stack([1 - score, score])
+    figures = quality.classifier(y, pred, proba, [0, 1], ["no", "yes"], 1, calibrated=True)
+    assert figures["warning"] == (
+        "accuracy 85.8% is within 1 point of the 85.5% of always answering no; yes is found in 1 of its 58 rows"
+    )
+    shown = dict(quality.entries(figures))
+    assert list(shown)[:4] == [
+        "prevalence of yes",
+        "no-information accuracy (always no)",
+        "balanced accuracy (mean recall of the classes)",
+        "accuracy",
+    ]
+    assert quality.counts(shown["sensitivity (recall of yes)"]) == "1/58" and "PPV (precision of yes)" in shown
+    at = quality.classifier(y, pred, proba, [0, 1], ["no", "yes"], 1, calibrated=True, threshold=0.2)
+    assert at["sensitivity"]["count"] == 58 and at["decision"] == "score of yes >= 0.2" and "warning" not in at
 
 
 def test_intervals_do_not_depend_on_how_resamples_are_chunked(binary, monkeypatch):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from conftest import cli
 
-from fedfhe import TrainConfig, table, train
+from fedfhe import TrainConfig, pipeline, result, table, train
 from fedfhe.errors import FedfheError
 from fedfhe.model import MAX_HEADER, LinearModel
 
@@ -39,7 +39,7 @@ def schema_file(tmp_path, **changes) -> str:
             {"name": "ward", "categories": ["cardiology", "oncology", "surgery"]},
             {"name": "bmi", "low": 10, "high": 60, "missing": 25},
         ],
-        "label": {"name": "outcome", "classes": ["discharged", "readmitted"]},
+        "label": {"name": "outcome", "classes": ["discharged", "readmitted"], "positive": "readmitted"},
         "ignore": ["patient"],
     }
     schema.update(changes)
@@ -85,7 +85,8 @@ def test_schema_infer_drafts_ranges_and_categories_from_the_owners_file(owner, t
     assert features["bmi"] == {"name": "bmi", "low": 19.0, "high": 31.0}
     assert features["ward"]["categories"] == ["cardiology", "oncology", "surgery"]
     assert features["patient"]["categories"] == ["p1", "p2", "p3", "p4"]  # the owner decides what to ignore
-    assert draft["label"] == {"name": "outcome", "classes": ["discharged", "readmitted"]}
+    assert draft["label"] == {"name": "outcome", "classes": ["discharged", "readmitted"], "positive": "readmitted"}
+    assert "positive class proposed: 'readmitted', the rarer of the two" in " ".join(done.stderr.split())
     again = cli("schema", "infer", str(owner), "--label", "outcome", "--out", str(out))
     assert again.returncode == 2 and "already exists" in again.stderr  # nothing saved is lost
     out.unlink()
@@ -145,6 +146,10 @@ def test_bad_tables_are_one_line(tmp_path, csv, changes, message):
          "column 'y' is named more than once"),
         (json.dumps({"features": [{"name": "a", "low": 0, "high": 1}], "label": {"name": "y", "classes": [1]}}),
          "at least 2 distinct"),
+        (json.dumps({"features": [{"name": "a", "low": 0, "high": 1}], "label": {"name": "y", "classes": ["n", "y"], "positive": "Y"}}),
+         r"label 'y': positive 'Y' must be one of its two classes \['n', 'y'\]"),
+        (json.dumps({"features": [{"name": "a", "low": 0, "high": 1}], "label": {"name": "y", "classes": [0, 1, 2], "positive": 2}}),
+         "positive 2 must be one of its two classes"),
         ("[" * 100_000 + "]" * 100_000, "JSON nested too deep to read"),
         (json.dumps({"features": [{"name": "a", "categories": ["x", "x\u0000"]}], "label": {"name": "y", "classes": [0, 1]}}),
          "feature 'a': a category contains a NUL character"),
@@ -305,6 +310,22 @@ def test_a_regressor_on_your_own_table(tmp_path):
         tmp_path / "run",
     )
     assert model.kind.name == "ridge" and model.metadata["metrics"]["final"]["score"] > 0.8  # R2
+
+
+def test_two_classes_need_a_positive_one_named_by_the_schema_or_positive_class(tmp_path):
+    """Never the first or last class by position: a schema naming none is refused before training."""
+    data, out = hospital(tmp_path / "hospital.csv", rows=40), tmp_path / "run"
+    unnamed = schema_file(tmp_path, label={"name": "outcome", "classes": ["readmitted", "discharged"]})
+    done = cli("train", "--data", str(data), "--schema", unnamed, "--out", str(out))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and not out.exists(), done.stderr
+    assert 'none named positive: add "positive": "readmitted" or "discharged" to its label' in done.stderr
+    split = pipeline.dataset("unused", data=data, schema=unnamed, positive_class="readmitted")
+    assert split.schema["label"]["positive"] == "readmitted" and result.names(split)["positive_class"] == "readmitted"
+    with pytest.raises(FedfheError, match="--positive-class 'yes' is not a class; the classes are: readmitted, disch"):
+        pipeline.dataset("unused", data=data, schema=unnamed, positive_class="yes")
+    named = pipeline.dataset("unused", data=data, schema=schema_file(tmp_path), positive_class="discharged")
+    assert result.names(named)["positive_class"] == "discharged"  # --positive-class overrides the schema
+    assert result.names(pipeline.dataset("breast-cancer"))["positive_class"] == "malignant"  # bundled ones name theirs
 
 
 def test_data_without_its_schema_is_one_line_and_writes_nothing(tmp_path):

@@ -43,6 +43,7 @@ def build(run: RunDir) -> dict[str, Any]:
             "task": "regression" if model.is_regression else "classification",
             "dataset": meta.get("dataset"),
             "training_rows": meta.get("n_train"),
+            "positive_class": meta.get("positive_class"),
         },
         "features": [
             {"position": i, "name": name, "low": float(low), "high": float(high)}
@@ -152,12 +153,16 @@ def markdown(card: dict[str, Any]) -> str:
             *(f"| {c['class']} | {md_cell(c['name'])} |" for c in card["classes"]),
             "",
         ]
+    if model.get("positive_class") is not None:
+        lines += [f"Positive class: {model['positive_class']} (sensitivity, PPV and AUC are about it).", ""]
     evaluation = card["evaluation"]
     if evaluation is not None:
-        lines += [f"Evaluation on {evaluation['rows']} rows ({evaluation['evaluated_on']}):", ""]
-        for name, figure in (evaluation.get("figures") or {}).items():
-            if isinstance(figure, dict) and figure.get("value") is not None:
-                lines.append(f"- {name}: {quality.shown(figure)} (value [95% interval])")
+        figures = evaluation.get("figures") or {}
+        lines += [
+            f"Evaluation on {evaluation['rows']} rows ({evaluation['evaluated_on']}), value [95% interval] counts:"
+        ]
+        lines += ["", *([f"**Warning:** {figures['warning']}.", ""] if "warning" in figures else [])]
+        lines += [f"- {name}: {quality.shown(figure)}" for name, figure in quality.entries(figures)]
         lines.append("")
     if card["fhe"] is not None:
         fhe = card["fhe"]

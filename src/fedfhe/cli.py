@@ -106,7 +106,8 @@ Force = Annotated[
 PositiveClass = Annotated[
     str | None,
     typer.Option(
-        help="Two classes: the class (name or number) sensitivity, PPV and AUC are about (default: the last).",
+        help="Two classes: the class (name or number) sensitivity, PPV and AUC are about (default: the one the "
+        "schema or data set names; `run` on your own table records it in the model).",
         rich_help_panel=FHE,
     ),
 ]
@@ -353,26 +354,28 @@ def _compiled(compiled: Any, out: Path) -> None:
 
 
 def _show(summary: dict[str, Any], out: Path) -> None:
-    """Print the headline figures as a table."""
+    """Print the headline figures as a table: first what the model must beat, each figure naming its class."""
     from fedfhe import quality
-    from fedfhe.report import SCORES
+    from fedfhe.report import SCORES, score_label
 
     title = f"{summary['model']} on {summary['dataset']}: {summary['clients']} client(s), {summary['rounds']} round(s)"
     table = Table(title=title)
     table.add_column("measure")
     table.add_column("value", justify="right")
+    figures = summary.get("metrics", {})
+    for name, figure in quality.entries(figures):  # with their 95% intervals and counts
+        table.add_row(name, quality.shown(figure))
     for group in (*SCORES, "agreement"):
         for name, value in summary.get(group, {}).items():
             shown = "n/a" if value is None else f"{value:.2%}" if group in ("accuracy", "agreement") else f"{value:.4g}"
-            table.add_row(f"{group}.{name}", shown)
-    for name, figure in summary.get("metrics", {}).items():  # with their 95% intervals
-        if isinstance(figure, dict) and figure.get("value") is not None:
-            table.add_row(f"metrics.{name}", quality.shown(figure))
+            table.add_row(f"{group}.{score_label(name, summary['fhe_samples'])}", shown)
     for name in ("train", "compile", "fhe_execute_per_sample"):
         value = summary["timing_s"].get(name)
         table.add_row(f"timing_s.{name}", "n/a" if value is None else f"{value:.3f}")
     table.add_row("circuit.max_bit_width", str(summary["circuit"]["max_bit_width"]))
     Console().print(table)
+    if "warning" in figures:
+        console.print(f"[yellow]warning:[/yellow] {figures['warning']}", highlight=False, soft_wrap=True)
     console.print(f"report: {out / 'report.md'}")
 
 
@@ -482,7 +485,9 @@ def run(
     bits = parse_n_bits(n_bits)
     _warn_unused(dataset, data_dir, data is not None or owners is not None)
     with _training(out) as bars, fhe.scratch():
-        split = pipeline.dataset(dataset, config.seed, data_dir, data, schema, owners, test, max_input_mb)
+        split = pipeline.dataset(
+            dataset, config.seed, data_dir, data, schema, owners, test, max_input_mb, positive_class
+        )
         result = pipeline.run(
             split,
             config,
@@ -700,7 +705,15 @@ def schema_infer(
 
     if out is not None and out.exists():
         raise FedfheError(f"{out} already exists: choose another --out (nothing was written)")
-    text = json.dumps(table.infer(table.read_frame(file), label, str(file), tuple(ignore)).to_dict(), indent=1)
+    draft = table.infer(table.read_frame(file), label, str(file), tuple(ignore))
+    text = json.dumps(draft.to_dict(), indent=1)
+    if draft.label.positive is not None:
+        console.print(
+            f"positive class proposed: {draft.positive_name!r}, the rarer of the two in {file} (sensitivity, PPV and "
+            'AUC will be about it): change "positive" if the class to find is the other',
+            highlight=False,
+            soft_wrap=True,
+        )
     if out is None:
         print(text)
         return

@@ -131,6 +131,12 @@ def as_text(value: Any) -> str:
     return str(value)
 
 
+def bundled_positive(name: str) -> str | None:
+    """The class a bundled two-class data set is about (its schema's "positive": malignant), if any."""
+    path = SCHEMAS / f"{name}.json"
+    return json.loads(path.read_text()).get("positive") if path.is_file() else None
+
+
 def schema_range(name: str, n_features: int) -> Range:
     """The per-feature ranges a bundled data set declares in its schema file (schemas/<name>.json)."""
     features = json.loads((SCHEMAS / f"{name}.json").read_text())["features"]

@@ -269,6 +269,7 @@ def evaluate(
         "fhe_clear": (clear_pred, y),
         "fhe_simulate": (simulate_pred, y),
         "fhe_execute": (execute_pred, y[:fhe_samples]),
+        "fhe_clear_on_execute_rows": (clear_pred[:fhe_samples], y[:fhe_samples]),  # beside fhe_execute's figure
     }
     scores = _scores(model.is_regression, pairs)
     return {

@@ -70,10 +70,13 @@ def dataset(
     owners: PathLike | None = None,
     test: PathLike | None = None,
     max_input_mb: float | None = None,
+    positive_class: str | None = None,
 ) -> Dataset:
     """A bundled data set by name, or the user's own table (`data`), or one file per owner with a test file.
 
-    A user's file larger than `max_input_mb` MiB is refused before it is read.
+    A user's file larger than `max_input_mb` MiB is refused before it is read. Of two classes in a
+    user's table, one must be named positive, by the schema or `positive_class` (which overrides it):
+    never the first or last by position. A bundled data set names its own (breast-cancer: malignant).
     """
     limit = _max_bytes(max_input_mb)
     if data is None and schema is None and owners is None and test is None:
@@ -86,7 +89,13 @@ def dataset(
         raise FedfheError(
             "--data (or --owners) and --schema go together: your table and the schema the parties agreed on"
         )
-    agreed = table.Schema.load(schema)
+    agreed = table.Schema.load(schema).with_positive(positive_class)
+    if len(agreed.label.classes) == 2 and agreed.label.positive is None:
+        choices = " or ".join(json.dumps(c) for c in agreed.label.classes)
+        raise FedfheError(
+            f'{schema}: two classes and none named positive: add "positive": {choices} to its label (the class '
+            "sensitivity, PPV and AUC are about; `fedfhe schema infer` proposes one), or give `run` --positive-class"
+        )
     if owners is not None and test is not None:
         return table.load_owners(owners, test, agreed, limit)
     assert data is not None  # checked above
@@ -126,8 +135,9 @@ def run(
     check_n_bits(n_bits)
     fhe.check_outputs(outputs, dataset.is_regression)
     config.problem(dataset)
-    classes, names = [int(c) for c in dataset.classes], result.names(dataset)["class_names"]
-    _check_positive(positive_class, dataset.is_regression, classes, names)
+    named = result.names(dataset)
+    classes, names = [int(c) for c in dataset.classes], named["class_names"]
+    _check_positive(positive_class, dataset.is_regression, classes, names, named.get("positive_class"))
     fhe_samples = fhe_samples_for(fhe_samples, len(dataset.y_test))
     limit = _max_bytes(max_input_mb)
     sample = None if calibration is None else read_table(calibration, max_bytes=limit)[0]
@@ -212,12 +222,13 @@ def evaluate_run(
 
     A file's report goes to RUN/evaluations/<file name>/ (see evaluation_dir), never over the run's. A data file larger than
     `max_input_mb` MiB is refused before it is read. For two classes, sensitivity, PPV, AUC and Brier
-    are about `positive_class` (a class name or number; default the last class).
+    are about `positive_class` (a class name or number; default the class the model names).
     """
     limit = _max_bytes(max_input_mb)
     target = RunDir(run_dir)
     model = target.load_model()
-    _check_positive(positive_class, model.is_regression, [int(c) for c in model.classes], model.class_names)
+    classes, named = [int(c) for c in model.classes], model.metadata.get("positive_class")
+    _check_positive(positive_class, model.is_regression, classes, model.class_names, named)
     if data is None:
         split = _split_of(target, model.metadata["dataset"], model.metadata["training"]["seed"], data_dir, True)
         X, y = split.X_test, split.y_test
@@ -341,13 +352,17 @@ def tune_run(
     return TuneResult(points, chosen, score, compiled, where)
 
 
-def _check_positive(value: str | None, regression: bool, classes: list[int], names: list[str]) -> None:
-    """--positive-class names a class of a classifier, or is refused before any work."""
-    if value is None:
-        return
+def _check_positive(
+    value: str | None, regression: bool, classes: list[int], names: list[str], named: str | None
+) -> None:
+    """A two-class model has a positive class (--positive-class, else the one it names); checked before any work."""
     if regression or len(classes) != 2:
-        raise FedfheError(f"--positive-class applies to two-class models; this one has {len(classes) or 'no'} classes")
-    quality.positive_index(value, classes, names)
+        if value is not None:
+            raise FedfheError(
+                f"--positive-class applies to two-class models; this one has {len(classes) or 'no'} classes"
+            )
+        return
+    quality.positive_index(value, classes, names, named)
 
 
 def _max_bytes(max_input_mb: float | None) -> int | None:

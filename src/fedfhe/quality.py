@@ -1,10 +1,13 @@
-"""Evaluation figures worth reading, each with a bootstrap 95% interval and the rows behind it.
+"""Evaluation figures that cannot mislead: each names its class, gives its counts and a 95% interval.
 
-A classifier gets accuracy and per-class precision and recall; with two classes also sensitivity,
-specificity, PPV and NPV for the positive class, the ROC AUC of its score and (for probabilities
-that mean something, logistic models) the Brier score. A regressor gets MAE, RMSE and R2. The
-intervals are percentile intervals over resampled rows (seeded): they say how much the figure would
-move on another test set of the same size, not how good the model is elsewhere.
+A classifier's figures lead with what a model must beat: the prevalence of each class and the
+no-information accuracy (always answering the most common class), then balanced accuracy,
+accuracy and per-class precision and recall; with two classes also sensitivity, specificity, PPV
+and NPV at the model's decision, the ROC AUC and PR-AUC of the positive class's score and (for
+probabilities that mean something, logistic models) the Brier score. A regressor gets MAE, RMSE
+and R2. Proportions (k of n rows) get exact Clopper-Pearson intervals, which never collapse to a
+point on few rows; the other figures percentile intervals over resampled rows (seeded). Both say
+how much a figure would move on another test set of the same size, not how good the model is elsewhere.
 """
 
 from __future__ import annotations
@@ -19,12 +22,20 @@ from fedfhe.errors import FedfheError
 RESAMPLES = 1000
 SEED = 0
 CELLS = 1_000_000  # row weights held at once (resamples x rows): bounds memory for any row count
+CONFIDENCE = 0.95
+NEAR = 0.01  # accuracy within this of the no-information accuracy earns a warning (1 point)
+FOUND = 0.5  # a class's recall below this earns a warning
 
 
-def positive_index(value: str | None, classes: list[int], names: list[str]) -> int:
-    """Which class is positive: given by name or number, else the last one."""
+def positive_index(value: str | None, classes: list[int], names: list[str], named: str | None = None) -> int:
+    """Which class is positive: `value` (a name or number) if given, else the one the model names; never by position."""
+    if value is None and named is None:
+        raise FedfheError(
+            f"the model names no positive class: give --positive-class ({' or '.join(names)}), "
+            "the class sensitivity, PPV and AUC are about"
+        )
     if value is None:
-        return len(classes) - 1
+        return names.index(str(named))
     if value in names:  # a name first: a schema may name class 0 "1"
         return names.index(value)
     if value in (numbers := [str(c) for c in classes]):
@@ -40,52 +51,117 @@ def classifier(
     names: list[str],
     positive: int,
     calibrated: bool,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
-    """Accuracy, per-class precision and recall; with two classes, the clinical figures, AUC and Brier.
+    """Prevalence, no-information and balanced accuracy, accuracy, per-class precision and recall; two classes:
+    the clinical figures, AUC, PR-AUC and Brier; a warning when the model may be no better than guessing.
 
-    Without probabilities (label outputs: the circuit sends the class only) there is no AUC or Brier.
+    `positive`: the positive class's index (two classes; ignored for more). `threshold`: two classes
+    with scores, the decision is the positive class's score >= threshold instead of `pred` (argmax).
+    Without probabilities (label outputs: the circuit sends the class only) there is no AUC, PR-AUC or Brier.
     """
     y, pred = np.asarray(y), np.asarray(pred)
+    k, n = len(classes), len(y)
     index = {c: i for i, c in enumerate(classes)}
-    truth, picked = np.array([index[int(c)] for c in y]), np.array([index[int(c)] for c in pred])
-    n, k = len(y), len(classes)
-    # one confusion matrix per resample (rows: truth): the weights of the rows in each of the k*k cells
-    cell = truth * k + picked
-    order = np.argsort(cell, kind="stable")
-    present, starts = np.unique(cell[order], return_index=True)
+    truth, picked = np.array([index[int(c)] for c in y], dtype=np.int64), np.array([index[int(c)] for c in pred])
+    score = None if proba is None or k != 2 else np.asarray(proba, dtype=np.float64)[:, positive]
+    if threshold is not None:
+        if score is None:
+            raise FedfheError("a threshold needs two classes and their scores (not label outputs)")
+        picked = np.where(score >= threshold, positive, 1 - positive)
+    matrix = np.zeros((k, k), dtype=np.int64)  # rows: truth, columns: decision
+    np.add.at(matrix, (truth, picked), 1)
+    actual, predicted, hits = matrix.sum(axis=1), matrix.sum(axis=0), np.diag(matrix)
+    majority = int(np.argmax(actual))
+    members = truth[:, None] == np.arange(k)
+    found = members & (picked == truth)[:, None]
 
-    def confusion(weights: np.ndarray) -> np.ndarray:
-        counts = np.zeros((len(weights), k * k))
-        counts[:, present] = np.add.reduceat(weights[:, order], starts, axis=1)
-        return counts
+    def balanced(weights: np.ndarray) -> np.ndarray:  # mean recall over the classes a resample holds
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.nanmean((weights @ found) / (weights @ members), axis=1)
 
-    matrices = _bootstrap(n, confusion).reshape(-1, k, k)
-    hits, predicted, actual = matrices[:, np.arange(k), np.arange(k)], matrices.sum(axis=1), matrices.sum(axis=2)
-    with np.errstate(invalid="ignore", divide="ignore"):  # a class nobody predicted: precision undefined
-        precision, recall = hits / predicted, hits / actual
-    figures: dict[str, Any] = {"accuracy": _figure(hits.sum(axis=1) / n, n)}
+    figures: dict[str, Any] = {}
+    if k == 2:
+        figures["positive_class"] = names[positive]
+        figures["prevalence"] = proportion(int(actual[positive]), n)
+    figures["majority_class"] = names[majority]
+    figures["no_information_accuracy"] = proportion(int(actual[majority]), n)
+    figures["balanced_accuracy"] = _figure(_bootstrap(n, balanced), n)
+    figures["accuracy"] = proportion(int(hits.sum()), n)
+    if k == 2:
+        negative, hit = 1 - positive, truth == positive
+        if score is not None:
+            figures["auc"] = _figure(_bootstrap(n, _auc(hit, score)), n)
+            figures["pr_auc"] = _figure(_bootstrap(n, _average_precision(hit, score)), n)
+        figures["sensitivity"] = proportion(int(hits[positive]), int(actual[positive]))
+        figures["specificity"] = proportion(int(hits[negative]), int(actual[negative]))
+        figures["ppv"] = proportion(int(hits[positive]), int(predicted[positive]))
+        figures["npv"] = proportion(int(hits[negative]), int(predicted[negative]))
+        if score is not None and calibrated:
+            figures["brier"] = _figure(_bootstrap(n, lambda w: w @ (score - hit) ** 2 / n), n)
+        figures["decision"] = "argmax" if threshold is None else f"score of {names[positive]} >= {threshold:g}"
     figures["per_class"] = {
         name: {
-            "precision": _figure(precision[:, c], predicted[0, c]),
-            "recall": _figure(recall[:, c], actual[0, c]),
-            "rows": int(actual[0, c]),
+            "prevalence": proportion(int(actual[c]), n),
+            "precision": proportion(int(hits[c]), int(predicted[c])),
+            "recall": proportion(int(hits[c]), int(actual[c])),
+            "rows": int(actual[c]),
         }
         for c, name in enumerate(names)
     }
-    if k == 2:
-        negative = 1 - positive
-        hit = truth == positive
-        figures["positive_class"] = names[positive]
-        figures["sensitivity"] = _figure(recall[:, positive], actual[0, positive])
-        figures["specificity"] = _figure(recall[:, negative], actual[0, negative])
-        figures["ppv"] = _figure(precision[:, positive], predicted[0, positive])
-        figures["npv"] = _figure(precision[:, negative], predicted[0, negative])
-        if proba is not None:
-            score = np.asarray(proba, dtype=np.float64)[:, positive]
-            figures["auc"] = _figure(_bootstrap(n, _auc(hit, score)), n)
-            if calibrated:
-                figures["brier"] = _figure(_bootstrap(n, lambda w: w @ (score - hit) ** 2 / n), n)
+    if warning := _warning(figures):
+        figures["warning"] = warning
     return figures
+
+
+def _warning(figures: dict[str, Any]) -> str | None:
+    """One line when the model may be no better than always answering the most common class."""
+    accuracy, baseline = figures["accuracy"]["value"], figures["no_information_accuracy"]["value"]
+    problems = []
+    if accuracy is not None and accuracy < baseline + NEAR:
+        relation = "below" if accuracy < baseline - NEAR else "within 1 point of"
+        problems.append(
+            f"accuracy {accuracy:.1%} is {relation} the {baseline:.1%} of always answering {figures['majority_class']}"
+        )
+    for name, per in figures["per_class"].items():
+        recall = per["recall"]
+        if recall["value"] is not None and recall["value"] < FOUND:
+            problems.append(f"{name} is found in {recall['count']} of its {recall['rows']} rows")
+    return "; ".join(problems) or None
+
+
+def proportion(count: int, rows: int) -> dict[str, Any]:
+    """count of rows as a figure with its exact (Clopper-Pearson) 95% interval: 0 of 25 gives 0 to 0.137."""
+    from scipy.stats import beta
+
+    if rows == 0:
+        return {"value": None, "low": None, "high": None, "rows": 0, "count": 0}
+    tail = (1 - CONFIDENCE) / 2
+    low = float(beta.ppf(tail, count, rows - count + 1)) if count > 0 else 0.0
+    high = float(beta.ppf(1 - tail, count + 1, rows - count)) if count < rows else 1.0
+    return {"value": count / rows, "low": low, "high": high, "rows": rows, "count": count}
+
+
+def entries(figures: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The figures in reading order, each named with the class it is about (per class when more than two)."""
+    positive, majority = figures.get("positive_class"), figures.get("majority_class")
+    negative = next((c for c in figures.get("per_class", {}) if c != positive), None)
+    titles = {
+        "prevalence": f"prevalence of {positive}",
+        "no_information_accuracy": f"no-information accuracy (always {majority})",
+        "balanced_accuracy": "balanced accuracy (mean recall of the classes)",
+        "auc": f"AUC ({positive} scored above {negative})",
+        "pr_auc": f"PR-AUC ({positive})",
+        "sensitivity": f"sensitivity (recall of {positive})",
+        "specificity": f"specificity (recall of {negative})",
+        "ppv": f"PPV (precision of {positive})",
+        "npv": f"NPV (precision of {negative})",
+        "brier": f"Brier score ({positive})",
+    }
+    shown = [(titles.get(name, name), f) for name, f in figures.items() if isinstance(f, dict) and "value" in f]
+    for name, per in figures.get("per_class", {}).items() if positive is None else ():  # two: shown above
+        shown += [(f"{name}: {figure}", per[figure]) for figure in ("prevalence", "precision", "recall")]
+    return shown
 
 
 def regressor(y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
@@ -133,9 +209,14 @@ def _figure(values: np.ndarray, rows: int) -> dict[str, Any]:
 
 
 def shown(figure: dict[str, Any]) -> str:
-    """A figure and its interval in a few characters: 0.986 [0.964, 0.998]."""
+    """A figure, its interval and its counts in a few characters: 0.0172 [0.000436, 0.0924] 1/58."""
     value, low, high = ("n/a" if figure[k] is None else f"{figure[k]:.3g}" for k in ("value", "low", "high"))
-    return f"{value} [{low}, {high}]"
+    return f"{value} [{low}, {high}] {counts(figure)}"
+
+
+def counts(figure: dict[str, Any]) -> str:
+    """k/n for a proportion, else the rows a figure was computed on."""
+    return f"{figure['count']}/{figure['rows']}" if "count" in figure else f"{figure['rows']} rows"
 
 
 def _auc(hit: np.ndarray, score: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -153,6 +234,25 @@ def _auc(hit: np.ndarray, score: np.ndarray) -> Callable[[np.ndarray], np.ndarra
         under = below[:, starts] + 0.5 * (below[:, ends] - below[:, starts])  # per run: below it, and half of it
         with np.errstate(invalid="ignore", divide="ignore"):  # a resample of one class: AUC undefined
             return (positive * under[:, group]).sum(axis=1) / (positive.sum(axis=1) * negative.sum(axis=1))
+
+    return statistic
+
+
+def _average_precision(hit: np.ndarray, score: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """PR-AUC (average precision) as a statistic of row weights: precision at each distinct score, weighted by the
+    positive rows it adds (scikit-learn's average_precision_score)."""
+    order = np.argsort(-score, kind="stable")
+    hit, score = hit[order], score[order]
+    ends = np.r_[np.flatnonzero(score[1:] != score[:-1]), len(score) - 1]  # last row of each run of equal scores
+
+    def statistic(weights: np.ndarray) -> np.ndarray:
+        weights = weights[:, order]
+        true = np.cumsum(weights * hit, axis=1)[:, ends]
+        flagged = np.cumsum(weights, axis=1)[:, ends]
+        gained = np.diff(true, axis=1, prepend=0)
+        with np.errstate(invalid="ignore", divide="ignore"):  # a resample without positives: undefined
+            precision = np.where(flagged > 0, true / np.where(flagged > 0, flagged, 1), 0)
+            return (gained * precision).sum(axis=1) / true[:, -1]
 
     return statistic
 

@@ -16,7 +16,6 @@ from fedfhe.fhe import CompiledModel
 from fedfhe.rundir import RunDir, md_cell
 
 SCORES = ("accuracy", "r2", "mse")
-POSITIVE = ("sensitivity", "ppv", "auc", "brier")  # figures about the positive class (specificity, npv: the other)
 
 
 def build(
@@ -29,7 +28,7 @@ def build(
     """Gather training metadata, compilation facts and evaluation results into one record.
 
     `data` is the labelled file evaluated on, if not the run's test split; `positive_class` (a name or
-    number, default the last class) is what sensitivity, PPV and AUC are about for two classes.
+    number, default the class the model names) is what sensitivity, PPV and AUC are about for two classes.
     """
     model = compiled.source
     meta = model.metadata
@@ -80,7 +79,8 @@ def _quality(model: Any, predictions: dict[str, Any], positive_class: str | None
     if model.is_regression:
         return quality.regressor(y, pred)
     classes = [int(c) for c in model.classes]
-    positive = quality.positive_index(positive_class, classes, model.class_names)
+    named = model.metadata.get("positive_class")
+    positive = quality.positive_index(positive_class, classes, model.class_names, named) if len(classes) == 2 else 0
     proba = np.array(predictions["fhe_simulate_proba"]) if "fhe_simulate_proba" in predictions else None
     return quality.classifier(y, pred, proba, classes, model.class_names, positive, model.kind.name == "logistic")
 
@@ -119,7 +119,10 @@ def markdown(report: dict[str, Any]) -> str:
     for group in SCORES:
         if group in report:
             scores += [f"| {group} | value |", "|---|---|"]
-            scores += [f"| {name} | {_fmt(v, percent=group == 'accuracy')} |" for name, v in report[group].items()]
+            scores += [
+                f"| {score_label(name, report['fhe_samples'])} | {_fmt(v, percent=group == 'accuracy')} |"
+                for name, v in report[group].items()
+            ]
             scores.append("")
     shared = report["training"].get("input_ranges") == "clients"
     ranges = "the owners' shared (rounded) min/max" if shared else "the declared schema"
@@ -128,9 +131,11 @@ def markdown(report: dict[str, Any]) -> str:
         if report.get("evaluated_on", "test split") == "test split"
         else f"evaluated on {report['evaluated_on']} ({report['n_test']} rows)"
     )
+    warning = report.get("metrics", {}).get("warning")
     lines = [
         f"# fedfhe run: {report['model']} on {report['dataset']}",
         "",
+        *([f"**Warning:** {warning}.", ""] if warning else []),
         *_figures(report.get("metrics", {})),
         "",
         (
@@ -176,27 +181,33 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def score_label(name: str, fhe_samples: int) -> str:
+    """A score's row in a table: real FHE and its clear twin say which rows they were measured on."""
+    return {
+        "fhe_execute": f"fhe_execute, on the first {fhe_samples} rows",
+        "fhe_clear_on_execute_rows": f"fhe_clear, on the same {fhe_samples} rows",
+    }.get(name, name)
+
+
 def _figures(metrics: dict[str, Any]) -> list[str]:
-    """The figures with intervals as a Markdown table: value, 95% interval, rows."""
+    """The figures with intervals as a Markdown table: value, 95% interval, counts (k/n, or rows)."""
     if not metrics:
         return []
 
     def row(name: str, f: dict[str, Any]) -> str:
         shown = [("n/a" if f[k] is None else f"{f[k]:.4g}") for k in ("value", "low", "high")]
-        return f"| {md_cell(name)} | {shown[0]} | {shown[1]} to {shown[2]} | {f['rows']} |"
+        return f"| {md_cell(name)} | {shown[0]} | {shown[1]} to {shown[2]} | {quality.counts(f)} |"
 
-    lines = ["| figure (FHE outputs) | value | 95% interval | rows |", "|---|---|---|---|"]
-    for name, f in metrics.items():
-        if isinstance(f, dict) and "value" in f:
-            label = f"{name} ({metrics['positive_class']})" if name in POSITIVE else name
-            lines.append(row(label, f))
-    for name, per in metrics.get("per_class", {}).items():
-        lines += [
-            row(f"{name}: precision", per["precision"]),
-            row(f"{name}: recall", per["recall"]),
-        ]
-    notes = "Intervals: bootstrap percentiles over the evaluated rows (1,000 resamples, seed 0). Rows: those a figure"
-    return [*lines, "", f"{notes} is computed on (recall: the class's rows; precision: the rows predicted as it).", ""]
+    lines = ["| figure (FHE outputs) | value | 95% interval | counts |", "|---|---|---|---|"]
+    lines += [row(name, f) for name, f in quality.entries(metrics)]
+    decision = metrics.get("decision")
+    notes = (
+        "Intervals: exact (Clopper-Pearson) for proportions, shown with their counts k/n (recall: of the class's "
+        "rows; precision: of the rows predicted as it); bootstrap percentiles over the evaluated rows (1,000 "
+        "resamples, seed 0) for balanced accuracy, AUC, PR-AUC and Brier."
+        + (f" Decision: {decision}." if decision else "")
+    )
+    return [*lines, "", notes, ""]
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from fedfhe.config import TrainConfig
-from fedfhe.data import Dataset, bundled_names
+from fedfhe.data import Dataset, bundled_names, bundled_positive
 from fedfhe.kinds import Params
 from fedfhe.model import LinearModel
 from fedfhe.objective import evaluate
@@ -50,16 +50,17 @@ def save(
     return model
 
 
-def names(dataset: Dataset) -> dict[str, list[str]]:
-    """Feature names (unless there are too many to keep in the model file) and class names."""
+def names(dataset: Dataset) -> dict[str, Any]:
+    """Feature names (unless there are too many to keep in the model file), class names and the positive class."""
     if dataset.schema is not None:
         schema = Schema.from_dict(dataset.schema)
         features, classes = schema.encoded_names, [schema.class_names[int(c)] for c in dataset.classes]
+        positive = schema.positive_name
     else:
         features, classes = bundled_names(dataset.name, dataset.n_features, dataset.classes)
-    return (
-        {"feature_names": features, "class_names": classes} if len(features) <= MAX_NAMED else {"class_names": classes}
-    )
+        positive = bundled_positive(dataset.name)
+    named: dict[str, Any] = {"feature_names": features} if len(features) <= MAX_NAMED else {}
+    return {**named, "class_names": classes, **({"positive_class": positive} if positive is not None else {})}
 
 
 def _examples(metrics: dict[str, Any]) -> int:

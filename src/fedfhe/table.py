@@ -49,12 +49,14 @@ class Feature:
 
 @dataclass(frozen=True)
 class Label:
-    """The column to predict: one of its classes, or a number in [low, high]."""
+    """The column to predict: one of its classes, or a number in [low, high]; `positive` names the class
+    sensitivity, PPV and AUC are about (two classes)."""
 
     name: str
     classes: tuple[Any, ...] = ()
     low: float = 0.0
     high: float = 1.0
+    positive: Any = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,8 @@ class Schema:
             if self.label.classes
             else {"low": self.label.low, "high": self.label.high}
         )
+        if self.label.positive is not None:
+            label["positive"] = self.label.positive
         out: dict[str, Any] = {"features": features, "label": label}
         if self.ignore:
             out["ignore"] = list(self.ignore)
@@ -159,6 +163,24 @@ class Schema:
     def class_names(self) -> list[str]:
         """The label's classes as text, in schema order (none for a regressor)."""
         return [_as_text(c) for c in self.label.classes]
+
+    @property
+    def positive_name(self) -> str | None:
+        """The positive class as text, if the schema names one."""
+        return None if self.label.positive is None else _as_text(self.label.positive)
+
+    def with_positive(self, value: str | None) -> Schema:
+        """The schema with `value` (a class as text: --positive-class) as its positive class; unchanged for None."""
+        if value is None:
+            return self
+        if len(self.label.classes) != 2:
+            raise FedfheError(f"--positive-class applies to two classes; {self.source} has {len(self.label.classes)}")
+        if value not in self.class_names:
+            raise FedfheError(
+                f"--positive-class {value!r} is not a class; the classes are: {', '.join(self.class_names)}"
+            )
+        positive = self.label.classes[self.class_names.index(value)]
+        return dataclasses.replace(self, label=dataclasses.replace(self.label, positive=positive))
 
     @property
     def input_range(self) -> tuple[np.ndarray, np.ndarray]:
@@ -234,7 +256,10 @@ def _label(entry: dict[str, Any], fail: Any) -> Label:
         if not isinstance(classes, list) or len(classes) < 2 or len(set(map(_as_text, classes))) != len(classes):
             raise fail(f"label {name!r}: classes must be a list of at least 2 distinct values")
         _check_text(classes, f"label {name!r}: a class", fail)
-        return Label(name, classes=tuple(classes))
+        positive = entry.get("positive")
+        if positive is not None and (len(classes) != 2 or _as_text(positive) not in map(_as_text, classes)):
+            raise fail(f"label {name!r}: positive {positive!r} must be one of its two classes {classes}")
+        return Label(name, classes=tuple(classes), positive=positive)
     low, high = _bounds(entry, f"label {name!r}", '"classes" or "low" and "high" (finite numbers)', fail)
     return Label(name, low=low, high=high)
 
@@ -450,7 +475,8 @@ def read_frame(path: str | os.PathLike[str], max_bytes: int | None = None) -> An
 
 
 def infer(frame: Any, label: str, source: str = "table", ignore: tuple[str, ...] = ()) -> Schema:
-    """A draft schema from one owner's table: ranges rounded outward to 2 significant digits, text as categories."""
+    """A draft schema from one owner's table: ranges rounded outward to 2 significant digits, text as categories;
+    of two classes the rarer (the first on a tie) is proposed as the positive one, the event to find."""
     import pandas as pd
 
     if label not in frame.columns:
@@ -475,8 +501,10 @@ def infer(frame: Any, label: str, source: str = "table", ignore: tuple[str, ...]
     target = frame[label].dropna()
     whole = pd.api.types.is_numeric_dtype(target) and bool((target % 1 == 0).all())
     if not pd.api.types.is_numeric_dtype(target) or (whole and target.nunique() <= MAX_CLASSES):
-        classes = sorted(target.unique().tolist(), key=str)
-        return Schema(tuple(features), Label(label, classes=tuple(_plain(c) for c in classes)), tuple(ignore))
+        counts = target.map(_as_text).value_counts()
+        classes = [_plain(c) for c in sorted(target.unique().tolist(), key=str)]
+        rarer = min(classes, key=lambda c: counts[_as_text(c)]) if len(classes) == 2 else None
+        return Schema(tuple(features), Label(label, classes=tuple(classes), positive=rarer), tuple(ignore))
     low, high = shared_range(target.to_numpy(dtype=np.float64)[:, None])
     return Schema(tuple(features), Label(label, low=float(low[0]), high=float(high[0])), tuple(ignore))
 
