@@ -68,14 +68,25 @@ def test_compile_and_evaluate_again_on_user_data(cli_run, tmp_path, monkeypatch)
     test = load_dataset("digits", seed=0)
     np.savez(tmp_path / "mine.npz", X=test.X_test[:40], y=test.y_test[:40])
     cli_run = copy_of(cli_run, tmp_path)
+    assert cli("card", "--run", str(cli_run)).returncode == 0
+    before = json.loads((cli_run / "card.json").read_text())
+    assert before["evaluation"] is not None and before["fhe"]["n_bits"] == 6
     assert cli("compile", "--run", str(cli_run), "--n-bits", "5").returncode == 0
-    own = (cli_run / "report.json").read_bytes()
+    assert not (cli_run / "report.json").exists() and not (cli_run / "report.md").exists()  # of the 6-bit circuit
+    card = json.loads((cli_run / "card.json").read_text())  # written again: the new circuit, not yet evaluated
+    assert card["fhe"]["n_bits"] == 5 and card["evaluation"] is None and card["pin"] != before["pin"]
+    assert card["model"]["sha256"] == before["model"]["sha256"] and "n_bits 5" in (cli_run / "card.md").read_text()
     done = cli("evaluate", "--run", str(cli_run), "--data", str(tmp_path / "mine.npz"), "--fhe-samples", "2")
     assert done.returncode == 0, done.stderr
-    assert (cli_run / "report.json").read_bytes() == own  # the file's figures never replace the test split's
+    assert not (cli_run / "report.json").exists()  # the file's figures never stand in for the test split's
     report = json.loads((cli_run / "evaluations" / "mine.npz" / "report.json").read_text())
     assert (report["n_bits"], report["n_test"], report["agreement"]["fhe_vs_clear"]) == (5, 40, 1.0)
     assert report["evaluated_on"] == str(tmp_path / "mine.npz")
+    # none of the training split's; real FHE's first rows come with the clear model's figure on the same rows
+    assert set(report["accuracy"]) == {"fhe_clear", "fhe_simulate", "fhe_execute", "fhe_clear_on_execute_rows"}
+    assert "train" not in report["timing_s"]
+    title = f"# fedfhe evaluation of mine.npz: logistic model {card['model']['sha256'][:12]}, n_bits 5 (trained on"
+    assert (cli_run / "evaluations" / "mine.npz" / "report.md").read_text().startswith(title)
     assert (cli_run / "evaluations" / "mine.npz" / "confusion_matrix.png").is_file()
     first = (cli_run / "evaluations" / "mine.npz" / "report.json").read_bytes()
     (tmp_path / "other").mkdir()  # another partner's file of the same name gets a folder of its own

@@ -307,6 +307,8 @@ def weakened(spec: Path) -> None:
 def test_a_server_serving_weak_crypto_parameters_gets_no_key_and_no_row(served_run, rows, tmp_path):
     run = copy_of(served_run, tmp_path)
     honest = hashlib.sha256((run / "fhe" / "client.zip").read_bytes()).hexdigest()
+    assert cli("card", "--run", str(run)).returncode == 0
+    pin = json.loads((run / "card.json").read_text())["pin"]  # the model and the honest circuit
     weakened(run / "fhe" / "client.zip")
     with serving(run, tmp_path / "store", tmp_path / "server.log", "--workers", "1") as served:
         facts = httpx.get(f"{served.url}/v1/model").json()  # the real model's facts: --expect-model is satisfied
@@ -318,6 +320,10 @@ def test_a_server_serving_weak_crypto_parameters_gets_no_key_and_no_row(served_r
         assert not (tmp_path / "a" / "keys").exists() and httpx.get(f"{served.url}/v1/health").json()["keys"] == 0
         done = cli(*args, "--key-dir", str(tmp_path / "b"), "--expect-spec", honest)
         assert done.returncode == 2 and f"not the expected {honest[:12]}: no key was made" in done.stderr
+        pinned = ["predict", rows_file(rows, tmp_path), "--server", served.url, "--expect-model", pin]
+        done = cli(*pinned, "--key-dir", str(tmp_path / "c"))  # the card alone: same model, another circuit
+        assert done.returncode == 2 and f"(another circuit), not the expected {honest[:12]}" in done.stderr
+        assert not (tmp_path / "c" / "keys").exists()
     assert hashlib.sha256((run / "fhe" / "client.zip").read_bytes()).hexdigest() == facts["client_spec_sha256"]
 
 

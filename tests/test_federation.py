@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -72,10 +73,11 @@ def test_deployment_with_tls_and_auth_gives_the_simulation_model(deployed, feder
     out, progress = deployed
     simulated = LinearModel.load(federated_run / "model.npz")
     model = LinearModel.load(out / "model.npz")
-    # Same files, same config, replies summed in content order: the same model. Not asserted bit for
-    # bit: a ClientApp process may use more BLAS threads than a Ray actor, which reorders float sums.
-    assert np.allclose(model.coef, simulated.coef, rtol=0, atol=1e-8)
-    assert np.allclose(model.intercept, simulated.intercept, rtol=0, atol=1e-8)
+    # Same files, same config, replies summed in content order, local fits on one BLAS thread (objective.fit): the
+    # same weights bit for bit, so the same sha256, though the training facts (seconds) differ
+    assert np.array_equal(model.coef, simulated.coef) and np.array_equal(model.intercept, simulated.intercept)
+    assert model.sha256 == simulated.sha256
+    assert model.metadata["metrics"]["train_seconds"] != simulated.metadata["metrics"]["train_seconds"]
     assert (out / "federation" / "certs" / "ca.crt").is_file()
     rows = json.loads((out / "metrics.json").read_text())["rounds"]
     assert [r for r, _ in progress] == [1, 2]  # reported as each round's checkpoint landed, with its test score
@@ -104,9 +106,20 @@ def test_a_deployed_run_is_a_run_directory(deployed, digits, tmp_path):
     done = cli("evaluate", "--run", str(out), "--fhe-samples", "2")
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "report.json").read_text())["agreement"]["fhe_vs_clear"] == 1.0
+    assert cli("card", "--run", str(out)).returncode == 0
+    assert json.loads((out / "card.json").read_text())["evaluation"]["rows"] == len(digits.y_test)
     done = cli("tune", "--run", str(out), "--n-bits", "4,6", "--latency-samples", "1", "--no-bit-pairs")
     assert done.returncode == 0, done.stderr
-    assert json.loads((out / "tune.json").read_text())["recommended"]["n_bits"] in (4, 6)
+    chosen = json.loads((out / "tune.json").read_text())["recommended"]["n_bits"]
+    assert chosen in (4, 6)
+    card = json.loads((out / "card.json").read_text())  # the recompiled circuit's, and no report of the old one's
+    spec = hashlib.sha256((out / "fhe" / "client.zip").read_bytes()).hexdigest()
+    assert (card["fhe"]["n_bits"], card["pin"], card["evaluation"]) == (
+        chosen,
+        f"{card['model']['sha256']}:{spec}",
+        None,
+    )
+    assert not (out / "report.json").exists() and not (out / "report.md").exists()
     from conftest import serving
 
     from fedfhe.fhe import load_compiled

@@ -40,6 +40,16 @@ def test_tampered_weights_are_detected(tmp_path, model):
         LinearModel.load(tmp_path / "m.npz")
 
 
+def test_the_hash_covers_what_predicts_and_nothing_else(model):
+    facts = {"dataset": "y", "n_train": 7, "metrics": {"train_seconds": 3.5}, "training": {"clients": 3}}
+    assert LinearModel(model.coef, model.intercept, model.classes, model.input_range, facts).sha256 == model.sha256
+    for predicts in ({"class_names": ["a", "b", "c"]}, {"feature_names": ["w", "x", "y", "z"]}, {"schema": {}}):
+        changed = LinearModel(model.coef, model.intercept, model.classes, model.input_range, predicts)
+        assert changed.sha256 != model.sha256, predicts
+    svm = LinearModel(model.coef, model.intercept, model.classes, model.input_range, kind="svm")
+    assert svm.sha256 != model.sha256
+
+
 @pytest.mark.parametrize(
     "write",
     [

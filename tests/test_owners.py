@@ -141,7 +141,8 @@ def test_the_model_card_names_what_answers_and_predict_pins_it(owners_run, owner
     )
     assert card["model"]["positive_class"] == "readmitted"
     assert any("No differential privacy" in limit for limit in card["limits"])
-    assert model.sha256 in (owners_run / "card.md").read_text()
+    assert card["pin"] == f"{model.sha256}:{card['fhe']['client_spec_sha256']}"
+    assert f"--expect-model {card['pin']} " in (owners_run / "card.md").read_text()
     _, test, _ = hospitals
     pd.read_csv(test).head(2).to_csv(tmp_path / "rows.csv", index=False)
     url = owners_server.url  # serving the run the card describes
@@ -153,11 +154,15 @@ def test_the_model_card_names_what_answers_and_predict_pins_it(owners_run, owner
     assert refused.returncode == 2 and "not the expected 000000000000: nothing was sent" in refused.stderr
     assert not (tmp_path / "wrong").exists()
     pinned = cli("predict", str(tmp_path / "rows.csv"), "--server", url, "--key-dir",
-                 str(tmp_path / "keys"), "--expect-model", card["model"]["sha256"], "--json")  # fmt: skip
+                 str(tmp_path / "keys"), "--expect-model", card["pin"], "--json")  # fmt: skip
     assert pinned.returncode == 0, pinned.stderr
     assert [row["name"] for row in json.loads(pinned.stdout)] == [row["class"] for row in json.loads(pinned.stdout)]
     bad = cli("predict", str(tmp_path / "rows.csv"), "--expect-model", "abc")
     assert bad.returncode == 2 and "64 hex digits" in bad.stderr
+    bad = cli("predict", str(tmp_path / "rows.csv"), "--expect-model", f"{model.sha256}:abc")
+    assert bad.returncode == 2 and "SPEC a client spec's sha256, 64 hex digits (got 'abc')" in bad.stderr
+    bad = cli("predict", str(tmp_path / "rows.csv"), "--expect-model", card["pin"], "--expect-spec", "0" * 64)
+    assert bad.returncode == 2 and "--expect-model pins one client spec and --expect-spec another" in bad.stderr
 
 
 @pytest.mark.federation
@@ -302,7 +307,7 @@ def test_the_deployment_engine_trains_on_the_owners_own_files(owners_run, hospit
     model, simulated = LinearModel.load(out / "model.npz"), LinearModel.load(owners_run / "model.npz")
     assert model.metadata["training"]["clients"] == 3 and model.metadata["schema"] == simulated.metadata["schema"]
     assert model.metadata["n_train"] == 600  # the server holds only the test file: the nodes reported their rows
-    assert np.allclose(model.coef, simulated.coef, rtol=0, atol=1e-8)  # the simulation's model, as for bundled sets
+    assert model.sha256 == simulated.sha256  # the simulation's model, bit for bit, as for bundled sets
     assert cli("compile", "--run", str(out)).returncode == 0
     done = cli("evaluate", "--run", str(out), "--fhe-samples", "3")  # the owners' files, read again
     assert done.returncode == 0, done.stderr

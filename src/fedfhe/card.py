@@ -1,8 +1,9 @@
 """A model card: what a partner needs to check which model answers and whether it suits them.
 
 Built from the run's own records (model file, FHE artifacts, report), so it states nothing the run
-did not measure. `card.json` for machines (its sha256 is what `predict --expect-model` pins),
-`card.md` for people.
+did not measure. `card.json` for machines, `card.md` for people. Its pin, MODEL:SPEC (the model's
+sha256, then its circuit's client-spec sha256), is what `predict --expect-model` takes: a server
+serving another model or another circuit is refused.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def build(run: RunDir) -> dict[str, Any]:
         pass
     report = _report(run, model.sha256, compiled)
     return {
+        "pin": model.sha256 if compiled is None else f"{model.sha256}:{compiled['client_spec_sha256']}",
         "model": {
             "sha256": model.sha256,
             "kind": model.kind.name,
@@ -133,7 +135,10 @@ def markdown(card: dict[str, Any]) -> str:
     lines = [
         f"# Model card: {model['kind']} on {model['dataset']}",
         "",
-        f"sha256 `{model['sha256']}` (pin it: `fedfhe predict --expect-model {model['sha256']} ...`)",
+        f"sha256 `{model['sha256']}`",
+        "",
+        f"Pin the model and its circuit: `fedfhe predict --expect-model {card['pin']} ...`"
+        + (" (the model's sha256, then its client spec's)." if card["fhe"] else " (not compiled yet: the model only)."),
         "",
         (
             f"A {model['task']} model trained on {model['training_rows']} rows by {training['clients']} data owner(s), "

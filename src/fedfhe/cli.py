@@ -143,7 +143,7 @@ EXAMPLES: dict[str, list[str]] = {  # shown under each command's --help
         "fedfhe tune --run runs/bc --n-bits 3,4,3/4 --no-bit-pairs   # exactly these points",
     ],
     "card": [
-        "fedfhe card --run runs/bc   # then: fedfhe predict --expect-model SHA256 ...",
+        "fedfhe card --run runs/bc   # then: fedfhe predict --expect-model PIN ...  (the card's MODEL:SPEC)",
     ],
     "serve": [
         "fedfhe serve --run runs/bc --port 8000 --workers 2",
@@ -151,7 +151,7 @@ EXAMPLES: dict[str, list[str]] = {  # shown under each command's --help
     ],
     "predict": [
         "fedfhe predict rows.csv --server http://127.0.0.1:8000 --json",
-        "fedfhe predict digit.png --server https://host:8000 --ca-cert ca.crt --expect-model SHA256",
+        "fedfhe predict digit.png --server https://host:8000 --ca-cert ca.crt --expect-model MODEL:SPEC",
         "fedfhe predict test.npy --server http://127.0.0.1:8000 --jobs 2 --out preds.csv",
     ],
     "federation up": [
@@ -356,10 +356,9 @@ def _compiled(compiled: Any, out: Path) -> None:
 def _show(summary: dict[str, Any], out: Path) -> None:
     """Print the headline figures as a table: first what the model must beat, each figure naming its class."""
     from fedfhe import quality
-    from fedfhe.report import SCORES, score_label
+    from fedfhe.report import SCORES, score_label, title
 
-    title = f"{summary['model']} on {summary['dataset']}: {summary['clients']} client(s), {summary['rounds']} round(s)"
-    table = Table(title=title)
+    table = Table(title=f"{title(summary)}; {summary['clients']} client(s), {summary['rounds']} round(s)")
     table.add_column("measure")
     table.add_column("value", justify="right")
     figures = summary.get("metrics", {})
@@ -370,7 +369,9 @@ def _show(summary: dict[str, Any], out: Path) -> None:
             shown = "n/a" if value is None else f"{value:.2%}" if group in ("accuracy", "agreement") else f"{value:.4g}"
             table.add_row(f"{group}.{score_label(name, summary['fhe_samples'])}", shown)
     for name in ("train", "compile", "fhe_execute_per_sample"):
-        value = summary["timing_s"].get(name)
+        if name not in summary["timing_s"]:  # a file's report: its figures only, not training's
+            continue
+        value = summary["timing_s"][name]
         table.add_row(f"timing_s.{name}", "n/a" if value is None else f"{value:.3f}")
     table.add_row("circuit.max_bit_width", str(summary["circuit"]["max_bit_width"]))
     Console().print(table)
@@ -428,6 +429,7 @@ def compile_(
     with console.status("compiling the FHE circuit"), fhe.scratch():
         compiled = pipeline.compile_run(run, bits, calibration, max_input_mb=max_input_mb, outputs=outputs)
     _compiled(compiled, run)
+    console.print(f"no report of this circuit yet (an earlier circuit's is removed): fedfhe evaluate --run {run}")
 
 
 @app.command(epilog=_examples("evaluate"))
@@ -562,7 +564,7 @@ def tune(
     Console().print(table)
     console.print(
         f"recommended {tuning.label(tuned.chosen)} (*), compiled in {tuned.run.path}; table in {run / 'tune.md'}, "
-        f"plot {run / 'pareto.png'}"
+        f"plot {run / 'pareto.png'}; its report: fedfhe evaluate --run {tuned.run.path}"
     )
 
 
@@ -751,7 +753,7 @@ def card(run: RunDirOption = Path("runs/latest")) -> None:
     from fedfhe.rundir import RunDir
 
     written = model_card.write(RunDir(run))
-    console.print(f"model {written['model']['sha256']} -> {run / 'card.md'}, {run / 'card.json'}", soft_wrap=True)
+    console.print(f"pin {written['pin']} -> {run / 'card.md'}, {run / 'card.json'}", soft_wrap=True)
 
 
 @app.command(epilog=_examples("serve"))
@@ -858,7 +860,10 @@ def predict(
     ] = None,
     expect_model: Annotated[
         str | None,
-        typer.Option(help="Refuse the server unless it serves this model (sha256 from its model card)."),
+        typer.Option(
+            help="Refuse the server unless it serves this model (its sha256) and circuit: the model card's pin "
+            "MODEL:SPEC, or MODEL alone for the model only."
+        ),
     ] = None,
     expect_spec: Annotated[
         str | None,

@@ -20,7 +20,11 @@ from fedfhe.errors import FedfheError
 from fedfhe.kinds import KINDS, Kind, kind_of
 from fedfhe.table import MAX_SCHEMA_BYTES
 
-FORMAT = "fedfhe-linear-model/2"
+FORMAT = "fedfhe-linear-model/3"  # 3: the sha256 covers only what predicts (IDENTITY), not the training facts
+# The metadata that changes what a prediction means: the input columns and the class names. The rest (data set,
+# training settings, rows, seconds, scores) is how the weights came about, so it is not hashed: the same weights
+# trained by the simulation or the Deployment Engine are the same model. What later changes a prediction joins here.
+IDENTITY = ("schema", "feature_names", "class_names")
 
 # The most a model file may hold: far above any model fedfhe trains (MNIST's logistic model has 10 x 784
 # weights and a few KiB of metadata), yet read in well under a second, so a hostile file costs little.
@@ -80,12 +84,13 @@ class LinearModel:
 
     @property
     def sha256(self) -> str:
-        """Hash of weights, classes, ranges, kind and metadata: what the FHE artifacts are tied to."""
+        """Hash of what predicts (weights, classes, ranges, kind, IDENTITY metadata): the model's one identity."""
         digest = hashlib.sha256()
         for array in (self.coef, self.intercept, self.classes, *self.input_range):
             digest.update(str((array.dtype.str, array.shape)).encode())
             digest.update(np.ascontiguousarray(array).tobytes())
-        digest.update(json.dumps([self.kind.name, self.metadata], sort_keys=True).encode())
+        predicts = {key: self.metadata[key] for key in IDENTITY if key in self.metadata}
+        digest.update(json.dumps([self.kind.name, predicts], sort_keys=True).encode())
         return digest.hexdigest()
 
     @property

@@ -23,14 +23,22 @@ def fit(
     iterations: int,
     mu: float = 0.0,
 ) -> Params:
-    """Train from `params` on local data (X scaled, y scaled targets or labels); returns the new weights."""
-    if problem.kind.smooth:
-        return _lbfgs(problem, params, X, y, hyper, iterations, mu)
-    local = problem.kind.estimator(**hyper, warm_start=True, max_iter=iterations)
-    local.coef_ = np.array(params[0][0], dtype=np.float64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ConvergenceWarning: a few sweeps per round is the point
-        local.fit(X, y)
+    """Train from `params` on local data (X scaled, y scaled targets or labels); returns the new weights.
+
+    On one BLAS thread: a Ray actor has one, a Deployment Engine ClientApp process one per core, and a
+    matrix product split across threads sums in another order. So the same data gives the same weights,
+    bit for bit, on every engine, hence the same model sha256.
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        if problem.kind.smooth:
+            return _lbfgs(problem, params, X, y, hyper, iterations, mu)
+        local = problem.kind.estimator(**hyper, warm_start=True, max_iter=iterations)
+        local.coef_ = np.array(params[0][0], dtype=np.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ConvergenceWarning: a few sweeps per round is the point
+            local.fit(X, y)
     return [local.coef_[None, :], np.array([local.intercept_], dtype=np.float64)]
 
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedfhe import fhe, quality, report, result, table, training, tuning
+from fedfhe import card, fhe, quality, report, result, table, training, tuning
 from fedfhe.artifacts import NBits, bit_pair, check_n_bits, compiled_outputs
 from fedfhe.config import TrainConfig
 from fedfhe.data import Dataset, MiB, check_features, load_dataset, read_table
@@ -191,8 +191,9 @@ def compile_run(
 ) -> CompiledModel:
     """Compile the run's model (without data, unless a calibration sample is given) and export the artifacts.
 
-    A calibration file larger than `max_input_mb` MiB is refused before it is read. `outputs`: what
-    a client decrypts, "scores" or "label" (the class only); by default what the run was compiled for.
+    The run's report of the circuit replaced is removed and its card, if any, rewritten. A calibration
+    file larger than `max_input_mb` MiB is refused before it is read. `outputs`: what a client decrypts,
+    "scores" or "label" (the class only); by default what the run was compiled for.
     """
     check_n_bits(n_bits)
     limit = _max_bytes(max_input_mb)
@@ -206,7 +207,15 @@ def compile_run(
     progress.start("compiling")
     compiled = fhe.compile_model(model, n_bits, calibration, outputs)
     fhe.export(compiled, target.path)
+    target.forget_evaluation()
+    _rewrite_card(target)
     return compiled
+
+
+def _rewrite_card(target: RunDir) -> None:
+    """A card written earlier is written again from the run's records: it never names a replaced circuit."""
+    if target.card_json.exists():
+        card.write(target)
 
 
 def evaluate_run(
@@ -218,7 +227,7 @@ def evaluate_run(
     max_input_mb: float | None = None,
     positive_class: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the run's compiled model on its test split (rewriting the run's report), or on a labelled file.
+    """Evaluate the run's compiled model on its test split (its report and card rewritten), or on a labelled file.
 
     A file's report goes to RUN/evaluations/<file name>/ (see evaluation_dir), never over the run's. A data file larger than
     `max_input_mb` MiB is refused before it is read. For two classes, sensitivity, PPV, AUC and Brier
@@ -251,7 +260,9 @@ def evaluate_run(
     progress.start("compiling")
     compiled = fhe.load_compiled(target.path, model)
     if data is None:
-        return _evaluate(compiled, target.create(), X, y, fhe_samples, progress, positive_class)
+        summary = _evaluate(compiled, target.create(), X, y, fhe_samples, progress, positive_class)
+        _rewrite_card(target)
+        return summary
     elsewhere = evaluation_dir(target.path, data).create()
     return _evaluate(
         compiled, target, X, y, fhe_samples, progress, positive_class, elsewhere, str(Path(data).resolve())

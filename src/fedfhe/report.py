@@ -34,8 +34,11 @@ def build(
     meta = model.metadata
     training = meta.get("training", {})
     metrics = meta.get("metrics", {})
-    # training scored the float model by accuracy (or R2: "score") and, for regressors, MSE ("loss")
-    trained = {"centralized": metrics.get("centralized", {}), "federated": metrics.get("final", {})}
+    # training scored the float model by accuracy (or R2: "score") and, for regressors, MSE ("loss"), on the
+    # run's test split: beside a file's figures they would read as that file's, so a file's report leaves them out
+    trained = (
+        {"centralized": metrics.get("centralized", {}), "federated": metrics.get("final", {})} if data is None else {}
+    )
     groups = {"accuracy": "score"} if "accuracy" in evaluation else {"r2": "score", "mse": "loss"}
     scores = {}
     for name, key in groups.items():
@@ -62,7 +65,7 @@ def build(
         "metrics": _quality(model, evaluation["predictions"], positive_class),
         "agreement": evaluation["agreement"],
         "timing_s": {
-            "train": metrics.get("train_seconds"),
+            **({"train": metrics.get("train_seconds")} if data is None else {}),
             "compile": compiled.compile_seconds,
             **{k: v for k, v in evaluation["timing_s"].items() if not k.endswith("_bytes")},
         },
@@ -133,7 +136,7 @@ def markdown(report: dict[str, Any]) -> str:
     )
     warning = report.get("metrics", {}).get("warning")
     lines = [
-        f"# fedfhe run: {report['model']} on {report['dataset']}",
+        f"# {title(report)}",
         "",
         *([f"**Warning:** {warning}.", ""] if warning else []),
         *_figures(report.get("metrics", {})),
@@ -187,6 +190,14 @@ def score_label(name: str, fhe_samples: int) -> str:
         "fhe_execute": f"fhe_execute, on the first {fhe_samples} rows",
         "fhe_clear_on_execute_rows": f"fhe_clear, on the same {fhe_samples} rows",
     }.get(name, name)
+
+
+def title(report: dict[str, Any]) -> str:
+    """What a report is about: the run on its test split, or a file and the very model (by hash) that scored it."""
+    if report.get("evaluated_on", "test split") == "test split":
+        return f"fedfhe run: {report['model']} on {report['dataset']}"
+    model = f"{report['model']} model {report['model_sha256'][:12]}, n_bits {n_bits_label(report['n_bits'])}"
+    return f"fedfhe evaluation of {Path(report['evaluated_on']).name}: {model} (trained on {report['dataset']})"
 
 
 def _figures(metrics: dict[str, Any]) -> list[str]:

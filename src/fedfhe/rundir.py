@@ -92,6 +92,12 @@ class RunDir:
         names = [name for name, value in vars(RunDir).items() if isinstance(value, property)]
         return [getattr(self, name) for name in names]
 
+    def forget_evaluation(self) -> None:
+        """Remove the run's report and what it drew: they describe a circuit that was just replaced."""
+        drawn = (self.confusion_plot, self.roc_plot, self.predictions_plot, self.residuals_plot)
+        for path in (self.evaluation_file, self.report_json, self.report_md, *drawn):
+            path.unlink(missing_ok=True)
+
     def holds_run(self) -> bool:
         """Whether a training started here: its config, its model or its checkpoints."""
         return any(p.exists() for p in (self.config_file, self.model_file, self.checkpoints))

@@ -5,7 +5,7 @@ first use; its quantizers are read as numbers, never with skops: processing.py),
 private and evaluation keys), session.json (the uploaded key id).
 A server that later serves another client spec is refused: keys belong to one circuit. Before any key
 is made the spec must be one a client can safely make keys for (spec.py), and, if the client pinned one
-(`expect_spec`, the card's client-spec sha256), that very spec.
+(`expect_spec`, the card's client-spec sha256, or the spec half of the card's pin), that very spec.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class EncryptedClient:
     https is verified against the system's CAs, or `ca_cert` for a private CA; `token` is sent as a
     bearer token (for a server started with --tokens). `expect_model` (a model card's sha256) refuses a
     server that announces any other model, `expect_spec` (the card's client-spec sha256) one that serves any
-    other client spec, before any key is made or anything encrypted.
+    other client spec, before any key is made or anything encrypted; the card's pin MODEL:SPEC sets both.
     """
 
     def __init__(
@@ -106,8 +106,7 @@ class EncryptedClient:
                 PlainHttp,
                 stacklevel=2,
             )
-        self.expect_model = _sha256(expect_model, "--expect-model", "a model's sha256")
-        self.expect_spec = _sha256(expect_spec, "--expect-spec", "a client spec's sha256")
+        self.expect_model, self.expect_spec = _pins(expect_model, expect_spec)
         verify: ssl.SSLContext | bool = True
         if ca_cert is not None:
             try:
@@ -152,11 +151,16 @@ class EncryptedClient:
                 raise FedfheError(f"{self.url}: not a fedfhe server (unexpected answer to {API}/model)")
             if problem := _model_problem(answer):
                 raise FedfheError(f"{self.url}: not a fedfhe server ({API}/model: {problem})")
-            served = str(answer.get("model_sha256", ""))
+            served, circuit = str(answer.get("model_sha256", "")), str(answer["client_spec_sha256"])
             if self.expect_model is not None and served != self.expect_model:
                 raise FedfheError(
                     f"{self.url} serves model {served[:12] or 'unknown'}, not the expected "
                     f"{self.expect_model[:12]}: nothing was sent"
+                )
+            if self.expect_spec is not None and circuit != self.expect_spec:
+                raise FedfheError(
+                    f"{self.url} serves client spec {circuit[:12] or 'unknown'} (another circuit), not the expected "
+                    f"{self.expect_spec[:12]}: no key was made and nothing was sent"
                 )
             self._model = answer
         return self._model
@@ -319,12 +323,7 @@ class EncryptedClient:
     def _spec(self) -> bytes:
         """The client spec (client.zip), fetched once and pinned by the hash the server advertises (or the one
         expected); checked for 128-bit parameters before any key is made from it."""
-        expected = str(self.model["client_spec_sha256"])
-        if self.expect_spec is not None and expected != self.expect_spec:
-            raise FedfheError(
-                f"{self.url} serves client spec {expected[:12] or 'unknown'}, not the expected "
-                f"{self.expect_spec[:12]}: no key was made and nothing was sent"
-            )
+        expected = str(self.model["client_spec_sha256"])  # as expected, if pinned (checked with the model)
         _private_dir(self.key_dir)
         spec = self.key_dir / CLIENT_SPEC
         if spec.is_file():
@@ -587,6 +586,21 @@ def _model_problem(answer: dict[str, Any]) -> str | None:
     if not valid_inputs_used(answer.get("inputs_used", list(range(n))), n):
         return f"inputs_used is not increasing feature indices below {n}"
     return None
+
+
+def _pins(model: str | None, spec: str | None) -> tuple[str | None, str | None]:
+    """The model and client-spec hashes pinned: --expect-model's MODEL, or a card's pin MODEL:SPEC, and --expect-spec."""
+    expect_spec = _sha256(spec, "--expect-spec", "a client spec's sha256")
+    if model is None:
+        return None, expect_spec
+    model, colon, pinned = model.partition(":")
+    expect_model = _sha256(model, "--expect-model", "a model's sha256 (or a card's pin MODEL:SPEC)")
+    if not colon:
+        return expect_model, expect_spec
+    pinned_spec = _sha256(pinned, "--expect-model", "a card's pin MODEL:SPEC, SPEC a client spec's sha256")
+    if expect_spec not in (None, pinned_spec):
+        raise FedfheError("--expect-model pins one client spec and --expect-spec another: give one of them")
+    return expect_model, pinned_spec
 
 
 def _sha256(value: str | None, option: str, what: str) -> str | None:
