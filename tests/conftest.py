@@ -236,6 +236,8 @@ def ray_cluster(request) -> Iterator[None]:
         "--include-log-monitor=false",
         "--disable-usage-stats",
         f"--temp-dir={folder}",
+        "--min-worker-port=0",  # ray start hands out 10002.. by default: two workers' clusters bound the same port
+        "--max-worker-port=0",
     ]
     for flag in ("--ray-client-server-port", "--dashboard-port", "--dashboard-agent-listen-port"):
         command.append(f"{flag}={free_port()}")  # fixed by default: two workers' clusters would collide
