@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import cli, copy_of, evaluation_keys, fhe_client, serving, wait_for
 
-from fedfhe import fhe
+from fedfhe import decision, fhe
 from fedfhe.data import load_dataset
 from fedfhe.errors import FedfheError
 from fedfhe.model import LinearModel
@@ -70,6 +70,23 @@ def test_two_classes_agree_in_simulation_and_real_fhe(label_run):
     model = LinearModel.load(label_run / "model.npz")
     compiled = fhe.load_compiled(label_run, model)
     box = np.random.default_rng(1).uniform(*model.input_range, (200, model.n_features))
+    near_ties_only(compiled, box, compiled.predict(box, fhe="simulate"))
+
+
+@pytest.mark.parametrize("threshold", [0.1, 0.9])
+def test_an_operating_point_is_compiled_into_the_label_circuit(label_run, threshold):
+    model = LinearModel.load(label_run / "model.npz")
+    split = load_dataset("breast-cancer", seed=0)
+    X, y = split.X_test, split.y_test
+    moved = decision.apply(model, decision.Rule("threshold", threshold), X, y, 0, "given", "given")  # 0: malignant
+    compiled = fhe.compile_model(moved, 8, outputs="label")
+    assert compiled.rule is not None and compiled.rule.cut != 1
+    q = compiled.concrete.quantize_input(compiled.inputs(X))
+    clear = compiled.predict(X, fhe="disable")  # Concrete ML's clear quantized scores, decided at the point
+    assert np.array_equal(np.asarray(compiled.concrete.classes_)[compiled.rule.clear(q)], clear)
+    assert not np.array_equal(clear, fhe.compile_model(model, 8).predict(X, fhe="disable"))  # the point moved some
+    near_ties_only(compiled, X, compiled.predict(X, fhe="simulate"))
+    box = np.random.default_rng(2).uniform(*model.input_range, (100, model.n_features))
     near_ties_only(compiled, box, compiled.predict(box, fhe="simulate"))
 
 

@@ -118,6 +118,39 @@ def test_each_owner_file_is_one_client(owners_run, hospitals, tmp_path):
 @pytest.mark.federation
 @pytest.mark.server
 @pytest.mark.fhe
+@pytest.mark.federation
+@pytest.mark.fhe
+def test_compile_and_evaluate_move_the_operating_point_without_retraining(owners_run, hospitals, served_run, tmp_path):
+    owners_run = copy_of(owners_run, tmp_path)
+    assert cli("card", "--run", str(owners_run)).returncode == 0
+    before = LinearModel.load(owners_run / "model.npz")
+    done = cli("compile", "--run", str(owners_run), "--operating-point", "sensitivity=0.9")
+    assert done.returncode == 0, done.stderr
+    model = LinearModel.load(owners_run / "model.npz")
+    assert np.array_equal(model.coef, before.coef) and model.sha256 != before.sha256  # same weights, another model
+    choice = model.metadata["operating_point_choice"]
+    assert choice["rule"] == "sensitivity=0.9" and choice["sensitivity"] >= 0.9 and choice["rows"] == 150
+    assert not (owners_run / "report.json").exists()  # it described the circuit replaced
+    card = (owners_run / "card.md").read_text()
+    assert f"Decision: readmitted when its score >= {model.metadata['operating_point']['threshold']:.4g}" in card
+    assert model.sha256 in card
+    _, test, _ = hospitals
+    done = cli("evaluate", "--run", str(owners_run), "--data", str(test), "--threshold", "0.7", "--fhe-samples", "0")
+    assert done.returncode == 0, done.stderr
+    assert "decision: readmitted when its score >= 0.7 (threshold given)" in done.stderr
+    assert LinearModel.load(owners_run / "model.npz").metadata["operating_point"]["threshold"] == 0.7
+    for run, args, message in [
+        (served_run, ["--threshold", "0.3"], "apply to two-class models; this one has 10 classes"),
+        (
+            owners_run,
+            ["--operating-point", "youden", "--positive-class", "sick"],
+            "--positive-class 'sick' is not a class",
+        ),
+    ]:
+        done = cli("compile", "--run", str(run), *args)
+        assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
 def test_the_model_card_names_what_answers_and_predict_pins_it(owners_run, owners_server, hospitals, tmp_path):
     owners_run = copy_of(owners_run, tmp_path)  # the card is written into the run
     done = cli("card", "--run", str(owners_run))
@@ -390,6 +423,10 @@ def test_the_readmes_own_data_walkthrough_runs_as_written(hospitals, tmp_path):
     assert schema.ignore == ("patient",) and schema.label.classes == ("discharged", "readmitted")
     assert schema.label.positive == "readmitted"  # `schema infer` proposed the rarer class
     model = LinearModel.load(tmp_path / "runs" / "h" / "model.npz")
+    assert (
+        model.metadata["operating_point"]["class"] == "readmitted"
+        and model.metadata["training"]["class_weight"] == "balanced"
+    )
     encoded, _ = schema.encode(lab, "lab", labelled=False)
     simulated = load_compiled(tmp_path / "runs" / "h", model).predict(encoded, fhe="simulate")
     assert [a["class"] for a in answers] == [schema.label.classes[int(c)] for c in simulated]

@@ -56,7 +56,11 @@ def test_two_class_figures_equal_scikit_learns_and_carry_intervals(binary):
     rows |= {"ppv": predicted[1], "npv": predicted[0]}  # each figure's row count is its denominator
     assert {name: figures[name]["rows"] for name in rows} == rows
     assert figures["sensitivity"]["count"] == int(((pred == 1) & (y == 1)).sum())  # k of n, for k/n
-    assert "count" not in figures["auc"] and figures["decision"] == "argmax" and "warning" not in figures
+    assert (
+        "count" not in figures["auc"]
+        and figures["decision"] == "the most probable class (argmax)"
+        and "warning" not in figures
+    )
     assert figures["per_class"]["benign"]["rows"] == support[0]
     assert figures["per_class"]["benign"]["precision"]["rows"] == predicted[0]
     assert figures["per_class"]["malignant"]["recall"]["value"] == pytest.approx(recall[1])
@@ -125,8 +129,9 @@ def test_a_model_that_always_answers_no_is_warned_about():
         "accuracy",
     ]
     assert quality.counts(shown["sensitivity (recall of yes)"]) == "1/58" and "PPV (precision of yes)" in shown
-    at = quality.classifier(y, pred, proba, [0, 1], ["no", "yes"], 1, calibrated=True, threshold=0.2)
-    assert at["sensitivity"]["count"] == 58 and at["decision"] == "score of yes >= 0.2" and "warning" not in at
+    lowered = np.where(proba[:, 1] >= 0.2, 1, 0)  # an operating point decides: the figures follow the decision
+    at = quality.classifier(y, lowered, proba, [0, 1], ["no", "yes"], 1, calibrated=True, decision="yes at >= 0.2")
+    assert at["sensitivity"]["count"] == 58 and at["decision"] == "yes at >= 0.2" and "warning" not in at
 
 
 def test_intervals_do_not_depend_on_how_resamples_are_chunked(binary, monkeypatch):

@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any
 
-from fedfhe import quality
+from fedfhe import decision, quality
 from fedfhe.artifacts import bit_pair, n_bits_label, read_artifacts
 from fedfhe.errors import FedfheError
 from fedfhe.rundir import RunDir, md_cell
@@ -46,6 +46,8 @@ def build(run: RunDir) -> dict[str, Any]:
             "dataset": meta.get("dataset"),
             "training_rows": meta.get("n_train"),
             "positive_class": meta.get("positive_class"),
+            "operating_point": meta.get("operating_point"),
+            "decision": None if model.is_regression else decision.describe(model),
         },
         "features": [
             {"position": i, "name": name, "low": float(low), "high": float(high)}
@@ -160,6 +162,8 @@ def markdown(card: dict[str, Any]) -> str:
         ]
     if model.get("positive_class") is not None:
         lines += [f"Positive class: {model['positive_class']} (sensitivity, PPV and AUC are about it).", ""]
+    if model.get("decision") is not None:
+        lines += [f"Decision: {model['decision']}.", ""]
     evaluation = card["evaluation"]
     if evaluation is not None:
         figures = evaluation.get("figures") or {}

@@ -111,6 +111,23 @@ PositiveClass = Annotated[
         rich_help_panel=FHE,
     ),
 ]
+OperatingPoint = Annotated[
+    str | None,
+    typer.Option(
+        help="Two classes: the threshold on the positive class's score, chosen on the run's held-out test rows "
+        "(evaluate: on the rows evaluated): youden (largest sensitivity + specificity), sensitivity=0.8 (the most "
+        "specific one that reaches it) or specificity=0.9 (default: keep the model's; a new model answers the most probable class)",
+        rich_help_panel=FHE,
+        show_default=False,
+    ),
+]
+Threshold = Annotated[
+    float | None,
+    typer.Option(
+        help="Two classes: answer the positive class when its score is at least this (instead of --operating-point).",
+        rich_help_panel=FHE,
+    ),
+]
 MaxInputMb = Annotated[
     float,
     typer.Option(help="Largest data file read (on disk, or as its header declares), in MiB.", rich_help_panel=DATA),
@@ -375,6 +392,8 @@ def _show(summary: dict[str, Any], out: Path) -> None:
         table.add_row(f"timing_s.{name}", "n/a" if value is None else f"{value:.3f}")
     table.add_row("circuit.max_bit_width", str(summary["circuit"]["max_bit_width"]))
     Console().print(table)
+    if "decision" in figures:
+        console.print(f"decision: {figures['decision']}", highlight=False, soft_wrap=True)
     if "warning" in figures:
         console.print(f"[yellow]warning:[/yellow] {figures['warning']}", highlight=False, soft_wrap=True)
     console.print(f"report: {out / 'report.md'}")
@@ -420,14 +439,25 @@ def compile_(
     calibration: Calibration = None,
     max_input_mb: MaxInputMb = 1024.0,
     outputs: Outputs = None,
+    operating_point: OperatingPoint = None,
+    threshold: Threshold = None,
+    positive_class: PositiveClass = None,
 ) -> None:
     """Convert the run's model with Concrete ML and compile it, without any training data."""
-    from fedfhe import fhe, pipeline
+    from fedfhe import decision, fhe, pipeline
     from fedfhe.artifacts import parse_n_bits
 
-    bits = parse_n_bits(n_bits)
+    bits, rule = parse_n_bits(n_bits), decision.parse(operating_point, threshold)
     with console.status("compiling the FHE circuit"), fhe.scratch():
-        compiled = pipeline.compile_run(run, bits, calibration, max_input_mb=max_input_mb, outputs=outputs)
+        compiled = pipeline.compile_run(
+            run,
+            bits,
+            calibration,
+            max_input_mb=max_input_mb,
+            outputs=outputs,
+            operating_point=rule,
+            positive_class=positive_class,
+        )
     _compiled(compiled, run)
     console.print(f"no report of this circuit yet (an earlier circuit's is removed): fedfhe evaluate --run {run}")
 
@@ -446,17 +476,22 @@ def evaluate(
     data_dir: DataDir = None,
     max_input_mb: MaxInputMb = 1024.0,
     positive_class: PositiveClass = None,
+    operating_point: OperatingPoint = None,
+    threshold: Threshold = None,
 ) -> None:
     """Measure float, quantized, simulated and real FHE accuracy and their agreement.
 
     On the run's test split the run's report is rewritten; a --data file gets its own, in RUN/evaluations/FILE/
-    (FILE-2/ for another file of the same name).
+    (FILE-2/ for another file of the same name). A new operating point is stored in the run's model first.
     """
-    from fedfhe import fhe, pipeline
+    from fedfhe import decision, fhe, pipeline
 
+    rule = decision.parse(operating_point, threshold)
     _warn_unused_by(run, data_dir, data)
     with _bars() as live, fhe.scratch():
-        summary = pipeline.evaluate_run(run, fhe_samples, data, data_dir, Bars(live), max_input_mb, positive_class)
+        summary = pipeline.evaluate_run(
+            run, fhe_samples, data, data_dir, Bars(live), max_input_mb, positive_class, rule
+        )
     _show(summary, run if data is None else pipeline.evaluation_dir(run, data).path)
 
 
@@ -478,13 +513,15 @@ def run(
     force: Force = False,
     max_input_mb: MaxInputMb = 1024.0,
     positive_class: PositiveClass = None,
+    operating_point: OperatingPoint = None,
+    threshold: Threshold = None,
     verbose: Verbose = False,
 ) -> None:
     """Train, compile and evaluate in one go; everything lands in --run."""
-    from fedfhe import fhe, pipeline
+    from fedfhe import decision, fhe, pipeline
     from fedfhe.artifacts import parse_n_bits
 
-    bits = parse_n_bits(n_bits)
+    bits, rule = parse_n_bits(n_bits), decision.parse(operating_point, threshold)
     _warn_unused(dataset, data_dir, data is not None or owners is not None)
     with _training(out) as bars, fhe.scratch():
         split = pipeline.dataset(
@@ -503,6 +540,7 @@ def run(
             max_input_mb=max_input_mb,
             positive_class=positive_class,
             outputs=outputs or "scores",
+            operating_point=rule,
         )
     _trained(result.model, out)
     _compiled(result.compiled, out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import dataclasses
 import importlib
 import importlib.metadata
 import io
@@ -25,8 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from fedfhe.artifacts import NBits, check_n_bits, read_artifacts
+from fedfhe.artifacts import Artifacts, NBits, check_n_bits, read_artifacts
 from fedfhe.data import check_features
+from fedfhe.decision import POINT_MEMBER, decide, point_of
+from fedfhe.decision import predict as predict_float
 from fedfhe.errors import FedfheError
 from fedfhe.kinds import Kind
 from fedfhe.label import Plan, compile_label
@@ -92,20 +95,23 @@ class CompiledModel:
 
     def predict(self, X: np.ndarray, fhe: str) -> np.ndarray:
         """Classes or values for raw features, in the clear ("disable") or simulated FHE ("simulate")."""
+        if self.source.is_regression:
+            return np.ravel(self.concrete.predict(self.inputs(X), fhe=fhe))
+        return self.classify(X, fhe)[0]
+
+    def classify(self, X: np.ndarray, fhe: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """A classifier's classes (at its operating point) and class probabilities from one pass of the circuit.
+
+        Label outputs give no probabilities: simulated, the label circuit itself answers.
+        """
+        classes = np.asarray(self.concrete.classes_)
         if self.label is not None and fhe == "simulate":
             q = self.concrete.quantize_input(self.inputs(X))
             picked = [int(np.ravel(self.label.simulate(row[None, :]))[0]) for row in q]
-            return np.asarray(self.concrete.classes_)[np.array(picked, dtype=np.int64)]
-        return np.ravel(self.concrete.predict(self.inputs(X), fhe=fhe))
-
-    def classify(self, X: np.ndarray, fhe: str) -> tuple[np.ndarray, np.ndarray | None]:
-        """A classifier's classes and class probabilities from one pass of the circuit (none for label outputs)."""
-        if self.label is not None:
-            return self.predict(X, fhe), None
+            return classes[np.array(picked, dtype=np.int64)], None
         scores = np.asarray(self.concrete.decision_function(self.inputs(X), fhe=fhe))
-        proba = np.asarray(self.concrete.post_processing(scores))
-        picked = (scores > 0).astype(int) if scores.ndim == 1 else scores.argmax(axis=1)
-        return np.asarray(self.concrete.classes_)[picked], proba.reshape(len(X), -1)
+        proba = np.asarray(self.concrete.post_processing(scores)).reshape(len(X), -1)
+        return classes[decide(proba, point_of(self.source))], None if self.label is not None else proba
 
     @property
     def bootstraps(self) -> int:
@@ -125,6 +131,7 @@ class CompiledModel:
             "n_bits": self.n_bits,
             "outputs": self.outputs,
             **({"label_rounding_lsbs": [self.rule.first, self.rule.second]} if self.rule is not None else {}),
+            **({"operating_point": self.source.metadata["operating_point"]} if point_of(self.source) else {}),
             "bootstraps": self.bootstraps,
             "calibration": self.calibration,
             "max_bit_width": self.max_bit_width,
@@ -180,7 +187,7 @@ def _compile(
             concrete.compile(X)
             circuit, rule = None, None
         else:  # the quantizers are Concrete ML's; the circuit is the label rule on them
-            circuit, rule = compile_label(concrete)
+            circuit, rule = compile_label(concrete, point_of(model))
     seconds = time.perf_counter() - start
     return CompiledModel(concrete, model, n_bits, scaled_inputs, calibration, seconds, used, circuit, rule)
 
@@ -201,9 +208,12 @@ def export(compiled: CompiledModel, run_dir: str | os.PathLike[str]) -> Path:
     try:
         with quiet():
             concrete("concrete.ml.deployment").FHEModelDev(str(staging), _deployable(compiled)).save()
-        if "schema" in compiled.source.metadata:  # pinned with the spec: a client encodes raw rows by it
-            with zipfile.ZipFile(staging / CLIENT_SPEC, "a") as spec:
+        point = point_of(compiled.source)
+        with zipfile.ZipFile(staging / CLIENT_SPEC, "a") as spec:  # pinned with the spec, as the client reads them
+            if "schema" in compiled.source.metadata:  # how a client encodes raw rows
                 spec.writestr(SPEC_SCHEMA, json.dumps(compiled.source.metadata["schema"]))
+            if point is not None:  # the threshold a client applies to its decrypted scores
+                spec.writestr(POINT_MEMBER, json.dumps(dataclasses.asdict(point)))
         np.save(staging / COMPILE_INPUTS, compiled.compile_inputs)
         (staging / FHE_INFO).write_text(json.dumps(compiled.info(), indent=2))
         if target.exists():
@@ -216,7 +226,11 @@ def export(compiled: CompiledModel, run_dir: str | os.PathLike[str]) -> Path:
 
 def load_compiled(run_dir: str | os.PathLike[str], model: LinearModel) -> CompiledModel:
     """Recompile exactly as `export` recorded, after checking the artifacts belong to this model."""
-    artifacts = read_artifacts(RunDir(run_dir), model)
+    return compile_as(model, read_artifacts(RunDir(run_dir), model))
+
+
+def compile_as(model: LinearModel, artifacts: Artifacts) -> CompiledModel:
+    """Compile `model` as recorded artifacts were: their n_bits, compile inputs, features and outputs."""
     return _compile(
         model,
         artifacts.n_bits,
@@ -255,7 +269,7 @@ def evaluate(
     model = compiled.source
     X = check_features(X, model.n_features, model.input_range, "test data")
     fhe_samples = fhe_samples_for(fhe_samples, len(X))
-    sklearn_pred = model.to_sklearn().predict(X)
+    sklearn_pred = model.to_sklearn().predict(X) if model.is_regression else predict_float(model, X)
     clear_pred = compiled.predict(X, fhe="disable")
     start = time.perf_counter()
     if model.is_regression:
@@ -338,7 +352,7 @@ def execute(
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Real FHE through the exported client.zip/server.zip of `compiled`: keygen, scale + encrypt, run, decrypt."""
     deployment = concrete("concrete.ml.deployment")
-    model, outputs = compiled.source, compiled.outputs
+    model, outputs, point = compiled.source, compiled.outputs, point_of(compiled.source)
     if len(X) == 0:
         return np.array([], dtype=np.float64 if model.is_regression else np.int64), {}
     with tempfile.TemporaryDirectory(prefix="fedfhe-keys-") as key_dir, quiet():
@@ -361,10 +375,8 @@ def execute(
             if outputs == "label":  # the decrypted value is the class index
                 predictions.append(model.classes[int(np.ravel(client.deserialize_decrypt(result))[0])])
             else:
-                output = np.asarray(client.deserialize_decrypt_dequantize(result))
-                predictions.append(
-                    output.ravel()[0] if model.is_regression else model.classes[int(np.argmax(output[0]))]
-                )
+                output = np.asarray(client.deserialize_decrypt_dequantize(result)).reshape(1, -1)
+                predictions.append(output[0, 0] if model.is_regression else model.classes[decide(output, point)[0]])
             t3 = time.perf_counter()
             encrypt.append(t1 - t0)
             run.append(t2 - t1)

@@ -1,8 +1,9 @@
 """Label-only outputs: the FHE circuit picks the class itself, so a client decrypts a label, never the scores.
 
 A linear model's scores are its logits: a client that decrypts them solves for the weights from
-d + 1 queries. Here the circuit compares every pair of classes (two classes: the score with zero)
-and returns the index of the class that wins all its comparisons (the first on a tie, as argmax).
+d + 1 queries. Here the circuit compares every pair of classes (two classes: the score with a cut,
+zero or the model's operating point) and returns the index of the class that wins all its
+comparisons (the first on a tie, as argmax).
 
 A comparison is the sign of a 20-23 bit integer. Exact rounding costs one bootstrap per bit
 removed; instead two approximate roundings of one bootstrap each keep STAGES bits: the first
@@ -21,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from fedfhe.decision import Point
+
 STAGES = (5, 5)  # bits each approximate rounding keeps: 4 lets non-ties flip, 6 doubles the time
 MARGIN = 2  # bits the refined remainder may use above the first step
 CONFIGURATION = {  # 1e-5 per bootstrap keeps 2048-sized parameters; both compressions shrink keys and inputs
@@ -35,8 +38,9 @@ CONFIGURATION = {  # 1e-5 per bootstrap keeps 2048-sized parameters; both compre
 class Plan:
     """The integer label rule and the rounding steps that decide it, all from the quantized model alone."""
 
-    W: np.ndarray  # (d, K): scores s = q @ W + b on the quantized input q; label argmax(s), or s > 0 for K == 1
+    W: np.ndarray  # (d, K): scores s = q @ W + b on the quantized input q; label argmax(s), or s >= cut for K == 1
     b: np.ndarray  # (K,)
+    cut: int  # K == 1: the least s that gets class 1 (1: argmax; else the operating point, Point.cut)
     low: int  # the quantized input box, per feature
     high: int
     first: int  # lsbs the first rounding removes
@@ -53,13 +57,13 @@ class Plan:
         return s.max(axis=-1) - s[np.arange(len(s)), picked]
 
     def _scores(self, q: np.ndarray) -> np.ndarray:
-        """Integer scores per class; one output s stands for two classes scoring 0 and s."""
+        """Integer scores per class; one output s stands for two classes scoring cut - 1 and s."""
         s = np.asarray(q, dtype=np.int64) @ self.W + self.b
-        return np.hstack([np.zeros_like(s), s]) if self.W.shape[1] == 1 else s
+        return np.hstack([np.full_like(s, self.cut - 1), s]) if self.W.shape[1] == 1 else s
 
     def inputset(self) -> list[np.ndarray]:
         """Box corners reaching every score's and every gap's extremes, as (1, d) rows."""
-        columns = [*self.W.T, *_gaps(self.W, self.b)[0].T]
+        columns = [*self.W.T, *_gaps(self.W, self.b, self.cut)[0].T]
         d = self.W.shape[0]
         rows = [np.full(d, self.low), np.full(d, self.high)]
         for w in columns:
@@ -67,11 +71,12 @@ class Plan:
         return [row[None, :].astype(np.int64) for row in np.unique(np.array(rows), axis=0)]
 
 
-def plan(concrete: Any) -> Plan:
+def plan(concrete: Any, point: Point | None = None) -> Plan:
     """Concrete ML's quantized linear classifier as integers, and the rounding steps for its gaps.
 
     Concrete ML's circuit outputs acc = q @ (Wq - zp_w) + bq and dequantizes S * (acc - zp_out) with
-    S > 0, so the scores' signs and argmax are those of s = q @ (Wq - zp_w) + bq - zp_out.
+    S > 0, so the scores' signs and argmax are those of s = q @ (Wq - zp_w) + bq - zp_out, and a
+    two-class operating point is a least s (`Point.cut`).
     """
     inputs, outputs = concrete.input_quantizers[0], concrete.output_quantizers[0]
     W = np.asarray(concrete._q_weights, dtype=np.int64) - int(concrete._weight_quantizer.zero_point)
@@ -81,19 +86,22 @@ def plan(concrete: Any) -> Plan:
         raise ValueError("Concrete ML's output zero point is not an integer: the label rule would not be exact")
     b = bias - zero.astype(np.int64)
     low, high = -int(inputs.offset), 2 ** int(inputs.n_bits) - 1 - int(inputs.offset)
-    gap_low, gap_high = _extremes(*_gaps(W, b), low, high)
+    if point is not None and W.shape[1] != 1:
+        raise ValueError("an operating point needs the one output of a two-class model")
+    cut = 1 if point is None else point.cut(float(np.ravel(outputs.scale)[0]))
+    gap_low, gap_high = _extremes(*_gaps(W, b, cut), low, high)
     first = max(_bits(gap_low, gap_high) - STAGES[0], 1)
     second = max(first + MARGIN - STAGES[1], 1)
     rounded_low, rounded_high = _rounded(gap_low, first), _rounded(gap_high, first)
     overflow = _bits(min(rounded_low, 0), max(rounded_high, 0)) > _bits(min(gap_low, 0), max(gap_high, 0))
-    return Plan(W, b, low, high, first, second, overflow)
+    return Plan(W, b, cut, low, high, first, second, overflow)
 
 
-def compile_label(concrete: Any) -> tuple[Any, Plan]:
-    """The label circuit of a quantized Concrete ML linear classifier, compiled on box corners only."""
+def compile_label(concrete: Any, point: Point | None = None) -> tuple[Any, Plan]:
+    """The label circuit of a quantized Concrete ML linear classifier (at `point`), compiled on box corners only."""
     from concrete import fhe
 
-    rule = plan(concrete)
+    rule = plan(concrete, point)
     return fhe.Compiler(_function(rule), {"q": "encrypted"}).compile(
         rule.inputset(), configuration=fhe.Configuration(**CONFIGURATION)
     ), rule
@@ -103,7 +111,7 @@ def _function(rule: Plan) -> Any:
     """The circuit: gaps, two approximate roundings each, the wins per class, the winner's index."""
     from concrete import fhe
 
-    W, b, first, second = rule.W, rule.b, rule.first, rule.second
+    W, b, cut, first, second = rule.W, rule.b, rule.cut, rule.first, rule.second
     k = W.shape[1]
     i, j = _pairs(k)
     step, approximate = 1 << first, fhe.Exactness.APPROXIMATE
@@ -114,7 +122,7 @@ def _function(rule: Plan) -> Any:
 
     def label(q: Any) -> Any:
         s = q @ W + b
-        gap = s - 1 if k == 1 else s[:, i] - s[:, j]
+        gap = s - cut if k == 1 else s[:, i] - s[:, j]
         coarse = fhe.round_bit_pattern(
             gap, lsbs_to_remove=first, exactness=approximate, overflow_protection=rule.overflow
         )
@@ -141,10 +149,10 @@ def _pairs(k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.triu_indices(k, 1)
 
 
-def _gaps(W: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each comparison's gap as a linear map of q (gap = q @ Wg + bg): s_i - s_j, i wins at >= 0; or s - 1."""
+def _gaps(W: np.ndarray, b: np.ndarray, cut: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each comparison's gap as a linear map of q (gap = q @ Wg + bg): s_i - s_j, i wins at >= 0; or s - cut."""
     if W.shape[1] == 1:
-        return W, b - 1
+        return W, b - cut
     i, j = _pairs(W.shape[1])
     return W[:, i] - W[:, j], b[i] - b[j]
 

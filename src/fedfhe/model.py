@@ -21,10 +21,11 @@ from fedfhe.kinds import KINDS, Kind, kind_of
 from fedfhe.table import MAX_SCHEMA_BYTES
 
 FORMAT = "fedfhe-linear-model/3"  # 3: the sha256 covers only what predicts (IDENTITY), not the training facts
-# The metadata that changes what a prediction means: the input columns and the class names. The rest (data set,
-# training settings, rows, seconds, scores) is how the weights came about, so it is not hashed: the same weights
-# trained by the simulation or the Deployment Engine are the same model. What later changes a prediction joins here.
-IDENTITY = ("schema", "feature_names", "class_names")
+# The metadata that changes what a prediction means: the input columns, the class names and the operating point
+# (fedfhe.decision). The rest (data set, training settings, rows, seconds, scores, how the operating point was
+# chosen) is how the model came about, so it is not hashed: the same weights trained by the simulation or the
+# Deployment Engine are the same model. What later changes a prediction joins here.
+IDENTITY = ("schema", "feature_names", "class_names", "operating_point")
 
 # The most a model file may hold: far above any model fedfhe trains (MNIST's logistic model has 10 x 784
 # weights and a few KiB of metadata), yet read in well under a second, so a hostile file costs little.

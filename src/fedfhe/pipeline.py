@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedfhe import card, fhe, quality, report, result, table, training, tuning
-from fedfhe.artifacts import NBits, bit_pair, check_n_bits, compiled_outputs
+from fedfhe import card, decision, fhe, quality, report, result, table, training, tuning
+from fedfhe.artifacts import NBits, bit_pair, check_n_bits, compiled_outputs, read_artifacts
 from fedfhe.config import TrainConfig
 from fedfhe.data import Dataset, MiB, check_features, load_dataset, read_table
 from fedfhe.errors import FedfheError
@@ -126,11 +126,13 @@ def run(
     max_input_mb: float | None = None,
     positive_class: str | None = None,
     outputs: str = "scores",
+    operating_point: decision.Rule | None = None,
 ) -> RunResult:
     """Train, compile from the input ranges (or a calibration file) and evaluate; everything lands in `out`.
 
     Every option is checked before anything is written; `force` as in `train`; `positive_class` as in
-    `evaluate_run`; `outputs` as in `compile_run`.
+    `evaluate_run`; `outputs` as in `compile_run`. `operating_point`: the threshold of a two-class model,
+    chosen on the run's held-out test rows (the coordinator's).
     """
     check_n_bits(n_bits)
     fhe.check_outputs(outputs, dataset.is_regression)
@@ -138,11 +140,15 @@ def run(
     named = result.names(dataset)
     classes, names = [int(c) for c in dataset.classes], named["class_names"]
     _check_positive(positive_class, dataset.is_regression, classes, names, named.get("positive_class"))
+    if operating_point is not None:
+        _check_point(classes, names, positive_class, named.get("positive_class"))
     fhe_samples = fhe_samples_for(fhe_samples, len(dataset.y_test))
     limit = _max_bytes(max_input_mb)
     sample = None if calibration is None else read_table(calibration, max_bytes=limit)[0]
     model = train(dataset, config, out, progress, verbose, force=force)
     target = RunDir(out)
+    if operating_point is not None:
+        model = _at_point(target, model, operating_point, dataset.X_test, dataset.y_test, positive_class, None)
     compiled = compile_run(target, n_bits, sample, progress, model, outputs=outputs)
     summary = _evaluate(compiled, target, dataset.X_test, dataset.y_test, fhe_samples, progress, positive_class)
     return RunResult(model, compiled, summary)
@@ -188,12 +194,16 @@ def compile_run(
     model: LinearModel | None = None,
     max_input_mb: float | None = None,
     outputs: str | None = None,
+    operating_point: decision.Rule | None = None,
+    positive_class: str | None = None,
+    data_dir: PathLike | None = None,
 ) -> CompiledModel:
     """Compile the run's model (without data, unless a calibration sample is given) and export the artifacts.
 
     The run's report of the circuit replaced is removed and its card, if any, rewritten. A calibration
     file larger than `max_input_mb` MiB is refused before it is read. `outputs`: what a client decrypts,
-    "scores" or "label" (the class only); by default what the run was compiled for.
+    "scores" or "label" (the class only); by default what the run was compiled for. `operating_point`:
+    chosen anew on the run's held-out test rows for `positive_class` (default the model's), without retraining.
     """
     check_n_bits(n_bits)
     limit = _max_bytes(max_input_mb)
@@ -203,6 +213,12 @@ def compile_run(
     fhe.check_outputs(outputs, model.is_regression)
     if calibration is not None and not isinstance(calibration, np.ndarray):
         calibration = read_table(calibration, max_bytes=limit)[0]
+    if operating_point is not None:
+        _check_point(
+            [int(c) for c in model.classes], model.class_names, positive_class, model.metadata.get("positive_class")
+        )
+        split = _split_of(target, model.metadata["dataset"], model.metadata["training"]["seed"], data_dir, True)
+        model = _at_point(target, model, operating_point, split.X_test, split.y_test, positive_class, None)
     target.create()
     progress.start("compiling")
     compiled = fhe.compile_model(model, n_bits, calibration, outputs)
@@ -226,18 +242,23 @@ def evaluate_run(
     progress: Progress = QUIET,
     max_input_mb: float | None = None,
     positive_class: str | None = None,
+    operating_point: decision.Rule | None = None,
 ) -> dict[str, Any]:
     """Evaluate the run's compiled model on its test split (its report and card rewritten), or on a labelled file.
 
     A file's report goes to RUN/evaluations/<file name>/ (see evaluation_dir), never over the run's. A data file larger than
     `max_input_mb` MiB is refused before it is read. For two classes, sensitivity, PPV, AUC and Brier
     are about `positive_class` (a class name or number; default the class the model names).
+    `operating_point`: chosen anew on the rows evaluated, stored in the run's model and compiled as its
+    circuit was (the run's report is removed, as by compile), then evaluated.
     """
     limit = _max_bytes(max_input_mb)
     target = RunDir(run_dir)
     model = target.load_model()
     classes, named = [int(c) for c in model.classes], model.metadata.get("positive_class")
     _check_positive(positive_class, model.is_regression, classes, model.class_names, named)
+    if operating_point is not None:
+        _check_point(classes, model.class_names, positive_class, named)
     if data is None:
         split = _split_of(target, model.metadata["dataset"], model.metadata["training"]["seed"], data_dir, True)
         X, y = split.X_test, split.y_test
@@ -258,7 +279,15 @@ def evaluate_run(
         raise FedfheError(f"{data}: label {bad!r} is not one of the model's classes {[int(c) for c in model.classes]}")
     fhe_samples = fhe_samples_for(fhe_samples, len(y))
     progress.start("compiling")
-    compiled = fhe.load_compiled(target.path, model)
+    if operating_point is None:
+        compiled = fhe.load_compiled(target.path, model)
+    else:  # the artifacts are read (and checked against the model) before it changes
+        artifacts = read_artifacts(target, model)
+        model = _at_point(target, model, operating_point, X, y, positive_class, data)
+        compiled = fhe.compile_as(model, artifacts)
+        fhe.export(compiled, target.path)
+        target.forget_evaluation()
+        _rewrite_card(target)
     if data is None:
         summary = _evaluate(compiled, target.create(), X, y, fhe_samples, progress, positive_class)
         _rewrite_card(target)
@@ -374,6 +403,34 @@ def _check_positive(
             )
         return
     quality.positive_index(value, classes, names, named)
+
+
+def _check_point(classes: list[int], names: list[str], positive_class: str | None, named: str | None) -> None:
+    """An operating point needs two classes and a positive one; checked before any work."""
+    decision.check_classes(len(classes))
+    quality.positive_index(positive_class, classes, names, named)
+
+
+def _at_point(
+    target: RunDir,
+    model: LinearModel,
+    rule: decision.Rule,
+    X: np.ndarray,
+    y: np.ndarray,
+    positive_class: str | None,
+    data: PathLike | None,
+) -> LinearModel:
+    """The model at the operating point `rule` picks on these rows (the run's test split, or `data`), saved."""
+    positive = quality.positive_index(
+        positive_class, [int(c) for c in model.classes], model.class_names, model.metadata.get("positive_class")
+    )
+    if data is None:
+        on, source = f"the run's {len(y)} held-out test rows", "test split"
+    else:
+        on, source = f"the {len(y)} rows of {Path(data).name}", str(Path(data).resolve())
+    moved = decision.apply(model, rule, X, y, positive, on, source)
+    moved.save(target.model_file)
+    return moved
 
 
 def _max_bytes(max_input_mb: float | None) -> int | None:

@@ -25,6 +25,7 @@ CELLS = 1_000_000  # row weights held at once (resamples x rows): bounds memory 
 CONFIDENCE = 0.95
 NEAR = 0.01  # accuracy within this of the no-information accuracy earns a warning (1 point)
 FOUND = 0.5  # a class's recall below this earns a warning
+ARGMAX = "the most probable class (argmax)"  # the decision without an operating point
 
 
 def positive_index(value: str | None, classes: list[int], names: list[str], named: str | None = None) -> int:
@@ -51,24 +52,19 @@ def classifier(
     names: list[str],
     positive: int,
     calibrated: bool,
-    threshold: float | None = None,
+    decision: str = ARGMAX,
 ) -> dict[str, Any]:
     """Prevalence, no-information and balanced accuracy, accuracy, per-class precision and recall; two classes:
     the clinical figures, AUC, PR-AUC and Brier; a warning when the model may be no better than guessing.
 
-    `positive`: the positive class's index (two classes; ignored for more). `threshold`: two classes
-    with scores, the decision is the positive class's score >= threshold instead of `pred` (argmax).
-    Without probabilities (label outputs: the circuit sends the class only) there is no AUC, PR-AUC or Brier.
+    `positive`: the positive class's index (two classes; ignored for more). `decision`: how `pred` was
+    decided from the scores (the model's operating point), named beside the figures. Without probabilities (label outputs: the circuit sends the class only) there is no AUC, PR-AUC or Brier.
     """
     y, pred = np.asarray(y), np.asarray(pred)
     k, n = len(classes), len(y)
     index = {c: i for i, c in enumerate(classes)}
     truth, picked = np.array([index[int(c)] for c in y], dtype=np.int64), np.array([index[int(c)] for c in pred])
     score = None if proba is None or k != 2 else np.asarray(proba, dtype=np.float64)[:, positive]
-    if threshold is not None:
-        if score is None:
-            raise FedfheError("a threshold needs two classes and their scores (not label outputs)")
-        picked = np.where(score >= threshold, positive, 1 - positive)
     matrix = np.zeros((k, k), dtype=np.int64)  # rows: truth, columns: decision
     np.add.at(matrix, (truth, picked), 1)
     actual, predicted, hits = matrix.sum(axis=1), matrix.sum(axis=0), np.diag(matrix)
@@ -99,7 +95,7 @@ def classifier(
         figures["npv"] = proportion(int(hits[negative]), int(predicted[negative]))
         if score is not None and calibrated:
             figures["brier"] = _figure(_bootstrap(n, lambda w: w @ (score - hit) ** 2 / n), n)
-        figures["decision"] = "argmax" if threshold is None else f"score of {names[positive]} >= {threshold:g}"
+        figures["decision"] = decision
     figures["per_class"] = {
         name: {
             "prevalence": proportion(int(actual[c]), n),
@@ -109,19 +105,27 @@ def classifier(
         }
         for c, name in enumerate(names)
     }
-    if warning := _warning(figures):
+    if warning := _warning(figures, decision != ARGMAX):
         figures["warning"] = warning
     return figures
 
 
-def _warning(figures: dict[str, Any]) -> str | None:
-    """One line when the model may be no better than always answering the most common class."""
+def _warning(figures: dict[str, Any], chosen: bool) -> str | None:
+    """One line when the model may be no better than always answering the most common class.
+
+    `chosen`: the decision is an operating point, which trades accuracy for finding the positive class.
+    """
     accuracy, baseline = figures["accuracy"]["value"], figures["no_information_accuracy"]["value"]
     problems = []
     if accuracy is not None and accuracy < baseline + NEAR:
         relation = "below" if accuracy < baseline - NEAR else "within 1 point of"
         problems.append(
             f"accuracy {accuracy:.1%} is {relation} the {baseline:.1%} of always answering {figures['majority_class']}"
+            + (
+                " (an operating point gives up accuracy to find its class: judge it by each class's recall)"
+                if chosen
+                else ""
+            )
         )
     for name, per in figures["per_class"].items():
         recall = per["recall"]

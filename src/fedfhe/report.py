@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from fedfhe import quality
+from fedfhe import decision, quality
 from fedfhe.artifacts import n_bits_label
 from fedfhe.fhe import CompiledModel
 from fedfhe.rundir import RunDir, md_cell
@@ -39,6 +39,8 @@ def build(
     trained = (
         {"centralized": metrics.get("centralized", {}), "federated": metrics.get("final", {})} if data is None else {}
     )
+    if decision.point_of(model) is not None and trained:  # training scored the most probable class: not comparable
+        trained = {"federated": {"score": evaluation["accuracy"]["sklearn"]}}  # the float model at the operating point
     groups = {"accuracy": "score"} if "accuracy" in evaluation else {"r2": "score", "mse": "loss"}
     scores = {}
     for name, key in groups.items():
@@ -62,7 +64,7 @@ def build(
         "calibration": compiled.calibration,
         "model_sha256": compiled.source.sha256,
         **scores,
-        "metrics": _quality(model, evaluation["predictions"], positive_class),
+        "metrics": _quality(model, evaluation["predictions"], positive_class, data or "test split"),
         "agreement": evaluation["agreement"],
         "timing_s": {
             **({"train": metrics.get("train_seconds")} if data is None else {}),
@@ -76,8 +78,11 @@ def build(
     }
 
 
-def _quality(model: Any, predictions: dict[str, Any], positive_class: str | None) -> dict[str, Any]:
-    """The figures with intervals, on the FHE outputs (simulated: equal to the decrypted ones, see agreement)."""
+def _quality(model: Any, predictions: dict[str, Any], positive_class: str | None, rows: str) -> dict[str, Any]:
+    """The figures with intervals, on the FHE outputs (simulated: equal to the decrypted ones, see agreement).
+
+    They are at the model's operating point; when it was chosen on these very `rows`, they say so.
+    """
     y, pred = np.array(predictions["y_true"]), np.array(predictions["fhe_simulate"])
     if model.is_regression:
         return quality.regressor(y, pred)
@@ -85,7 +90,9 @@ def _quality(model: Any, predictions: dict[str, Any], positive_class: str | None
     named = model.metadata.get("positive_class")
     positive = quality.positive_index(positive_class, classes, model.class_names, named) if len(classes) == 2 else 0
     proba = np.array(predictions["fhe_simulate_proba"]) if "fhe_simulate_proba" in predictions else None
-    return quality.classifier(y, pred, proba, classes, model.class_names, positive, model.kind.name == "logistic")
+    rule = decision.describe(model, rows)
+    logistic = model.kind.name == "logistic"
+    return quality.classifier(y, pred, proba, classes, model.class_names, positive, logistic, rule)
 
 
 def write(run: RunDir, report: dict[str, Any], evaluation: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ import numpy as np
 
 from fedfhe.artifacts import valid_inputs_used
 from fedfhe.data import Range, check_features, read_table
+from fedfhe.decision import POINT_MEMBER, Point, decide, read_point
 from fedfhe.errors import FedfheError
 from fedfhe.rundir import CLIENT_SPEC, SPEC_SCHEMA
 from fedfhe.service.encryptor import Encryptor, concrete_client
@@ -120,6 +121,7 @@ class EncryptedClient:
         self._model: dict[str, Any] | None = None
         self._fhe: tuple[Any, Quantizers] | None = None  # Concrete's client with this key directory's keys
         self._schema: tuple[Schema | None] | None = None  # read once: (the schema,) or (None,)
+        self._point: tuple[Point | None] | None = None  # likewise
         self._evaluation_keys = b""
         self._key_id = ""
         self._encryptor: Encryptor | None = None
@@ -176,15 +178,26 @@ class EncryptedClient:
     def schema(self) -> Schema | None:
         """The schema a model trained on a user's table was compiled with, read from the pinned client spec."""
         if self._schema is None:
-            data = self._spec()
-            try:
-                raw = member(data, SPEC_SCHEMA)
-            except KeyError:  # a model trained on numbers
-                raw = None
-            except (OSError, zipfile.BadZipFile, FedfheError) as exc:
-                raise FedfheError(f"{self.url}: unreadable client spec ({exc})") from None
+            raw = self._pinned(SPEC_SCHEMA)  # none: a model trained on numbers
             self._schema = (None if raw is None else Schema.from_json(raw, f"{self.url} client spec"),)
         return self._schema[0]
+
+    @property
+    def point(self) -> Point | None:
+        """The operating point the pinned client spec names: scores are decided by it (None: the most probable class)."""
+        if self._point is None:
+            raw = self._pinned(POINT_MEMBER)
+            self._point = (None if raw is None else read_point(raw, f"{self.url} client spec"),)
+        return self._point[0]
+
+    def _pinned(self, name: str) -> bytes | None:
+        """One of fedfhe's files in the pinned client spec, None if it holds none."""
+        try:
+            return member(self._spec(), name)
+        except KeyError:
+            return None
+        except (OSError, zipfile.BadZipFile, FedfheError) as exc:
+            raise FedfheError(f"{self.url}: unreadable client spec ({exc})") from None
 
     def predict(self, X: np.ndarray | Any, source: str = "inputs", jobs: int | None = None) -> Prediction:
         """Every row's prediction at once; see `predict_batches` for the inputs, `jobs` and the pipeline."""
@@ -299,7 +312,7 @@ class EncryptedClient:
         scores = np.vstack([quantizers.scores(out, classifier) for out in decrypted])
         if not self.model["classes"]:
             return Prediction(scores[:, 0], scores)
-        return Prediction(self.classes[scores.argmax(axis=1)], scores)
+        return Prediction(self.classes[decide(scores, self.point)], scores)
 
     @property
     def outputs(self) -> str:
