@@ -1,4 +1,4 @@
-"""Time `fedfhe tune` on the demo run and compare its recommended point with n_bits 8.
+"""Time `fedfhe tune` on the demo run and compare its recommended point with n_bits 8, by tune's own metric.
 
 Usage: .venv/bin/python benchmarks/tune_bench.py [runs/demo] [--sweep C=0.1,1,10]
        -> results/tune.json, or results/tune_sweep.json with --sweep (on a copy of the run)
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedfhe.tuning import recommend
+from fedfhe.tuning import parse_metric, recommend
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,22 +40,24 @@ def main() -> None:
         subprocess.run([*command, str(run), *extra], check=True, env=env)
         wall = time.perf_counter() - start
         tuned = json.loads((run / "tune.json").read_text())
-    chosen = tuned["recommended"]
-    eight = max((p for p in tuned["points"] if p["n_bits"] == 8), key=lambda p: p["accuracy"])
-    same = recommend([p for p in tuned["points"] if isinstance(p["n_bits"], int)])  # before inputs/weights apart
+    chosen, metric = tuned["recommended"], parse_metric(tuned["metric"]["name"])
+    eight, _ = recommend([p for p in tuned["points"] if p["n_bits"] == 8], metric)
+    same, _ = recommend([p for p in tuned["points"] if isinstance(p["n_bits"], int)], metric)  # one width only
     result = {
         "run": str(args.run),
         "sweep": args.sweep,
         "wall_s": wall,
+        "metric": tuned["metric"],
         "points": tuned["points"],
         "recommended": {"n_bits": chosen["n_bits"], **chosen["param"]},
+        "reason": tuned["reason"],
         "compared_with": {"n_bits": 8, **eight["param"]},
         "server_ms_ratio_vs_8_bits": chosen["server_ms"] / eight["server_ms"],
-        "accuracy_delta_vs_8_bits": chosen["accuracy"] - eight["accuracy"],
+        "score_delta_vs_8_bits": chosen["score"] - eight["score"],
         "output_bytes_ratio_vs_8_bits": chosen["output_bytes"] / eight["output_bytes"],
         "recommended_with_one_width": {"n_bits": same["n_bits"], **same["param"]},
         "server_ms_ratio_vs_one_width": chosen["server_ms"] / same["server_ms"],
-        "accuracy_delta_vs_one_width": chosen["accuracy"] - same["accuracy"],
+        "score_delta_vs_one_width": chosen["score"] - same["score"],
     }
     (HERE / "results").mkdir(exist_ok=True)
     name = "tune_sweep.json" if args.sweep else "tune.json"

@@ -450,8 +450,10 @@ def test_the_readmes_cheat_sheet_runs_as_written(hospitals, tmp_path):
     evaluated = json.loads((runs / "a" / "evaluations" / "partner.csv" / "report.json").read_text())
     assert evaluated["n_test"] == evaluated["fhe_samples"] == 30  # by default 100 rows in real FHE, or all of fewer
     assert evaluated["agreement"]["fhe_vs_clear"] == evaluated["agreement"]["execute_vs_clear"] == 1.0
-    tuned = [p["n_bits"] for p in json.loads((runs / "a" / "tune.json").read_text())["points"]]
-    assert tuned[:3] == [4, 6, 8] and any(isinstance(n_bits, dict) for n_bits in tuned[3:])  # then inputs/weights
+    tuned = json.loads((runs / "a" / "tune.json").read_text())
+    widths = [p["n_bits"] for p in tuned["points"]]
+    assert widths[:3] == [4, 6, 8] and any(isinstance(n_bits, dict) for n_bits in widths[3:])  # then inputs/weights
+    assert (tuned["metric"]["name"], tuned["metric"]["positive_class"]) == ("pr-auc", "malignant")
     assert "I/W bits: inputs quantized to I bits" in (runs / "a" / "tune.md").read_text()
     assert (runs / "a" / "card.md").is_file() and (runs / "r" / "model.npz").is_file()
     assert LinearModel.load(runs / "f" / "model.npz").metadata["training"]["clients"] == 3

@@ -158,6 +158,8 @@ EXAMPLES: dict[str, list[str]] = {  # shown under each command's --help
         "fedfhe tune --run runs/bc",
         "fedfhe tune --run runs/bc --n-bits 4,6,8 --sweep C=0.1,1,10",
         "fedfhe tune --run runs/bc --n-bits 3,4,3/4 --no-bit-pairs   # exactly these points",
+        "fedfhe tune --run runs/bc --metric sensitivity@specificity=0.9 --sweep C=0.1,1,10",
+        "fedfhe tune --run runs/bc --promote C=10   # serve a sweep point: it becomes the run's model",
     ],
     "card": [
         "fedfhe card --run runs/bc   # then: fedfhe predict --expect-model PIN ...  (the card's MODEL:SPEC)",
@@ -551,59 +553,108 @@ def run(
 def tune(
     run: RunDirOption = Path("runs/latest"),
     n_bits: Annotated[
-        str, typer.Option(help="Comma-separated n_bits to try, each N or INPUTS/WEIGHTS such as 6/4.")
-    ] = "2,3,4,5,6,7,8",
+        str | None,
+        typer.Option(
+            help="Comma-separated n_bits to try, each N or INPUTS/WEIGHTS such as 6/4 (default: 2,3,4,5,6,7,8); "
+            "with --promote, the point's (default: the recommended one of that value).",
+            show_default=False,
+        ),
+    ] = None,
     bit_pairs: Annotated[
         bool,
         typer.Option(help="Then also try input and weight bits one step apart around the recommended point."),
     ] = True,
-    latency_samples: Annotated[int, typer.Option(help="Test samples run in real FHE per point for latency.")] = 10,
+    latency_samples: Annotated[
+        int, typer.Option(help="Test samples run in real FHE per point; its server time is the fastest of them.")
+    ] = 10,
     sweep: Annotated[
         str | None,
         typer.Option(
             help="Also retrain (federated, into RUN/tune/) with each value of one parameter, e.g. C=0.1,1,10."
         ),
     ] = None,
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            help="What points are scored by: auc | pr-auc | balanced-accuracy | sensitivity@specificity=S | accuracy "
+            "(classifiers), r2 | mae (regressors). Default: auc for two classes, balanced-accuracy for more or "
+            "with label outputs, r2 for regressors.",
+            show_default=False,
+        ),
+    ] = None,
+    positive_class: PositiveClass = None,
+    promote: Annotated[
+        str | None,
+        typer.Option(
+            help="Make a --sweep point the run's model, to serve it, e.g. C=0.1 (with --n-bits: that width); the "
+            "run's own model is kept as RUN/model.previous.npz."
+        ),
+    ] = None,
     data_dir: DataDir = None,
     outputs: Outputs = None,
 ) -> None:
-    """Sweep n_bits (and --sweep): score in FHE simulation vs server latency; compile the fastest good point."""
+    """Sweep n_bits (and --sweep): a metric in FHE simulation vs circuit cost; compile the cheapest good point."""
     from fedfhe import fhe, pipeline, tuning
     from fedfhe.artifacts import parse_n_bits
 
-    bits = [parse_n_bits(v) for v in n_bits.split(",")]
-    values = None
-    if sweep is not None:
-        name, _, listed = sweep.partition("=")
-        try:
-            values = (name, [float(v) for v in listed.split(",")])
-        except ValueError:
-            raise FedfheError(f"--sweep must look like NAME=V1,V2,... with numbers (got {sweep!r})") from None
+    if promote is not None:
+        if sweep or metric or positive_class or outputs:
+            raise FedfheError("--promote takes --n-bits only: it serves a point tune.json holds, as it was measured")
+        name, given = _assignment("--promote", promote, "NAME=VALUE")
+        if len(given) != 1:
+            raise FedfheError(f"--promote takes one NAME=VALUE (got {promote!r})")
+        width = None if n_bits is None else parse_n_bits(n_bits)
+        with console.status("compiling the FHE circuit"), fhe.scratch():
+            promoted = pipeline.promote(run, (name, given[0]), width)
+        _compiled(promoted.compiled, run)
+        kept = f"; the model it replaced is kept in {promoted.previous}" if promoted.previous else ""
+        console.print(
+            f"{tuning.label(promoted.point)} is now the run's model ({run / 'model.npz'}{kept}); "
+            f"no report of it yet: fedfhe evaluate --run {run}",
+            soft_wrap=True,
+        )
+        return
+    bits = [parse_n_bits(v) for v in (n_bits or ",".join(map(str, tuning.DEFAULT_GRID["n_bits"]))).split(",")]
+    values = None if sweep is None else _assignment("--sweep", sweep, "NAME=V1,V2,...")
     _warn_unused_by(run, data_dir)
     with _bars() as live, fhe.scratch():
-        tuned = pipeline.tune_run(run, bits, latency_samples, values, data_dir, Bars(live), outputs, bit_pairs)
-    key = tuned.score
+        tuned = pipeline.tune_run(
+            run, bits, latency_samples, values, data_dir, Bars(live), outputs, bit_pairs, metric, positive_class
+        )
     model = tuned.compiled.source
     table = Table(
-        title=f"{model.kind} on {model.metadata['dataset']}: n_bits sweep (FHE simulation {key}, real FHE latency)",
+        title=f"{model.kind} on {model.metadata['dataset']}: {tuning.heading(tuned.metric, tuned.chosen)}",
         caption=tuning.legend(tuned.points),
     )
-    for column in ("point", key, "server ms", "circuit bits", "output bytes"):
+    for column in ("point", tuned.metric.title, "bootstraps", "circuit bits", "server ms", "output bytes"):
         table.add_column(column, justify="right")
     for p in tuned.points:
         mark = " *" if p is tuned.chosen else ""
         table.add_row(
             f"{tuning.label(p)}{mark}",
-            tuning.shown(p, key),
-            f"{p['server_ms']:.1f}",
+            f"{p['score']:.4g}",
+            str(p["bootstraps"]),
             str(p["max_bit_width"]),
+            f"{p['server_ms']:.1f}",
             str(p["output_bytes"]),
         )
     Console().print(table)
+    serve = f"; to serve it: fedfhe tune --run {run} --promote {' '.join(tuning.setting(tuned.chosen['param']))}"
     console.print(
-        f"recommended {tuning.label(tuned.chosen)} (*), compiled in {tuned.run.path}; table in {run / 'tune.md'}, "
-        f"plot {run / 'pareto.png'}; its report: fedfhe evaluate --run {tuned.run.path}"
+        f"recommended {tuning.label(tuned.chosen)} (*): {tuned.reason}; compiled in {tuned.run.path}; table in "
+        f"{run / 'tune.md'}, plot {run / 'pareto.png'}; its report: fedfhe evaluate --run {tuned.run.path}"
+        + (serve if tuned.chosen["param"] else ""),
+        soft_wrap=True,
     )
+
+
+def _assignment(option: str, text: str, form: str) -> tuple[str, list[float]]:
+    """NAME=numbers, as --sweep (NAME=V1,V2,...) and --promote (NAME=VALUE) take them."""
+    name, _, listed = text.partition("=")
+    try:
+        return name, [float(v) for v in listed.split(",")]
+    except ValueError:
+        raise FedfheError(f"{option} must look like {form} with numbers (got {text!r})") from None
 
 
 federation_app = typer.Typer(

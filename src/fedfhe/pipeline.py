@@ -319,11 +319,12 @@ def _source_of(report: Path) -> str | None:
 
 @dataclass(frozen=True)
 class TuneResult:
-    """Every measured point, the recommended one, and where its model now lives compiled."""
+    """Every measured point, the recommended one and why, and where its model now lives compiled."""
 
     points: list[dict[str, Any]]
     chosen: dict[str, Any]
-    score: str  # accuracy, or r2 for a regressor
+    reason: str  # e.g. "narrowest circuit (12 bits) among the 3 points within 0.005 of the best AUC (0.99)"
+    metric: tuning.Metric
     compiled: CompiledModel
     run: RunDir  # the run itself, or RUN/tune/NAME=VALUE when a retrained model won
 
@@ -337,13 +338,16 @@ def tune_run(
     progress: Progress = QUIET,
     outputs: str | None = None,
     bit_pairs: bool = True,
+    metric: str | None = None,
+    positive_class: str | None = None,
 ) -> TuneResult:
-    """Sweep n_bits (and one retrained parameter): score in FHE simulation vs latency; compile the best point.
+    """Sweep n_bits (and one retrained parameter): `metric` in FHE simulation vs cost; compile the best point.
 
-    The run's own model is never replaced: a parameter value is trained again, federated as the run
-    was, into RUN/tune/NAME=VALUE, and the recommended point is compiled where its model lives.
+    The run's own model is never replaced (see `promote`): a parameter value is trained again, federated
+    as the run was, into RUN/tune/NAME=VALUE, and the recommended point is compiled where its model lives.
     Every point is compiled for `outputs` (by default what the run was compiled for). With `bit_pairs`
     the recommended point's model is then measured at the input and weight widths one step from it.
+    `metric` (tuning.NAMES; default: tuning.metric_for's) about `positive_class` (default: the model's).
     """
     from sklearn.model_selection import ParameterGrid
 
@@ -352,6 +356,9 @@ def tune_run(
     model = target.load_model()
     outputs = outputs or compiled_outputs(target, model)
     fhe.check_outputs(outputs, model.is_regression)
+    if positive_class is not None:
+        _check_positive(positive_class, model.is_regression, [int(c) for c in model.classes], model.class_names, None)
+    scoring = tuning.metric_for(metric, model, outputs, positive_class)
     seed = model.metadata["training"]["seed"]
     split = _split_of(target, model.metadata["dataset"], seed, data_dir, test_only=sweep is None)
     if not 1 <= latency_samples <= len(split.y_test):
@@ -371,9 +378,9 @@ def tune_run(
 
     target.create()
     progress.start("tuning", len(ParameterGrid(grid)))
-    points = tuning.tune(model, split.X_test, split.y_test, grid, latency_samples, progress.update, retrain, outputs)
-    score = model.kind.score_names[0]
-    chosen = tuning.recommend(points, score)
+    X, y = split.X_test, split.y_test
+    points = tuning.tune(model, X, y, grid, latency_samples, progress.update, retrain, outputs, scoring)
+    chosen, reason = tuning.recommend(points, scoring)
     around = tuning.neighbours(points, chosen) if bit_pairs else []
     if around:
         best = model
@@ -381,15 +388,52 @@ def tune_run(
             best = target.tuned(name, value).load_model()
         progress.start("input/weight bits", len(around))
         grid = {"n_bits": around}
-        measured = tuning.tune(best, split.X_test, split.y_test, grid, latency_samples, progress.update, None, outputs)
+        measured = tuning.tune(best, X, y, grid, latency_samples, progress.update, None, outputs, scoring)
         points += [{**p, "param": chosen["param"]} for p in measured]
-        chosen = tuning.recommend(points, score)
-    tuning.write(target, points, chosen, score)
+        chosen, reason = tuning.recommend(points, scoring)
+    tuning.write(target, points, chosen, reason, scoring)
     where = target
     for name, value in chosen["param"].items():  # a retrained model wins: compile it where it lives
         where = target.tuned(name, value)
     compiled = compile_run(where.path, chosen["n_bits"], progress=progress, outputs=outputs)
-    return TuneResult(points, chosen, score, compiled, where)
+    return TuneResult(points, chosen, reason, scoring, compiled, where)
+
+
+@dataclass(frozen=True)
+class Promoted:
+    """The sweep point now the run's model, its circuit, and where the model it replaced is kept."""
+
+    point: dict[str, Any]
+    compiled: CompiledModel
+    previous: Path | None  # model.previous.npz, or RUN/tune/NAME=VALUE/ for a sweep model; None: nothing replaced
+
+
+def promote(
+    run_dir: PathLike, param: tuple[str, float], n_bits: NBits | None = None, progress: Progress = QUIET
+) -> Promoted:
+    """Make a point of `tune --sweep` the run's model, to serve it: the model retrained with `param`
+    (at `n_bits`, by default its recommended point in tune.json) replaces model.npz, which is kept as
+    model.previous.npz, unless that holds the run's own model already and the one replaced is a sweep
+    model (which stays in RUN/tune/): no model is lost. It is compiled at the point's n_bits and
+    outputs, the run's report removed and its card rewritten.
+    """
+    target = RunDir(run_dir)
+    points, metric = tuning.read(target)
+    name, value = param
+    point = tuning.find(points, metric, {name: value}, n_bits)
+    model, current = target.tuned(name, value).load_model(), target.load_model()
+    previous = None
+    if model.sha256 != current.sha256:
+        if target.previous_model.exists():  # the run's own model, promoted away before: keep it unless ...
+            folders = {target.tuned(*setting) for p in points for setting in p["param"].items()}
+            swept = {f.load_model().sha256: f.path for f in folders if f.model_file.exists()}
+            previous = swept.get(current.sha256)  # ... the current one would be lost (it is no sweep model)
+        if previous is None:
+            current.save(target.previous_model)
+            previous = target.previous_model
+        target.save_model(model)
+    compiled = compile_run(target, point["n_bits"], progress=progress, model=model, outputs=point["outputs"])
+    return Promoted(point, compiled, previous)
 
 
 def _check_positive(

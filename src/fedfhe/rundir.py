@@ -62,6 +62,7 @@ class RunDir:
         return str(self.path)
 
     model_file = property(lambda self: self.path / "model.npz", doc="The trained model (safe format).")
+    previous_model = property(lambda self: self.path / "model.previous.npz", doc="What `tune --promote` replaced.")
     config_file = property(lambda self: self.path / "train_config.json", doc="Data set and config, for --resume.")
     schema_file = property(lambda self: self.path / "schema.json", doc="A user's table: the schema it was read with.")
     metrics_file = property(lambda self: self.path / "metrics.json", doc="Per-round and final training metrics.")
