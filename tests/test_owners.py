@@ -62,12 +62,13 @@ def stays(once) -> tuple[Path, Path, Path]:
 
 @pytest.fixture(scope="session")
 def owners_run(once, hospitals) -> Path:
-    """`fedfhe run --owners DIR --test FILE --schema S`: one client per hospital, compiled, evaluated in FHE."""
+    """`fedfhe run --owners DIR --test FILE --schema S --class-weight balanced`: one client per hospital, compiled,
+    evaluated in FHE."""
     owners, test, schema = hospitals
 
     def build(out: Path) -> None:
         done = cli("run", "--owners", str(owners), "--test", str(test), "--schema", str(schema),
-                   "--rounds", "3", "--fhe-samples", "10", "--out", str(out))  # fmt: skip
+                   "--rounds", "3", "--class-weight", "balanced", "--fhe-samples", "10", "--out", str(out))  # fmt: skip
         assert done.returncode == 0, done.stderr
 
     return once("owners-run", build)
@@ -334,13 +335,15 @@ def test_the_deployment_engine_trains_on_the_owners_own_files(owners_run, hospit
     owners = Path(shutil.copytree(shared, tmp_path / "owners"))  # one of its files is moved away below
     out = tmp_path / "deployed"
     done = cli("federation", "up", "--owners", str(owners), "--test", str(test), "--schema", str(schema),
-                  "--rounds", "3", "--out", str(out))  # fmt: skip
+                  "--rounds", "3", "--class-weight", "balanced", "--out", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert list((out / "federation" / "data").iterdir()) == []  # no copies: each SuperNode read its CSV
     model, simulated = LinearModel.load(out / "model.npz"), LinearModel.load(owners_run / "model.npz")
     assert model.metadata["training"]["clients"] == 3 and model.metadata["schema"] == simulated.metadata["schema"]
     assert model.metadata["n_train"] == 600  # the server holds only the test file: the nodes reported their rows
     assert model.sha256 == simulated.sha256  # the simulation's model, bit for bit, as for bundled sets
+    counts = json.loads((out / "metrics.json").read_text())["class_counts"]  # the nodes counted their own rows
+    assert counts == json.loads((owners_run / "metrics.json").read_text())["class_counts"] and sum(counts) == 600
     assert cli("compile", "--run", str(out)).returncode == 0
     done = cli("evaluate", "--run", str(out), "--fhe-samples", "3")  # the owners' files, read again
     assert done.returncode == 0, done.stderr

@@ -13,6 +13,7 @@ from conftest import cli
 
 from fedfhe import TrainConfig, pipeline, result, table, train
 from fedfhe.errors import FedfheError
+from fedfhe.federated.server_app import _server_data
 from fedfhe.model import MAX_HEADER, LinearModel
 
 CSV = """patient,age,ward,bmi,outcome
@@ -326,6 +327,13 @@ def test_two_classes_need_a_positive_one_named_by_the_schema_or_positive_class(t
     named = pipeline.dataset("unused", data=data, schema=schema_file(tmp_path), positive_class="discharged")
     assert result.names(named)["positive_class"] == "discharged"  # --positive-class overrides the schema
     assert result.names(pipeline.dataset("breast-cancer"))["positive_class"] == "malignant"  # bundled ones name theirs
+    unnamed = schema_file(tmp_path, label={"name": "outcome", "classes": ["readmitted", "discharged"]})  # again
+    done = cli("train", "--data", str(data), "--schema", unnamed, "--positive-class", "readmitted", "--clients", "1",
+               "--out", str(out))  # fmt: skip
+    assert done.returncode == 0 and LinearModel.load(out / "model.npz").metadata["positive_class"] == "readmitted"
+    settings = {"schema": Path(unnamed).read_text(), "test-file": str(data)}  # `flwr run`: the ServerApp's data
+    with pytest.raises(FedfheError, match='^run config schema: two classes and none named positive: add "positive"'):
+        _server_data(settings, seed=0)
 
 
 def test_data_without_its_schema_is_one_line_and_writes_nothing(tmp_path):

@@ -107,7 +107,7 @@ PositiveClass = Annotated[
     str | None,
     typer.Option(
         help="Two classes: the class (name or number) sensitivity, PPV and AUC are about (default: the one the "
-        "schema or data set names; `run` on your own table records it in the model).",
+        "schema or data set names; training on your own table records it in the model).",
         rich_help_panel=FHE,
     ),
 ]
@@ -417,6 +417,7 @@ def train(
     ] = None,
     force: Force = False,
     max_input_mb: MaxInputMb = 1024.0,
+    positive_class: PositiveClass = None,
     verbose: Verbose = False,
 ) -> None:
     """Train a linear model with Flower on its simulation engine (or centrally with --clients 1)."""
@@ -429,7 +430,9 @@ def train(
             model = pipeline.resume(resume, data_dir, bars)
         else:
             _warn_unused(dataset, data_dir, data is not None or owners is not None)
-            split = pipeline.dataset(dataset, config.seed, data_dir, data, schema, owners, test, max_input_mb)
+            split = pipeline.dataset(
+                dataset, config.seed, data_dir, data, schema, owners, test, max_input_mb, positive_class
+            )
             model = pipeline.train(split, config, out, bars, verbose, force=force)
     _trained(model, target)
 
@@ -680,6 +683,7 @@ def federation_up(
         bool, typer.Option("--audit", help="Keep every reply the server receives in OUT/federation/audit/.")
     ] = False,
     force: Force = False,
+    positive_class: PositiveClass = None,
 ) -> None:
     """Start a SuperLink and N SuperNodes on loopback (TLS, node auth), train, stop them all.
 
@@ -688,7 +692,9 @@ def federation_up(
     from fedfhe import pipeline
     from fedfhe.federated import deployment
 
-    data = pipeline.dataset(dataset, config.seed, schema=schema, owners=owners, test=test)
+    data = pipeline.dataset(
+        dataset, config.seed, schema=schema, owners=owners, test=test, positive_class=positive_class
+    )
     if insecure:
         console.print("[yellow]warning:[/yellow] --insecure: traffic is not encrypted and any SuperNode may join")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so every started process is stopped

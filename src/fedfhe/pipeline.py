@@ -90,12 +90,7 @@ def dataset(
             "--data (or --owners) and --schema go together: your table and the schema the parties agreed on"
         )
     agreed = table.Schema.load(schema).with_positive(positive_class)
-    if len(agreed.label.classes) == 2 and agreed.label.positive is None:
-        choices = " or ".join(json.dumps(c) for c in agreed.label.classes)
-        raise FedfheError(
-            f'{schema}: two classes and none named positive: add "positive": {choices} to its label (the class '
-            "sensitivity, PPV and AUC are about; `fedfhe schema infer` proposes one), or give `run` --positive-class"
-        )
+    agreed.check_positive()
     if owners is not None and test is not None:
         return table.load_owners(owners, test, agreed, limit)
     assert data is not None  # checked above

@@ -169,6 +169,15 @@ class Schema:
         """The positive class as text, if the schema names one."""
         return None if self.label.positive is None else _as_text(self.label.positive)
 
+    def check_positive(self) -> None:
+        """Refuse two classes without a positive one: it is never chosen by position."""
+        if len(self.label.classes) == 2 and self.label.positive is None:
+            choices = " or ".join(json.dumps(c) for c in self.label.classes)
+            raise FedfheError(
+                f'{self.source}: two classes and none named positive: add "positive": {choices} to its label (the '
+                "class sensitivity, PPV and AUC are about; `fedfhe schema infer` proposes one), or give --positive-class"
+            )
+
     def with_positive(self, value: str | None) -> Schema:
         """The schema with `value` (a class as text: --positive-class) as its positive class; unchanged for None."""
         if value is None:

@@ -322,6 +322,7 @@ def _server_data(settings: dict[str, Any], seed: int) -> Dataset:
     if not settings.get("schema"):
         return load_dataset(str(settings["dataset"]), seed=seed)
     schema = table.Schema.from_json(str(settings["schema"]), "run config schema")
+    schema.check_positive()
     data = table.held_out(str(settings["test-file"]), schema)
     owners = str(settings.get("owners-dir", ""))
     return dataclasses.replace(data, name=owners, source={"owners": owners, **(data.source or {})}) if owners else data
