@@ -98,7 +98,8 @@ def test_each_owner_file_is_one_client(owners_run, hospitals, tmp_path):
     assert max(readmitted) - min(readmitted) > 0.25, readmitted  # the owners' label skew reached the clients
     assert model.metadata["metrics"]["final"]["score"] > 0.8
     report = json.loads((owners_run / "report.json").read_text())
-    assert all(value == 1.0 for value in report["agreement"].values() if value is not None), report["agreement"]
+    agreement = report["agreement"]  # FHE equals the clear quantized model; quantization may move a near-tie
+    assert agreement.pop("fhe_vs_sklearn") >= 0.98 and set(agreement.values()) == {1.0}, report["agreement"]
     source = json.loads((owners_run / "train_config.json").read_text())["source"]
     assert source == {"owners": str(owners.resolve()), "test": str(test.resolve())}
     assert report["class_names"] == ["discharged", "readmitted"]
