@@ -144,15 +144,18 @@ EXAMPLES: dict[str, list[str]] = {  # shown under each command's --help
         "fedfhe compile --run runs/bc --n-bits 6",
         "fedfhe compile --run runs/bc --n-bits 3/4   # inputs quantized to 3 bits, weights to 4",
         "fedfhe compile --run runs/bc --calibration sample.npy",
+        "fedfhe compile --run runs/bc --operating-point sensitivity=0.95   # the threshold, without retraining",
     ],
     "evaluate": [
         "fedfhe evaluate --run runs/bc --fhe-samples 20 --positive-class malignant",
         "fedfhe evaluate --run runs/h --data partner.csv   # report in runs/h/evaluations/partner.csv/",
+        "fedfhe evaluate --run runs/h --data partner.csv --threshold 0.3   # a threshold given, on the partner's rows",
     ],
     "run": [
         "fedfhe run --dataset mnist-5k --clients 10 --rounds 5 --run runs/demo",
         "fedfhe run --dataset breast-cancer --model svm --param C=0.5 --positive-class malignant --run runs/bc",
-        "fedfhe run --owners hospitals/ --test test.csv --schema schema.json --run runs/h",
+        "fedfhe run --owners hospitals/ --test test.csv --schema schema.json --class-weight balanced "
+        + "--operating-point youden --run runs/h   # a rare class: weighed, and a threshold that finds it",
     ],
     "tune": [
         "fedfhe tune --run runs/bc",
