@@ -109,7 +109,7 @@ def positive_scores(model: Any, X: np.ndarray, positive: int) -> np.ndarray:
 
 
 def predict(model: Any, X: np.ndarray) -> np.ndarray:
-    """The float model's classes at its operating point (scikit-learn's predict without one)."""
+    """The float model's predictions: classes at its operating point, else scikit-learn's predict (values too)."""
     point = point_of(model)
     if point is None:
         return np.asarray(model.to_sklearn().predict(X))

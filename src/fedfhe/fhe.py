@@ -29,7 +29,7 @@ import numpy as np
 from fedfhe.artifacts import Artifacts, NBits, check_n_bits, read_artifacts
 from fedfhe.data import check_features
 from fedfhe.decision import POINT_MEMBER, decide, point_of
-from fedfhe.decision import predict as predict_float
+from fedfhe.decision import predict as predict_float  # the float model, at its operating point if it has one
 from fedfhe.errors import FedfheError
 from fedfhe.kinds import Kind
 from fedfhe.label import Plan, compile_label
@@ -269,7 +269,7 @@ def evaluate(
     model = compiled.source
     X = check_features(X, model.n_features, model.input_range, "test data")
     fhe_samples = fhe_samples_for(fhe_samples, len(X))
-    sklearn_pred = model.to_sklearn().predict(X) if model.is_regression else predict_float(model, X)
+    sklearn_pred = predict_float(model, X)
     clear_pred = compiled.predict(X, fhe="disable")
     start = time.perf_counter()
     if model.is_regression:

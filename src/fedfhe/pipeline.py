@@ -217,10 +217,15 @@ def compile_run(
     target.create()
     progress.start("compiling")
     compiled = fhe.compile_model(model, n_bits, calibration, outputs)
+    _replace_circuit(target, compiled)
+    return compiled
+
+
+def _replace_circuit(target: RunDir, compiled: CompiledModel) -> None:
+    """Export a new circuit: the report of the one replaced goes, the card is written again."""
     fhe.export(compiled, target.path)
     target.forget_evaluation()
     _rewrite_card(target)
-    return compiled
 
 
 def _rewrite_card(target: RunDir) -> None:
@@ -280,9 +285,7 @@ def evaluate_run(
         artifacts = read_artifacts(target, model)
         model = _at_point(target, model, operating_point, X, y, positive_class, data)
         compiled = fhe.compile_as(model, artifacts)
-        fhe.export(compiled, target.path)
-        target.forget_evaluation()
-        _rewrite_card(target)
+        _replace_circuit(target, compiled)
     if data is None:
         summary = _evaluate(compiled, target.create(), X, y, fhe_samples, progress, positive_class)
         _rewrite_card(target)
