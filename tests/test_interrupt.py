@@ -140,7 +140,8 @@ def test_ctrl_c_before_the_first_checkpoint(tmp_path):
 def test_kill_9_of_train_takes_rays_processes_with_it_within_10_s(tmp_path):
     command = Command("train", *ARGS, out=tmp_path / "run")
     wait_for((command.out / "checkpoints" / "round-0001.npz").exists, 120, "round 1's checkpoint")
-    assert RAY <= {Path(cmdline[0]).name for cmdline in command.processes() if cmdline}
+    names = lambda: {Path(cmdline[0]).name for cmdline in command.processes() if cmdline}
+    wait_for(lambda: RAY <= names(), 30, "Ray's processes, its agents too (they start after the raylet)")
     command.proc.kill()
     command.proc.wait()
     wait_for(lambda: not command.processes(), 10, "every process of the killed command to end")  # Ray's agents: 62 s
