@@ -116,12 +116,12 @@ def test_schema_check_reports_what_training_would_read(owner, tmp_path):
         (CSV.replace(",ward,", ",room,"), {"ignore": ["patient", "room"]}, "no column 'ward'"),
         (CSV.replace("patient,age,", "patient,age,age,").replace("p1,34,", "p1,34,34,").replace("p2,71,", "p2,71,71,")
          .replace("p3,55,", "p3,55,55,").replace("p4,18,", "p4,18,18,"), {}, "column 'age' appears more than once"),
-        (CSV.replace("surgery", "dermatology"), {}, "row 4: 'dermatology' is not one of its categories"),
-        (CSV.replace("p2,71", "p2,171"), {}, "row 2: 171 is outside its declared range \\[0, 120\\]"),
+        (CSV.replace("surgery", "dermatology"), {}, "row 4, column 'ward': 'dermatology' is not one of its categories"),
+        (CSV.replace("p2,71", "p2,171"), {}, "row 2, column 'age': 171 is outside its declared range \\[0, 120\\]"),
         (CSV, {"features": [{"name": "age", "low": 0, "high": 120}, {"name": "ward", "categories": ["cardiology",
-         "oncology", "surgery"]}, {"name": "bmi", "low": 10, "high": 60}]}, "column 'bmi', row 3: missing value"),
-        (CSV.replace("readmitted", "deceased"), {}, "row 2: 'deceased' is not one of the classes"),
-        (CSV.replace("p1,34", "p1,old"), {}, "row 1: 'old' is not a finite number"),
+         "oncology", "surgery"]}, {"name": "bmi", "low": 10, "high": 60}]}, "row 3, column 'bmi': missing value"),
+        (CSV.replace("readmitted", "deceased"), {}, "row 2, column 'outcome': 'deceased' is not one of the classes"),
+        (CSV.replace("p1,34", "p1,old"), {}, "row 1, column 'age': 'old' is not a finite number"),
         ("patient,age,ward,bmi,outcome\n", {}, "no rows"),
     ],
 )  # fmt: skip
@@ -235,7 +235,8 @@ def test_a_small_parquet_file_of_many_rows_is_refused_from_its_metadata(tmp_path
 
 def test_a_table_file_that_is_not_one_is_refused(tmp_path):
     for name, content, message in [
-        ("t.xlsx", b"PK", "unsupported table format"),
+        ("t.xls", b"PK", "unsupported table format"),
+        ("t.xlsx", b"PK", "cannot read"),
         ("t.parquet", b"not parquet", "cannot read"),
         ("missing.csv", None, "file not found"),
     ]:

@@ -37,7 +37,7 @@ TableData = Annotated[
     Path | None,
     typer.Option(
         "--data",
-        help="Your own table (.csv, .parquet, .npz) instead of --dataset; with --schema.",
+        help="Your own table (.csv, .xlsx, .parquet, .npz) instead of --dataset; with --schema.",
         rich_help_panel=DATA,
     ),
 ]
@@ -789,7 +789,13 @@ def flower_stop() -> None:
 schema_app = typer.Typer(help="A data owner's own table and its schema: draft one, check a file against one.")
 app.add_typer(schema_app, name="schema")
 TableFile = Annotated[
-    Path, typer.Argument(help="A table: .csv with a header, .parquet, or .npz (an array per column).")
+    Path, typer.Argument(help="A table: .csv with a header, .xlsx, .parquet, or .npz (an array per column).")
+]
+Sep = Annotated[
+    str | None, typer.Option(help="A .csv's separator: , ; tab or | (default: the schema's \"format\", else detected).")
+]
+Decimal = Annotated[
+    str | None, typer.Option(help="A .csv's decimal mark: . or , (default: the schema's, else detected).")
 ]
 
 
@@ -827,20 +833,29 @@ def schema_infer(
 def schema_check(
     file: TableFile,
     schema: Annotated[Path, typer.Option(help="The schema the parties agreed on (JSON).")],
+    sep: Sep = None,
+    decimal: Decimal = None,
 ) -> None:
     """Read a table as training would: every column by name, every value against the schema; one line per refusal."""
     from fedfhe import table
 
     agreed = table.Schema.load(schema)
-    X, y = agreed.encode(table.read_frame(file), str(file))
-    assert y is not None  # encode() reads the label when asked to
+    frame = table.read_frame(file, dialect=agreed.dialect.override(sep, decimal))
+    rows = agreed.rows(frame, str(file))
+    rows.refuse()
+    X, y = rows.X, rows.y
+    assert y is not None  # rows() reads the label when asked to
     if agreed.label.classes:
         counts = ", ".join(f"{c}: {int((y == i).sum())}" for i, c in enumerate(agreed.label.classes))
     else:
         counts = f"{agreed.label.name} in [{y.min():g}, {y.max():g}]"
+    filled = ", ".join(f"{name}: {n}" for name, n in rows.filled_counts(agreed).items())
     console.print(
-        f"{file}: {len(X)} rows, {X.shape[1]} model inputs from {len(agreed.features)} features; {counts}",
+        f"{file}: {len(X)} rows, {X.shape[1]} model inputs from {len(agreed.features)} features; {counts}"
+        + (f"; missing cells filled as the schema declares: {filled}" if filled else "")
+        + (f" (read with {frame.attrs['read_as']})" if "read_as" in frame.attrs else ""),
         soft_wrap=True,
+        highlight=False,
     )
 
 
@@ -988,7 +1003,7 @@ def predict(
         server, keys, token=token, ca_cert=ca_cert, expect_model=expect_model, expect_spec=expect_spec
     ) as client:
         if input.suffix.lower() in (".csv", ".parquet") and client.schema is not None:  # raw rows, by its schema
-            X = read_frame(input, limit)
+            X = read_frame(input, limit, client.schema.dialect)
         else:
             X = read_inputs(input, client.model["n_features"], client.input_range, limit)
         results = contextlib.nullcontext(None) if out is None else ResultsFile(out)
@@ -1045,6 +1060,8 @@ def main() -> None:
             warnings.showwarning = _warn  # a warning is one line, as an error is
             app()
     except FedfheError as exc:
+        for line in getattr(exc, "lines", ()):  # InvalidRows: each bad row, then the one-line error
+            console.print(line, highlight=False, soft_wrap=True, markup=False)
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:

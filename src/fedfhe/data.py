@@ -312,6 +312,9 @@ def check_size(path: Path, max_bytes: int) -> None:
             for name in set(z.namelist()) & {"X.npy", "y.npy", "X", "y"}:  # the arrays read_table loads
                 with z.open(name) as member:
                     sizes["declared"] += _declared_bytes(member)
+    elif path.suffix.lower() == ".xlsx":  # a workbook is a zip: what its members unpack to
+        with zipfile.ZipFile(path) as z:
+            sizes["unpacked"] = sum(info.file_size for info in z.infolist())
     elif path.suffix.lower() == ".parquet":  # 68 KB of Parquet can declare 100 million rows
         import pyarrow.parquet as pq  # type: ignore[import-untyped]  # pyarrow ships no type stubs
 

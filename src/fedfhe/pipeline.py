@@ -264,7 +264,7 @@ def evaluate_run(
         X, y = split.X_test, split.y_test
     elif "schema" in model.metadata and Path(data).suffix.lower() != ".npz":  # a table: columns by name, text
         X, y = table.read_labelled(
-            data, table.Schema.from_dict(model.metadata["schema"], str(target.model_file)), limit
+            data, table.Schema.from_dict(model.metadata["schema"], str(target.model_file)), limit, pinned=True
         )
         X = check_features(X, model.n_features, model.input_range, "test data")
     else:

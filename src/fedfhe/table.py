@@ -22,13 +22,16 @@ from fedfhe.data import Dataset, assemble, check_size, split_dataset
 from fedfhe.data import as_text as _as_text
 from fedfhe.errors import FedfheError
 from fedfhe.problem import shared_range
+from fedfhe.reading import Dialect, read_csv, read_excel, typed
 
-FORMATS = (".csv", ".parquet", ".npz")
+FORMATS = (".csv", ".xlsx", ".parquet", ".npz")
 MAX_CLASSES = 20  # `schema infer`: a whole-number label with more distinct values is a regression target
 # The model file keeps the schema, its one-hot column names and class names in its JSON header (model.MAX_HEADER):
 # a schema is refused when they would not fit, before any training.
 MAX_NAME = 1_000  # characters of a column name, a category or a class
 MAX_SCHEMA_BYTES = 960 << 10  # the schema's share of the header; the rest (training facts) takes a few KiB
+INDICATOR = "indicator"  # a feature's "missing": an extra 0/1 input says the cell was missing
+LISTED = 20  # bad rows listed one by one; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -39,12 +42,20 @@ class Feature:
     low: float = 0.0
     high: float = 1.0
     categories: tuple[str, ...] = ()
-    missing: Any = None  # the value a missing cell takes; None: missing cells are refused
+    missing: Any = None  # the value a missing cell takes, or INDICATOR; None: missing cells are refused
+    aliases: dict[str, str] = field(default_factory=dict)  # another owner's spelling -> one of the categories
 
     @property
     def encoded(self) -> list[str]:
-        """The model's input columns for this feature."""
-        return [f"{self.name}={c}" for c in self.categories] if self.categories else [self.name]
+        """The model's input columns for this feature (an indicator's after its value's)."""
+        columns = [f"{self.name}={c}" for c in self.categories] if self.categories else [self.name]
+        return columns + ([f"{self.name} (missing)"] if self.missing == INDICATOR else [])
+
+    @property
+    def ranges(self) -> list[tuple[float, float]]:
+        """Each of its input columns' declared (low, high): [0, 1] for one-hot and indicator columns."""
+        values = [(0.0, 1.0)] * len(self.categories) if self.categories else [(self.low, self.high)]
+        return values + ([(0.0, 1.0)] if self.missing == INDICATOR else [])
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,7 @@ class Label:
     low: float = 0.0
     high: float = 1.0
     positive: Any = None
+    aliases: dict[str, str] = field(default_factory=dict)  # another owner's spelling -> one of the classes
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,7 @@ class Schema:
     ignore: tuple[str, ...] = ()
     description: str = ""
     source: str = field(default="schema", compare=False)  # the file, for messages
+    dialect: Dialect = field(default_factory=Dialect)  # how its files are read: "format" and "missing_values"
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Schema:
@@ -110,7 +123,8 @@ class Schema:
         names = [f.name for f in features] + [label.name] + ignore
         if duplicated := repeated(names):
             raise fail(f"column {duplicated[0]!r} is named more than once")
-        schema = cls(features, label, tuple(ignore), str(raw.get("description", "")), source)
+        dialect = Dialect.from_dict(raw.get("format"), raw.get("missing_values"), fail)
+        schema = cls(features, label, tuple(ignore), str(raw.get("description", "")), source, dialect)
         if (size := schema.stored_bytes) > MAX_SCHEMA_BYTES:
             raise fail(
                 f"its names, categories and classes take {size:,} bytes in a model file, "
@@ -120,7 +134,7 @@ class Schema:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (what `schema infer` writes)."""
-        features = [
+        features: list[dict[str, Any]] = [
             {"name": f.name, "categories": list(f.categories)}
             if f.categories
             else {"name": f.name, "low": f.low, "high": f.high}
@@ -129,6 +143,8 @@ class Schema:
         for entry, f in zip(features, self.features):
             if f.missing is not None:
                 entry["missing"] = f.missing
+            if f.aliases:
+                entry["aliases"] = f.aliases
         label: dict[str, Any] = {"name": self.label.name}
         label.update(
             {"classes": list(self.label.classes)}
@@ -137,9 +153,15 @@ class Schema:
         )
         if self.label.positive is not None:
             label["positive"] = self.label.positive
+        if self.label.aliases:
+            label["aliases"] = self.label.aliases
         out: dict[str, Any] = {"features": features, "label": label}
         if self.ignore:
             out["ignore"] = list(self.ignore)
+        if self.dialect.to_dict():
+            out["format"] = self.dialect.to_dict()
+        if self.dialect.missing != Dialect().missing:
+            out["missing_values"] = list(self.dialect.missing)
         if self.description:
             out["description"] = self.description
         return out
@@ -194,33 +216,113 @@ class Schema:
     @property
     def input_range(self) -> tuple[np.ndarray, np.ndarray]:
         """Per encoded column: the declared range, [0, 1] for a one-hot column."""
-        low = [v for f in self.features for v in ([0.0] * len(f.categories) if f.categories else [f.low])]
-        high = [v for f in self.features for v in ([1.0] * len(f.categories) if f.categories else [f.high])]
-        return np.array(low), np.array(high)
+        pairs = [pair for f in self.features for pair in f.ranges]
+        return np.array([low for low, _ in pairs]), np.array([high for _, high in pairs])
 
-    def encode(self, frame: Any, source: str, labelled: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    def encode(
+        self, frame: Any, source: str, labelled: bool = True, pinned: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Check a table against the schema and encode it: features (one-hot expanded) and, if labelled, labels.
 
-        The label column is required when `labelled`, else ignored if present. Every refusal names the
-        file, and the row (1 = the first data row) and column where it applies.
+        Every bad row is refused at once (InvalidRows lists them); see `rows` for what else it checks.
+        """
+        rows = self.rows(frame, source, labelled, pinned)
+        rows.refuse()
+        return rows.X, rows.y
+
+    def rows(self, frame: Any, source: str, labelled: bool = True, pinned: bool = False) -> Rows:
+        """A table's rows checked against the schema and encoded, bad ones listed rather than raised.
+
+        Columns are matched by name; the label column is required when `labelled`, else ignored if present.
+        A column the schema does not know is refused (with advice for a schema `pinned` in a model: drop it).
+        Rows are numbered from 1, the first data row.
         """
         columns = [str(c) for c in frame.columns]
         if duplicated := repeated(columns):
             raise FedfheError(f"{source}: column {duplicated[0]!r} appears more than once")
         known = {f.name for f in self.features} | {self.label.name} | set(self.ignore)
         if unknown := [c for c in columns if c not in known]:
-            raise FedfheError(
-                f'{source}: column {unknown[0]!r} is not in the schema (list it under "ignore" to leave it out)'
+            advice = (
+                "the model's schema is fixed: drop the column from the file"
+                if pinned
+                else 'list it under "ignore" to leave it out'
             )
+            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            raise FedfheError(f"{source}: column {unknown[0]!r}{more} is not in the schema ({advice})")
         wanted = [f.name for f in self.features] + ([self.label.name] if labelled else [])
         present = set(columns)
         if missing := [c for c in wanted if c not in present]:
             raise FedfheError(f"{source}: no column {missing[0]!r}, which the schema declares")
         if len(frame) == 0:
             raise FedfheError(f"{source}: no rows")
-        blocks = [_encode_feature(f, frame[f.name], source) for f in self.features]
+        problems: list[Problem] = []
+        blocks, filled = [], []
+        for feature in self.features:
+            block, absent = _encode_feature(feature, frame[feature.name], problems)
+            blocks.append(block)
+            filled.append(absent if feature.missing is not None else np.zeros(len(frame), dtype=bool))
         X = np.column_stack(blocks).astype(np.float64)
-        return X, _encode_label(self.label, frame[self.label.name], source) if labelled else None
+        y = _encode_label(self.label, frame[self.label.name], problems) if labelled else None
+        problems.sort(key=lambda p: p.row)
+        return Rows(source, X, y, np.column_stack(filled), tuple(problems), frame.index)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One refused cell: its 1-based data row, column, value and why."""
+
+    row: int
+    column: str
+    value: Any
+    reason: str
+
+    def __str__(self) -> str:
+        return f"row {self.row}, column {self.column!r}: {self.reason}"
+
+
+class InvalidRows(FedfheError):
+    """Rows a table cannot be used with; `lines` lists them (up to LISTED, then a count), the message sums up."""
+
+    def __init__(self, source: str, problems: tuple[Problem, ...], n_rows: int) -> None:
+        bad = len({p.row for p in problems})
+        listed = [f"{source}, {p}" for p in problems[:LISTED]] if len(problems) > 1 else []
+        if len(problems) > LISTED:
+            listed.append(f"{source}: {len(problems) - LISTED} more problem(s) not listed")
+        self.lines, self.problems = listed, problems
+        first = problems[0]
+        super().__init__(
+            f"{source}: {bad} of {n_rows} row(s) refused; first {first}"
+            + (" (every problem listed above)" if len(problems) > 1 else "")
+        )
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A table's rows encoded by a schema; rows named in `problems` hold placeholder values."""
+
+    source: str
+    X: np.ndarray
+    y: np.ndarray | None
+    filled: np.ndarray  # (rows, features): the cells filled as the schema declares
+    problems: tuple[Problem, ...]
+    index: Any  # the frame's index, row by row
+
+    @property
+    def valid(self) -> np.ndarray:
+        """Rows without a problem."""
+        bad = np.zeros(len(self.X), dtype=bool)
+        bad[[p.row - 1 for p in self.problems]] = True
+        return ~bad
+
+    def refuse(self) -> None:
+        """Raise InvalidRows when any row has a problem."""
+        if self.problems:
+            raise InvalidRows(self.source, self.problems, len(self.X))
+
+    def filled_counts(self, schema: Schema) -> dict[str, int]:
+        """Cells filled per feature (only features that had any)."""
+        counts = self.filled.sum(axis=0)
+        return {f.name: int(n) for f, n in zip(schema.features, counts) if n}
 
 
 def repeated(names: list[str]) -> list[str]:
@@ -248,12 +350,37 @@ def _feature(entry: Any, i: int, fail: Any) -> Feature:
         if not isinstance(categories, list) or not categories or len(set(map(_as_text, categories))) != len(categories):
             raise fail(f"feature {name!r}: categories must be a non-empty list of distinct values")
         _check_text(categories, f"feature {name!r}: a category", fail)
-        return Feature(name, categories=tuple(_as_text(c) for c in categories), missing=entry.get("missing"))
+        text = tuple(_as_text(c) for c in categories)
+        missing = entry.get("missing")
+        if missing is not None and missing != INDICATOR and _as_text(missing) not in text:
+            raise fail(f'feature {name!r}: missing value {missing!r} must be one of its categories or "{INDICATOR}"')
+        aliases = _aliases(entry, text, f"feature {name!r}", fail)
+        return Feature(name, categories=text, missing=missing if missing in (None, INDICATOR) else _as_text(missing),
+                       aliases=aliases)  # fmt: skip
     low, high = _bounds(entry, f"feature {name!r}", '"low" and "high" (finite numbers) or "categories"', fail)
     missing = entry.get("missing")
-    if missing is not None and not (isinstance(missing, (int, float)) and low <= missing <= high):
-        raise fail(f"feature {name!r}: missing value {missing!r} must be a number within [{low}, {high}]")
+    number = isinstance(missing, (int, float)) and not isinstance(missing, bool)
+    if missing not in (None, INDICATOR) and not (number and low <= missing <= high):
+        raise fail(
+            f'feature {name!r}: missing value {missing!r} must be a number within [{low}, {high}] or "{INDICATOR}"'
+        )
+    if "aliases" in entry:
+        raise fail(f"feature {name!r}: aliases map text to categories; a number feature has none")
     return Feature(name, low, high, missing=missing)
+
+
+def _aliases(entry: dict[str, Any], targets: tuple[str, ...], what: str, fail: Any) -> dict[str, str]:
+    """An entry's {"spelling": "category or class"}: each maps onto one of `targets` and is not one itself."""
+    aliases = entry.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) for k in aliases):
+        raise fail(f'{what}: "aliases" must map texts to its values, e.g. {{"male": "M"}}')
+    mapped = {k: _as_text(v) for k, v in aliases.items()}
+    if wrong := [v for v in mapped.values() if v not in targets]:
+        raise fail(f"{what}: alias target {wrong[0]!r} is not one of {list(targets)}")
+    if clash := [k for k in mapped if k in targets]:
+        raise fail(f"{what}: {clash[0]!r} is one of its values and cannot also be an alias")
+    _check_text(mapped, f"{what}: an alias", fail)
+    return mapped
 
 
 def _label(entry: dict[str, Any], fail: Any) -> Label:
@@ -268,7 +395,8 @@ def _label(entry: dict[str, Any], fail: Any) -> Label:
         positive = entry.get("positive")
         if positive is not None and (len(classes) != 2 or _as_text(positive) not in map(_as_text, classes)):
             raise fail(f"label {name!r}: positive {positive!r} must be one of its two classes {classes}")
-        return Label(name, classes=tuple(classes), positive=positive)
+        aliases = _aliases(entry, tuple(map(_as_text, classes)), f"label {name!r}", fail)
+        return Label(name, classes=tuple(classes), positive=positive, aliases=aliases)
     low, high = _bounds(entry, f"label {name!r}", '"classes" or "low" and "high" (finite numbers)', fail)
     return Label(name, low=low, high=high)
 
@@ -284,68 +412,64 @@ def _bounds(entry: dict[str, Any], what: str, needs: str, fail: Any) -> tuple[fl
     return float(low), float(high)
 
 
-def _first(mask: np.ndarray) -> int:
-    """The 1-based row of the first True."""
-    return int(np.flatnonzero(mask)[0]) + 1
+def _note(problems: list[Problem], column: Any, mask: np.ndarray, name: str, why: Any) -> None:
+    """A problem for each row of `mask`; `why(value)` says what is wrong with its cell."""
+    for i in np.flatnonzero(mask):
+        value = column.iloc[i]
+        problems.append(Problem(int(i) + 1, name, value, why(value)))
 
 
-def _encode_feature(feature: Feature, column: Any, source: str) -> np.ndarray:
-    """One feature's column(s): range-checked numbers, or a one-hot block; missing cells as declared."""
+def _encode_feature(feature: Feature, column: Any, problems: list[Problem]) -> tuple[np.ndarray, np.ndarray]:
+    """One feature's column(s) and which cells were missing; bad cells go to `problems`."""
     import pandas as pd
 
-    where = f"{source}: column {feature.name!r}"
     absent = column.isna().to_numpy()
-    if absent.any() and feature.missing is None:
-        raise FedfheError(f'{where}, row {_first(absent)}: missing value (declare "missing" in the schema to fill it)')
-    if absent.any():
-        column = column.where(~absent, feature.missing)
-    if feature.categories:
-        text = np.array([_as_text(v) for v in column])
-        unknown = ~np.isin(text, feature.categories)
-        if unknown.any():
-            row = _first(unknown)
-            raise FedfheError(
-                f"{where}, row {row}: {text[row - 1]!r} is not one of its categories {list(feature.categories)}"
-            )
-        return (text[:, None] == np.array(feature.categories)[None, :]).astype(np.float64)
-    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
-    if not np.isfinite(values).all():
-        row = _first(~np.isfinite(values))
-        raise FedfheError(f"{where}, row {row}: {column.iloc[row - 1]!r} is not a finite number")
-    outside = (values < feature.low) | (values > feature.high)
-    if outside.any():
-        row = _first(outside)
-        raise FedfheError(
-            f"{where}, row {row}: {values[row - 1]:g} is outside its declared range [{feature.low:g}, {feature.high:g}]"
+    if feature.missing is None:
+        _note(
+            problems,
+            column,
+            absent,
+            feature.name,
+            lambda _: 'missing value (the schema says how to fill it: "missing")',
         )
-    return values[:, None]
+    fill = feature.low if feature.missing == INDICATOR and not feature.categories else feature.missing
+    indicator = [absent[:, None].astype(np.float64)] if feature.missing == INDICATOR else []
+    if feature.categories:
+        text = np.where(absent, "", [feature.aliases.get(t, t) for t in map(_as_text, column)])
+        unknown = ~absent & ~np.isin(text, feature.categories)
+        choices = list(feature.categories) + [f"or an alias {a!r}" for a in feature.aliases][:3]
+        _note(problems, column, unknown, feature.name, lambda v: f"{v!r} is not one of its categories {choices}")
+        if fill is not None and fill != INDICATOR:
+            text = np.where(absent, fill, text)
+        onehot = (text[:, None] == np.array(feature.categories)[None, :]).astype(np.float64)
+        return np.column_stack([onehot, *indicator]), absent
+    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~absent & ~np.isfinite(values)
+    _note(problems, column, bad, feature.name, lambda v: f"{v!r} is not a finite number")
+    outside = np.isfinite(values) & ((values < feature.low) | (values > feature.high))
+    declared = f"[{feature.low:g}, {feature.high:g}]"
+    _note(problems, column, outside, feature.name, lambda v: f"{float(v):g} is outside its declared range {declared}")
+    values = np.where(absent, feature.low if fill is None else fill, values)
+    return np.column_stack([np.where(bad | outside, feature.low, values), *indicator]), absent
 
 
-def _encode_label(label: Label, column: Any, source: str) -> np.ndarray:
-    """Labels as class indices into the schema's classes, or range-checked numbers."""
+def _encode_label(label: Label, column: Any, problems: list[Problem]) -> np.ndarray:
+    """Labels as class indices into the schema's classes, or range-checked numbers; bad cells go to `problems`."""
     import pandas as pd
 
-    where = f"{source}: label column {label.name!r}"
     absent = column.isna().to_numpy()
-    if absent.any():
-        raise FedfheError(f"{where}, row {_first(absent)}: missing label")
+    _note(problems, column, absent, label.name, lambda _: "missing label")
     if label.classes:
         names = [_as_text(c) for c in label.classes]
-        text = np.array([_as_text(v) for v in column])
-        unknown = ~np.isin(text, names)
-        if unknown.any():
-            row = _first(unknown)
-            raise FedfheError(f"{where}, row {row}: {text[row - 1]!r} is not one of the classes {list(label.classes)}")
+        text = np.where(absent, "", [label.aliases.get(t, t) for t in map(_as_text, column)])
+        unknown = ~absent & ~np.isin(text, names)
+        _note(problems, column, unknown, label.name, lambda v: f"{v!r} is not one of the classes {list(label.classes)}")
         index = {name: i for i, name in enumerate(names)}
-        return np.array([index[t] for t in text], dtype=np.int64)
+        return np.array([index.get(t, 0) for t in text], dtype=np.int64)
     values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(values) | (values < label.low) | (values > label.high)
-    if bad.any():
-        row = _first(bad)
-        raise FedfheError(
-            f"{where}, row {row}: {column.iloc[row - 1]!r} is not a number in [{label.low:g}, {label.high:g}]"
-        )
-    return values
+    bad = ~absent & (~np.isfinite(values) | (values < label.low) | (values > label.high))
+    _note(problems, column, bad, label.name, lambda v: f"{v!r} is not a number in [{label.low:g}, {label.high:g}]")
+    return np.where(bad | absent, label.low, values)
 
 
 def load(
@@ -388,7 +512,7 @@ def load_owners(
     files = [p.resolve() for p in owner_files(folder)]
     if test in files:
         raise FedfheError(f"{test}: the test file is one of the owners' files; keep it outside {folder}")
-    frames = [read_frame(p, max_bytes) for p in files]
+    frames = [read_frame(p, max_bytes, schema.dialect) for p in files]
     first = set(map(str, frames[0].columns)) - set(schema.ignore)
     for path, frame in zip(files, frames):
         if len(frame) == 0:
@@ -433,10 +557,10 @@ def reload(source: dict[str, str], schema: Schema, seed: int, test_only: bool = 
 
 
 def read_labelled(
-    path: str | os.PathLike[str], schema: Schema, max_bytes: int | None = None
+    path: str | os.PathLike[str], schema: Schema, max_bytes: int | None = None, pinned: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A labelled table, encoded by the schema (a file over `max_bytes` is not read)."""
-    X, y = schema.encode(read_frame(path, max_bytes), str(path))
+    """A labelled table, encoded by the schema (a file over `max_bytes` is not read; `pinned`: a model's schema)."""
+    X, y = schema.encode(read_frame(path, max_bytes, schema.dialect), str(path), pinned=pinned)
     assert y is not None  # encode() reads the label when asked to
     return X, y
 
@@ -451,14 +575,15 @@ def _checked(data: Dataset, schema: Schema) -> Dataset:
     return data
 
 
-def read_frame(path: str | os.PathLike[str], max_bytes: int | None = None) -> Any:
-    """A table with named columns: .csv with a header, .parquet, or .npz with one array per column.
+def read_frame(path: str | os.PathLike[str], max_bytes: int | None = None, dialect: Dialect | None = None) -> Any:
+    """A table with named columns: .csv with a header (its dialect detected or declared), .xlsx (the first
+    sheet), .parquet, or .npz with one array per column; missing-value tokens become empty cells.
 
-    A file larger than `max_bytes` on disk is refused before it is read.
+    A file larger than `max_bytes` on disk (or, for .xlsx and .parquet, once unpacked) is refused before it is read.
     """
     import pandas as pd
 
-    path = Path(path)
+    path, dialect = Path(path), dialect or Dialect()
     if not path.is_file():
         raise FedfheError(f"{path}: file not found")
     kind = path.suffix.lower()
@@ -468,15 +593,15 @@ def read_frame(path: str | os.PathLike[str], max_bytes: int | None = None) -> An
         if max_bytes is not None:
             check_size(path, max_bytes)
         if kind == ".csv":
-            with open(path, errors="replace") as f:  # the first line only, not the whole file
-                header = f.readline().rstrip("\r\n").split(",")
-            if duplicated := repeated(header):  # pandas would rename them
-                raise FedfheError(f"{path}: column {duplicated[0]!r} appears more than once")
-            return pd.read_csv(path, skipinitialspace=True)
+            return read_csv(path, dialect)
+        if kind == ".xlsx":
+            return read_excel(path, dialect)
         if kind == ".parquet":
-            return pd.read_parquet(path)
-        with np.load(path, allow_pickle=False) as f:
-            return pd.DataFrame({name: f[name] for name in f.files})
+            frame = pd.read_parquet(path)
+        else:
+            with np.load(path, allow_pickle=False) as f:
+                frame = pd.DataFrame({name: f[name] for name in f.files})
+        return typed(frame, dialect.missing)
     except FedfheError:
         raise
     except Exception as exc:  # noqa: BLE001 - corrupt files of any kind end here

@@ -227,7 +227,7 @@ class EncryptedClient:
         if hasattr(X, "columns"):  # a DataFrame: encoded by the schema, as its owners encoded theirs
             if self.schema is None:
                 raise FedfheError(f"{self.url} serves a model without a schema: pass numbers, not a table")
-            X, _ = self.schema.encode(X, source, labelled=False)
+            X, _ = self.schema.encode(X, source, labelled=False, pinned=True)
         X = check_features(X, self.model["n_features"], (low, high), source)
         if len(X) == 0:
             return
