@@ -29,6 +29,7 @@ MAX_CLASSES = 20  # `schema infer`: a whole-number label with more distinct valu
 # a schema is refused when they would not fit, before any training.
 MAX_NAME = 1_000  # characters of a column name, a category or a class
 MAX_SCHEMA_BYTES = 960 << 10  # the schema's share of the header; the rest (training facts) takes a few KiB
+OBSERVED_BYTES = 2 * len("-1.2345678901234567e-308, ")  # an input's observed (low, high) in JSON, at the longest
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class Schema:
         schema = cls(features, label, tuple(ignore), str(raw.get("description", "")), source)
         if (size := schema.stored_bytes) > MAX_SCHEMA_BYTES:
             raise fail(
-                f"its names, categories and classes take {size:,} bytes in a model file, "
+                f"its names, categories, classes and observed ranges take {size:,} bytes in a model file, "
                 f"more than the {MAX_SCHEMA_BYTES:,} it keeps (use fewer or shorter ones)"
             )
         return schema
@@ -151,8 +152,10 @@ class Schema:
 
     @property
     def stored_bytes(self) -> int:
-        """The bytes the model file's header spends on this schema: itself, its input columns' and classes' names."""
-        return len(json.dumps([self.to_dict(), self.encoded_names, self.class_names]))  # escaped as model.save does
+        """The bytes the model file's header spends on this schema: itself, its inputs' and classes' names, and at
+        most OBSERVED_BYTES for each input's observed range."""
+        names = len(json.dumps([self.to_dict(), self.encoded_names, self.class_names]))  # escaped as model.save does
+        return names + OBSERVED_BYTES * len(self.encoded_names)
 
     @property
     def target_range(self) -> tuple[float, float] | None:
