@@ -12,7 +12,7 @@ from fedfhe.config import TrainConfig, parse_params
 from fedfhe.errors import FedfheError
 from fedfhe.kinds import KINDS, kind_of
 from fedfhe.model import LinearModel
-from fedfhe.problem import Problem
+from fedfhe.problem import Problem, observed_record, read_observed
 
 
 @pytest.fixture
@@ -48,6 +48,23 @@ def test_the_hash_covers_what_predicts_and_nothing_else(model):
         assert changed.sha256 != model.sha256, predicts
     svm = LinearModel(model.coef, model.intercept, model.classes, model.input_range, kind="svm")
     assert svm.sha256 != model.sha256
+
+
+def test_the_observed_range_is_kept_outside_the_hash_and_a_bad_one_is_refused_in_one_line(model):
+    observed = (np.array([1.0, 2.0, 0.0, 15.0]), np.array([200.0, 99.0, 1.0, 30.0]))
+    kept = LinearModel(
+        model.coef, model.intercept, model.classes, model.input_range, {"observed_range": observed_record(observed)}
+    )
+    assert kept.sha256 == model.sha256 and model.observed_range is None  # how the model came about, not what it is
+    assert np.array_equal(kept.observed_range, observed)
+    bad = [[], {"low": [0.0] * 4}, {"low": [0.0] * 3, "high": [1.0] * 3}, {"low": [0, 0, 0, 0], "high": [1, 1, 1, None]},
+           {"low": [0, 0, 2, 0], "high": [1, 1, 1, 1]}, {"low": ["a", 0, 0, 0], "high": [1, 1, 1, 1]}]  # fmt: skip
+    for stored in bad:
+        broken = LinearModel(model.coef, model.intercept, model.classes, model.input_range, {"observed_range": stored})
+        with pytest.raises(FedfheError, match="^model file: (refused|unreadable)"):
+            _ = broken.observed_range
+    with pytest.raises(FedfheError, match="^server client spec: unreadable observed range"):  # the client's member
+        read_observed(b"{", 4, "server client spec")
 
 
 @pytest.mark.parametrize(

@@ -68,6 +68,9 @@ def test_shared_range_rounds_outward():
     low, high = shared_range(X)
     assert np.allclose(low, [0.0, 0.052, 140.0, -3.3, 7.0]) and np.allclose(high[1:4], [0.17, 2600.0, 7.8])
     assert (high > low).all()  # constant features still get a non-empty range
+    X = np.array([[0.5, 2.0, -1.0, 1.0], [1.0, 7.0, 0.5, 1.0]])  # extremes numpy's powers of ten used to round inward
+    low, high = shared_range(X)
+    assert (low <= X.min(axis=0)).all() and (high >= X.max(axis=0)).all() and high[3] > 1  # a constant: room above
 
 
 def test_params_reach_the_estimator(tmp_path):

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from fedfhe import TrainConfig, pipeline, table
 from fedfhe.fhe import load_compiled
 from fedfhe.kinds import KINDS
 from fedfhe.model import LinearModel
+from fedfhe.problem import merge_ranges, shared_range
+from fedfhe.rundir import SPEC_OBSERVED
 from fedfhe.service.client import EncryptedClient
 
 SKEWS = {"hospital-a.csv": (0.9, 0.05, 0.05), "hospital-b.csv": (0.05, 0.9, 0.05), "hospital-c.csv": (0.05, 0.05, 0.9)}
@@ -89,13 +92,17 @@ def test_each_owner_file_is_one_client(owners_run, hospitals, tmp_path):
     model = LinearModel.load(owners_run / "model.npz")
     assert model.metadata["training"]["clients"] == 3  # the file count: --clients was left out
     assert model.metadata["n_train"] == 600 and model.metadata["n_test"] == 150
-    readmitted = []
+    readmitted, shared = [], []
     for i, name in enumerate(SKEWS):  # each client trained on exactly its owner's rows, in the file's order
         with np.load(owners_run / "partitions" / f"client-{i}.npz") as part:
             X, _ = table.Schema.load(owners_run / "schema.json").encode(pd.read_csv(owners / name), name)
             np.testing.assert_array_equal(part["X"], X)
             readmitted.append(part["y"].mean())
+            shared.append(shared_range(X))
     assert max(readmitted) - min(readmitted) > 0.25, readmitted  # the owners' label skew reached the clients
+    observed = model.observed_range  # what each owner shared, merged: the test rows are not in it
+    assert observed is not None and np.array_equal(observed, merge_ranges(shared))
+    assert observed[0].tolist() == [18, 0, 0, 0, 15] and observed[1][0] == 94  # declared: age 0-120, bmi 10-60
     assert model.metadata["metrics"]["final"]["score"] > 0.8
     report = json.loads((owners_run / "report.json").read_text())
     agreement = dict(report["agreement"])  # FHE equals the clear quantized model; quantization may move a near-tie
@@ -164,6 +171,11 @@ def test_the_model_card_names_what_answers_and_predict_pins_it(owners_run, owner
     assert [(f["position"], f["name"], f["high"]) for f in card["features"]] == list(
         zip(range(5), names, [120, 1, 1, 1, 60])
     )
+    low, high = model.observed_range  # beside each declared range, the owners' observed one
+    assert [(f["observed_low"], f["observed_high"]) for f in card["features"]] == list(zip(low, high))
+    shown = (owners_run / "card.md").read_text()
+    assert "| position | input | declared low | declared high | observed low | observed high |" in shown
+    assert f"| 0 | age | 0 | 120 | 18 | {high[0]:g} |" in shown and "is extrapolation, and is flagged" in shown
     assert card["classes"] == [{"class": 0, "name": "discharged"}, {"class": 1, "name": "readmitted"}]
     assert card["training"]["clients"] == 3 and card["training"]["dp"] is False
     spec = (owners_run / "fhe" / "client.zip").read_bytes()
@@ -192,6 +204,10 @@ def test_the_model_card_names_what_answers_and_predict_pins_it(owners_run, owner
                  str(tmp_path / "keys"), "--expect-model", card["pin"], "--json")  # fmt: skip
     assert pinned.returncode == 0, pinned.stderr
     assert [row["name"] for row in json.loads(pinned.stdout)] == [row["class"] for row in json.loads(pinned.stdout)]
+    with zipfile.ZipFile(owners_run / "fhe" / "client.zip") as served:
+        assert SPEC_OBSERVED in served.namelist()
+    with EncryptedClient(url, tmp_path / "keys") as client:  # read from the spec it pinned
+        assert client.observed is not None and np.array_equal(client.observed, (low, high))
     bad = cli("predict", str(tmp_path / "rows.csv"), "--expect-model", "abc")
     assert bad.returncode == 2 and "64 hex digits" in bad.stderr
     bad = cli("predict", str(tmp_path / "rows.csv"), "--expect-model", f"{model.sha256}:abc")
@@ -343,6 +359,7 @@ def test_the_deployment_engine_trains_on_the_owners_own_files(owners_run, hospit
     assert model.metadata["training"]["clients"] == 3 and model.metadata["schema"] == simulated.metadata["schema"]
     assert model.metadata["n_train"] == 600  # the server holds only the test file: the nodes reported their rows
     assert model.sha256 == simulated.sha256  # the simulation's model, bit for bit, as for bundled sets
+    assert model.metadata["observed_range"] == simulated.metadata["observed_range"]  # each SuperNode read its file
     counts = json.loads((out / "metrics.json").read_text())["class_counts"]  # the nodes counted their own rows
     assert counts == json.loads((owners_run / "metrics.json").read_text())["class_counts"] and sum(counts) == 600
     assert cli("compile", "--run", str(out)).returncode == 0

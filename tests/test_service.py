@@ -101,6 +101,7 @@ def test_predictions_equal_local_simulation(alice, rows, truth):
     result = alice.predict(rows)
     np.testing.assert_array_equal(result.predicted, truth)
     assert result.scores.shape == (len(rows), 10)
+    assert alice.observed is None  # digits, not a user's table: no observed ranges in its client spec
     assert (alice.key_dir.stat().st_mode & 0o777) == 0o700
     written = [p for p in alice.key_dir.rglob("*") if p.is_file()]
     assert written and all((p.stat().st_mode & 0o777) == 0o600 for p in written)

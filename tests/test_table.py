@@ -15,6 +15,7 @@ from fedfhe import TrainConfig, pipeline, result, table, train
 from fedfhe.errors import FedfheError
 from fedfhe.federated.server_app import _server_data
 from fedfhe.model import MAX_HEADER, LinearModel
+from fedfhe.problem import shared_range
 
 CSV = """patient,age,ward,bmi,outcome
 p1,34,cardiology,22.5,discharged
@@ -164,7 +165,7 @@ def test_bad_tables_are_one_line(tmp_path, csv, changes, message):
          "not valid JSON \\(Exceeds the limit \\(4300 digits\\)"),
         (json.dumps({"features": [{"name": "a", "categories": [f"{i:03}" + "\u20ac" * 997 for i in range(100)]}],
                      "label": {"name": "y", "classes": [0, 1]}}),
-         r"its names, categories and classes take 1,19\d,\d{3} bytes in a model file, more than the 983,040 it keeps"),
+         r"its names, categories, classes and observed ranges take 1,2\d\d,\d{3} bytes in a model file, more than the 983,040"),
     ],
 )  # fmt: skip
 def test_bad_schemas_are_one_line(owner, tmp_path, text, message):
@@ -181,9 +182,9 @@ def test_a_schema_of_40_000_features_is_read_in_one_pass_and_refused_as_too_larg
     label = {"name": "y", "classes": [0, 1]}
     with pytest.raises(FedfheError, match="column 'f7' is named more than once"):  # a count per name took 17.9 s
         table.Schema.from_dict({"features": [*features, {"name": "f7", "low": 0, "high": 1}], "label": label})
-    with pytest.raises(FedfheError, match=r"take 2,1\d\d,\d{3} bytes in a model file, more than the 983,040"):
-        table.Schema.from_dict({"features": features, "label": label})  # its model file would hold 2.2 MB of JSON
-    assert len(table.Schema.from_dict({"features": features[:17_000], "label": label}).encoded_names) == 17_000
+    with pytest.raises(FedfheError, match=r"take 4,2\d\d,\d{3} bytes in a model file, more than the 983,040"):
+        table.Schema.from_dict({"features": features, "label": label})  # 2.2 MB of names, 2.1 MB of observed ranges
+    assert len(table.Schema.from_dict({"features": features[:9_000], "label": label}).encoded_names) == 9_000
 
 
 def test_a_schema_at_the_model_files_limit_trains_a_model_that_loads(tmp_path):
@@ -198,11 +199,14 @@ def test_a_schema_at_the_model_files_limit_trains_a_model_that_loads(tmp_path):
         table.Schema.from_dict({**raw, "description": raw["description"] + "d"})
     data = tmp_path / "t.csv"
     data.write_text("ward,y\n" + "x,a\nx,b\n" * 10)
-    train(table.load(data, schema), TrainConfig(clients=1), tmp_path / "run")
+    split = table.load(data, schema)
+    train(split, TrainConfig(clients=1), tmp_path / "run")
     model = LinearModel.load(tmp_path / "run" / "model.npz")  # card, compile, evaluate and serve read it so
     assert model.metadata["schema"]["features"][0]["categories"][1:] == long and model.n_features == 81
-    header = np.load(tmp_path / "run" / "model.npz")["header"]
-    assert table.MAX_SCHEMA_BYTES < len(header) <= MAX_HEADER
+    observed = model.observed_range  # the one owner's training rows, as an owner of a federation shares them
+    assert observed is not None and np.array_equal(observed, shared_range(split.X_train))
+    header = np.load(tmp_path / "run" / "model.npz")["header"]  # the names fill what the observed range leaves
+    assert table.MAX_SCHEMA_BYTES - table.OBSERVED_BYTES * 81 < len(header) <= MAX_HEADER
 
 
 def test_category_values_too_long_for_a_model_file_are_refused_before_training(tmp_path):

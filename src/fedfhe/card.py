@@ -21,7 +21,8 @@ from fedfhe.rundir import RunDir, md_cell
 def build(run: RunDir) -> dict[str, Any]:
     """The card's facts: model and hash, inputs in order, classes, training and privacy, evaluation, circuit."""
     model = run.load_model()
-    meta, low_high = model.metadata, zip(*model.input_range)
+    meta, low_high, observed = model.metadata, zip(*model.input_range), model.observed_range
+    seen = [(None, None)] * model.n_features if observed is None else [(float(a), float(b)) for a, b in zip(*observed)]
     training = dict(meta.get("training", {}))
     privacy = meta.get("metrics", {}).get("privacy")
     compiled = None
@@ -49,9 +50,16 @@ def build(run: RunDir) -> dict[str, Any]:
             "operating_point": meta.get("operating_point"),
             "decision": None if model.is_regression else decision.describe(model),
         },
-        "features": [
-            {"position": i, "name": name, "low": float(low), "high": float(high)}
-            for i, (name, (low, high)) in enumerate(zip(model.feature_names, low_high))
+        "features": [  # declared (the circuit's, refused outside) and observed (the owners' rows, or None)
+            {
+                "position": i,
+                "name": name,
+                "low": float(low),
+                "high": float(high),
+                "observed_low": o_low,
+                "observed_high": o_high,
+            }
+            for i, (name, (low, high), (o_low, o_high)) in enumerate(zip(model.feature_names, low_high, seen))
         ],
         "classes": [{"class": int(c), "name": name} for c, name in zip(model.classes, model.class_names)],
         "training": {
@@ -61,7 +69,7 @@ def build(run: RunDir) -> dict[str, Any]:
         },
         "evaluation": report,
         "fhe": compiled,
-        "limits": _limits(model.is_regression, compiled, report, privacy),
+        "limits": _limits(model.is_regression, compiled, report, privacy, observed is not None),
     }
 
 
@@ -91,13 +99,22 @@ def _report(run: RunDir, sha256: str, compiled: dict[str, Any] | None) -> dict[s
 
 
 def _limits(
-    regression: bool, compiled: dict[str, Any] | None, report: dict[str, Any] | None, privacy: dict[str, Any] | None
+    regression: bool,
+    compiled: dict[str, Any] | None,
+    report: dict[str, Any] | None,
+    privacy: dict[str, Any] | None,
+    observed: bool,
 ) -> list[str]:
     """What the card's reader must not assume, from what this run did and did not measure."""
     limits = [
         "A linear model: each score is a weighted sum of the inputs; interactions it was not given are invisible.",
         "Inputs outside the declared ranges are refused, not clipped: the circuit is compiled for these ranges.",
     ]
+    if observed:
+        limits.append(
+            "A prediction for an input outside its observed range (the owners' training rows, each owner's min and "
+            "max rounded outward to two significant digits) is extrapolation, and is flagged: no training row was there."
+        )
     if compiled is None:
         limits.append("Not compiled: no FHE circuit has been measured for this model.")
     else:
@@ -148,9 +165,7 @@ def markdown(card: dict[str, Any]) -> str:
             f"{'on' if training['secagg'] else 'off'}, differential privacy {'on' if training['dp'] else 'off'}."
         ),
         "",
-        "| position | input | low | high |",
-        "|---|---|---|---|",
-        *(f"| {f['position']} | {md_cell(f['name'])} | {f['low']:g} | {f['high']:g} |" for f in card["features"]),
+        *_inputs(card["features"]),
         "",
     ]
     if card["classes"]:
@@ -185,6 +200,18 @@ def markdown(card: dict[str, Any]) -> str:
         ]
     lines += ["## Limits", "", *(f"- {limit}" for limit in card["limits"]), ""]
     return "\n".join(lines)
+
+
+def _inputs(features: list[dict[str, Any]]) -> list[str]:
+    """The inputs' table: each declared range, and beside it the observed one when the model keeps it."""
+    observed = bool(features) and features[0]["observed_low"] is not None
+    ranges = ["declared low", "declared high", "observed low", "observed high"] if observed else ["low", "high"]
+    keys = ["low", "high", "observed_low", "observed_high"][: len(ranges)]
+    return [
+        f"| position | input | {' | '.join(ranges)} |",
+        "|---|---|" + "---|" * len(ranges),
+        *(f"| {f['position']} | {md_cell(f['name'])} | {' | '.join(f'{f[k]:g}' for k in keys)} |" for f in features),
+    ]
 
 
 def write(run_dir: RunDir) -> dict[str, Any]:

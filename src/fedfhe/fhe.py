@@ -34,7 +34,8 @@ from fedfhe.errors import FedfheError
 from fedfhe.kinds import Kind
 from fedfhe.label import Plan, compile_label
 from fedfhe.model import LinearModel
-from fedfhe.rundir import CLIENT_SPEC, COMPILE_INPUTS, FHE_INFO, SPEC_SCHEMA, RunDir
+from fedfhe.problem import observed_record
+from fedfhe.rundir import CLIENT_SPEC, COMPILE_INPUTS, FHE_INFO, SPEC_OBSERVED, SPEC_SCHEMA, RunDir
 
 
 def bound_inputs(model: LinearModel) -> np.ndarray:
@@ -214,6 +215,8 @@ def export(compiled: CompiledModel, run_dir: str | os.PathLike[str]) -> Path:
                 spec.writestr(SPEC_SCHEMA, json.dumps(compiled.source.metadata["schema"]))
             if point is not None:  # the threshold a client applies to its decrypted scores
                 spec.writestr(POINT_MEMBER, json.dumps(dataclasses.asdict(point)))
+            if (observed := compiled.source.observed_range) is not None:  # beyond it a client extrapolates
+                spec.writestr(SPEC_OBSERVED, json.dumps(observed_record(observed)))
         np.save(staging / COMPILE_INPUTS, compiled.compile_inputs)
         (staging / FHE_INFO).write_text(json.dumps(compiled.info(), indent=2))
         if target.exists():

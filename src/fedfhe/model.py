@@ -18,6 +18,7 @@ import numpy as np
 from fedfhe.data import Range, as_range
 from fedfhe.errors import FedfheError
 from fedfhe.kinds import KINDS, Kind, kind_of
+from fedfhe.problem import read_observed
 from fedfhe.table import MAX_SCHEMA_BYTES
 
 FORMAT = "fedfhe-linear-model/3"  # 3: the sha256 covers only what predicts (IDENTITY), not the training facts
@@ -105,6 +106,12 @@ class LinearModel:
         """What each class means (the schema's values, e.g. malignant), else its number; none for a regressor."""
         names = self.metadata.get("class_names")
         return [str(n) for n in names] if isinstance(names, list) else [str(int(c)) for c in self.classes]
+
+    @property
+    def observed_range(self) -> Range | None:
+        """The owners' training rows' range of each input, rounded outward (a user's table): outside is extrapolation."""
+        stored = self.metadata.get("observed_range")
+        return None if stored is None else read_observed(stored, self.n_features, "model file")
 
     def scale(self, X: np.ndarray) -> np.ndarray:
         """Features mapped to [0, 1] by the public input ranges: what the FHE circuit takes.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,12 +107,36 @@ def shared_range(X: np.ndarray) -> Range:
         return direction(values / magnitude) * magnitude
 
     low, high = outward(X.min(axis=0), np.floor), outward(X.max(axis=0), np.ceil)
-    return low, np.where(high > low, high, low + np.maximum(np.abs(low), 1.0) * 0.01)
+    constant = high <= low
+    # numpy's 10.0 ** -1 is 0.09999999999999999, so 7 rounded up came out 6.999999999999999: never round inward
+    low, high = np.minimum(low, X.min(axis=0)), np.maximum(high, X.max(axis=0))
+    return low, np.where(constant, low + np.maximum(np.abs(low), 1.0) * 0.01, high)
 
 
 def merge_ranges(ranges: list[Range]) -> Range:
     """The smallest per-feature box holding every party's range."""
     return np.min([r[0] for r in ranges], axis=0), np.max([r[1] for r in ranges], axis=0)
+
+
+def observed_record(observed: Range) -> dict[str, list[float]]:
+    """The owners' observed ranges as the model file and the client spec keep them: lows and highs in input order."""
+    return {"low": observed[0].tolist(), "high": observed[1].tolist()}
+
+
+def read_observed(stored: Any, n_inputs: int, where: str) -> Range:
+    """An observed_record (or its JSON text), refused in one line unless `n_inputs` finite lows each below its high."""
+    try:
+        stored = json.loads(stored) if isinstance(stored, (str, bytes)) else stored
+        low, high = (np.asarray(stored[key], dtype=np.float64) for key in ("low", "high"))
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
+        raise FedfheError(f"{where}: unreadable observed range ({type(exc).__name__}: {exc})") from None
+    if (
+        low.shape != (n_inputs,)
+        or high.shape != (n_inputs,)
+        or not (np.isfinite([low, high]).all() and (low < high).all())
+    ):
+        raise FedfheError(f"{where}: refused, its observed range is not {n_inputs} finite pairs of low < high")
+    return low, high
 
 
 def balanced_weights(counts: np.ndarray, classes: np.ndarray) -> np.ndarray:

@@ -29,6 +29,7 @@ COMPILE_INPUTS = "compile_inputs.npy"
 CLIENT_SPEC = "client.zip"  # what a client needs to encrypt and decrypt (Concrete ML's deployment files)
 SERVER_SPEC = "server.zip"  # what the server needs to evaluate
 SPEC_SCHEMA = "fedfhe-schema.json"  # in client.zip for a user's table: how a client encodes raw rows
+SPEC_OBSERVED = "fedfhe-observed-range.json"  # in client.zip for a user's table: the owners' observed ranges
 
 
 def md_cell(value: object) -> str:

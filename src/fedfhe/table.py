@@ -32,6 +32,7 @@ MAX_NAME = 1_000  # characters of a column name, a category or a class
 MAX_SCHEMA_BYTES = 960 << 10  # the schema's share of the header; the rest (training facts) takes a few KiB
 INDICATOR = "indicator"  # a feature's "missing": an extra 0/1 input says the cell was missing
 LISTED = 20  # bad rows listed one by one; the rest are counted
+OBSERVED_BYTES = 2 * len("-1.2345678901234567e-308, ")  # an input's observed (low, high) in JSON, at the longest
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ class Schema:
         schema = cls(features, label, tuple(ignore), str(raw.get("description", "")), source, dialect)
         if (size := schema.stored_bytes) > MAX_SCHEMA_BYTES:
             raise fail(
-                f"its names, categories and classes take {size:,} bytes in a model file, "
+                f"its names, categories, classes and observed ranges take {size:,} bytes in a model file, "
                 f"more than the {MAX_SCHEMA_BYTES:,} it keeps (use fewer or shorter ones)"
             )
         return schema
@@ -173,8 +174,10 @@ class Schema:
 
     @property
     def stored_bytes(self) -> int:
-        """The bytes the model file's header spends on this schema: itself, its input columns' and classes' names."""
-        return len(json.dumps([self.to_dict(), self.encoded_names, self.class_names]))  # escaped as model.save does
+        """The bytes the model file's header spends on this schema: itself, its inputs' and classes' names, and at
+        most OBSERVED_BYTES for each input's observed range."""
+        names = len(json.dumps([self.to_dict(), self.encoded_names, self.class_names]))  # escaped as model.save does
+        return names + OBSERVED_BYTES * len(self.encoded_names)
 
     @property
     def target_range(self) -> tuple[float, float] | None:

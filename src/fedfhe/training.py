@@ -20,7 +20,7 @@ from fedfhe.kinds import Params
 from fedfhe.model import LinearModel
 from fedfhe.objective import evaluate
 from fedfhe.partition import label_counts, partition, plot_label_distribution, save_partitions
-from fedfhe.problem import Problem, merge_ranges, shared_range
+from fedfhe.problem import Problem, merge_ranges, observed_record, shared_range
 from fedfhe.rundir import Checkpoint, RunDir
 
 
@@ -67,9 +67,12 @@ def train(
     metrics: dict[str, Any] = {"rounds": []}
     if federated:
         problem, params, metrics = _federate(dataset, problem, config, run, parts, checkpoint, on_round, verbose)
-    elif config.input_ranges == "clients":  # the one owner's shared ranges, with the test set's
-        ranges = merge_ranges([shared_range(dataset.X_train), shared_range(dataset.X_test)])
-        problem = dataclasses.replace(problem, input_range=ranges)
+    else:
+        if config.input_ranges == "clients":  # the one owner's shared ranges, with the test set's
+            ranges = merge_ranges([shared_range(dataset.X_train), shared_range(dataset.X_test)])
+            problem = dataclasses.replace(problem, input_range=ranges)
+        if dataset.schema is not None:  # a user's table: the one owner's observed ranges, as a federation's
+            metrics["observed_range"] = observed_record(shared_range(dataset.X_train))
     central, _ = centralized_params(problem, dataset, config)
     score, loss = evaluate(problem, central, problem.scale(dataset.X_test), dataset.y_test)
     metrics["centralized"] = {"score": score, "loss": loss}
@@ -125,7 +128,9 @@ def _federate(
     if not dataset.is_regression:
         counts = label_counts(dataset.y_train, parts, dataset.classes)
         plot_label_distribution(counts, result.names(dataset)["class_names"], run.partitions_plot)
-    server = ServerRun(config, problem, dataset.X_test, dataset.y_test, run, start, on_round)
+    server = ServerRun(
+        config, problem, dataset.X_test, dataset.y_test, run, start, on_round, dataset.schema is not None
+    )
     if start is None or start.round < config.rounds:
         simulate(config, server, run.partitions, verbose)
     return server.problem, server.state().params, server.metrics()

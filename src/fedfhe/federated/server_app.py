@@ -37,7 +37,7 @@ from fedfhe.federated.strategy import (
 )
 from fedfhe.kinds import Params
 from fedfhe.objective import evaluate
-from fedfhe.problem import Problem, balanced_weights, merge_ranges, shared_range
+from fedfhe.problem import Problem, balanced_weights, merge_ranges, observed_record, shared_range
 from fedfhe.rundir import Checkpoint, RunDir
 
 RoundCallback = Callable[[int, dict[str, float]], None]
@@ -59,9 +59,11 @@ class ServerRun:
         run: RunDir,
         start: Checkpoint | None = None,
         on_round: RoundCallback | None = None,
+        observe: bool = False,
     ) -> None:
+        """`observe`: a user's table, whose owners' observed ranges the model keeps (see `agree`)."""
         self.config, self.X_test, self.y_test, self.run = config, X_test, y_test, run
-        self.start, self.on_round = start, on_round
+        self.start, self.on_round, self.observe = start, on_round, observe
         self.problem, self.log = problem, RoundLog()
         self.params: Params | None = None
         self.noise = noise_multiplier(config) if config.dp else 0.0  # --target-epsilon out of reach fails here
@@ -106,6 +108,8 @@ class ServerRun:
         metrics: dict[str, Any] = {"rounds": rows, "failures": sum(row.get("failures", 0) for row in rows)}
         if "class_counts" in self.server:
             metrics["class_counts"] = self.server["class_counts"].tolist()
+        if "observed_low" in self.server:
+            metrics["observed_range"] = observed_record((self.server["observed_low"], self.server["observed_high"]))
         if self.config.dp:
             clipping_norm = float(self.server.get("clipping_norm", self.config.clipping_norm))
             metrics["privacy"] = privacy_spent(self.config, self.noise, clipping_norm)
@@ -114,28 +118,36 @@ class ServerRun:
     def agree(self, grid: Grid) -> Problem:
         """Ask every owner, in one query, what the problem still lacks: input ranges, class counts, or nothing.
 
-        Ranges: each owner's shared (rounded) min/max, merged with the server's test set's. Class counts: each
-        owner's rows per class, summed into the balanced weights. Both are answered in the clear, SecAgg+ or not.
+        Ranges: each owner's shared (rounded) min/max. On a user's table they are always asked and kept, merged
+        over the owners alone, as the observed ranges (inputs outside them are extrapolation); with
+        `--input-ranges clients` they are also merged with the server's test set's into the circuit's input ranges.
+        Class counts: each owner's rows per class, summed into the balanced weights. All are answered in the clear,
+        SecAgg+ or not.
         """
         config, problem = self.config, self.problem
         ranges = config.input_ranges == "clients" and self.start is None
+        observe = self.observe and "observed_low" not in self.server  # a checkpoint keeps them
         count = config.class_weight == "balanced" and "class_counts" not in self.server
-        if not ranges and not count:
+        share = ranges or observe  # each owner's rounded min/max
+        if not share and not count:
             return problem
         nodes = wait_for_nodes(grid, config.clients, config.round_timeout, "sharing what the problem needs")
         classes = ",".join(str(int(c)) for c in problem.classes) if count else ""
-        asked = ConfigRecord({"n-features": len(problem.input_range[0]), "ranges": ranges, "classes": classes})
+        asked = ConfigRecord({"n-features": len(problem.input_range[0]), "ranges": share, "classes": classes})
         messages = [
             Message(RecordDict({"config": asked}), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes
         ]
         replies = [m for m in grid.send_and_receive(messages, timeout=config.round_timeout) if not m.has_error()]
         if len(replies) < len(nodes):
-            wanted = " and ".join(["feature ranges"] * ranges + ["class counts"] * count)
+            wanted = " and ".join(["feature ranges"] * share + ["class counts"] * count)
             raise FedfheError(f"only {len(replies)} of {len(nodes)} clients shared their {wanted}")
-        if ranges:
+        if share:
             shared = [tuple(m.content.array_records["range"].to_numpy_ndarrays()) for m in replies]
-            merged = merge_ranges([*shared, shared_range(self.X_test)])  # type: ignore[list-item]
-            problem = dataclasses.replace(problem, input_range=merged)
+            if observe:  # the owners' rows alone
+                self.server["observed_low"], self.server["observed_high"] = merge_ranges(shared)  # type: ignore[arg-type]
+            if ranges:
+                merged = merge_ranges([*shared, shared_range(self.X_test)])  # type: ignore[list-item]
+                problem = dataclasses.replace(problem, input_range=merged)
         if count:
             counts = [m.content.array_records["counts"].to_numpy_ndarrays()[0] for m in replies]
             self.server["class_counts"] = np.sum(counts, axis=0)
@@ -308,7 +320,8 @@ def deployment_main(grid: Grid, context: Context) -> None:
     if dataset.schema is not None:
         run.schema_file.write_text(json.dumps(dataset.schema, indent=1))
     audit = str(settings.get("audit-dir", ""))
-    server = ServerRun(config, config.problem(dataset), dataset.X_test, dataset.y_test, run)
+    problem, observe = config.problem(dataset), dataset.schema is not None
+    server = ServerRun(config, problem, dataset.X_test, dataset.y_test, run, observe=observe)
     started = time.perf_counter()
     server(AuditGrid(grid, Path(audit)) if audit else PromptGrid(grid), context)
     metrics = {**server.metrics(), "train_seconds": time.perf_counter() - started}

@@ -38,7 +38,8 @@ from fedfhe.artifacts import valid_inputs_used
 from fedfhe.data import Range, check_features, read_table
 from fedfhe.decision import POINT_MEMBER, Point, decide, read_point
 from fedfhe.errors import FedfheError
-from fedfhe.rundir import CLIENT_SPEC, SPEC_SCHEMA
+from fedfhe.problem import read_observed
+from fedfhe.rundir import CLIENT_SPEC, SPEC_OBSERVED, SPEC_SCHEMA
 from fedfhe.service.encryptor import Encryptor, concrete_client
 from fedfhe.service.processing import Quantizers, read_quantizers
 from fedfhe.service.protocol import API, OCTET_STREAM, SPEC_HASH_HEADER, decode_frames, encode_frames
@@ -122,6 +123,7 @@ class EncryptedClient:
         self._fhe: tuple[Any, Quantizers] | None = None  # Concrete's client with this key directory's keys
         self._schema: tuple[Schema | None] | None = None  # read once: (the schema,) or (None,)
         self._point: tuple[Point | None] | None = None  # likewise
+        self._observed: tuple[Range | None] | None = None  # likewise
         self._evaluation_keys = b""
         self._key_id = ""
         self._encryptor: Encryptor | None = None
@@ -189,6 +191,15 @@ class EncryptedClient:
             raw = self._pinned(POINT_MEMBER)
             self._point = (None if raw is None else read_point(raw, f"{self.url} client spec"),)
         return self._point[0]
+
+    @property
+    def observed(self) -> Range | None:
+        """The owners' observed range of each input, from the pinned client spec (None: none): beyond it, extrapolation."""
+        if self._observed is None:
+            raw = self._pinned(SPEC_OBSERVED)
+            where = f"{self.url} client spec"
+            self._observed = (None if raw is None else read_observed(raw, self.model["n_features"], where),)
+        return self._observed[0]
 
     def _pinned(self, name: str) -> bytes | None:
         """One of fedfhe's files in the pinned client spec, None if it holds none."""
