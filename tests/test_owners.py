@@ -116,6 +116,9 @@ def test_each_owner_file_is_one_client(owners_run, hospitals, tmp_path):
     shown = (owners_run / "report.md").read_text()
     assert (owners_run / "roc.png").is_file() and "| sensitivity (recall of readmitted) |" in shown
     assert f"| prevalence of readmitted | {metrics['prevalence']['value']:.4g} |" in shown
+    filled = "hospital-a.csv: bmi 4; hospital-b.csv: bmi 4; hospital-c.csv: bmi 4; test.csv (test): bmi 3"
+    assert f"Missing cells in training, filled as the schema declares: {filled} (bmi: filled with 25)." in shown
+    assert model.metadata["filled"]["test.csv (test)"] == {"bmi": 3}
     run = copy_of(owners_run, tmp_path)
     again = cli("evaluate", "--run", str(run), "--fhe-samples", "5", "--data", str(test))
     assert again.returncode == 0, again.stderr
@@ -177,6 +180,8 @@ def test_the_model_card_names_what_answers_and_predict_pins_it(owners_run, owner
     assert "| position | input | declared low | declared high | observed low | observed high |" in shown
     assert f"| 0 | age | 0 | 120 | 18 | {high[0]:g} |" in shown and "is extrapolation, and is flagged" in shown
     assert card["classes"] == [{"class": 0, "name": "discharged"}, {"class": 1, "name": "readmitted"}]
+    assert card["missing_values"]["rules"] == ["bmi: filled with 25"]
+    assert "'?' are missing; bmi: filled with 25. Cells filled in training: hospital-a.csv: bmi 4;" in shown
     assert card["training"]["clients"] == 3 and card["training"]["dp"] is False
     spec = (owners_run / "fhe" / "client.zip").read_bytes()
     assert card["fhe"]["client_spec_sha256"] == hashlib.sha256(spec).hexdigest()
@@ -360,6 +365,8 @@ def test_the_deployment_engine_trains_on_the_owners_own_files(owners_run, hospit
     assert model.metadata["n_train"] == 600  # the server holds only the test file: the nodes reported their rows
     assert model.sha256 == simulated.sha256  # the simulation's model, bit for bit, as for bundled sets
     assert model.metadata["observed_range"] == simulated.metadata["observed_range"]  # each SuperNode read its file
+    filled = {f"owner {i}": {"bmi": 4} for i in range(3)}  # each SuperNode counted its own gaps
+    assert model.metadata["filled"] == {**filled, "test.csv (test)": {"bmi": 3}}
     counts = json.loads((out / "metrics.json").read_text())["class_counts"]  # the nodes counted their own rows
     assert counts == json.loads((owners_run / "metrics.json").read_text())["class_counts"] and sum(counts) == 600
     assert cli("compile", "--run", str(out)).returncode == 0

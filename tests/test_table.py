@@ -268,6 +268,7 @@ def hospital(path, rows: int = 300, seed: int = 0, wards: tuple[float, float, fl
     risk = (age - 55) / 15 + 2.0 * (ward == "oncology") + (bmi - 30) / 6 + rng.normal(0, 0.5, rows)
     outcome = np.where(risk > 0.5, "readmitted", "discharged")
     ids = [f"p{i}" for i in range(rows)]
+    bmi = np.where(np.arange(rows) % 50 == 7, np.nan, bmi)  # a few gaps: the schema fills them with 25
     pd.DataFrame({"patient": ids, "age": age, "ward": ward, "bmi": bmi, "outcome": outcome}).to_csv(path, index=False)
     return path
 

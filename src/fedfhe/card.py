@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any
 
-from fedfhe import decision, quality
+from fedfhe import decision, quality, table
 from fedfhe.artifacts import bit_pair, n_bits_label, read_artifacts
 from fedfhe.errors import FedfheError
 from fedfhe.rundir import RunDir, md_cell
@@ -66,6 +66,13 @@ def build(run: RunDir) -> dict[str, Any]:
             **{key: training.get(key) for key in ("clients", "rounds", "local_iters", "strategy", "partitioning")},
             **{key: training.get(key) for key in ("params", "input_ranges", "secagg", "dp", "seed")},
             "privacy": privacy,
+        },
+        "missing_values": None
+        if "schema" not in meta
+        else {
+            "tokens": list(table.Schema.from_dict(meta["schema"]).dialect.missing),
+            "rules": table.missing_rules(meta["schema"]),
+            "filled_in_training": meta.get("filled"),
         },
         "evaluation": report,
         "fhe": compiled,
@@ -173,6 +180,15 @@ def markdown(card: dict[str, Any]) -> str:
             "| class | name |",
             "|---|---|",
             *(f"| {c['class']} | {md_cell(c['name'])} |" for c in card["classes"]),
+            "",
+        ]
+    if (missing := card.get("missing_values")) is not None:
+        tokens = ", ".join(repr(t) for t in missing["tokens"])
+        filled = missing["filled_in_training"]
+        lines += [
+            f"Missing values: cells reading {tokens} are missing; "
+            + ("; ".join(missing["rules"]) or "a missing cell is refused, in training and in prediction")
+            + (f". Cells filled in training: {table.filled_line(filled)}." if filled is not None else "."),
             "",
         ]
     if model.get("positive_class") is not None:

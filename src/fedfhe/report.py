@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from fedfhe import decision, quality
+from fedfhe import decision, quality, table
 from fedfhe.artifacts import n_bits_label
 from fedfhe.fhe import CompiledModel
 from fedfhe.rundir import RunDir, md_cell
@@ -75,6 +75,7 @@ def build(
         "circuit": {"max_bit_width": compiled.max_bit_width, "bootstraps": compiled.bootstraps},
         "privacy": metrics.get("privacy"),
         "training": training,
+        **({"filled": meta["filled"], "missing": table.missing_rules(meta["schema"])} if "filled" in meta else {}),
     }
 
 
@@ -188,6 +189,10 @@ def markdown(report: dict[str, Any]) -> str:
         )
     )
     lines.append("")
+    if "filled" in report:
+        rules = "; ".join(report["missing"]) or "every missing cell is refused"
+        filled = table.filled_line(report["filled"])
+        lines += [f"Missing cells in training, filled as the schema declares: {filled} ({rules}).", ""]
     return "\n".join(lines)
 
 

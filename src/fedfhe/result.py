@@ -44,6 +44,7 @@ def save(
             "metrics": {k: metrics[k] for k in KEPT if k in metrics},
             **({"schema": dataset.schema} if dataset.schema is not None else {}),
             **({"observed_range": metrics["observed_range"]} if "observed_range" in metrics else {}),
+            **({"filled": {**metrics.get("filled", {}), **dataset.filled}} if dataset.filled is not None else {}),
             **names(dataset),
         },
     )

@@ -328,6 +328,28 @@ class Rows:
         return {f.name: int(n) for f, n in zip(schema.features, counts) if n}
 
 
+def missing_rules(schema: dict[str, Any]) -> list[str]:
+    """What a missing cell of each feature becomes (a schema's JSON form), for the report and the card."""
+    rules = []
+    for f in Schema.from_dict(schema).features:
+        if f.missing == INDICATOR:
+            value = "no category" if f.categories else f"{f.low:g} (its declared low)"
+            rules.append(f"{f.name}: the extra input '{f.name} (missing)' is 1 and the value {value}")
+        elif f.missing is not None:
+            rules.append(f"{f.name}: filled with {f.missing!r}")
+    return rules
+
+
+def filled_line(filled: dict[str, dict[str, int]]) -> str:
+    """Cells filled per file and feature, in one line ("none" when no file had any)."""
+    parts = [
+        f"{file}: " + ", ".join(f"{name} {n:,}" for name, n in counts.items())
+        for file, counts in filled.items()
+        if counts
+    ]
+    return "; ".join(parts) or "none"
+
+
 def repeated(names: list[str]) -> list[str]:
     """The names that occur more than once, sorted (in linear time: tables can have 200,000 columns)."""
     return sorted(name for name, n in Counter(names).items() if n > 1)
@@ -483,12 +505,16 @@ def load(
     A file over `max_bytes` is not read.
     """
     path = Path(path).resolve()
-    X, y = read_labelled(path, schema, max_bytes)
+    rows = read_rows(path, schema, max_bytes)
+    X, y = rows.X, rows.y
+    assert y is not None  # read_rows reads the label
     try:
         data = split_dataset(str(path), X, y, schema.input_range, seed, test_size, schema.target_range)
     except ValueError as exc:  # scikit-learn's split: too few rows, or a class with one row
         raise FedfheError(f"{path}: cannot split {len(y)} rows into train and test ({exc})") from None
-    return _checked(dataclasses.replace(data, schema=schema.to_dict(), source={"data": str(path)}), schema)
+    filled = {path.name: rows.filled_counts(schema)}
+    data = dataclasses.replace(data, schema=schema.to_dict(), source={"data": str(path)}, filled=filled)
+    return _checked(data, schema)
 
 
 def owner_files(folder: str | os.PathLike[str]) -> list[Path]:
@@ -525,29 +551,39 @@ def load_owners(
             extra, lacking = sorted(columns - first), sorted(first - columns)
             differs = ", ".join([*(f"has {c!r}" for c in extra), *(f"lacks {c!r}" for c in lacking)])
             raise FedfheError(f"{path}: owners with different columns: it {differs}, unlike {files[0].name}")
-    encoded = [schema.encode(frame, str(path)) for path, frame in zip(files, frames)]
-    X_test, y_test = read_labelled(test, schema, max_bytes)
+    encoded = [schema.rows(frame, str(path)) for path, frame in zip(files, frames)]
+    for rows in encoded:
+        rows.refuse()
+    tested = read_rows(test, schema, max_bytes)
+    assert tested.y is not None  # read_rows reads the label
     data = assemble(
         str(folder),
-        np.vstack([X for X, _ in encoded]),
-        np.concatenate([y for _, y in encoded if y is not None]),
-        X_test,
-        y_test,
+        np.vstack([rows.X for rows in encoded]),
+        np.concatenate([rows.y for rows in encoded if rows.y is not None]),
+        tested.X,
+        tested.y,
         schema.input_range,
         schema.target_range,
     )
     source = {"owners": str(folder), "test": str(test)}
-    sizes = tuple(len(X) for X, _ in encoded)
-    return _checked(dataclasses.replace(data, schema=schema.to_dict(), source=source, owners=sizes), schema)
+    sizes = tuple(len(rows.X) for rows in encoded)
+    filled = {path.name: rows.filled_counts(schema) for path, rows in zip(files, encoded)}
+    filled[f"{test.name} (test)"] = tested.filled_counts(schema)
+    data = dataclasses.replace(data, schema=schema.to_dict(), source=source, owners=sizes, filled=filled)
+    return _checked(data, schema)
 
 
 def held_out(test: str | os.PathLike[str], schema: Schema) -> Dataset:
     """The server's test file alone (a deployed federation's server holds no training rows)."""
     test = Path(test).resolve()
-    X, y = read_labelled(test, schema)
+    rows = read_rows(test, schema)
+    X, y = rows.X, rows.y
+    assert y is not None  # read_rows reads the label
     data = assemble(str(test), X[:0], y[:0], X, y, schema.input_range, schema.target_range)
     classes = np.arange(len(schema.label.classes)) if schema.label.classes else data.classes
-    return dataclasses.replace(data, classes=classes, schema=schema.to_dict(), source={"test": str(test)})
+    filled = {f"{test.name} (test)": rows.filled_counts(schema)}
+    source = {"test": str(test)}
+    return dataclasses.replace(data, classes=classes, schema=schema.to_dict(), source=source, filled=filled)
 
 
 def reload(source: dict[str, str], schema: Schema, seed: int, test_only: bool = False) -> Dataset:
@@ -563,9 +599,16 @@ def read_labelled(
     path: str | os.PathLike[str], schema: Schema, max_bytes: int | None = None, pinned: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """A labelled table, encoded by the schema (a file over `max_bytes` is not read; `pinned`: a model's schema)."""
-    X, y = schema.encode(read_frame(path, max_bytes, schema.dialect), str(path), pinned=pinned)
-    assert y is not None  # encode() reads the label when asked to
-    return X, y
+    rows = read_rows(path, schema, max_bytes, pinned)
+    assert rows.y is not None  # read_rows reads the label
+    return rows.X, rows.y
+
+
+def read_rows(path: str | os.PathLike[str], schema: Schema, max_bytes: int | None = None, pinned: bool = False) -> Rows:
+    """A labelled table's rows, encoded by the schema, with the cells it filled; any bad row refused."""
+    rows = schema.rows(read_frame(path, max_bytes, schema.dialect), str(path), pinned=pinned)
+    rows.refuse()
+    return rows
 
 
 def _checked(data: Dataset, schema: Schema) -> Dataset:

@@ -108,6 +108,8 @@ class ServerRun:
         metrics: dict[str, Any] = {"rounds": rows, "failures": sum(row.get("failures", 0) for row in rows)}
         if "class_counts" in self.server:
             metrics["class_counts"] = self.server["class_counts"].tolist()
+        if "filled" in self.server:  # a deployed federation's owners (the simulation's Dataset has its files')
+            metrics["filled"] = json.loads(self.server["filled"].tobytes())
         if "observed_low" in self.server:
             metrics["observed_range"] = observed_record((self.server["observed_low"], self.server["observed_high"]))
         if self.config.dp:
@@ -133,7 +135,9 @@ class ServerRun:
             return problem
         nodes = wait_for_nodes(grid, config.clients, config.round_timeout, "sharing what the problem needs")
         classes = ",".join(str(int(c)) for c in problem.classes) if count else ""
-        asked = ConfigRecord({"n-features": len(problem.input_range[0]), "ranges": share, "classes": classes})
+        asked = ConfigRecord(
+            {"n-features": len(problem.input_range[0]), "ranges": share, "classes": classes, "filled": observe}
+        )
         messages = [
             Message(RecordDict({"config": asked}), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes
         ]
@@ -145,6 +149,11 @@ class ServerRun:
             shared = [tuple(m.content.array_records["range"].to_numpy_ndarrays()) for m in replies]
             if observe:  # the owners' rows alone
                 self.server["observed_low"], self.server["observed_high"] = merge_ranges(shared)  # type: ignore[arg-type]
+                filled: list[dict[str, Any]] = [
+                    dict(m.content.config_records["filled"]) for m in replies if "filled" in m.content
+                ]
+                owners = {f"owner {r.pop('client')}": r for r in sorted(filled, key=lambda r: int(str(r["client"])))}
+                self.server["filled"] = np.frombuffer(json.dumps(owners).encode(), np.uint8)  # kept by checkpoints
             if ranges:
                 merged = merge_ranges([*shared, shared_range(self.X_test)])  # type: ignore[list-item]
                 problem = dataclasses.replace(problem, input_range=merged)
