@@ -50,6 +50,7 @@ class Dataset:
     schema: dict[str, Any] | None = None  # a user's table: the schema it was encoded with (JSON form)
     source: dict[str, str] | None = None  # a user's table: {"data": FILE}, or {"owners": DIR, "test": FILE}
     owners: tuple[int, ...] = ()  # one file per owner: each owner's rows, in order, in X_train
+    leakage: dict[str, int] | None = None  # a user's table: test rows also training rows, duplicates (leakage.counts)
 
     @property
     def n_features(self) -> int:

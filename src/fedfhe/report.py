@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from fedfhe import decision, quality
+from fedfhe import decision, leakage, quality
 from fedfhe.artifacts import n_bits_label
 from fedfhe.fhe import CompiledModel
 from fedfhe.rundir import RunDir, md_cell
@@ -75,6 +75,7 @@ def build(
         "circuit": {"max_bit_width": compiled.max_bit_width, "bootstraps": compiled.bootstraps},
         "privacy": metrics.get("privacy"),
         "training": training,
+        **({"leakage": meta["leakage"]} if "leakage" in meta and data is None else {}),  # about the run's own rows
     }
 
 
@@ -187,6 +188,9 @@ def markdown(report: dict[str, Any]) -> str:
             else "off."
         )
     )
+    if "leakage" in report:
+        found = leakage.describe(report["leakage"])
+        lines += ["", f"Leakage check by row hashes (sha256 of each encoded row with its label): {found}."]
     lines.append("")
     return "\n".join(lines)
 

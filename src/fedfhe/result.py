@@ -43,6 +43,7 @@ def save(
             "local_fit": problem.kind.local_fit if config.clients > 1 else "centralized",
             "metrics": {k: metrics[k] for k in KEPT if k in metrics},
             **({"schema": dataset.schema} if dataset.schema is not None else {}),
+            **({"leakage": dataset.leakage} if dataset.leakage is not None else {}),
             **names(dataset),
         },
     )
