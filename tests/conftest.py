@@ -140,7 +140,8 @@ def serving(
 ) -> Iterator[Served]:
     """A real `fedfhe serve` on a free loopback port (https with --tls-cert), stopped and reaped whatever happens.
 
-    `nofile` caps the server's open descriptors (ulimit -n) before it starts.
+    It is used once it says `ready on URL`, which it must say only when it answers. `nofile` caps the server's
+    open descriptors (ulimit -n) before it starts.
     """
     port = free_port()
     url = f"{'https' if '--tls-cert' in options else 'http'}://127.0.0.1:{port}"
@@ -149,18 +150,16 @@ def serving(
     command = [*FEDFHE, *args]
     if nofile is not None:  # as a shell would start it after `ulimit -n`
         command = ["bash", "-c", f'ulimit -n {nofile} && exec "$@"', "bash", *command]
+    start = log.stat().st_size if log.exists() else 0  # a log may hold an earlier server's lines
     with open(log, "ab") as err:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=ENV)
     try:
         deadline = time.monotonic() + 90
-        while True:
+        while f"ready on {url}\n".encode() not in log.read_bytes()[start:]:
             assert proc.poll() is None, f"server exited with {proc.returncode}: {log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, "server did not become healthy in 90 s"
-            try:
-                if httpx.get(f"{url}/v1/health", timeout=1, verify=verify).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+            assert time.monotonic() < deadline, "server did not say it was ready in 90 s"
+            time.sleep(0.05)
+        assert httpx.get(f"{url}/v1/health", timeout=5, verify=verify).status_code == 200  # at once: no retry
         yield Served(url, log, store, proc.pid)
     finally:
         proc.terminate()  # SIGTERM: uvicorn shuts down and the pool stops its workers

@@ -111,10 +111,14 @@ def test_three_hospitals_with_rare_readmissions_get_an_operating_point_that_find
         readmissions(owners / f"hospital-{'abc'[seed]}.csv", 400, seed, oncology)
     test, fresh = readmissions(tmp_path / "test.csv", 400, 7, 0.33), readmissions(tmp_path / "new.csv", 400, 8, 0.33)
     schema, run = schema_file(tmp_path), tmp_path / "run"
-    done = cli("run", "--owners", str(owners), "--test", str(test), "--schema", schema, "--rounds", "5",
-               "--class-weight", "balanced", "--operating-point", "youden", "--fhe-samples", "5",
-               "--run", str(run))  # fmt: skip
+    args = ["--owners", str(owners), "--test", str(test), "--schema", schema, "--rounds", "5"]
+    refused = cli("train", *args, "--run", str(run))  # 5 test stays equal 5 of hospital-a's: an age, a ward, a BMI
+    assert refused.returncode == 2 and "test.csv: 5 of its 400 rows are also in the owners' files" in refused.stderr
+    # other patients with equal values: trained on all the same, and said so
+    done = cli("run", *args, "--allow-overlap", "--class-weight", "balanced", "--operating-point", "youden",
+               "--fhe-samples", "5", "--run", str(run))  # fmt: skip
     assert done.returncode == 0, done.stderr
+    assert "warning: row hashes: 5 of the 400 test rows are also training rows" in " ".join(done.stderr.split())
     assert "decision: readmitted when its score >= " in done.stderr and "youden, chosen on the run's 400" in done.stderr
     report = json.loads((run / "report.json").read_text())
     figures = report["metrics"]

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -304,6 +305,20 @@ def test_bad_federation_requests(tmp_path, digits, deployed):
     assert done.returncode == 2 and "unknown data set 'nope'" in done.stderr
     done = cli("federation", "up", "--dataset", "digits", "--strategy", "fedsgd", "--out", str(tmp_path))
     assert done.returncode == 2 and "unknown strategy 'fedsgd'" in done.stderr
+    with socket.socket() as taken:  # a range of one port, in use: too few for a SuperLink and 3 SuperNodes
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for ports, message in [
+            ("9000-8999", "--ports must be LOW-HIGH, two ports from 1 to 65535 with LOW <= HIGH (got '9000-8999')"),
+            ("0-10", "--ports must be LOW-HIGH"),
+            ("9000", "--ports must be LOW-HIGH"),
+            (f"{port}-{port}", f"--ports {port}-{port}: 0 free port(s) there; the federation needs 4 (the SuperLink"),
+        ]:
+            done = cli("federation", "up", "--dataset", "digits", "--clients", "3", "--ports", ports,
+                       "--out", str(tmp_path / "many"))  # fmt: skip
+            assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+            assert message in " ".join(done.stderr.split()), done.stderr
     assert not (tmp_path / "many").exists() and orphans(tmp_path) == []
 
 
@@ -335,6 +350,7 @@ def _wheel_federation(folder: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    (folder / "up.stderr").write_text(done.stderr)
 
 
 def _wheel_env(folder: Path) -> dict[str, str]:
@@ -373,6 +389,8 @@ def test_an_installed_wheel_trains_on_the_deployment_engine_from_outside_the_che
     assert Path(where.stdout.strip()).is_relative_to(wheel_federation / "site")  # the wheel's copy, not the checkout's
     model = LinearModel.load(elsewhere / "run" / "model.npz")
     assert model.metadata["training"]["clients"] == 3 and model.metadata["metrics"]["final"]["score"] > 0.2
+    said = (wheel_federation / "up.stderr").read_text()  # without --compile: what to run next
+    assert "next: fedfhe compile --run run, then fedfhe evaluate --run run" in said
     app = elsewhere / "run" / "federation" / "app"
     assert [p.name for p in app.iterdir()] == ["pyproject.toml"]  # no source: the SuperExec imports the wheel
     assert orphans(wheel_federation) == []

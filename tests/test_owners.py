@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ENV, Served, cli, copy_of, fedfhe, serving
+from conftest import ENV, Served, cli, copy_of, fedfhe, free_port, serving
 from test_table import STAY_SCHEMA, hospital, schema_file, stay
 
 from fedfhe import TrainConfig, pipeline, table
@@ -112,6 +112,14 @@ def test_each_owner_file_is_one_client(owners_run, hospitals, tmp_path):
     assert report["class_names"] == ["discharged", "readmitted"]
     metrics = report["metrics"]  # on the FHE outputs, with intervals; the positive class the schema names
     assert metrics["positive_class"] == "readmitted" and metrics["auc"]["rows"] == 150
+    found = {
+        "training_rows": 600,
+        "test_rows": 150,
+        "test_in_training": 0,
+        "training_duplicates": 4,
+        "test_duplicates": 0,
+    }
+    assert model.metadata["leakage"] == report["leakage"] == found  # by row hashes: no test row trained on
     assert metrics["auc"]["low"] <= metrics["auc"]["value"] <= metrics["auc"]["high"]
     shown = (owners_run / "report.md").read_text()
     assert (owners_run / "roc.png").is_file() and "| sensitivity (recall of readmitted) |" in shown
@@ -119,12 +127,14 @@ def test_each_owner_file_is_one_client(owners_run, hospitals, tmp_path):
     filled = "hospital-a.csv: bmi 4; hospital-b.csv: bmi 4; hospital-c.csv: bmi 4; test.csv (test): bmi 3"
     assert f"Missing cells in training, filled as the schema declares: {filled} (bmi: filled with 25)." in shown
     assert model.metadata["filled"]["test.csv (test)"] == {"bmi": 3}
+    assert "row hashes (sha256 of each encoded row with its label): 0 of the 150 test rows are also training" in shown
     run = copy_of(owners_run, tmp_path)
     again = cli("evaluate", "--run", str(run), "--fhe-samples", "5", "--data", str(test))
     assert again.returncode == 0, again.stderr
     assert json.loads((run / "report.json").read_text()) == report  # its own report, beside the run's
     external = json.loads((run / "evaluations" / "test.csv" / "report.json").read_text())
     assert external["evaluated_on"] == str(test.resolve()) and external["n_test"] == 150
+    assert "leakage" not in external  # the counts are about the run's own test rows, not this file's
 
 
 @pytest.mark.federation
@@ -313,6 +323,7 @@ def test_every_model_kind_trains_from_data_and_owners_compiles_exactly_and_serve
         ("absent-class", "class 'readmitted' of the schema has no training rows"),
         ("stray", "notes.txt: not a table (.csv, .xlsx, .parquet, .npz)"),
         ("test-inside", "the test file is one of the owners' files"),
+        ("test-copy", "150 of its 150 rows are also in the owners' files (rows equal to a test row: copy.npz 150)"),
     ],
 )
 def test_bad_owner_folders_are_one_line_and_write_nothing(hospitals, tmp_path, change, message):
@@ -340,6 +351,10 @@ def test_bad_owner_folders_are_one_line_and_write_nothing(hospitals, tmp_path, c
         (folder / "notes.txt").write_text("not a table")
     elif change == "test-inside":
         test = folder / "hospital-c.csv"
+    elif change == "test-copy":  # another format, columns in another order: the same rows to the model
+        copy = pd.read_csv(test)
+        np.savez(folder / "copy.npz", **{c: copy[c].to_numpy(dtype=str if copy[c].dtype == object else float)
+                                         for c in reversed(copy.columns)})  # fmt: skip
     extra = {"clients": ["--clients", "5"], "both": ["--data", str(test)], "dirichlet": ["--partitioning", "dirichlet"]
              }.get(change, [])  # fmt: skip
     given = [] if change == "no-test" else ["--test", str(test)]
@@ -355,10 +370,18 @@ def test_bad_owner_folders_are_one_line_and_write_nothing(hospitals, tmp_path, c
 def test_the_deployment_engine_trains_on_the_owners_own_files(owners_run, hospitals, tmp_path):
     shared, test, schema = hospitals
     owners = Path(shutil.copytree(shared, tmp_path / "owners"))  # one of its files is moved away below
-    out = tmp_path / "deployed"
+    out, low = tmp_path / "deployed", free_port()
+    ports = range(low, low + 20)
     done = cli("federation", "up", "--owners", str(owners), "--test", str(test), "--schema", str(schema),
-                  "--rounds", "3", "--class-weight", "balanced", "--out", str(out))  # fmt: skip
+               "--rounds", "3", "--class-weight", "balanced", "--ports", f"{low}-{low + 19}", "--compile",
+               "--out", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr
+    address = (out / "federation" / "flwr-home" / "config.toml").read_text().split('address = "127.0.0.1:')[1]
+    listening = [int(address.split('"')[0])]  # the SuperLink's, then each SuperNode's Runtime API
+    for i in range(3):
+        log = (out / "federation" / "logs" / f"supernode-{i}.log").read_text()
+        listening.append(int(log.split("Uvicorn running on http://127.0.0.1:")[1].split()[0]))
+    assert len(set(listening)) == 4 and all(port in ports for port in listening), listening
     assert list((out / "federation" / "data").iterdir()) == []  # no copies: each SuperNode read its CSV
     model, simulated = LinearModel.load(out / "model.npz"), LinearModel.load(owners_run / "model.npz")
     assert model.metadata["training"]["clients"] == 3 and model.metadata["schema"] == simulated.metadata["schema"]
@@ -367,12 +390,11 @@ def test_the_deployment_engine_trains_on_the_owners_own_files(owners_run, hospit
     assert model.metadata["observed_range"] == simulated.metadata["observed_range"]  # each SuperNode read its file
     filled = {f"owner {i}": {"bmi": 4} for i in range(3)}  # each SuperNode counted its own gaps
     assert model.metadata["filled"] == {**filled, "test.csv (test)": {"bmi": 3}}
+    assert model.metadata["leakage"] == simulated.metadata["leakage"]  # counted here, recorded by the ServerApp
     counts = json.loads((out / "metrics.json").read_text())["class_counts"]  # the nodes counted their own rows
     assert counts == json.loads((owners_run / "metrics.json").read_text())["class_counts"] and sum(counts) == 600
-    assert cli("compile", "--run", str(out)).returncode == 0
-    done = cli("evaluate", "--run", str(out), "--fhe-samples", "3")  # the owners' files, read again
-    assert done.returncode == 0, done.stderr
-    assert json.loads((out / "report.json").read_text())["agreement"]["fhe_vs_clear"] == 1.0
+    assert json.loads((out / "report.json").read_text())["agreement"]["fhe_vs_clear"] == 1.0  # --compile evaluated
+    assert "report: " in done.stderr and "next:" not in done.stderr
     (owners / "hospital-a.csv").rename(tmp_path / "away.csv")  # evaluating and tuning need only the test file
     try:
         tuned = cli("tune", "--run", str(out), "--n-bits", "6,8", "--latency-samples", "1", "--no-bit-pairs")

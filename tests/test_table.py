@@ -366,3 +366,67 @@ def test_train_and_run_refuse_an_owner_or_data_file_over_max_input_mb_before_rea
         done = cli(*args, "--schema", schema, "--out", str(out))
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert re.search(message, done.stderr) and not out.exists(), done.stderr
+
+
+def test_a_copy_of_the_test_file_among_the_owners_is_found_by_row_hashes_in_any_format(tmp_path):
+    """Hashes of what the model reads: the copy is Parquet with its columns shuffled, and still found."""
+    owners, out, schema = tmp_path / "owners", tmp_path / "run", schema_file(tmp_path)
+    owners.mkdir()
+    hospital(owners / "a.csv", rows=30)
+    test = hospital(tmp_path / "test.csv", rows=20, seed=9)
+    pd.read_csv(test)[["outcome", "bmi", "ward", "age", "patient"]].to_parquet(owners / "b.parquet")
+    done = cli("train", "--owners", str(owners), "--test", str(test), "--schema", schema, "--out", str(out))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and not out.exists(), done.stderr
+    assert "test.csv: 20 of its 20 rows are also in the owners' files (rows equal to a test row: b.parquet 20)" in (
+        " ".join(done.stderr.split())
+    )
+    hashes = tmp_path / "test.hashes"  # what a coordinator shares instead of its test rows
+    done = cli("schema", "hashes", str(test), "--schema", schema, "--out", str(hashes))
+    lines = hashes.read_text().splitlines()
+    assert done.returncode == 0 and len(lines) == 20 and lines == sorted(lines), done.stderr
+    assert all(re.fullmatch("[0-9a-f]{64}", line) for line in lines)
+    again = cli("schema", "hashes", str(test), "--schema", schema, "--out", str(hashes))
+    assert again.returncode == 2 and "already exists" in again.stderr and hashes.read_text().splitlines() == lines
+    again = cli("schema", "hashes", str(test), "--schema", schema, "--out", str(tmp_path / "test.txt"))
+    assert again.returncode == 2 and "name it *.hashes" in again.stderr and not (tmp_path / "test.txt").exists()
+    for against in (test, hashes):  # each owner checks its own file, against the table or its hashes
+        done = cli("schema", "check", str(owners / "a.csv"), "--schema", schema, "--against", str(against))
+        assert done.returncode == 0, done.stderr
+        assert "0 of the 20 test rows are also training rows; 0 of the 30" in " ".join(done.stderr.split())
+        done = cli("schema", "check", str(owners / "b.parquet"), "--schema", schema, "--against", str(against))
+        assert done.returncode == 2 and f"{against}: 20 of its 20 rows are also in the owners' files" in done.stderr
+    hashes.write_text(lines[0] + "\nnot a hash\n")
+    done = cli("schema", "check", str(owners / "a.csv"), "--schema", schema, "--against", str(hashes))
+    assert done.returncode == 2 and "test.hashes, line 2: not a row hash (64 lowercase hex digits)" in done.stderr
+
+
+def test_allow_overlap_trains_records_the_counts_and_resumes(tmp_path):
+    owners, out, schema = tmp_path / "owners", tmp_path / "run", schema_file(tmp_path)
+    owners.mkdir()
+    test = hospital(tmp_path / "test.csv", rows=20, seed=9)
+    frame = pd.read_csv(test)
+    other = pd.read_csv(hospital(tmp_path / "other.csv", rows=40, seed=1))  # no row equal to another or a test row
+    pd.concat([frame, frame.head(3), other]).to_csv(owners / "a.csv", index=False)  # one owner: trained centrally
+    args = ["train", "--owners", str(owners), "--test", str(test), "--schema", schema, "--allow-overlap"]
+    done = cli(*args, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    found = {
+        "training_rows": 63,
+        "test_rows": 20,
+        "test_in_training": 20,
+        "training_duplicates": 3,
+        "test_duplicates": 0,
+    }
+    assert "warning: row hashes: 20 of the 20 test rows are also training rows" in " ".join(done.stderr.split())
+    assert LinearModel.load(out / "model.npz").metadata["leakage"] == found
+    assert json.loads((out / "train_config.json").read_text())["training"]["allow_overlap"] is True
+    done = cli("train", "--resume", str(out))  # reads the owners' files again, as the run was allowed to
+    assert done.returncode == 0, done.stderr
+    settings = {"schema": Path(schema).read_text(), "test-file": str(test), "leakage": json.dumps(found)}
+    assert _server_data(settings, seed=0).leakage == found  # as `federation up` hands the counts to the ServerApp
+    with pytest.raises(FedfheError, match="^run config leakage: not row-hash counts"):
+        _server_data({**settings, "leakage": '{"test_rows": "all"}'}, seed=0)
+    data = table.load(owners / "a.csv", table.Schema.load(schema))  # one table, split: copies may land on both sides
+    assert data.leakage is not None and data.leakage["training_rows"] + data.leakage["test_rows"] == 63
+    repeats = data.leakage["test_in_training"] + data.leakage["training_duplicates"] + data.leakage["test_duplicates"]
+    assert repeats == 3  # each of the 3 copies repeats a row on its side of the split, or has it on the other

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedfhe.config import TrainConfig, parse_params
+from fedfhe.config import DATA, TrainConfig, parse_params
 from fedfhe.data import DATASETS
 from fedfhe.errors import FedfheError
 
@@ -32,7 +32,7 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
-DATA, FHE, OUTPUT = "Data", "FHE compilation and evaluation", "Output"  # option panels in --help
+FHE, OUTPUT = "FHE compilation and evaluation", "Output"  # option panels in --help (training's: config.py)
 TableData = Annotated[
     Path | None,
     typer.Option(
@@ -179,7 +179,8 @@ EXAMPLES: dict[str, list[str]] = {  # shown under each command's --help
     "federation up": [
         "fedfhe federation up --clients 3 --rounds 2 --run runs/fed",
         "fedfhe federation up --clients 3 --secagg --dp --audit --run runs/fed3",
-        "fedfhe federation up --owners hospitals/ --test test.csv --schema schema.json --run runs/hfed",
+        "fedfhe federation up --owners hospitals/ --test test.csv --schema schema.json --run runs/hfed --compile",
+        "fedfhe federation up --clients 3 --ports 9092-9099 --run runs/fed   # ports a firewall lets through",
     ],
     "schema infer": [
         "fedfhe schema infer hospital-a.csv --label outcome --ignore patient --out schema.json",
@@ -192,6 +193,10 @@ EXAMPLES: dict[str, list[str]] = {  # shown under each command's --help
     ],
     "schema check": [
         "fedfhe schema check hospital-b.csv --schema schema.json",
+        "fedfhe schema check hospital-b.csv --schema schema.json --against test.hashes   # no test row in it?",
+    ],
+    "schema hashes": [
+        "fedfhe schema hashes test.csv --schema schema.json --out test.hashes   # for the owners' --against",
     ],
 }
 
@@ -363,6 +368,16 @@ def _trained(model: Any, out: Path) -> None:
         console.print(
             f"Concrete ML's own quantized model (8 bits, clear): test {name} {metrics['concrete_quantized']:.4g}"
         )
+    _rows(model.metadata)
+
+
+def _rows(metadata: dict[str, Any]) -> None:
+    """A warning when a test row of a user's table is a training row too (by row hashes): its figures are optimistic."""
+    from fedfhe.leakage import describe
+
+    found = metadata.get("leakage")
+    if found and found["test_in_training"]:
+        console.print(f"[yellow]warning:[/yellow] row hashes: {describe(found)}", highlight=False, soft_wrap=True)
 
 
 def _compiled(compiled: Any, out: Path) -> None:
@@ -434,7 +449,16 @@ def train(
         else:
             _warn_unused(dataset, data_dir, data is not None or owners is not None)
             split = pipeline.dataset(
-                dataset, config.seed, data_dir, data, schema, owners, test, max_input_mb, positive_class
+                dataset,
+                config.seed,
+                data_dir,
+                data,
+                schema,
+                owners,
+                test,
+                max_input_mb,
+                positive_class,
+                config.allow_overlap,
             )
             model = pipeline.train(split, config, out, bars, verbose, force=force)
     _trained(model, target)
@@ -533,7 +557,16 @@ def run(
     _warn_unused(dataset, data_dir, data is not None or owners is not None)
     with _training(out) as bars, fhe.scratch():
         split = pipeline.dataset(
-            dataset, config.seed, data_dir, data, schema, owners, test, max_input_mb, positive_class
+            dataset,
+            config.seed,
+            data_dir,
+            data,
+            schema,
+            owners,
+            test,
+            max_input_mb,
+            positive_class,
+            config.allow_overlap,
         )
         result = pipeline.run(
             split,
@@ -685,6 +718,20 @@ def federation_up(
     audit: Annotated[
         bool, typer.Option("--audit", help="Keep every reply the server receives in OUT/federation/audit/.")
     ] = False,
+    ports: Annotated[
+        str | None,
+        typer.Option(
+            help="TCP ports LOW-HIGH the SuperLink and the SuperNodes listen on (the first free ones; default: any)."
+        ),
+    ] = None,
+    compile_: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="Then compile the model and evaluate it in FHE, as `fedfhe compile` and `fedfhe evaluate` do by default.",
+            rich_help_panel=FHE,
+        ),
+    ] = False,
     force: Force = False,
     positive_class: PositiveClass = None,
 ) -> None:
@@ -692,11 +739,21 @@ def federation_up(
 
     With --owners, SuperNode i reads the i-th owner file itself, encoded by --schema; the server holds --test.
     """
-    from fedfhe import pipeline
-    from fedfhe.federated import deployment
+    import shlex
 
+    from fedfhe import fhe, pipeline
+    from fedfhe.federated import deployment
+    from fedfhe.rundir import RunDir
+
+    port_range = None if ports is None else deployment.parse_ports(ports)
     data = pipeline.dataset(
-        dataset, config.seed, schema=schema, owners=owners, test=test, positive_class=positive_class
+        dataset,
+        config.seed,
+        schema=schema,
+        owners=owners,
+        test=test,
+        positive_class=positive_class,
+        allow_overlap=config.allow_overlap,
     )
     if insecure:
         console.print("[yellow]warning:[/yellow] --insecure: traffic is not encrypted and any SuperNode may join")
@@ -713,8 +770,20 @@ def federation_up(
             audit=audit,
             force=force,
             on_round=lambda r, m: bars.update(r, **({score: m["score"]} if "score" in m else {})),
+            ports=port_range,
         )
     console.print(f"trained on the Deployment Engine -> {path} (logs in {out / 'federation' / 'logs'})")
+    _rows(RunDir(out).load_model().metadata)
+    if not compile_:
+        run = shlex.quote(str(out))
+        console.print(f"next: fedfhe compile --run {run}, then fedfhe evaluate --run {run}", soft_wrap=True)
+        return
+    with _bars() as live, fhe.scratch():
+        bars = Bars(live)
+        compiled = pipeline.compile_run(out, progress=bars)
+        summary = pipeline.evaluate_run(out, progress=bars)
+    _compiled(compiled, out)
+    _show(summary, out)
 
 
 @federation_app.command("certs", epilog=_examples("federation certs"))
@@ -835,9 +904,16 @@ def schema_check(
     schema: Annotated[Path, typer.Option(help="The schema the parties agreed on (JSON).")],
     sep: Sep = None,
     decimal: Decimal = None,
+    against: Annotated[
+        Path | None,
+        typer.Option(
+            help="The held-out test table, or its row hashes (.hashes, from `fedfhe schema hashes`): count the rows "
+            "FILE shares with it and refuse any."
+        ),
+    ] = None,
 ) -> None:
     """Read a table as training would: every column by name, every value against the schema; one line per refusal."""
-    from fedfhe import table
+    from fedfhe import leakage, table
 
     agreed = table.Schema.load(schema)
     frame = table.read_frame(file, dialect=agreed.dialect.override(sep, decimal))
@@ -857,6 +933,33 @@ def schema_check(
         soft_wrap=True,
         highlight=False,
     )
+    if against is None:
+        return
+    if against.suffix == leakage.HASHES:
+        test = leakage.read(against)
+    else:
+        test = leakage.row_hashes(*table.read_labelled(against, agreed))
+    found = leakage.check_owners({str(file): leakage.row_hashes(X, y)}, str(against), test, allow=False)
+    console.print(f"{file} against {against}, row hashes: {leakage.describe(found)}", highlight=False, soft_wrap=True)
+
+
+@schema_app.command("hashes", epilog=_examples("schema hashes"))
+def schema_hashes(
+    file: TableFile,
+    schema: Annotated[Path, typer.Option(help="The schema the parties agreed on (JSON).")],
+    out: Annotated[Path, typer.Option(help="Write the hashes here (a .hashes file).")],
+) -> None:
+    """Hash each row of a table as the model reads it (sha256 of its encoded inputs and label): owners check their
+    files against these with `schema check --against` without seeing the rows."""
+    from fedfhe import leakage, table
+
+    if out.suffix != leakage.HASHES:
+        raise FedfheError(f"--out {out}: name it *{leakage.HASHES} (what `schema check --against` takes as hashes)")
+    if out.exists():
+        raise FedfheError(f"{out} already exists: choose another --out (nothing was written)")
+    rows = leakage.row_hashes(*table.read_labelled(file, table.Schema.load(schema)))
+    leakage.write(out, rows)
+    console.print(f"{len(rows)} row hashes of {file} -> {out} (sorted, one a line)", soft_wrap=True)
 
 
 @app.command(epilog=_examples("card"))
@@ -938,7 +1041,12 @@ def serve(
     pool = Evaluator(RunDir(run).fhe, workers, threads)
     app = create_app(run, key_store, workers, limits, access, pool)
     tls = None if tls_cert is None or tls_key is None else (tls_cert, tls_key)
-    listener = network.listener(app, host, port, tls, read_timeout, max_connections)
+
+    def ready(url: str) -> None:
+        """Say where the service answers, once it does (a script may wait for this line)."""
+        console.print(f"ready on {url}", highlight=False, soft_wrap=True)
+
+    listener = network.listener(app, host, port, tls, read_timeout, max_connections, ready)
     with console.status(f"loading the circuit in {workers} FHE worker(s)"):
         pool.start()
     listener.run()

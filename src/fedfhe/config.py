@@ -27,7 +27,7 @@ ENGINES = ("sklearn", "concrete")
 SERVER_OPTIMIZERS = {"sgd": 1.0, "adam": 0.03, "yogi": 0.03}  # each optimizer's default --server-lr
 CLIPPINGS = ("adaptive", "fixed")
 RunConfig = dict[str, bool | int | float | str]
-SECAGG, DP = "Secure aggregation", "Differential privacy"  # option panels in --help
+DATA, SECAGG, DP = "Data", "Secure aggregation", "Differential privacy"  # option panels in --help
 
 
 def option(default: Any, help: str, panel: str = "Training", key: str | None = None) -> Any:
@@ -67,6 +67,12 @@ class TrainConfig:
     engine: str = option("sklearn", f"{_choices(ENGINES)} (fit Concrete ML's own estimator; --clients 1).")
     input_ranges: str = option(
         "schema", "schema (the data set's declared ranges) | clients (owners share rounded min/max)."
+    )
+    allow_overlap: bool = option(
+        False,
+        "Train although rows of the --test file are in the owners' files (found by row hashes; refused otherwise): "
+        "for other records that happen to have equal values.",
+        DATA,
     )
     strategy: str = option("fedavg", f"Aggregation: {_choices(STRATEGIES)}.")
     proximal_mu: float = option(0.1, "FedProx proximal strength, relative to the mean loss.")

@@ -51,6 +51,7 @@ class Dataset:
     source: dict[str, str] | None = None  # a user's table: {"data": FILE}, or {"owners": DIR, "test": FILE}
     owners: tuple[int, ...] = ()  # one file per owner: each owner's rows, in order, in X_train
     filled: dict[str, dict[str, int]] | None = None  # a user's table: per file, the cells filled per feature
+    leakage: dict[str, int] | None = None  # a user's table: test rows also training rows, duplicates (leakage.counts)
 
     @property
     def n_features(self) -> int:

@@ -71,12 +71,14 @@ def dataset(
     test: PathLike | None = None,
     max_input_mb: float | None = None,
     positive_class: str | None = None,
+    allow_overlap: bool = False,
 ) -> Dataset:
     """A bundled data set by name, or the user's own table (`data`), or one file per owner with a test file.
 
     A user's file larger than `max_input_mb` MiB is refused before it is read. Of two classes in a
     user's table, one must be named positive, by the schema or `positive_class` (which overrides it):
     never the first or last by position. A bundled data set names its own (breast-cancer: malignant).
+    A row of the test file in an owner's file is refused unless `allow_overlap`.
     """
     limit = _max_bytes(max_input_mb)
     if data is None and schema is None and owners is None and test is None:
@@ -92,18 +94,27 @@ def dataset(
     agreed = table.Schema.load(schema).with_positive(positive_class)
     agreed.check_positive()
     if owners is not None and test is not None:
-        return table.load_owners(owners, test, agreed, limit)
+        return table.load_owners(owners, test, agreed, limit, allow_overlap)
     assert data is not None  # checked above
     return table.load(data, agreed, seed, max_bytes=limit)
 
 
-def _split_of(target: RunDir, name: str, seed: int, data_dir: PathLike | None, test_only: bool = False) -> Dataset:
+def _split_of(
+    target: RunDir,
+    name: str,
+    seed: int,
+    data_dir: PathLike | None,
+    test_only: bool = False,
+    allow_overlap: bool = False,
+) -> Dataset:
     """The run's data again: a bundled one by name, or the user's files with the schema the run kept.
 
-    `test_only`: the test rows are all that is needed (the owners' files are not read again).
+    `test_only`: the test rows are all that is needed (the owners' files are not read again). `allow_overlap`:
+    as the run was trained (test rows in an owner's file are refused otherwise).
     """
     if target.schema_file.exists():
-        return table.reload(target.read_source(), table.Schema.load(target.schema_file), seed, test_only)
+        schema = table.Schema.load(target.schema_file)
+        return table.reload(target.read_source(), schema, seed, test_only, allow_overlap)
     return load_dataset(name, data_dir=data_dir, seed=seed)
 
 
@@ -178,7 +189,8 @@ def resume(run_dir: PathLike, data_dir: PathLike | None = None, progress: Progre
     """Continue an interrupted run from its last checkpoint, with the data set and config it started with."""
     target = RunDir(run_dir)
     name, config = target.read_config()
-    return train(_split_of(target, name, config.seed, data_dir), config, target.path, progress, resume=True)
+    split = _split_of(target, name, config.seed, data_dir, allow_overlap=config.allow_overlap)
+    return train(split, config, target.path, progress, resume=True)
 
 
 def compile_run(
@@ -357,8 +369,8 @@ def tune_run(
     if positive_class is not None:
         _check_positive(positive_class, model.is_regression, [int(c) for c in model.classes], model.class_names, None)
     scoring = tuning.metric_for(metric, model, outputs, positive_class)
-    seed = model.metadata["training"]["seed"]
-    split = _split_of(target, model.metadata["dataset"], seed, data_dir, test_only=sweep is None)
+    seed, allow = model.metadata["training"]["seed"], model.metadata["training"].get("allow_overlap", False)
+    split = _split_of(target, model.metadata["dataset"], seed, data_dir, sweep is None, allow)
     if not 1 <= latency_samples <= len(split.y_test):
         raise FedfheError(f"--latency-samples must be between 1 and the {len(split.y_test)} test samples")
     grid: dict[str, list[Any]] = {"n_bits": sorted({bit_pair(n): n for n in n_bits}.values(), key=bit_pair)}

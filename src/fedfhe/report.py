@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from fedfhe import decision, quality, table
+from fedfhe import decision, leakage, quality, table
 from fedfhe.artifacts import n_bits_label
 from fedfhe.fhe import CompiledModel
 from fedfhe.rundir import RunDir, md_cell
@@ -76,6 +76,7 @@ def build(
         "privacy": metrics.get("privacy"),
         "training": training,
         **({"filled": meta["filled"], "missing": table.missing_rules(meta["schema"])} if "filled" in meta else {}),
+        **({"leakage": meta["leakage"]} if "leakage" in meta and data is None else {}),  # about the run's own rows
     }
 
 
@@ -188,6 +189,9 @@ def markdown(report: dict[str, Any]) -> str:
             else "off."
         )
     )
+    if "leakage" in report:
+        found = leakage.describe(report["leakage"])
+        lines += ["", f"Leakage check by row hashes (sha256 of each encoded row with its label): {found}."]
     lines.append("")
     if "filled" in report:
         rules = "; ".join(report["missing"]) or "every missing cell is refused"

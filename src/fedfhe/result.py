@@ -45,6 +45,7 @@ def save(
             **({"schema": dataset.schema} if dataset.schema is not None else {}),
             **({"observed_range": metrics["observed_range"]} if "observed_range" in metrics else {}),
             **({"filled": {**metrics.get("filled", {}), **dataset.filled}} if dataset.filled is not None else {}),
+            **({"leakage": dataset.leakage} if dataset.leakage is not None else {}),
             **names(dataset),
         },
     )

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fedfhe import leakage
 from fedfhe.data import Dataset, assemble, check_size, split_dataset
 from fedfhe.data import as_text as _as_text
 from fedfhe.errors import FedfheError
@@ -502,7 +503,7 @@ def load(
 ) -> Dataset:
     """A user's table as a data set: encoded by the schema, split as the bundled ones (seeded, stratified).
 
-    A file over `max_bytes` is not read.
+    A file over `max_bytes` is not read. Repeated rows are counted (a copy may land on both sides of the split).
     """
     path = Path(path).resolve()
     rows = read_rows(path, schema, max_bytes)
@@ -513,7 +514,8 @@ def load(
     except ValueError as exc:  # scikit-learn's split: too few rows, or a class with one row
         raise FedfheError(f"{path}: cannot split {len(y)} rows into train and test ({exc})") from None
     filled = {path.name: rows.filled_counts(schema)}
-    data = dataclasses.replace(data, schema=schema.to_dict(), source={"data": str(path)}, filled=filled)
+    source, found = {"data": str(path)}, _split_rows(data)
+    data = dataclasses.replace(data, schema=schema.to_dict(), source=source, filled=filled, leakage=found)
     return _checked(data, schema)
 
 
@@ -531,11 +533,15 @@ def owner_files(folder: str | os.PathLike[str]) -> list[Path]:
 
 
 def load_owners(
-    folder: str | os.PathLike[str], test: str | os.PathLike[str], schema: Schema, max_bytes: int | None = None
+    folder: str | os.PathLike[str],
+    test: str | os.PathLike[str],
+    schema: Schema,
+    max_bytes: int | None = None,
+    allow_overlap: bool = False,
 ) -> Dataset:
     """One file per data owner (each a client, its rows kept together) and the server's held-out test file.
 
-    A file over `max_bytes` is not read.
+    A file over `max_bytes` is not read. A row of the test file in an owner's file is refused unless `allow_overlap`.
     """
     folder, test = Path(folder).resolve(), Path(test).resolve()
     files = [p.resolve() for p in owner_files(folder)]
@@ -556,6 +562,7 @@ def load_owners(
         rows.refuse()
     tested = read_rows(test, schema, max_bytes)
     assert tested.y is not None  # read_rows reads the label
+    found = _owner_rows(files, [(rows.X, rows.y) for rows in encoded], test, tested.X, tested.y, allow_overlap)
     data = assemble(
         str(folder),
         np.vstack([rows.X for rows in encoded]),
@@ -569,8 +576,21 @@ def load_owners(
     sizes = tuple(len(rows.X) for rows in encoded)
     filled = {path.name: rows.filled_counts(schema) for path, rows in zip(files, encoded)}
     filled[f"{test.name} (test)"] = tested.filled_counts(schema)
-    data = dataclasses.replace(data, schema=schema.to_dict(), source=source, owners=sizes, filled=filled)
+    data = dataclasses.replace(data, schema=schema.to_dict(), source=source, owners=sizes, filled=filled, leakage=found)
     return _checked(data, schema)
+
+
+def _owner_rows(
+    files: list[Path], encoded: list[Any], test: Path, X_test: np.ndarray, y_test: np.ndarray, allow_overlap: bool
+) -> dict[str, int]:
+    """The owners' rows against the test file's, by row hashes (leakage.check_owners)."""
+    owned = {str(path): leakage.row_hashes(X, y) for path, (X, y) in zip(files, encoded)}
+    return leakage.check_owners(owned, str(test), leakage.row_hashes(X_test, y_test), allow_overlap)
+
+
+def _split_rows(data: Dataset) -> dict[str, int]:
+    """A split table's test rows against its training rows, by row hashes."""
+    return leakage.counts(leakage.row_hashes(data.X_train, data.y_train), leakage.row_hashes(data.X_test, data.y_test))
 
 
 def held_out(test: str | os.PathLike[str], schema: Schema) -> Dataset:
@@ -586,12 +606,14 @@ def held_out(test: str | os.PathLike[str], schema: Schema) -> Dataset:
     return dataclasses.replace(data, classes=classes, schema=schema.to_dict(), source=source, filled=filled)
 
 
-def reload(source: dict[str, str], schema: Schema, seed: int, test_only: bool = False) -> Dataset:
+def reload(
+    source: dict[str, str], schema: Schema, seed: int, test_only: bool = False, allow_overlap: bool = False
+) -> Dataset:
     """A run's data again, from the files it recorded; `test_only` reads no owner's file when a test file will do."""
     if "test" in source and (test_only or "owners" not in source):
         return held_out(source["test"], schema)
     if "owners" in source:
-        return load_owners(source["owners"], source["test"], schema)
+        return load_owners(source["owners"], source["test"], schema, allow_overlap=allow_overlap)
     return load(source["data"], schema, seed)
 
 

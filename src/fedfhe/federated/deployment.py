@@ -45,6 +45,7 @@ RUN_SETTINGS: RunConfig = {
     "schema": "",
     "test-file": "",
     "owners-dir": "",
+    "leakage": "",
 }
 POLL = "0.25"  # seconds between the SuperExec's looks for work (Flower's default: 1)
 STATUS_EVERY = 0.5  # seconds between looks at a run's checkpoints and status (a request of a few ms)
@@ -71,6 +72,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def parse_ports(text: str) -> range:
+    """`--ports LOW-HIGH` as the range of ports it names, or a one-line error."""
+    low, dash, high = text.partition("-")
+    if dash and low.strip().isdigit() and high.strip().isdigit() and 1 <= int(low) <= int(high) <= 65535:
+        return range(int(low), int(high) + 1)
+    raise FedfheError(f"--ports must be LOW-HIGH, two ports from 1 to 65535 with LOW <= HIGH (got {text!r})")
+
+
+def free_ports(count: int, ports: range | None = None) -> list[int]:
+    """`count` loopback TCP ports nothing listens on right now: any, or the first free ones of `ports`."""
+    if ports is None:
+        return [free_port() for _ in range(count)]
+    found: list[int] = []
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # taken, or privileged
+                continue
+        found.append(port)
+        if len(found) == count:
+            return found
+    raise FedfheError(
+        f"--ports {ports.start}-{ports.stop - 1}: {len(found)} free port(s) there; the federation needs {count} "
+        f"(the SuperLink and {count - 1} SuperNode(s))"
+    )
 
 
 class Processes:
@@ -256,24 +285,26 @@ def up(
     force: bool = False,
     on_started: Callable[[Processes], None] | None = None,
     on_round: Callable[[int, dict[str, float]], None] | None = None,
+    ports: range | None = None,
 ) -> Path:
     """Run one training on a loopback federation; returns out/model.npz. Every process is stopped.
 
     The config is the one `train` takes, SecAgg+ and DP included. insecure=True drops TLS and node
     authentication: only for debugging. audit=True keeps every reply the server receives in
     out/federation/audit/. A folder holding a run is refused unless force=True (its files go first).
+    The SuperLink and the SuperNodes listen on free ports of `ports` (a firewall's opening), else on any.
     """
     config.problem(dataset)
     run = RunDir(Path(out).resolve())
     if run.holds_run() and not force:
         raise FedfheError(f"{run.path} already holds a run: pass --force to start over (its files are removed first)")
+    port, *node_ports = free_ports(1 + config.clients, ports)  # one SuperNode per client
     if force:
         run.clear()
     run.create()
     work = run.federation
     for folder in ("flwr-home", "logs", "data", "keys"):
         (work / folder).mkdir(parents=True, exist_ok=True)
-    port = free_port()
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # SuperExecs start flwr-serverapp/-clientapp by name
@@ -290,6 +321,7 @@ def up(
             "schema": json.dumps(dataset.schema, separators=(",", ":")),
             "test-file": dataset.source["test"],
             "owners-dir": dataset.source["owners"],
+            "leakage": json.dumps(dataset.leakage) if dataset.leakage is not None else "",
         }
     elif dataset.source is None:
         files = write_owner_files(
@@ -329,7 +361,7 @@ def up(
                 private, public = pair
                 control.register(public)
             node_config = f"data-file='{files[i]}' partition-id={i} num-partitions={config.clients}"
-            command = supernode_command(port, certs, private, node_config, secret=secret)
+            command = supernode_command(port, certs, private, node_config, secret=secret, runtime_port=node_ports[i])
             procs.start(f"supernode-{i}", command, cwd=work / f"node-{i}")
 
         with ThreadPoolExecutor(4) as pool:  # the run is submitted while nodes join: the ServerApp waits for them
@@ -414,11 +446,13 @@ def supernode_command(
     node_config: str,
     superlink: str = "127.0.0.1",
     secret: Path | None = None,
+    runtime_port: int | None = None,
 ) -> list[str]:
     """A data owner's SuperNode reaching the SuperLink at superlink:port: trusts our CA, proves itself with its key.
 
     fedfhe-supernode is flower-supernode with warm ClientApp processes and a short idle poll (supernode.py);
     with a secret, it starts its SuperExec with it, and only that SuperExec claims the node's ClientApp tasks.
+    Its Runtime API listens on loopback at `runtime_port` (default: any free port).
     """
     tls = ["--insecure"] if certs is None else [f"--root-certificates={certs / 'ca.crt'}"]
     auth = [] if private_key is None else [f"--auth-supernode-private-key={private_key}"]
@@ -429,7 +463,7 @@ def supernode_command(
         *tls,
         *auth,
         *signed,
-        f"--port={free_port()}",
+        f"--port={runtime_port or free_port()}",
         "--max-retries=5",
         f"--node-config={node_config}",
     ]

@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedfhe import result, table
+from fedfhe import leakage, result, table
 from fedfhe.config import TrainConfig
 from fedfhe.data import Dataset, load_dataset
 from fedfhe.errors import FedfheError
@@ -346,6 +346,8 @@ def _server_data(settings: dict[str, Any], seed: int) -> Dataset:
     schema = table.Schema.from_json(str(settings["schema"]), "run config schema")
     schema.check_positive()
     data = table.held_out(str(settings["test-file"]), schema)
+    if settings.get("leakage"):  # the row-hash counts the coordinator found before training
+        data = dataclasses.replace(data, leakage=leakage.parse(str(settings["leakage"]), "run config leakage"))
     owners = str(settings.get("owners-dir", ""))
     return dataclasses.replace(data, name=owners, source={"owners": owners, **(data.source or {})}) if owners else data
 

@@ -192,6 +192,20 @@ def check_tls(cert: str | os.PathLike[str], key: str | os.PathLike[str]) -> ssl.
     return context
 
 
+class Listener(uvicorn.Server):
+    """uvicorn's server, which calls `ready(url)` once it accepts connections."""
+
+    def __init__(self, config: uvicorn.Config, url: str, ready: Callable[[str], None]) -> None:
+        super().__init__(config)
+        self.url, self.ready = url, ready
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        """Listen; then say so (a port that cannot be bound ends the process before: uvicorn's exit 1)."""
+        await super().startup(sockets)
+        if self.started:
+            self.ready(self.url)
+
+
 def listener(
     app: Any,
     host: str = "127.0.0.1",
@@ -199,10 +213,11 @@ def listener(
     tls: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
     read_timeout: float = 30.0,
     max_connections: int | None = None,
-) -> uvicorn.Server:
+    ready: Callable[[str], None] = lambda url: None,
+) -> Listener:
     """A server for the app, every setting checked (nothing listens yet); HTTPS when `tls` (cert, key) is given.
 
-    `.run()` answers until SIGINT or SIGTERM.
+    `.run()` answers until SIGINT or SIGTERM, calling `ready` with the server's URL once it accepts connections.
     """
     if not 1 <= port <= 65535:
         raise FedfheError(f"--port must be between 1 and 65535 (got {port})")
@@ -221,4 +236,5 @@ def listener(
         log_level="warning",
         access_log=False,
     )
-    return uvicorn.Server(config)
+    address = f"[{host}]" if ":" in host else host
+    return Listener(config, f"{'http' if tls is None else 'https'}://{address}:{port}", ready)
