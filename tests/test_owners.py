@@ -116,7 +116,7 @@ def test_each_owner_file_is_one_client(owners_run, hospitals, tmp_path):
         "training_rows": 600,
         "test_rows": 150,
         "test_in_training": 0,
-        "training_duplicates": 4,
+        "training_duplicates": 3,
         "test_duplicates": 0,
     }
     assert model.metadata["leakage"] == report["leakage"] == found  # by row hashes: no test row trained on

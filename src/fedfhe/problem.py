@@ -103,12 +103,13 @@ def shared_range(X: np.ndarray) -> Range:
     """
 
     def outward(values: np.ndarray, direction: Any) -> np.ndarray:
-        magnitude = 10.0 ** (np.floor(np.log10(np.where(values == 0, 1.0, np.abs(values)))) - 1)
-        return direction(values / magnitude) * magnitude
+        scale = 10.0 ** (1 - np.floor(np.log10(np.where(values == 0, 1.0, np.abs(values)))))
+        # divided by an exact power of ten (10.0 ** -1 is not one), rounded first: 5 stays 5, not 5.1
+        return direction(np.round(values * scale, 6)) / scale  # type: ignore[no-any-return]
 
     low, high = outward(X.min(axis=0), np.floor), outward(X.max(axis=0), np.ceil)
     constant = high <= low
-    # numpy's 10.0 ** -1 is 0.09999999999999999, so 7 rounded up came out 6.999999999999999: never round inward
+    # the rounding before floor/ceil may move a value inward by a hair: never round inward
     low, high = np.minimum(low, X.min(axis=0)), np.maximum(high, X.max(axis=0))
     return low, np.where(constant, low + np.maximum(np.abs(low), 1.0) * 0.01, high)
 
