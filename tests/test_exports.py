@@ -34,7 +34,7 @@ def admissions(rows: int, seed: int) -> pd.DataFrame:
             "sex": sex,
             "hba1c": hba1c.astype(object),
             "prior_admissions": prior,
-            "readmitted_30d": np.where(risk > 1.2, "yes", "no"),
+            "readmitted_30d": np.where(risk > 2.5, "yes", "no"),  # about a third readmitted: the rarer class
         }
     )
 
@@ -203,3 +203,69 @@ def test_an_ambiguous_file_is_refused_and_a_declared_dialect_reads_it(tmp_path):
     with pytest.raises(FedfheError, match="cannot tell the decimal mark \\(cells '2.5' and '1,5'\\): give --decimal"):
         table.read_frame(mixed)
     assert table.read_frame(mixed, dialect=Dialect(decimal=",")).to_dict("list") == {"a": [1.5, "2.5"], "b": [2, 3]}
+
+
+def test_schema_infer_drafts_one_schema_from_every_owners_export_with_a_line_per_decision(tmp_path):
+    owners = tmp_path / "owners"
+    owners.mkdir()
+    files = [export_a(owners / "a.csv"), export_b(owners / "b.csv"), export_c(owners / "c.parquet")]
+    out = tmp_path / "draft.json"
+    done = cli("schema", "infer", *map(str, files), "--label", "readmitted_30d", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    for line in [
+        "warning: patient_id: ignored: an identifier (360 distinct values in 360 cells); --keep patient_id to keep it",
+        ("warning: admission_date: ignored: dates (e.g. '2026-05-29'; a number derived from them, such as days since "
+         "an event, may do); --keep admission_date to keep it"),
+        "sex: 4 categories: 'F', 'M', 'female', 'male'",
+        ("warning: sex: 'female', 'male' only in c.parquet; 'F', 'M' only in a.csv, b.csv: if some mean the same, "
+         'keep one under "categories" and map the others onto it with "aliases"'),
+        ('warning: hba1c: missing cells (14 in a.csv, 18 in b.csv, 0 in c.parquet) are refused until its entry says '
+         '"missing": a number to fill them with, or "indicator" (an extra 0/1 input marks them)'),
+        "readmitted_30d: the label, 2 classes: 'no', 'yes'",
+        ("warning: readmitted_30d: \"aliases\" map 'no ' onto 'no' and 'Yes', 'yes ' onto 'yes' (they differ only "
+         "by case or spaces around)"),
+    ]:  # fmt: skip
+        assert line in lines, done.stderr
+    assert "positive class proposed: 'yes', the rarer of the two in a.csv, b.csv, c.parquet" in done.stderr
+    draft = json.loads(out.read_text())
+    kinds = {f["name"]: f.get("categories") or (f["low"], f["high"]) for f in draft["features"]}
+    assert kinds == {"age": (20, 89), "sex": ["F", "M", "female", "male"], "hba1c": (4.5, 11), "prior_admissions":
+                     (0, 5.1)} and all("missing" not in f for f in draft["features"])  # fmt: skip
+    assert draft["ignore"] == ["patient_id", "admission_date"]
+    assert draft["label"] == {**SCHEMA["label"], "name": "readmitted_30d"}  # classes no, yes; Yes, "yes ", "no " mapped
+    folder = cli("schema", "infer", str(owners), "--label", "readmitted_30d")  # a folder: its tables, by name
+    assert folder.returncode == 0 and json.loads(folder.stdout) == draft, folder.stderr
+    features = {f["name"]: f for f in draft["features"]}
+    features["sex"] = {"name": "sex", "categories": ["F", "M"], "aliases": {"female": "F", "male": "M"}}
+    features["hba1c"]["missing"] = "indicator"
+    (tmp_path / "schema.json").write_text(json.dumps({**draft, "features": list(features.values())}))
+    for path in files:
+        checked = cli("schema", "check", str(path), "--schema", str(tmp_path / "schema.json"))
+        assert checked.returncode == 0, checked.stderr
+
+
+def test_a_draft_flags_odd_numbers_spellings_and_free_text_and_keeps_what_it_is_told(tmp_path):
+    from fedfhe import drafting
+
+    frame = admissions(60, 6)
+    frame["hba1c"] = frame["hba1c"].astype(str)
+    frame.loc[[3, 9], "hba1c"], frame.loc[5, "hba1c"] = "high", ">100"
+    frame["ward"] = ["cardiology", "Cardiology", "cardiology ", "cardiology", "surgery"] * 12
+    frame["note"] = [f"seen on ward round {i}, " + "stable " * 20 for i in range(60)]  # long texts
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    draft = drafting.infer({"d.csv": table.read_frame(tmp_path / "d.csv")}, "readmitted_30d", keep=("patient_id",))
+    said = [n.text for n in draft.notes if n.warning]
+    assert "hba1c: 3 cell(s) are not numbers (3 in d.csv): '>100', 'high'; they are refused until fixed, " \
+           'or added to "missing_values" if they mean "no value"' in said  # fmt: skip
+    assert "ward: \"aliases\" map 'Cardiology', 'cardiology ' onto 'cardiology' (they differ only by case or " \
+           "spaces around)" in said  # fmt: skip
+    assert any(t.startswith("note: ignored: free text (60 distinct values in 60 cells") for t in said), said
+    features = {f.name: f for f in draft.schema.features}
+    assert not features["hba1c"].categories and features["hba1c"].high == 11  # a number, its odd cells flagged
+    assert features["ward"].categories == ("cardiology", "surgery")
+    assert len(features["patient_id"].categories) == 60 and draft.schema.ignore == ("admission_date", "note")
+    with pytest.raises(FedfheError, match="'note' is given to both --ignore and --keep"):
+        drafting.infer({"d.csv": frame}, "readmitted_30d", ignore=("note",), keep=("note",))
+    with pytest.raises(FedfheError, match="e.csv: no column 'readmitted_30d' to use as the label"):
+        drafting.infer({"d.csv": frame, "e.csv": frame.drop(columns="readmitted_30d")}, "readmitted_30d")

@@ -19,7 +19,7 @@ import pytest
 from conftest import ENV, Served, cli, copy_of, fedfhe, free_port, serving
 from test_table import STAY_SCHEMA, hospital, schema_file, stay
 
-from fedfhe import TrainConfig, pipeline, table
+from fedfhe import TrainConfig, drafting, pipeline, table
 from fedfhe.fhe import load_compiled
 from fedfhe.kinds import KINDS
 from fedfhe.model import LinearModel
@@ -408,7 +408,7 @@ def test_owners_may_differ_in_ignored_columns_and_numbers_match_their_classes(tm
     (tmp_path / "owners" / "a.csv").write_text("id,dose,site,cured\nx1,1.5,1,1.0\nx2,2.5,2,0.0\n")
     (tmp_path / "owners" / "b.CSV").write_text("dose,site,cured\n3.0,,1\n0.5,3,0\n")  # no id; a blank site
     (tmp_path / "test.csv").write_text("dose,site,cured\n1.0,2,0\n2.0,1,1\n")
-    draft = table.infer(table.read_frame(tmp_path / "owners" / "a.csv"), "cured", ignore=("id",))
+    draft = drafting.infer({"a.csv": table.read_frame(tmp_path / "owners" / "a.csv")}, "cured", ignore=("id",)).schema
     assert draft.label.classes == (0.0, 1.0) and draft.ignore == ("id",)
     schema = table.Schema.from_dict(
         {**draft.to_dict(), "features": [{"name": "dose", "low": 0, "high": 5},

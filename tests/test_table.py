@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from conftest import cli
 
-from fedfhe import TrainConfig, pipeline, result, table, train
+from fedfhe import TrainConfig, drafting, pipeline, result, table, train
 from fedfhe.errors import FedfheError
 from fedfhe.federated.server_app import _server_data
 from fedfhe.model import MAX_HEADER, LinearModel
@@ -96,10 +96,10 @@ def test_schema_infer_drafts_ranges_and_categories_from_the_owners_file(owner, t
     assert done.returncode == 0 and json.loads(out.read_text())["ignore"] == ["patient"], done.stderr
     assert "patient" not in {f["name"] for f in json.loads(out.read_text())["features"]}
     with pytest.raises(FedfheError, match="no column 'nurse' to ignore"):
-        table.infer(table.read_frame(owner), "outcome", ignore=("nurse",))
+        drafting.infer({"a": table.read_frame(owner)}, "outcome", ignore=("nurse",))
     regression = tmp_path / "stay.csv"
     regression.write_text("age,days\n30,2.5\n40,11.25\n")
-    inferred = table.infer(table.read_frame(regression), "days")
+    inferred = drafting.infer({"stay.csv": table.read_frame(regression)}, "days").schema
     assert inferred.label == table.Label("days", low=2.5, high=12.0)
 
 
@@ -251,7 +251,7 @@ def test_a_table_file_that_is_not_one_is_refused(tmp_path):
             table.read_frame(path)
     frame = pd.DataFrame({"a": [1.0]})
     with pytest.raises(FedfheError, match="no column 'y' to use as the label"):
-        table.infer(frame, "y")
+        drafting.infer({"t": frame}, "y")
     out = tmp_path / "draft.json"
     done = cli("schema", "infer", str(tmp_path / "t.parquet"), "--label", "y", "--out", str(out))
     assert done.returncode == 2 and "cannot read" in done.stderr and not out.exists()

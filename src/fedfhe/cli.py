@@ -184,6 +184,7 @@ EXAMPLES: dict[str, list[str]] = {  # shown under each command's --help
     ],
     "schema infer": [
         "fedfhe schema infer hospital-a.csv --label outcome --ignore patient --out schema.json",
+        "fedfhe schema infer hospitals/ --label outcome --out schema.json   # every owner's file in the folder",
     ],
     "federation certs": [
         "fedfhe federation certs --out certs --host coordinator.example.org --host 10.0.0.5 --nodes 3",
@@ -870,25 +871,32 @@ Decimal = Annotated[
 
 @schema_app.command("infer", epilog=_examples("schema infer"))
 def schema_infer(
-    file: TableFile,
+    files: Annotated[
+        list[Path], typer.Argument(help="Every owner's table (.csv, .xlsx, .parquet, .npz), or a folder of them.")
+    ],
     label: Annotated[str, typer.Option(help="The column to predict.")],
     ignore: Annotated[list[str], typer.Option(help="A column to leave out, e.g. an identifier (repeatable).")] = [],  # noqa: B006 - typer's way to declare a repeatable option
+    keep: Annotated[
+        list[str], typer.Option(help="A column to keep that the draft would ignore (an identifier, dates, free text).")
+    ] = [],  # noqa: B006 - as --ignore
     out: Annotated[Path | None, typer.Option(help="Write the draft here (default: print it).")] = None,
 ) -> None:
-    """Draft a schema from your own table: ranges rounded outward to 2 significant digits, text as categories."""
-    from fedfhe import table
+    """Draft a schema from every owner's table: ranges and categories over all of them, one line per decision."""
+    from rich.markup import escape
+
+    from fedfhe import drafting, table
 
     if out is not None and out.exists():
         raise FedfheError(f"{out} already exists: choose another --out (nothing was written)")
-    draft = table.infer(table.read_frame(file), label, str(file), tuple(ignore))
-    text = json.dumps(draft.to_dict(), indent=1)
-    if draft.label.positive is not None:
-        console.print(
-            f"positive class proposed: {draft.positive_name!r}, the rarer of the two in {file} (sensitivity, PPV and "
-            'AUC will be about it): change "positive" if the class to find is the other',
-            highlight=False,
-            soft_wrap=True,
-        )
+    paths = [path for given in files for path in (table.owner_files(given) if given.is_dir() else [given])]
+    names = [p.name for p in paths] if len({p.name for p in paths}) == len(paths) else [str(p) for p in paths]
+    if twice := table.repeated(names):
+        raise FedfheError(f"{twice[0]}: given twice")
+    draft = drafting.infer({n: table.read_frame(p) for n, p in zip(names, paths)}, label, tuple(ignore), tuple(keep))
+    for note in draft.notes:
+        said = ("[yellow]warning:[/yellow] " if note.warning else "") + escape(note.text)
+        console.print(said, highlight=False, soft_wrap=True)
+    text = json.dumps(draft.schema.to_dict(), indent=1)
     if out is None:
         print(text)
         return

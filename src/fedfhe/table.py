@@ -22,11 +22,9 @@ from fedfhe import leakage
 from fedfhe.data import Dataset, assemble, check_size, split_dataset
 from fedfhe.data import as_text as _as_text
 from fedfhe.errors import FedfheError
-from fedfhe.problem import shared_range
 from fedfhe.reading import Dialect, read_csv, read_excel, typed
 
 FORMATS = (".csv", ".xlsx", ".parquet", ".npz")
-MAX_CLASSES = 20  # `schema infer`: a whole-number label with more distinct values is a regression target
 # The model file keeps the schema, its one-hot column names and class names in its JSON header (model.MAX_HEADER):
 # a schema is refused when they would not fit, before any training.
 MAX_NAME = 1_000  # characters of a column name, a category or a class
@@ -674,43 +672,3 @@ def read_frame(path: str | os.PathLike[str], max_bytes: int | None = None, diale
         raise
     except Exception as exc:  # noqa: BLE001 - corrupt files of any kind end here
         raise FedfheError(f"{path}: cannot read ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
-
-
-def infer(frame: Any, label: str, source: str = "table", ignore: tuple[str, ...] = ()) -> Schema:
-    """A draft schema from one owner's table: ranges rounded outward to 2 significant digits, text as categories;
-    of two classes the rarer (the first on a tie) is proposed as the positive one, the event to find."""
-    import pandas as pd
-
-    if label not in frame.columns:
-        raise FedfheError(f"{source}: no column {label!r} to use as the label")
-    if label in ignore:
-        raise FedfheError(f"{source}: {label!r} is the label; it cannot be ignored too")
-    if unknown := [c for c in ignore if c not in frame.columns]:
-        raise FedfheError(f"{source}: no column {unknown[0]!r} to ignore")
-    ignore = tuple(dict.fromkeys(ignore))  # each once
-    features = []
-    for name in frame.columns:
-        if name == label or name in ignore:
-            continue
-        column = frame[name].dropna()
-        if column.empty:
-            raise FedfheError(f"{source}: column {name!r} has no values")
-        if pd.api.types.is_numeric_dtype(column):
-            low, high = shared_range(column.to_numpy(dtype=np.float64)[:, None])
-            features.append(Feature(str(name), float(low[0]), float(high[0])))
-        else:
-            features.append(Feature(str(name), categories=tuple(sorted({_as_text(v) for v in column}))))
-    target = frame[label].dropna()
-    whole = pd.api.types.is_numeric_dtype(target) and bool((target % 1 == 0).all())
-    if not pd.api.types.is_numeric_dtype(target) or (whole and target.nunique() <= MAX_CLASSES):
-        counts = target.map(_as_text).value_counts()
-        classes = [_plain(c) for c in sorted(target.unique().tolist(), key=str)]
-        rarer = min(classes, key=lambda c: counts[_as_text(c)]) if len(classes) == 2 else None
-        return Schema(tuple(features), Label(label, classes=tuple(classes), positive=rarer), tuple(ignore))
-    low, high = shared_range(target.to_numpy(dtype=np.float64)[:, None])
-    return Schema(tuple(features), Label(label, low=float(low[0]), high=float(high[0])), tuple(ignore))
-
-
-def _plain(value: Any) -> Any:
-    """NumPy scalars as the JSON numbers and strings they are."""
-    return value.item() if hasattr(value, "item") else value
