@@ -231,7 +231,7 @@ def test_schema_infer_drafts_one_schema_from_every_owners_export_with_a_line_per
     draft = json.loads(out.read_text())
     kinds = {f["name"]: f.get("categories") or (f["low"], f["high"]) for f in draft["features"]}
     assert kinds == {"age": (20, 89), "sex": ["F", "M", "female", "male"], "hba1c": (4.5, 11), "prior_admissions":
-                     (0, 5.1)} and all("missing" not in f for f in draft["features"])  # fmt: skip
+                     (0, 5)} and all("missing" not in f for f in draft["features"])  # fmt: skip
     assert draft["ignore"] == ["patient_id", "admission_date"]
     assert draft["label"] == {**SCHEMA["label"], "name": "readmitted_30d"}  # classes no, yes; Yes, "yes ", "no " mapped
     folder = cli("schema", "infer", str(owners), "--label", "readmitted_30d")  # a folder: its tables, by name
