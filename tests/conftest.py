@@ -136,14 +136,21 @@ class Served(NamedTuple):
 
 @contextmanager
 def serving(
-    run_dir: Path, store: Path, log: Path, *options: str, verify: Any = True, nofile: int | None = None
+    run_dir: Path,
+    store: Path,
+    log: Path,
+    *options: str,
+    verify: Any = True,
+    nofile: int | None = None,
+    port: int | None = None,
 ) -> Iterator[Served]:
-    """A real `fedfhe serve` on a free loopback port (https with --tls-cert), stopped and reaped whatever happens.
+    """A real `fedfhe serve` on a loopback port (a free one unless given; https with --tls-cert), stopped and
+    reaped whatever happens.
 
     It is used once it says `ready on URL`, which it must say only when it answers. `nofile` caps the server's
     open descriptors (ulimit -n) before it starts.
     """
-    port = free_port()
+    port = port or free_port()
     url = f"{'https' if '--tls-cert' in options else 'http'}://127.0.0.1:{port}"
     args = ["serve", "--run", str(run_dir), "--port", str(port), "--key-store", str(store), *options]
 

@@ -16,10 +16,11 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ENV, Served, cli, copy_of, fedfhe, free_port, serving
+from conftest import ENV, FEDFHE, Served, cli, copy_of, fedfhe, free_port, serving, wait_for
 from test_table import STAY_SCHEMA, hospital, schema_file, stay
 
 from fedfhe import TrainConfig, drafting, pipeline, table
+from fedfhe.errors import FedfheError
 from fedfhe.fhe import load_compiled
 from fedfhe.kinds import KINDS
 from fedfhe.model import LinearModel
@@ -262,6 +263,120 @@ def test_raw_csv_rows_are_predicted_under_encryption_with_the_schemas_classes(
     assert len(refused.stderr.strip().splitlines()) == 1
 
 
+def lab_file(test: Path, path: Path) -> pd.DataFrame:
+    """A partner lab's 8 rows as it holds them, written to `path`: identifiers with leading zeros; row 2's age and
+    row 8's BMI outside the declared ranges, row 4's ward misspelt, row 5's age missing (each refused); row 6's
+    BMI missing (the schema fills 25), row 7's age 100, beyond the 18-94 the owners observed."""
+    lab = pd.read_csv(test).head(8).drop(columns=["outcome"]).astype({"age": float})
+    lab["patient"] = [f"00{i}" for i in range(1, 9)]
+    changes = [
+        (2, "age", 130),
+        (4, "ward", "oncolgy"),
+        (5, "age", None),
+        (6, "bmi", None),
+        (7, "age", 100),
+        (8, "bmi", 75),
+    ]
+    for row, column, value in changes:
+        lab.loc[row - 1, column] = value
+    lab.to_csv(path, index=False)
+    return lab
+
+
+@pytest.mark.federation
+@pytest.mark.server
+@pytest.mark.fhe
+def test_a_labs_invalid_rows_are_refused_at_once_or_skipped_to_rejects_under_the_files_row_numbers(
+    owners_run, owners_server, hospitals, tmp_path
+):
+    _, test, schema = hospitals
+    lab = lab_file(test, tmp_path / "lab.csv")
+    common = ["predict", str(tmp_path / "lab.csv"), "--server", owners_server.url, "--key-dir",
+              str(tmp_path / "keys"), "--keep", "patient"]  # fmt: skip
+    refused = cli(*common, "--out", str(tmp_path / "preds.csv"))
+    *listed, error = refused.stderr.strip().splitlines()  # every bad row at once, the one-line error last
+    assert refused.returncode == 2 and error.startswith(f"error: {tmp_path / 'lab.csv'}: 4 of 8 row(s) refused")
+    assert [line.split(", column")[0].rsplit(" ", 1)[1] for line in listed] == ["2", "4", "5", "8"], listed
+    assert not list(tmp_path.glob("preds.csv*"))  # nothing encrypted, nothing written
+    skip = [*common, "--on-invalid", "skip", "--rejects", str(tmp_path / "rejects.csv")]
+    done = cli(*skip, "--out", str(tmp_path / "preds.csv"))
+    assert done.returncode == 0, done.stderr
+    assert f"4 of 8 row(s) skipped as invalid (4 problem(s), written to {tmp_path / 'rejects.csv'})" in done.stderr
+    preds, rejects = (pd.read_csv(tmp_path / f, dtype=str, keep_default_na=False) for f in ("preds.csv", "rejects.csv"))
+    assert preds["row"].tolist() == ["1", "3", "6", "7"] and rejects["row"].tolist() == ["2", "4", "5", "8"]
+    for written in (preds, rejects):  # each row's own identifier, as the file spells it
+        assert written["patient"].tolist() == [lab["patient"][int(row) - 1] for row in written["row"]]
+    assert rejects.columns.tolist() == ["row", "patient", "column", "value", "reason"]
+    assert rejects[["column", "value"]].to_numpy().tolist() == [
+        ["age", "130.0"], ["ward", "oncolgy"], ["age", ""], ["bmi", "75.0"]
+    ]  # fmt: skip
+    assert "outside its declared range [0, 120]" in rejects["reason"][0] and "missing value" in rejects["reason"][2]
+    assert preds.columns.tolist()[:6] == ["row", "patient", "class", "name", "filled", "outside_observed"]
+    assert preds[["filled", "outside_observed"]].to_numpy().tolist() == [["", ""], ["", ""], ["bmi", ""], ["", "age"]]
+    rows = table.Schema.load(schema).rows(table.read_frame(tmp_path / "lab.csv"), "lab", labelled=False)
+    simulated = load_compiled(owners_run, LinearModel.load(owners_run / "model.npz")).predict(
+        rows.X[rows.valid], fhe="simulate"
+    )
+    assert preds["class"].tolist() == [["discharged", "readmitted"][int(c)] for c in simulated]
+    shown = cli(*skip, "--json")
+    record = json.loads(shown.stdout)[2]
+    assert list(record) == ["row", "patient", "class", "name", "scores", "filled", "outside_observed"]
+    assert (record["row"], record["patient"], record["filled"], record["outside_observed"]) == (6, "006", ["bmi"], [])
+    table_shown = cli(*skip).stdout
+    assert "notes" in table_shown and "filled: bmi" in table_shown and "outside observed: age" in table_shown
+    assert "007" in table_shown and "002" not in table_shown
+    for options, message in [
+        (["--keep", "nope"], "--keep nope: " + str(tmp_path / "lab.csv") + " has no such column"),
+        (["--keep", "age"], "--keep age: one of the model's inputs"),
+        (["--on-invalid", "skip"], "--on-invalid skip writes the rows it leaves out to --rejects FILE"),
+        (["--on-invalid", "maybe"], "--on-invalid must be refuse or skip"),
+        (["--on-invalid", "skip", "--rejects", str(tmp_path / "r.txt")], "write rejected rows to a .csv file"),
+    ]:
+        bad = cli(*common, *options)
+        assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+@pytest.mark.federation
+@pytest.mark.server
+@pytest.mark.fhe
+def test_the_api_keeps_a_frames_index_and_can_skip_invalid_rows(owners_server, hospitals, tmp_path):
+    _, test, _ = hospitals
+    lab = lab_file(test, tmp_path / "lab.csv").set_index("patient")  # the ids as the index: never sent
+    with EncryptedClient(owners_server.url, tmp_path / "keys") as client:
+        with pytest.raises(table.InvalidRows) as refused:
+            client.predict(lab)
+        assert [p.row for p in refused.value.problems] == [2, 4, 5, 8]
+        result = client.predict(lab, on_invalid="skip")
+        assert result.index.tolist() == ["001", "003", "006", "007"] and result.rows.tolist() == [1, 3, 6, 7]
+        assert [(p.row, p.column) for p in result.skipped] == [(2, "age"), (4, "ward"), (5, "age"), (8, "bmi")]
+        assert result.filled == ((), (), ("bmi",), ()) and result.outside_observed == ((), (), (), ("age",))
+        valid = client.predict(lab.iloc[[0, 2, 5, 6]])  # the same rows alone: the same answers
+        assert valid.predicted.tolist() == result.predicted.tolist() and valid.rows.tolist() == [1, 2, 3, 4]
+        with pytest.raises(FedfheError, match="numbers are checked whole"):
+            client.predict(np.zeros((1, 5)), on_invalid="skip")
+
+
+@pytest.mark.federation
+@pytest.mark.server
+@pytest.mark.fhe
+def test_predict_waits_for_a_server_started_after_it(owners_run, hospitals, tmp_path):
+    _, test, _ = hospitals
+    pd.read_csv(test).head(2).to_csv(tmp_path / "rows.csv", index=False)
+    port = free_port()
+    command = [*FEDFHE, "predict", str(tmp_path / "rows.csv"), "--server", f"http://127.0.0.1:{port}",
+               "--key-dir", str(tmp_path / "keys"), "--wait", "60", "--json"]  # fmt: skip
+    with open(tmp_path / "out", "wb") as out, open(tmp_path / "err", "wb") as err:
+        client = subprocess.Popen(command, stdout=out, stderr=err, env=ENV)
+    try:
+        wait_for(lambda: "waiting up to 60 s" in (tmp_path / "err").read_text(), 60, "predict to wait")
+        with serving(owners_run, tmp_path / "store", tmp_path / "server.log", "--workers", "1", port=port):
+            assert client.wait(timeout=120) == 0, (tmp_path / "err").read_text()
+    finally:
+        client.kill()
+        client.wait()
+    assert [a["row"] for a in json.loads((tmp_path / "out").read_text())] == [1, 2]
+
+
 @pytest.mark.federation
 @pytest.mark.server
 @pytest.mark.fhe
@@ -467,7 +582,8 @@ def test_the_readmes_own_data_walkthrough_runs_as_written(hospitals, tmp_path):
     lab = pd.read_csv(test).tail(4).drop(columns=["outcome"])[["ward", "bmi", "patient", "age"]]  # any order
     lab.to_csv(tmp_path / "lab.csv", index=False)
     answers = json.loads(run_block(readme_block("own-data"), tmp_path).strip().splitlines()[-1])
-    assert [a["row"] for a in answers] == [0, 1, 2, 3]
+    assert [a["row"] for a in answers] == [1, 2, 3, 4]  # the file's data rows, numbered from 1
+    assert [a["patient"] for a in answers] == lab["patient"].tolist()  # --keep: copied, never sent
     assert {a["class"] for a in answers} <= {"discharged", "readmitted"}
     schema = table.Schema.load(tmp_path / "schema.json")
     assert schema.ignore == ("patient",) and schema.label.classes == ("discharged", "readmitted")
@@ -495,7 +611,7 @@ def test_the_readmes_cheat_sheet_runs_as_written(hospitals, tmp_path):
     np.savetxt(tmp_path / "rows.csv", split.X_test[:2], delimiter=",", header=header, comments="")
     shutil.copy(hospitals[0] / "hospital-a.csv", tmp_path / "mine.csv")
     answers = json.loads(run_block(readme_block("cheat-sheet"), tmp_path).strip().splitlines()[-1])
-    assert [a["row"] for a in answers] == [0, 1] and {a["name"] for a in answers} <= {"malignant", "benign"}
+    assert [a["row"] for a in answers] == [1, 2] and {a["name"] for a in answers} <= {"malignant", "benign"}
     runs = tmp_path / "runs"
     evaluated = json.loads((runs / "a" / "evaluations" / "partner.csv" / "report.json").read_text())
     assert evaluated["n_test"] == evaluated["fhe_samples"] == 30  # by default 100 rows in real FHE, or all of fewer

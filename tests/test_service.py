@@ -288,8 +288,11 @@ def test_cli_predict_prints_json(server, rows, truth, tmp_path):
     done = cli(*args)
     assert done.returncode == 0, done.stderr
     assert [row["class"] for row in json.loads(done.stdout)] == truth.tolist()
-    refused = cli("predict", "--server", f"http://127.0.0.1:{free_port()}", str(tmp_path / "rows.npy"))
-    assert refused.returncode == 2 and "refused" in refused.stderr.lower()
+    nobody = f"http://127.0.0.1:{free_port()}"
+    refused = cli("predict", "--server", nobody, "--wait", "0.3", str(tmp_path / "rows.npy"))
+    waiting, error = refused.stderr.strip().splitlines()  # the one line that it waits, then the usual error
+    assert waiting == f"waiting up to 0.3 s for {nobody} to accept connections"
+    assert refused.returncode == 2 and "refused" in error.lower()
     missing = cli("predict", "--server", server.url, "nope.npy")
     assert missing.returncode == 2 and "nope.npy: file not found" in missing.stderr
 
@@ -317,6 +320,7 @@ def test_pipelined_prediction_in_worker_processes_equals_simulation(server, many
         batches = list(client.predict_batches(X, jobs=2))
         assert [len(b.predicted) for b in batches] == [1, 8, 8, 8, 8, 7]
         np.testing.assert_array_equal(np.concatenate([b.predicted for b in batches]), expected)
+        assert np.concatenate([b.rows for b in batches]).tolist() == list(range(1, 41))  # each batch its own rows
         workers = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
         assert len(workers) == 2
         np.testing.assert_array_equal(client.predict(X, jobs=1).predicted, expected)  # in this process
@@ -355,7 +359,7 @@ def test_cli_predict_writes_results_as_they_arrive(server, many, tmp_path):
     done = cli(*common, "--out", str(tmp_path / "p.jsonl"), str(tmp_path / "rows.npy"))
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
-    assert [r["row"] for r in lines] == list(range(40)) and [r["class"] for r in lines] == expected.tolist()
+    assert [r["row"] for r in lines] == list(range(1, 41)) and [r["class"] for r in lines] == expected.tolist()
     np.save(tmp_path / "narrow.npy", X[:, :63])
     for args, message in [
         (["--out", str(tmp_path / "p.txt"), "rows.npy"], "write results to a .csv or a .jsonl file"),
@@ -376,7 +380,7 @@ def test_a_results_file_keeps_the_finished_rows_when_a_run_fails(tmp_path):
     path.write_text("from an earlier run\n")
     kept = r"server gone \(2 row\(s\) done are in .*preds\.jsonl\.part\)"
     with pytest.raises(FedfheError, match=kept), ResultsFile(path) as results:
-        results.write([{"row": 0, "value": 1.5}, {"row": 1, "value": 2.5}])
+        results.write([{"row": 1, "value": 1.5}, {"row": 2, "value": 2.5}])
         raise FedfheError("server gone")
     assert path.read_text() == "from an earlier run\n"
     assert [json.loads(line)["value"] for line in (tmp_path / "preds.jsonl.part").read_text().splitlines()] == [
@@ -389,9 +393,9 @@ def test_names_that_look_like_formulas_reach_a_csv_as_text(tmp_path):
     from fedfhe.service.client import ResultsFile
 
     with ResultsFile(tmp_path / "preds.csv") as results:  # class names come from the server or a schema
-        results.write([{"row": 0, "class": 1, "name": '=HYPERLINK("http://x")', "scores": {"@SUM(A1)": -0.5}}])
+        results.write([{"row": 1, "class": 1, "name": '=HYPERLINK("http://x")', "scores": {"@SUM(A1)": -0.5}}])
     header, row = (tmp_path / "preds.csv").read_text().splitlines()
-    assert header == "row,class,name,score_@SUM(A1)" and row == '0,1,"\'=HYPERLINK(""http://x"")",-0.5'
+    assert header == "row,class,name,score_@SUM(A1)" and row == '1,1,"\'=HYPERLINK(""http://x"")",-0.5'
 
 
 @contextmanager

@@ -173,6 +173,7 @@ EXAMPLES: dict[str, list[str]] = {  # shown under each command's --help
     ],
     "predict": [
         "fedfhe predict rows.csv --server http://127.0.0.1:8000 --json",
+        "fedfhe predict lab.csv --keep patient --on-invalid skip --rejects rejects.csv --out preds.csv",
         "fedfhe predict digit.png --server https://host:8000 --ca-cert ca.crt --expect-model MODEL:SPEC",
         "fedfhe predict test.npy --server http://127.0.0.1:8000 --jobs 2 --out preds.csv",
     ],
@@ -1065,7 +1066,7 @@ def predict(
     input: Annotated[
         Path,
         typer.Argument(
-            help="Rows (.npy, .npz with X, .csv), raw rows of a model's table (.csv, .parquet), or one image (.png)."
+            help="Rows (.npy, .npz with X, .csv), raw rows of a model's table (.csv, .xlsx, .parquet), or one image (.png)."
         ),
     ],
     server: Annotated[str, typer.Option(help="URL of `fedfhe serve`.")] = "http://127.0.0.1:8000",
@@ -1077,6 +1078,34 @@ def predict(
         Path | None,
         typer.Option(help="Write each row's result to this .csv or .jsonl as it arrives, instead of printing."),
     ] = None,
+    keep: Annotated[
+        list[str],
+        typer.Option(
+            help="Raw rows: a column (an identifier) copied into each result and rejected row; never encoded, "
+            "encrypted or sent (repeatable)."
+        ),
+    ] = [],  # noqa: B006 - typer's way to declare a repeatable option
+    on_invalid: Annotated[
+        str,
+        typer.Option(
+            help="Raw rows: refuse (every invalid row listed, nothing predicted) or skip (the valid rows are "
+            "predicted, the others written to --rejects, which skip needs)."
+        ),
+    ] = "refuse",
+    rejects: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --on-invalid skip: the rows left out, one line per problem (.csv): row, the --keep columns, "
+            "column, value, reason."
+        ),
+    ] = None,
+    wait: Annotated[
+        float,
+        typer.Option(
+            help="Seconds to keep trying while the server refuses connections (`fedfhe serve` listens only once "
+            "its FHE workers are loaded)."
+        ),
+    ] = 15.0,
     jobs: Annotated[
         int | None, typer.Option(help="Processes that encrypt while the server computes (default: the cores).")
     ] = None,
@@ -1098,35 +1127,79 @@ def predict(
         str | None,
         typer.Option(help="Refuse the server unless it serves this client spec (sha256 from its model card)."),
     ] = None,
+    sep: Sep = None,
+    decimal: Decimal = None,
 ) -> None:
-    """Classify (or regress) inputs on a remote server without ever sending them in the clear."""
+    """Classify (or regress) inputs on a remote server without ever sending them in the clear.
+
+    Results are numbered by the input's rows, from 1 (a table's first data row), as refusals and --rejects are; a
+    table's rows also name the features filled as its schema declares and those outside the owners' observed range.
+    """
     import hashlib
 
     from fedfhe.data import DEFAULT_CACHE
-    from fedfhe.service.client import EncryptedClient, ResultsFile, read_inputs
+    from fedfhe.service.client import (
+        ON_INVALID,
+        EncryptedClient,
+        ResultsFile,
+        keep_columns,
+        output_file,
+        read_inputs,
+        write_rejects,
+    )
     from fedfhe.table import read_frame
 
     if not input.is_file():
         raise FedfheError(f"{input}: file not found")
     if not max_input_mb > 0:
         raise FedfheError(f"--max-input-mb must be > 0 (got {max_input_mb})")
+    if not wait >= 0:
+        raise FedfheError(f"--wait must be 0 or more seconds (got {wait:g})")
     if out is not None and json_out:
         raise FedfheError("--json prints the results, --out writes them: choose one")
+    if on_invalid not in ON_INVALID:
+        raise FedfheError(f"--on-invalid must be {' or '.join(ON_INVALID)} (got {on_invalid!r})")
+    if (on_invalid == "skip") != (rejects is not None):
+        raise FedfheError("--on-invalid skip writes the rows it leaves out to --rejects FILE: give both or neither")
+    if rejects is not None:
+        output_file(rejects, "--rejects", "rejected rows", (".csv",))
     keys = key_dir or DEFAULT_CACHE / "client-keys" / hashlib.sha256(server.rstrip("/").encode()).hexdigest()[:16]
     limit = int(max_input_mb * (1 << 20))
     records: list[dict[str, Any]] = []
     with EncryptedClient(
         server, keys, token=token, ca_cert=ca_cert, expect_model=expect_model, expect_spec=expect_spec
     ) as client:
-        if input.suffix.lower() in (".csv", ".parquet") and client.schema is not None:  # raw rows, by its schema
-            X = read_frame(input, limit, client.schema.dialect)
+        client.connect(
+            wait, lambda: console.print(f"waiting up to {wait:g} s for {server} to accept connections", highlight=False)
+        )
+        kept = None
+        if (
+            input.suffix.lower() in (".csv", ".xlsx", ".parquet") and client.schema is not None
+        ):  # raw rows, by its schema
+            X = read_frame(input, limit, client.schema.dialect.override(sep, decimal), as_text=keep)
+            if keep:
+                X, kept = keep_columns(X, keep, client.schema, str(input))
+        elif keep or rejects is not None:
+            raise FedfheError(
+                f"--keep and --on-invalid skip take raw rows of a model's table (.csv, .xlsx, .parquet); {input} holds numbers"
+            )
         else:
             X = read_inputs(input, client.model["n_features"], client.input_range, limit)
+        inputs = client.inputs(X, str(input), on_invalid)
+        if rejects is not None:
+            write_rejects(rejects, inputs.skipped, kept)
+            skipped = len({p.row for p in inputs.skipped})
+            console.print(
+                f"{skipped} of {len(X)} row(s) skipped as invalid ({len(inputs.skipped)} problem(s), written to "
+                f"{rejects})",
+                highlight=False,
+                soft_wrap=True,
+            )
         results = contextlib.nullcontext(None) if out is None else ResultsFile(out)
         with results as file, _bars() as progress:
-            task = progress.add_task("encrypting, evaluating, decrypting", total=len(X))
-            for batch in client.predict_batches(X, str(input), jobs):
-                rows = client.records(batch, first=len(records) if file is None else file.rows)
+            task = progress.add_task("encrypting, evaluating, decrypting", total=len(inputs.X))
+            for batch in client.predict_batches(inputs, jobs=jobs):
+                rows = client.records(batch, kept)
                 if file is None:
                     records.extend(rows)
                 else:
@@ -1135,31 +1208,50 @@ def predict(
         if file is not None:
             console.print(f"{file.rows} row(s) written to {out}")
             return
-        classes = client.classes.tolist() if client.model["classes"] else []
+        classified = bool(client.model["classes"])
         names = client.class_names
     if json_out:
         print(json.dumps(records))
         return
-    if not classes:  # a regressor: one value per row
-        table = Table(title=f"{input.name}: {len(X)} row(s), predicted under encryption")
-        table.add_column("row", justify="right")
-        table.add_column("value", justify="right")
-        for record in records:
-            table.add_row(str(record["row"]), f"{record['value']:.4g}")
-        Console().print(table)
-        return
-    labels_only = not records or "scores" not in records[0]
-    table = Table(title=f"{input.name}: {len(X)} row(s), classified under encryption")
+    shown = [] if kept is None else [str(c) for c in kept.columns]
+    _results_table(f"{input.name}: {len(records)} row(s)", records, classified, names, shown)
+
+
+def _results_table(
+    title: str, records: list[dict[str, Any]], classified: bool, names: list[str], kept: list[str]
+) -> None:
+    """`predict`'s results as a table: row, kept columns, class (and scores) or value, and notes when any row has one."""
+    from rich.text import Text
+
+    labels_only = classified and (not records or "scores" not in records[0])
+    table = Table(title=f"{title}, {'classified' if classified else 'predicted'} under encryption")
     table.add_column("row", justify="right")
-    table.add_column("class", justify="right")
-    if not labels_only:
-        table.add_column("scores (" + " ".join(names) + ")")
-    for record in records:
-        shown = [] if labels_only else [" ".join(f"{v:.2f}" for v in record["scores"].values())]
-        table.add_row(str(record["row"]), str(record["name"]), *shown)
+    for name in kept:
+        table.add_column(Text(name))
+    table.add_column("class" if classified else "value", justify="right")
+    if classified and not labels_only:
+        table.add_column(Text("scores (" + " ".join(names) + ")"))
+    notes = [_notes(record) for record in records]
+    if any(notes):
+        table.add_column("notes")
+    for record, note in zip(records, notes):
+        cells = [Text("" if record[k] is None else str(record[k])) for k in kept]
+        if not classified:
+            cells.append(Text(f"{record['value']:.4g}"))
+        else:
+            cells.append(Text(str(record["name"])))
+            if not labels_only:
+                cells.append(Text(" ".join(f"{v:.2f}" for v in record["scores"].values())))
+        table.add_row(str(record["row"]), *cells, *([Text(note)] if any(notes) else []))
     Console().print(table)
     if labels_only:
         Console().print("label outputs: the server returns classes only, never the scores", soft_wrap=True)
+
+
+def _notes(record: dict[str, Any]) -> str:
+    """What to know about a result's inputs: the features filled, those beyond the owners' observed range."""
+    notes = [("filled", record.get("filled")), ("outside observed", record.get("outside_observed"))]
+    return "; ".join(f"{what}: {', '.join(names)}" for what, names in notes if names)
 
 
 def _warn(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from fedfhe.data import as_text
 from fedfhe.errors import FedfheError
 from fedfhe.problem import shared_range
-from fedfhe.table import INDICATOR, Feature, Label, Schema
+from fedfhe.table import INDICATOR, Feature, Label, Schema, plain
 
 MAX_CLASSES = 20  # a whole-number label with more distinct values is a regression target
 MOSTLY = 0.9  # a column is numbers (or dates) when at least this share of its cells are
@@ -145,7 +145,7 @@ def _label(name: str, cells: dict[str, Any], notes: list[Note]) -> Label:
         return Label(name, low=low, high=high)
     texts = {source: column.map(as_text) for source, column in present.items()}
     names, aliases, flags = _spellings(name, "classes", texts)
-    classes = [_plain(c) for c in sorted(values.unique().tolist(), key=str)] if numeric else names
+    classes = [plain(c) for c in sorted(values.unique().tolist(), key=str)] if numeric else names
     notes.append(Note(f"{name}: the label, {len(classes)} classes: {_quoted(list(map(as_text, classes)))}"))
     notes.extend([*flags, *_missing(name, cells, UNLABELLED)])
     if len(classes) != 2:
@@ -239,8 +239,3 @@ def _quoted(values: list[str]) -> str:
     """Up to SHOWN values quoted, the rest counted."""
     shown = ", ".join(repr(v) for v in values[:SHOWN])
     return shown + (f" and {len(values) - SHOWN} more" if len(values) > SHOWN else "")
-
-
-def _plain(value: Any) -> Any:
-    """NumPy scalars as the JSON numbers and strings they are."""
-    return value.item() if hasattr(value, "item") else value

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,9 @@ class Dialect:
         return {k: v for k, v in (("sep", self.sep), ("decimal", self.decimal), ("encoding", self.encoding)) if v}
 
 
-def read_csv(path: Path, dialect: Dialect) -> Any:
-    """A CSV export as a DataFrame (numbers where a column holds only numbers), `attrs["read_as"]` saying how."""
+def read_csv(path: Path, dialect: Dialect, as_text: Collection[str] = ()) -> Any:
+    """A CSV export as a DataFrame (numbers where a column holds only numbers, except `as_text`'s),
+    `attrs["read_as"]` saying how."""
     import pandas as pd
 
     raw = path.read_bytes()
@@ -100,12 +102,12 @@ def read_csv(path: Path, dialect: Dialect) -> Any:
     )
     frame.columns = [str(c).strip() for c in frame.columns]
     decimal = dialect.decimal or _decimal(frame, sep, path)
-    frame = typed(frame, dialect.missing, decimal)
+    frame = typed(frame, dialect.missing, decimal, as_text)
     frame.attrs["read_as"] = f"separator {SEPARATORS[sep]}, decimal {decimal!r}, " + ", ".join(said)
     return frame
 
 
-def read_excel(path: Path, dialect: Dialect) -> Any:
+def read_excel(path: Path, dialect: Dialect, as_text: Collection[str] = ()) -> Any:
     """The first sheet of an .xlsx workbook, its cells as a CSV's would be (missing tokens, numbers)."""
     import pandas as pd
 
@@ -114,13 +116,14 @@ def read_excel(path: Path, dialect: Dialect) -> Any:
         raise FedfheError(f"{path}: a workbook without sheets")
     name, frame = next(iter(sheets.items()))
     frame.columns = [str(c).strip() for c in frame.columns]
-    frame = typed(frame, dialect.missing, ".")
+    frame = typed(frame, dialect.missing, ".", as_text)
     frame.attrs["read_as"] = f"sheet {name!r}" + (f" (the first of {len(sheets)})" if len(sheets) > 1 else "")
     return frame
 
 
-def typed(frame: Any, missing: tuple[str, ...], decimal: str = ".") -> Any:
-    """Text cells as values: missing tokens become NaN; a column of numbers (and tokens) becomes numeric."""
+def typed(frame: Any, missing: tuple[str, ...], decimal: str = ".", as_text: Collection[str] = ()) -> Any:
+    """Text cells as values: missing tokens become NaN; a column of numbers (and tokens) becomes numeric, unless
+    it is one of `as_text` (identifiers: "00123" stays as written)."""
     import pandas as pd
 
     tokens = set(missing)
@@ -133,6 +136,9 @@ def typed(frame: Any, missing: tuple[str, ...], decimal: str = ".") -> Any:
         text = column.map(lambda v: v if v is None or isinstance(v, float) else str(v))
         stripped = text.map(lambda v: v.strip() if isinstance(v, str) else v)
         absent = stripped.isna() | stripped.isin(tokens)
+        if name in as_text:
+            out[name] = text.where(~absent, None).astype(object)
+            continue
         present = stripped[~absent]
         number = present.str.fullmatch(NUMBER[decimal]).astype(bool)
         numbers = present[number].str.replace(",", ".", regex=False) if decimal == "," else present[number]

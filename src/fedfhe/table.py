@@ -12,6 +12,7 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,16 @@ class Schema:
     def encoded_names(self) -> list[str]:
         """The model's input columns, one-hot categories expanded, in schema order."""
         return [name for f in self.features for name in f.encoded]
+
+    @property
+    def number_inputs(self) -> dict[str, int]:
+        """Each number feature's position among the model's inputs (categories, one-hot, have none)."""
+        positions, start = {}, 0
+        for f in self.features:
+            if not f.categories:
+                positions[f.name] = start
+            start += len(f.encoded)
+        return positions
 
     @property
     def stored_bytes(self) -> int:
@@ -641,9 +652,15 @@ def _checked(data: Dataset, schema: Schema) -> Dataset:
     return data
 
 
-def read_frame(path: str | os.PathLike[str], max_bytes: int | None = None, dialect: Dialect | None = None) -> Any:
+def read_frame(
+    path: str | os.PathLike[str],
+    max_bytes: int | None = None,
+    dialect: Dialect | None = None,
+    as_text: Collection[str] = (),
+) -> Any:
     """A table with named columns: .csv with a header (its dialect detected or declared), .xlsx (the first
-    sheet), .parquet, or .npz with one array per column; missing-value tokens become empty cells.
+    sheet), .parquet, or .npz with one array per column; missing-value tokens become empty cells. The columns
+    `as_text` keep a .csv's or .xlsx's cells as written (identifiers), never read as numbers.
 
     A file larger than `max_bytes` on disk (or, for .xlsx and .parquet, once unpacked) is refused before it is read.
     """
@@ -659,16 +676,27 @@ def read_frame(path: str | os.PathLike[str], max_bytes: int | None = None, diale
         if max_bytes is not None:
             check_size(path, max_bytes)
         if kind == ".csv":
-            return read_csv(path, dialect)
+            return read_csv(path, dialect, as_text)
         if kind == ".xlsx":
-            return read_excel(path, dialect)
+            return read_excel(path, dialect, as_text)
         if kind == ".parquet":
             frame = pd.read_parquet(path)
         else:
             with np.load(path, allow_pickle=False) as f:
                 frame = pd.DataFrame({name: f[name] for name in f.files})
-        return typed(frame, dialect.missing)
+        return typed(frame, dialect.missing, as_text=as_text)
     except FedfheError:
         raise
     except Exception as exc:  # noqa: BLE001 - corrupt files of any kind end here
         raise FedfheError(f"{path}: cannot read ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
+
+
+def plain(value: Any) -> Any:
+    """A cell as JSON holds it: NumPy scalars as the numbers and strings they are, an empty cell as None, any other
+    value (a date) as its text."""
+    import pandas as pd
+
+    if pd.isna(value):  # None, NaN, pandas' NA and NaT
+        return None
+    value = value.item() if hasattr(value, "item") else value
+    return value if isinstance(value, (str, int, float, bool)) else str(value)

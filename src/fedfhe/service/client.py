@@ -24,9 +24,9 @@ import time
 import warnings
 import zipfile
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any, Self, TextIO
@@ -45,7 +45,7 @@ from fedfhe.service.processing import Quantizers, read_quantizers
 from fedfhe.service.protocol import API, OCTET_STREAM, SPEC_HASH_HEADER, decode_frames, encode_frames
 from fedfhe.service.spec import check_spec, member
 from fedfhe.service.workers import usable_cores
-from fedfhe.table import Schema
+from fedfhe.table import Problem, Schema, plain
 
 SESSION_FILE = "session.json"
 KEYS_DIR = "keys"
@@ -68,16 +68,46 @@ class ServerError(FedfheError):
         self.status = status
 
 
+class Refused(FedfheError):
+    """The server's host refused the connection: nothing listens on its port (yet)."""
+
+
 ROWS_PER_REQUEST = 8  # the server starts on the first rows while later ones encrypt; label rows take up to 0.7 s
 SPAWN_SECONDS = 2.0  # starting the encrypting processes (importing Concrete in each) takes about this long
+ON_INVALID = ("refuse", "skip")  # a table's invalid rows: refuse them all at once, or predict the others
+RECORD_FIELDS = ("row", "class", "name", "value", "scores", "filled", "outside_observed")  # a result's own
+REJECT_FIELDS = ("row", "column", "value", "reason")  # a rejected cell's own
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """Decrypted results: per row the predicted class (or a regressor's value) and the scores behind it."""
+    """Decrypted results: per row the predicted class (or a regressor's value), the scores behind it, which row of
+    the input it is, and what to know about its inputs."""
 
     predicted: np.ndarray
     scores: np.ndarray | None  # None from a server with label outputs: it never sends the scores
+    rows: np.ndarray  # each one's row in the input, numbered from 1 (a table's first data row, an array's first row)
+    index: Any  # each one's label in the DataFrame predicted (an array's rows: their 0-based positions)
+    filled: tuple[tuple[str, ...], ...] | None = None  # features filled as the schema declares (None: no schema)
+    outside_observed: tuple[tuple[str, ...], ...] | None = None  # number features beyond the owners' observed range
+    skipped: tuple[Problem, ...] = ()  # predict(on_invalid="skip"): the problems of the rows left out
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Rows checked and encoded for the model, ready to encrypt, with which rows of the input they are."""
+
+    X: np.ndarray  # in the model's input order
+    rows: np.ndarray  # numbered from 1, as Prediction.rows
+    index: Any
+    filled: tuple[tuple[str, ...], ...] | None = None
+    outside_observed: tuple[tuple[str, ...], ...] | None = None
+    skipped: tuple[Problem, ...] = ()  # the problems of the rows left out (on_invalid="skip")
+
+    def answered(self, predicted: np.ndarray, scores: np.ndarray | None, part: slice) -> Prediction:
+        """The results of the rows `part`, with what is known of those rows."""
+        filled, outside = (None if n is None else n[part] for n in (self.filled, self.outside_observed))
+        return Prediction(predicted, scores, self.rows[part], self.index[part], filled, outside)
 
 
 class EncryptedClient:
@@ -210,23 +240,82 @@ class EncryptedClient:
         except (OSError, zipfile.BadZipFile, FedfheError) as exc:
             raise FedfheError(f"{self.url}: unreadable client spec ({exc})") from None
 
-    def predict(self, X: np.ndarray | Any, source: str = "inputs", jobs: int | None = None) -> Prediction:
-        """Every row's prediction at once; see `predict_batches` for the inputs, `jobs` and the pipeline."""
-        parts = list(self.predict_batches(X, source, jobs))
+    def connect(self, wait: float = 0.0, waiting: Callable[[], object] = lambda: None) -> dict[str, Any]:
+        """The server's model facts, trying again for up to `wait` seconds while it refuses connections
+        (`fedfhe serve` listens only once its FHE workers are loaded); `waiting` is called at the first refusal."""
+        deadline = time.monotonic() + wait
+        told = False
+        while True:
+            try:
+                return self.model
+            except Refused:
+                if time.monotonic() >= deadline:
+                    raise
+                if not told:
+                    waiting()
+                    told = True
+                time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
+
+    def inputs(self, X: np.ndarray | Any, source: str = "inputs", on_invalid: str = "refuse") -> Inputs:
+        """Check every row and encode it for the model, noting what is known of each.
+
+        X is numbers in the model's input order (every row must be valid), or (for a model trained on a table) a
+        pandas DataFrame of raw rows: columns by name, text categories, the label column ignored. A table's invalid
+        rows are all refused at once (InvalidRows lists them), or with `on_invalid="skip"` left out and listed in
+        `skipped`. `source` names the inputs in error messages (e.g. their file).
+        """
+        if on_invalid not in ON_INVALID:
+            raise FedfheError(f"on_invalid must be refuse or skip (got {on_invalid!r})")
+        n_features, model_range = self.model["n_features"], self.input_range
+        if not hasattr(X, "columns"):
+            if on_invalid == "skip":
+                raise FedfheError(f"{source}: numbers are checked whole; on_invalid='skip' takes a table's raw rows")
+            X = check_features(X, n_features, model_range, source)
+            return Inputs(X, np.arange(1, len(X) + 1), np.arange(len(X)))
+        if self.schema is None:
+            raise FedfheError(f"{self.url} serves a model without a schema: pass numbers, not a table")
+        rows = self.schema.rows(X, source, labelled=False, pinned=True)  # as its owners encoded theirs
+        if on_invalid == "refuse":
+            rows.refuse()
+        valid = rows.valid
+        encoded = check_features(rows.X[valid], n_features, model_range, source)
+        names = [f.name for f in self.schema.features]
+        filled = tuple(tuple(n for n, f in zip(names, flags) if f) for flags in rows.filled[valid])
+        return Inputs(
+            encoded, np.flatnonzero(valid) + 1, rows.index[valid], filled, self._outside(encoded), rows.problems
+        )
+
+    def _outside(self, X: np.ndarray) -> tuple[tuple[str, ...], ...] | None:
+        """Per row, the number features outside the owners' observed range (None: the spec holds no such range)."""
+        if self.observed is None or self.schema is None:
+            return None
+        numbers = self.schema.number_inputs
+        at = list(numbers.values())
+        low, high = (bound[at] for bound in self.observed)
+        beyond = (X[:, at] < low) | (X[:, at] > high)
+        return tuple(tuple(name for name, out in zip(numbers, row) if out) for row in beyond)
+
+    def predict(
+        self, X: np.ndarray | Any, source: str = "inputs", jobs: int | None = None, on_invalid: str = "refuse"
+    ) -> Prediction:
+        """Every row's prediction at once, with the problems of any row skipped; see `inputs` for X and
+        `on_invalid`, `predict_batches` for `jobs` and the pipeline."""
+        inputs = X if isinstance(X, Inputs) else self.inputs(X, source, on_invalid)
+        parts = list(self.predict_batches(inputs, source, jobs))
         if not parts:
             width = max(len(self.model["classes"]), 1)
-            return Prediction(np.empty(0), None if self.outputs == "label" else np.empty((0, width)))
+            empty = inputs.answered(np.empty(0), None if self.outputs == "label" else np.empty((0, width)), slice(0))
+            return replace(empty, skipped=inputs.skipped)
         scores = None if parts[0].scores is None else np.vstack([p.scores for p in parts if p.scores is not None])
-        return Prediction(np.concatenate([p.predicted for p in parts]), scores)
+        whole = inputs.answered(np.concatenate([p.predicted for p in parts]), scores, slice(None))
+        return replace(whole, skipped=inputs.skipped)
 
     def predict_batches(
-        self, X: np.ndarray | Any, source: str = "inputs", jobs: int | None = None
+        self, X: np.ndarray | Any, source: str = "inputs", jobs: int | None = None, on_invalid: str = "refuse"
     ) -> Iterator[Prediction]:
         """Check every row, then encrypt, evaluate and decrypt them in a pipeline, yielding each batch in order.
 
-        X is numbers in the model's input order, or (for a model trained on a table) a pandas DataFrame of
-        raw rows: columns by name, text categories, the label column ignored. A model with a schema
-        answers with the schema's class values. `source` names the inputs in error messages (e.g. their file).
+        X is what `inputs` takes, or what it gave. A model with a schema answers with the schema's class values.
         While the server evaluates one batch, later ones are being encrypted, in `jobs` worker processes
         (default: the usable cores) once that saves more than starting them costs. At most 2 jobs + 2
         batches are in flight, so memory stays bounded whatever the number of rows.
@@ -234,12 +323,8 @@ class EncryptedClient:
         jobs = usable_cores() if jobs is None else jobs
         if jobs < 1:
             raise FedfheError(f"--jobs must be at least 1 (got {jobs})")
-        low, high = self.input_range
-        if hasattr(X, "columns"):  # a DataFrame: encoded by the schema, as its owners encoded theirs
-            if self.schema is None:
-                raise FedfheError(f"{self.url} serves a model without a schema: pass numbers, not a table")
-            X, _ = self.schema.encode(X, source, labelled=False, pinned=True)
-        X = check_features(X, self.model["n_features"], (low, high), source)
+        inputs = X if isinstance(X, Inputs) else self.inputs(X, source, on_invalid)
+        X, (low, high) = inputs.X, self.input_range
         if len(X) == 0:
             return
         fhe_client, quantizers = self._session()
@@ -270,29 +355,40 @@ class EncryptedClient:
 
         window = 2 * jobs + 2
         threads = ThreadPoolExecutor(window, thread_name_prefix="fedfhe-predict")
-        pending: deque[Future[list[bytes]]] = deque()
+        pending: deque[tuple[slice, Future[list[bytes]]]] = deque()
         todo = iter(bounds)
         try:
             for start, stop in itertools.islice(todo, window):
-                pending.append(threads.submit(batch, start, stop))
+                pending.append((slice(start, stop), threads.submit(batch, start, stop)))
             while pending:
-                outputs = pending.popleft().result()
+                part, answer = pending.popleft()
+                outputs = answer.result()
                 for start, stop in itertools.islice(todo, 1):
-                    pending.append(threads.submit(batch, start, stop))
-                yield self._decrypt(fhe_client, quantizers, outputs)
+                    pending.append((slice(start, stop), threads.submit(batch, start, stop)))
+                yield inputs.answered(*self._decrypt(fhe_client, quantizers, outputs), part)
         finally:
             threads.shutdown(wait=False, cancel_futures=True)
 
-    def records(self, result: Prediction, first: int = 0) -> list[dict[str, Any]]:
-        """Results as `predict --json` and `--out` show them: row number, class, its name (and scores), or value."""
-        rows = range(first, first + len(result.predicted))
+    def records(self, result: Prediction, kept: Any = None) -> list[dict[str, Any]]:
+        """Results as `predict --json` and `--out` show them: the input's row number, the `kept` columns of that row
+        (a DataFrame of the whole input's identifier columns), class, its name (and scores) or value, then the
+        features filled and those beyond the observed range (each present when the model can tell)."""
+        answers: list[dict[str, Any]]
         if not self.model["classes"]:
-            return [{"row": i, "value": float(v)} for i, v in zip(rows, result.predicted)]
-        named = dict(zip(self.classes.tolist(), self.class_names))
-        records = [{"row": i, "class": c, "name": named[c]} for i, c in zip(rows, result.predicted.tolist())]
-        if result.scores is None:  # label outputs: the server never sends scores
-            return records
-        return [{**r, "scores": dict(zip(self.class_names, map(float, s)))} for r, s in zip(records, result.scores)]
+            answers = [{"value": float(v)} for v in result.predicted]
+        else:
+            named = dict(zip(self.classes.tolist(), self.class_names))
+            answers = [{"class": c, "name": named[c]} for c in result.predicted.tolist()]
+        if result.scores is not None and self.model["classes"]:  # label outputs: the server never sends scores
+            answers = [
+                {**a, "scores": dict(zip(self.class_names, map(float, s)))} for a, s in zip(answers, result.scores)
+            ]
+        ids = [{}] * len(answers) if kept is None else kept_values(kept, result.rows)
+        notes: list[dict[str, list[str]]] = [{} for _ in answers]
+        for key, per_row in (("filled", result.filled), ("outside_observed", result.outside_observed)):
+            for note, names in zip(notes, per_row or ()):
+                note[key] = list(names)
+        return [{"row": int(r), **i, **a, **n} for r, i, a, n in zip(result.rows, ids, answers, notes)]
 
     def _encryptor_for(self, jobs: int) -> Encryptor:
         """The worker processes encrypting for this client, started on first need and kept until close()."""
@@ -303,27 +399,31 @@ class EncryptedClient:
             self._encryptor = Encryptor(self.key_dir / CLIENT_SPEC, self.key_dir / KEYS_DIR, self._key_id, jobs)
         return self._encryptor
 
-    def _decrypt(self, fhe_client: Any, quantizers: Quantizers, outputs: list[bytes]) -> Prediction:
-        """One batch's predictions from its encrypted outputs; outputs that are not this circuit's are one line."""
+    def _decrypt(
+        self, fhe_client: Any, quantizers: Quantizers, outputs: list[bytes]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One batch's predictions and scores from its encrypted outputs; outputs not this circuit's are one line."""
         try:
             return self._decrypted(fhe_client, quantizers, outputs)
         except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise FedfheError(f"{self.url} answered outputs that do not decrypt for this circuit ({first})") from None
 
-    def _decrypted(self, fhe_client: Any, quantizers: Quantizers, outputs: list[bytes]) -> Prediction:
-        """One batch's predictions from its encrypted outputs."""
+    def _decrypted(
+        self, fhe_client: Any, quantizers: Quantizers, outputs: list[bytes]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One batch's predictions and scores from its encrypted outputs."""
         from concrete import fhe
 
         decrypted = [np.asarray(fhe_client.decrypt(fhe.Value.deserialize(out))) for out in outputs]
         if self.outputs == "label":  # each output decrypts to the class index the circuit picked
             picked = [int(np.ravel(out)[0]) for out in decrypted]
-            return Prediction(self.classes[np.array(picked, dtype=np.int64)], None)
+            return self.classes[np.array(picked, dtype=np.int64)], None
         classifier = bool(self.model["classes"])
         scores = np.vstack([quantizers.scores(out, classifier) for out in decrypted])
         if not self.model["classes"]:
-            return Prediction(scores[:, 0], scores)
-        return Prediction(self.classes[decide(scores, self.point)], scores)
+            return scores[:, 0], scores
+        return self.classes[decide(scores, self.point)], scores
 
     @property
     def outputs(self) -> str:
@@ -439,9 +539,8 @@ class EncryptedClient:
             except httpx.TimeoutException:
                 raise FedfheError(f"{self.url}: no answer within {self.timeout:g} s") from None
             except httpx.HTTPError as exc:
-                raise FedfheError(
-                    f"{self.url}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                ) from None
+                message = f"{self.url}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                raise (Refused if _refused(exc) else FedfheError)(message) from None
             wait = response.headers.get("retry-after", "")
             if response.status_code not in (429, 503) or not wait.isdigit() or int(wait) > MAX_RATE_WAIT:
                 break
@@ -495,6 +594,16 @@ class EncryptedClient:
             return httpx.Response(streamed.status_code, headers=headers, content=bytes(body))
 
 
+def output_file(path: str | os.PathLike[str], option: str, what: str, suffixes: tuple[str, ...]) -> Path:
+    """A file to write, refused in one line unless of one of `suffixes` and in a folder that exists."""
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise FedfheError(f"{option} {path}: write {what} to a {' or a '.join(suffixes)} file")
+    if not path.parent.is_dir():
+        raise FedfheError(f"{option} {path}: no such directory {path.parent}")
+    return path
+
+
 class ResultsFile:
     """Results written as they arrive, to .csv (scores as score_NAME columns) or .jsonl; PATH.part until complete.
 
@@ -502,11 +611,7 @@ class ResultsFile:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        if self.path.suffix.lower() not in (".csv", ".jsonl"):
-            raise FedfheError(f"--out {self.path}: write results to a .csv or a .jsonl file")
-        if not self.path.parent.is_dir():
-            raise FedfheError(f"--out {self.path}: no such directory {self.path.parent}")
+        self.path = output_file(path, "--out", "results", (".csv", ".jsonl"))
         self.part = self.path.with_name(self.path.name + ".part")
         self._file: TextIO | None = None  # opened with the first rows: refused inputs leave no file behind
         self._csv: csv.DictWriter[str] | None = None
@@ -558,9 +663,52 @@ def _cell(value: Any) -> Any:
 
 
 def _csv_row(record: dict[str, Any]) -> dict[str, Any]:
-    """A record as one CSV row: its scores as score_NAME columns, every name and value safe for a spreadsheet."""
+    """A record as one CSV row: its scores as score_NAME columns, a list of names as one cell (a;b), every name and
+    value safe for a spreadsheet."""
     scores = {f"score_{name}": value for name, value in record.get("scores", {}).items()}
-    return {_cell(k): _cell(v) for k, v in {**record, **scores}.items() if k != "scores"}
+    flat = {k: ";".join(v) if isinstance(v, list) else v for k, v in {**record, **scores}.items() if k != "scores"}
+    return {_cell(k): _cell(v) for k, v in flat.items()}
+
+
+def keep_columns(frame: Any, keep: list[str], schema: Schema, source: str) -> tuple[Any, Any]:
+    """The input without its `keep` columns (identifiers: never encoded, encrypted or sent), and those columns.
+
+    A column that is not in the input, is one of the model's inputs, or shares a name with a result's own field
+    is refused in one line.
+    """
+    keep = list(dict.fromkeys(keep))
+    columns = [str(c) for c in frame.columns]
+    for name in keep:
+        if name not in columns:
+            raise FedfheError(f"--keep {name}: {source} has no such column (it has: {', '.join(columns)})")
+        if name in {f.name for f in schema.features}:
+            raise FedfheError(f"--keep {name}: one of the model's inputs; only columns never sent can be kept")
+        if name in RECORD_FIELDS + REJECT_FIELDS or name.startswith("score_"):
+            raise FedfheError(f"--keep {name}: the results have a field of that name; rename the column")
+    return frame.drop(columns=keep), frame[keep]
+
+
+def kept_values(kept: Any, rows: np.ndarray) -> list[dict[str, Any]]:
+    """The kept columns' cells of each row (numbered from 1), as JSON holds them."""
+    part = kept.iloc[np.asarray(rows, dtype=np.int64) - 1]
+    return [{str(k): plain(v) for k, v in zip(part.columns, cells)} for cells in part.itertuples(index=False)]
+
+
+def write_rejects(path: Path, problems: tuple[Problem, ...], kept: Any = None) -> None:
+    """The rows left out, one line per problem (.csv): the input's row, its kept columns, column, value, reason."""
+    ids = [{}] * len(problems) if kept is None else kept_values(kept, np.array([p.row for p in problems]))
+    lines = [
+        {"row": p.row, **i, "column": p.column, "value": plain(p.value), "reason": p.reason}
+        for p, i in zip(problems, ids)
+    ]
+    fields = ["row", *([] if kept is None else map(str, kept.columns)), "column", "value", "reason"]
+    try:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[_cell(name) for name in fields])
+            writer.writeheader()
+            writer.writerows({_cell(k): _cell(v) for k, v in line.items()} for line in lines)
+    except OSError as exc:
+        raise FedfheError(f"--rejects {path}: cannot write ({exc.strerror or exc})") from None
 
 
 def read_inputs(path: Path, n_features: int, input_range: Range, max_bytes: int | None = None) -> np.ndarray:
@@ -634,6 +782,14 @@ def _sha256(value: str | None, option: str, what: str) -> str | None:
     if not re.fullmatch(r"[0-9a-f]{64}", value.strip().lower()):
         raise FedfheError(f"{option} must be {what}, 64 hex digits (got {value!r})")
     return value.strip().lower()
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether an HTTP error is a refused connection (its cause, at any depth)."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ConnectionRefusedError):
+        cause = cause.__cause__ or cause.__context__
+    return cause is not None
 
 
 def _loopback(host: str) -> bool:
