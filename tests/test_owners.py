@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import ENV, FEDFHE, Served, cli, copy_of, fedfhe, free_port, serving, wait_for
+from test_exports import admissions, export_a, export_b, export_c
 from test_table import STAY_SCHEMA, hospital, schema_file, stay
 
 from fedfhe import TrainConfig, drafting, pipeline, table
@@ -575,27 +576,41 @@ def test_the_readmes_quick_start_runs_as_written(tmp_path):
 @pytest.mark.federation
 @pytest.mark.server
 @pytest.mark.fhe
-def test_the_readmes_own_data_walkthrough_runs_as_written(hospitals, tmp_path):
-    owners, test, _ = hospitals
-    shutil.copytree(owners, tmp_path / "hospitals")
-    shutil.copy(test, tmp_path / "test.csv")
-    lab = pd.read_csv(test).tail(4).drop(columns=["outcome"])[["ward", "bmi", "patient", "age"]]  # any order
+def test_the_readmes_own_data_walkthrough_runs_as_written(tmp_path):
+    (tmp_path / "hospitals").mkdir()
+    export_a(tmp_path / "hospitals" / "a.csv")
+    export_b(tmp_path / "hospitals" / "b.csv", sep_line=True)
+    export_c(tmp_path / "hospitals" / "c.parquet")
+    admissions(150, 7).to_csv(tmp_path / "test.csv", index=False)  # seed 7: no test row equals an owner's
+    lab = admissions(30, 11).drop(columns=["readmitted_30d"])
+    lab.loc[4, "prior_admissions"] = 14  # agreed (0-20), never seen in training (0-5)
+    lab.loc[[9, 21], "prior_admissions"], lab.loc[16, "age"] = [25, 31], 130  # outside the agreed ranges
+    lab.loc[[7, 12], "hba1c"] = "?"
     lab.to_csv(tmp_path / "lab.csv", index=False)
-    answers = json.loads(run_block(readme_block("own-data"), tmp_path).strip().splitlines()[-1])
-    assert [a["row"] for a in answers] == [1, 2, 3, 4]  # the file's data rows, numbered from 1
-    assert [a["patient"] for a in answers] == lab["patient"].tolist()  # --keep: copied, never sent
-    assert {a["class"] for a in answers} <= {"discharged", "readmitted"}
-    schema = table.Schema.load(tmp_path / "schema.json")
-    assert schema.ignore == ("patient",) and schema.label.classes == ("discharged", "readmitted")
-    assert schema.label.positive == "readmitted"  # `schema infer` proposed the rarer class
+    agreed = README.read_text().split("<!-- own-data schema: tests/test_owners.py writes this as schema.json -->")[1]
+    (tmp_path / "schema.json").write_text(agreed.split("```json\n")[1].split("```")[0])
+    run_block(readme_block("own-data"), tmp_path)
+    draft, schema = (table.Schema.load(tmp_path / name) for name in ("draft.json", "schema.json"))
+    assert draft.ignore == schema.ignore == ("patient_id", "admission_date") and draft.label == schema.label
+    rejects = pd.read_csv(tmp_path / "rejects.csv", dtype={"patient_id": str})
+    assert rejects[["row", "column", "value"]].values.tolist() == [
+        [10, "prior_admissions", 25], [17, "age", 130], [22, "prior_admissions", 31]]  # fmt: skip
+    assert rejects["patient_id"].tolist() == lab["patient_id"][[9, 16, 21]].tolist()
+    assert rejects["reason"][0] == "25 is outside its declared range [0, 20]"
+    answers = pd.read_csv(tmp_path / "predictions.csv", dtype={"patient_id": str}, keep_default_na=False)
+    valid = [i for i in range(30) if i not in (9, 16, 21)]
+    assert answers["row"].tolist() == [i + 1 for i in valid]  # the lab's own row numbers, from 1
+    assert answers["patient_id"].tolist() == lab["patient_id"][valid].tolist()  # --keep: copied, never sent
+    notes = answers.set_index("row")[["filled", "outside_observed"]]
+    assert notes.loc[5, "outside_observed"] == "prior_admissions" and (notes["outside_observed"] != "").sum() == 1
+    assert notes.loc[[8, 13], "filled"].tolist() == ["hba1c", "hba1c"] and (notes["filled"] != "").sum() == 2
     model = LinearModel.load(tmp_path / "runs" / "h" / "model.npz")
-    assert (
-        model.metadata["operating_point"]["class"] == "readmitted"
-        and model.metadata["training"]["class_weight"] == "balanced"
-    )
-    encoded, _ = schema.encode(lab, "lab", labelled=False)
+    assert model.metadata["operating_point"]["class"] == "yes"
+    filled = {"a.csv": {"hba1c": 14}, "b.csv": {"hba1c": 18}, "c.parquet": {}, "test.csv (test)": {}}
+    assert model.metadata["filled"] == filled
+    encoded, _ = schema.encode(table.read_frame(tmp_path / "lab.csv").iloc[valid], "lab", labelled=False)
     simulated = load_compiled(tmp_path / "runs" / "h", model).predict(encoded, fhe="simulate")
-    assert [a["class"] for a in answers] == [schema.label.classes[int(c)] for c in simulated]
+    assert answers["class"].tolist() == [schema.label.classes[int(c)] for c in simulated]
 
 
 @pytest.mark.federation
