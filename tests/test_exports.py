@@ -269,3 +269,12 @@ def test_a_draft_flags_odd_numbers_spellings_and_free_text_and_keeps_what_it_is_
         drafting.infer({"d.csv": frame}, "readmitted_30d", ignore=("note",), keep=("note",))
     with pytest.raises(FedfheError, match="e.csv: no column 'readmitted_30d' to use as the label"):
         drafting.infer({"d.csv": frame, "e.csv": frame.drop(columns="readmitted_30d")}, "readmitted_30d")
+
+
+def test_a_column_the_models_schema_lacks_is_to_be_dropped_not_ignored(tmp_path):
+    frame = admissions(5, 6).assign(ward="a")
+    schema = table.Schema.from_dict(SCHEMA)
+    with pytest.raises(FedfheError, match=r"column 'ward' is not in the schema \(list it under \"ignore\""):
+        schema.rows(frame, "own.csv")
+    with pytest.raises(FedfheError, match="column 'ward' is not in the schema \\(the model's schema is fixed: drop"):
+        schema.rows(frame.drop(columns=["readmitted_30d"]), "lab.csv", labelled=False, pinned=True)

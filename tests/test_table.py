@@ -287,7 +287,8 @@ def test_train_compile_and_evaluate_on_your_own_table(tmp_path):
     assert model.n_features == 5 and model.input_range[1].tolist() == [120, 1, 1, 1, 60]
     assert model.metadata["metrics"]["final"]["score"] > 0.8
     report = json.loads((out / "report.json").read_text())
-    assert all(value == 1.0 for value in report["agreement"].values() if value is not None), report["agreement"]
+    agreement = dict(report["agreement"])  # FHE equals the clear quantized model; quantization may move a near-tie
+    assert agreement.pop("fhe_vs_sklearn") >= 0.98 and set(agreement.values()) == {1.0}, report["agreement"]
     again = cli("evaluate", "--run", str(out), "--fhe-samples", "5")  # the run's table, read with its schema
     assert again.returncode == 0, again.stderr
 
