@@ -30,6 +30,7 @@ IDX_LABELS_MAGIC = 2049
 MNIST_TRAIN_SIZE = 60_000
 MiB = 1 << 20
 DEFAULT_CACHE = Path(os.environ.get("FEDFHE_CACHE", Path.home() / ".cache" / "fedfhe"))
+PYARROW = "pyarrow==21.0.0"  # constraints.txt's; the partner's install (requirements-client.txt) leaves it out
 
 
 @dataclass(frozen=True)
@@ -318,9 +319,7 @@ def check_size(path: Path, max_bytes: int) -> None:
         with zipfile.ZipFile(path) as z:
             sizes["unpacked"] = sum(info.file_size for info in z.infolist())
     elif path.suffix.lower() == ".parquet":  # 68 KB of Parquet can declare 100 million rows
-        import pyarrow.parquet as pq  # type: ignore[import-untyped]  # pyarrow ships no type stubs
-
-        meta = pq.ParquetFile(path).metadata
+        meta = pyarrow_parquet(path).ParquetFile(path).metadata
         sizes["declared"] = max(
             meta.num_rows * meta.num_columns * 8,  # 8 bytes a cell at least, once decoded
             sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)),
@@ -328,6 +327,17 @@ def check_size(path: Path, max_bytes: int) -> None:
     for what, size in sizes.items():
         if size > max_bytes:
             raise FedfheError(f"{path}: {size / MiB:.4g} MiB {what}, more than the {max_bytes / MiB:.4g} MiB allowed")
+
+
+def pyarrow_parquet(path: Path) -> Any:
+    """pyarrow.parquet, which the partner's install leaves out (141 MB): without it, one line on how to add it."""
+    try:
+        import pyarrow.parquet as pq  # type: ignore[import-untyped]  # pyarrow ships no type stubs
+    except ModuleNotFoundError:
+        raise FedfheError(
+            f"{path}: reading Parquet needs pyarrow, which this install lacks: pip install --no-deps {PYARROW}"
+        ) from None
+    return pq
 
 
 def _declared_bytes(f: IO[bytes]) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from fedfhe import leakage
-from fedfhe.data import Dataset, assemble, check_size, split_dataset
+from fedfhe.data import Dataset, assemble, check_size, pyarrow_parquet, split_dataset
 from fedfhe.data import as_text as _as_text
 from fedfhe.errors import FedfheError
 from fedfhe.reading import Dialect, read_csv, read_excel, typed
@@ -680,6 +680,7 @@ def read_frame(
         if kind == ".xlsx":
             return read_excel(path, dialect, as_text)
         if kind == ".parquet":
+            pyarrow_parquet(path)  # pandas reads Parquet with it
             frame = pd.read_parquet(path)
         else:
             with np.load(path, allow_pickle=False) as f:
