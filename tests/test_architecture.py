@@ -1,4 +1,5 @@
-"""What import-linter cannot see: Ray, reached only through flwr.simulation, stays in the simulation module."""
+"""What import-linter cannot see: Ray, reached only through flwr.simulation, stays in the simulation module; the
+encrypting client loads concrete.compiler, never concrete.fhe (which imports torch)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import subprocess
 import sys
 
 import grimp
+from conftest import HEAVY
 
 
 def test_only_the_simulation_module_reaches_ray():
@@ -25,3 +27,11 @@ def test_the_flower_apps_and_training_load_without_ray_or_concrete():
     code = f"import sys; [__import__(m) for m in {modules}]; print(sorted({{'ray', 'concrete'}} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_the_encrypting_client_loads_concretes_compiler_alone():
+    modules = ["fedfhe.cli", "fedfhe.service.client", "fedfhe.service.encryptor", "fedfhe.service.crypto"]
+    watched = (*HEAVY, "concrete.compiler")
+    code = f"import sys; [__import__(m) for m in {modules}]; print(sorted(m for m in {watched} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "['concrete.compiler']"
