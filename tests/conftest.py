@@ -5,6 +5,7 @@ asks first, and read by every test that needs it (docs/development.md: tiers, ma
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import httpx
+import numpy as np
 import pytest
 
 from fedfhe.federated.deployment import _listening, free_port
@@ -32,8 +34,10 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 __all__ = [
     "ENV",
     "FEDFHE",
+    "HEAVY",
     "Ran",
     "Served",
+    "answers_equal_concretes",
     "cli",
     "fedfhe",
     "fhe_client",
@@ -199,6 +203,52 @@ def evaluation_keys(run_dir: Path) -> bytes:
 def key_id(key_dir: Path) -> str:
     """The evaluation key id an EncryptedClient uploaded from this key directory."""
     return str(json.loads((key_dir / "session.json").read_text())["key_id"])
+
+
+HEAVY = ("concrete.fhe", "concrete.ml", "torch", "sklearn", "flwr", "ray")  # what the encrypting client never loads
+
+
+def answers_equal_concretes(url: str, key_dir: Path, X: Any) -> None:
+    """A classifier's answers for X (numbers, or a table's raw rows), made on concrete.compiler alone, are those of
+    Concrete's own fhe.Client over the same key directory, hence the same keys: each one's ciphertexts of the
+    quantized rows decrypt to the same integers under both, and the client's scores are those integers' scores
+    bit for bit, its classes theirs."""
+    from concrete import fhe
+
+    from fedfhe.decision import decide
+    from fedfhe.service.client import EncryptedClient
+    from fedfhe.service.crypto import CircuitKeys
+    from fedfhe.service.processing import read_quantizers
+    from fedfhe.service.protocol import OCTET_STREAM, decode_frames, encode_frames
+    from fedfhe.service.spec import SPECS, member
+
+    with EncryptedClient(url, key_dir) as client:
+        answered = client.predict(X, jobs=1)
+        inputs, (low, high), used = client.inputs(X), client.input_range, client.model["inputs_used"]
+        classes, point, label = client.classes, client.point, client.outputs == "label"
+    spec = (key_dir / "client.zip").read_bytes()
+    quantizers = read_quantizers(spec, "the pinned spec")
+    rows = quantizers.quantize(((inputs.X - low) / (high - low))[:, used])  # as the client quantizes them
+    full = fhe.Client(fhe.ClientSpecs.deserialize(member(spec, SPECS)), key_dir / "keys")
+    full.keygen(False)  # a hit in Concrete's keyset cache: the keys the client made there
+    assert hashlib.sha256(full.evaluation_keys.serialize()).hexdigest() == key_id(key_dir)
+    thin = CircuitKeys(spec, key_dir / "keys")
+    decrypted = []
+    for ciphertexts in ([full.encrypt(row[None, :]).serialize() for row in rows], [thin.encrypt(row) for row in rows]):
+        frames = encode_frames(ciphertexts)
+        answer = httpx.post(f"{url}/v1/predict", params={"key_id": key_id(key_dir)}, content=frames,
+                            headers={"content-type": OCTET_STREAM}, timeout=120)  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        outputs = decode_frames(answer.content, len(rows))
+        decrypted.append(np.stack([full.decrypt(fhe.Value.deserialize(out)) for out in outputs]))
+        decrypted.append(np.stack([thin.decrypt(out) for out in outputs]))
+    assert all(np.array_equal(d, decrypted[0]) and d.dtype == np.int64 for d in decrypted)
+    if label:  # the circuit's output is the class index
+        assert answered.scores is None and np.array_equal(answered.predicted, classes[decrypted[0].reshape(-1)])
+        return
+    scores = np.vstack([quantizers.scores(out, True) for out in decrypted[0]])
+    assert answered.scores is not None and np.array_equal(answered.scores, scores)  # bit for bit
+    assert np.array_equal(answered.predicted, classes[decide(scores, point)])
 
 
 # Tests that read one of these expensive shared artifacts run on one xdist worker, so that the other never

@@ -1,5 +1,6 @@
 """What import-linter cannot see: Ray, reached only through flwr.simulation, stays in the simulation module; the
-partner's install (requirements-client.txt) holds everything the client path imports, and none of the heavy stack."""
+encrypting client loads concrete.compiler, never concrete.fhe (which imports torch); the partner's install
+(requirements-client.txt) holds everything the client path imports, and none of the heavy stack."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import grimp
 import numpy as np
 import pandas as pd
-from conftest import ENV
+from conftest import ENV, HEAVY
 from partner_install.sitecustomize import LOCK, pins
 from PIL import Image
 
@@ -104,3 +105,11 @@ def test_the_client_path_imports_only_what_the_partners_lock_installs(tmp_path):
         "parquet": f"rows.parquet: reading Parquet needs pyarrow, which this install lacks: pip install --no-deps {PYARROW}",
         "imported": ["concrete.compiler"],
     }
+
+
+def test_the_encrypting_client_loads_concretes_compiler_alone():
+    modules = ["fedfhe.cli", "fedfhe.service.client", "fedfhe.service.encryptor", "fedfhe.service.crypto"]
+    watched = (*HEAVY, "concrete.compiler")
+    code = f"import sys; [__import__(m) for m in {modules}]; print(sorted(m for m in {watched} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "['concrete.compiler']"

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import cli, copy_of, evaluation_keys, fhe_client, serving, wait_for
+from conftest import answers_equal_concretes, cli, copy_of, evaluation_keys, fhe_client, serving, wait_for
 
 from fedfhe import decision, fhe
 from fedfhe.data import load_dataset
@@ -107,6 +107,7 @@ def test_a_real_server_sends_classes_only(label_run, served_run, tmp_path):
         assert all("scores" not in a for a in answers) and {a["name"] for a in answers} <= {"malignant", "benign"}
         shown = cli("predict", str(tmp_path / "rows.npy"), "--server", served.url, "--key-dir", str(tmp_path / "keys"))
         assert "label outputs: the server returns classes only" in shown.stdout
+        answers_equal_concretes(served.url, tmp_path / "keys", split.X_test[:2])
         # A scores-mode client's keys (no bootstrap or keyswitch key) would abort a label circuit: refused.
         foreign = evaluation_keys(served_run)
         refused = httpx.post(f"{served.url}/v1/keys", content=foreign, headers=OCTET, timeout=60)

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ENV, FEDFHE, Served, cli, copy_of, fedfhe, free_port, serving, wait_for
+from conftest import ENV, FEDFHE, Served, answers_equal_concretes, cli, copy_of, fedfhe, free_port, serving, wait_for
 from test_exports import admissions, export_a, export_b, export_c
 from test_table import STAY_SCHEMA, hospital, schema_file, stay
 
@@ -256,6 +256,7 @@ def test_raw_csv_rows_are_predicted_under_encryption_with_the_schemas_classes(
     assert set(answers[0]["scores"]) == {"discharged", "readmitted"}
     with EncryptedClient(url, tmp_path / "keys") as client:  # the API takes the DataFrame itself
         assert client.predict(rows.drop(columns=["outcome"])).predicted.tolist() == expected
+    answers_equal_concretes(url, tmp_path / "keys", rows.drop(columns=["outcome"]).head(3))
     bad = rows.head(1).assign(ward="dermatology")
     bad.to_csv(tmp_path / "bad.csv", index=False)
     refused = cli("predict", str(tmp_path / "bad.csv"), "--server", url, "--key-dir",

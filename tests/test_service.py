@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -19,10 +20,23 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import ENV, Served, cli, fedfhe, fhe_client, free_port, key_id, serving, wait_for
+from conftest import (
+    ENV,
+    HEAVY,
+    Served,
+    answers_equal_concretes,
+    cli,
+    fedfhe,
+    fhe_client,
+    free_port,
+    key_id,
+    serving,
+    wait_for,
+)
 
 from fedfhe.errors import FedfheError
 from fedfhe.service.client import EncryptedClient, image_row
+from fedfhe.service.crypto import CircuitKeys
 from fedfhe.service.keystore import KeyStore, UnknownKey
 from fedfhe.service.protocol import BatchTooLarge, decode_frames, encode_frames
 
@@ -138,6 +152,35 @@ def test_results_for_one_client_do_not_decrypt_with_another_clients_key(server, 
     np.testing.assert_array_equal(own.argmax(axis=1), truth)
     assert not np.allclose(own, other, atol=1e-3)
     assert (other.argmax(axis=1) == truth).mean() < 0.5
+
+
+@pytest.mark.server
+@pytest.mark.fhe
+def test_the_client_on_concretes_compiler_answers_as_concretes_own_client(server, alice, rows, inputs):
+    uploads = request_count(server.url, "/v1/keys")
+    answers_equal_concretes(server.url, alice.key_dir, rows[:3])  # a new client over the same key directory
+    assert request_count(server.url, "/v1/keys") == uploads  # its keys are the ones already uploaded
+    thin = CircuitKeys((alice.key_dir / "client.zip").read_bytes(), alice.key_dir / "keys")
+    width = inputs.shape[1]
+    fits = f"does not fit the circuit's input: shape (1, {width}), integers in [{thin.low}, {thin.high}]"
+    for row in (np.full(width, thin.high + 1), np.zeros(width - 1, dtype=np.int64)):
+        with pytest.raises(FedfheError, match=re.escape(fits)):
+            thin.encrypt(row)
+
+
+@pytest.mark.server
+@pytest.mark.fhe
+def test_predict_loads_concretes_compiler_alone(server, alice, rows, tmp_path):
+    np.save(tmp_path / "row.npy", rows[:1])
+    code = (
+        "import sys\nfrom fedfhe.cli import main\ntry:\n    main()\nfinally:\n"
+        f"    print('loaded', sorted(m for m in {HEAVY + ('concrete.compiler',)} if m in sys.modules), file=sys.stderr)"
+    )
+    args = ["predict", str(tmp_path / "row.npy"), "--server", server.url, "--key-dir", str(alice.key_dir), "--json"]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=ENV, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "loaded ['concrete.compiler']"  # and none of HEAVY
+    assert len(json.loads(done.stdout)) == 1
 
 
 @pytest.mark.server

@@ -195,6 +195,15 @@ def test_what_is_not_a_spec_is_one_line():
         check_spec(buffer.getvalue(), "here")
 
 
+def test_a_secure_spec_concrete_cannot_build_makes_no_key(tmp_path):
+    from fedfhe.service.crypto import CircuitKeys
+
+    check_spec(zipped(SECURE), "here")  # the parameters pass; the circuit behind them is missing
+    with pytest.raises(FedfheError, match="the client spec holds no one-input circuit fedfhe encrypts for") as refused:
+        CircuitKeys(zipped(SECURE), tmp_path / "keys")
+    assert "\n" not in str(refused.value) and not (tmp_path / "keys").exists()
+
+
 def test_a_second_spec_in_the_zip_is_refused():
     buffer = io.BytesIO()  # Concrete unpacks every entry: ./client.specs.json would replace the one checked
     with zipfile.ZipFile(buffer, "w") as archive:

@@ -15,7 +15,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import warnings
 import zipfile
@@ -34,6 +33,7 @@ from fedfhe.errors import FedfheError
 from fedfhe.kinds import Kind
 from fedfhe.label import Plan, compile_label
 from fedfhe.model import LinearModel
+from fedfhe.native import native_quiet
 from fedfhe.problem import observed_record
 from fedfhe.rundir import CLIENT_SPEC, COMPILE_INPUTS, FHE_INFO, SPEC_OBSERVED, SPEC_SCHEMA, RunDir
 
@@ -426,27 +426,6 @@ def scratch() -> Iterator[None]:
     finally:
         tempfile.tempdir = saved
         shutil.rmtree(folder, ignore_errors=True)
-
-
-NATIVE_STDERR = threading.Lock()
-
-
-@contextlib.contextmanager
-def native_quiet() -> Iterator[None]:
-    """Hide what Concrete's runtime writes straight to the stderr descriptor ("KeySetCache: miss, regenerating").
-
-    The descriptor is the process's: one thread at a time swaps it, so it always comes back.
-    """
-    with NATIVE_STDERR:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        try:
-            with open(os.devnull, "wb") as null:
-                os.dup2(null.fileno(), 2)
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def concrete(module: str) -> Any:

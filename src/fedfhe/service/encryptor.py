@@ -3,25 +3,22 @@ encrypt in parallel in processes.
 
 Each worker loads the client spec and this client's keys from the key directory itself (a private key
 never crosses a pipe), checks that they are the keys the server knows, and turns quantized rows into
-serialized ciphertexts. Quantizing stays with the caller, so workers import concrete-python alone.
+serialized ciphertexts. Quantizing stays with the caller, so workers import Concrete's compiler bindings alone.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from fedfhe.errors import FedfheError
-from fedfhe.fhe import native_quiet
-from fedfhe.service.spec import SPECS, member
+from fedfhe.service.crypto import CircuitKeys
 from fedfhe.service.workers import spawn_pool
 
-_client: Any = None  # each worker's Concrete client, holding the private key
+_keys: CircuitKeys | None = None  # each worker's keys, the private key among them
 _failure: FedfheError | None = None  # why it has none: told with the first batch, not as a worker traceback
 
 
@@ -29,35 +26,26 @@ class KeysDiffer(FedfheError):
     """A worker loaded other keys than the ones uploaded: its ciphertexts would not decrypt."""
 
 
-def concrete_client(client_zip: bytes, keys: str | os.PathLike[str]) -> Any:
-    """Concrete's client for the spec in a client.zip, keeping keys in `keys`: built from client.specs.json
-    alone (Client.load unpacks every file of the zip, whatever its size)."""
-    from concrete import fhe  # concrete-python: no torch, no notice to silence
-
-    return fhe.Client(fhe.ClientSpecs.deserialize(member(client_zip, SPECS)), keys)
-
-
-def _load(spec: str, keys: str, key_id: str) -> None:
+def _load(spec: str, folder: str, key_id: str) -> None:
     """Load the spec and the caller's keys (a cache hit: the caller made them); refuse keys other than `key_id`."""
-    global _client, _failure
+    global _keys, _failure
     try:
-        client = concrete_client(Path(spec).read_bytes(), keys)
-        with native_quiet():
-            client.keygen(False)
-        held = hashlib.sha256(client.evaluation_keys.serialize()).hexdigest()
+        keys = CircuitKeys(Path(spec).read_bytes(), folder)
+        held = hashlib.sha256(keys.evaluation_keys()).hexdigest()
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        _failure = FedfheError(f"{keys}: an encryption worker cannot load the keys ({exc})")
+        _failure = FedfheError(f"{folder}: an encryption worker cannot load the keys ({exc})")
         return
     if held != key_id:
-        _failure = KeysDiffer(f"{keys}: an encryption worker found other keys than the ones uploaded")
-    _client = client
+        _failure = KeysDiffer(f"{folder}: an encryption worker found other keys than the ones uploaded")
+    _keys = keys
 
 
 def _encrypt(rows: np.ndarray) -> list[bytes]:
     """Serialized ciphertexts of quantized rows, one per row."""
     if _failure is not None:
         raise _failure
-    return [_client.encrypt(row[None, :]).serialize() for row in rows]
+    assert _keys is not None  # set by _load whenever _failure is not
+    return [_keys.encrypt(row) for row in rows]
 
 
 class Encryptor:

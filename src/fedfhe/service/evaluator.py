@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from fedfhe.errors import FedfheError
-from fedfhe.fhe import SCRATCH_PREFIX, CircuitServer, native_quiet
+from fedfhe.fhe import SCRATCH_PREFIX, CircuitServer
+from fedfhe.native import native_quiet
 from fedfhe.service import keyset
 from fedfhe.service.keystore import UnknownKey
 from fedfhe.service.workers import keep_freed_memory, spawn_pool, usable_cores
