@@ -70,25 +70,14 @@ def timed(command: list[str]) -> float:
 
 def table_run(folder: Path) -> tuple[Path, Path]:
     """A run trained on three hospitals' raw exports (the README's own-data walkthrough), and a lab file."""
-    from test_exports import admissions, export_a, export_b, export_c
+    from test_exports import SCHEMA, admissions, export_a, export_b, export_c
 
     owners = folder / "hospitals"
     owners.mkdir()
     export_a(owners / "a.csv"), export_b(owners / "b.csv", sep_line=True), export_c(owners / "c.parquet")
     admissions(150, 7).to_csv(folder / "test.csv", index=False)
     admissions(30, 11).drop(columns=["readmitted_30d"]).to_csv(folder / "lab.csv", index=False)
-    schema = {
-        "features": [
-            {"name": "age", "low": 0, "high": 110},
-            {"name": "sex", "categories": ["F", "M"], "aliases": {"female": "F", "male": "M"}},
-            {"name": "hba1c", "low": 3, "high": 15, "missing": "indicator"},
-            {"name": "prior_admissions", "low": 0, "high": 20},
-        ],
-        "label": {"name": "readmitted_30d", "classes": ["no", "yes"], "positive": "yes",
-                  "aliases": {"Yes": "yes", "yes ": "yes", "no ": "no"}},
-        "ignore": ["patient_id", "admission_date"],
-    }  # fmt: skip
-    (folder / "schema.json").write_text(json.dumps(schema))
+    (folder / "schema.json").write_text(json.dumps(SCHEMA))  # the README's agreed schema
     run = folder / "table-run"
     command = ["run", "--owners", str(owners), "--test", str(folder / "test.csv"), "--schema"]
     command += [str(folder / "schema.json"), "--fhe-samples", "0", "--out", str(run)]
