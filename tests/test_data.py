@@ -13,6 +13,7 @@ import pytest
 
 from fedfhe.data import (
     MNIST_FILES,
+    bundled_positive,
     check_features,
     fetch_mnist_openml,
     load_dataset,
@@ -229,3 +230,16 @@ def test_bundled_data_sets_name_their_features_and_classes():
     features, classes = bundled_names("digits", 64, np.arange(10))
     assert features[9] == "pixel_1_1" and classes == [str(d) for d in range(10)]
     assert bundled_names("diabetes", 10, np.array([]))[1] == []
+
+
+def test_hastie_holds_2000_rows_out_and_no_linear_model_beats_chance_on_it():
+    from sklearn.linear_model import LogisticRegression
+
+    data = load_dataset("hastie", seed=3)
+    assert (len(data.y_train), len(data.y_test), data.n_features) == (10_000, 2_000, 10)
+    assert data.classes.tolist() == [0, 1] and bundled_positive("hastie") == "+1"
+    for X in (data.X_train, data.X_test):
+        check_features(X, 10, data.input_range)
+    assert load_dataset("hastie", seed=3).X_test.tobytes() == data.X_test.tobytes()  # drawn and split alike
+    accuracy = LogisticRegression().fit(data.X_train, data.y_train).score(data.X_test, data.y_test)
+    assert 0.45 < accuracy < 0.6, accuracy  # the circle is invisible to a hyperplane

@@ -16,7 +16,8 @@ import numpy as np
 
 from fedfhe.errors import FedfheError, unknown
 
-DATASETS = ("digits", "mnist-5k", "mnist", "breast-cancer", "diabetes")
+DATASETS = ("digits", "mnist-5k", "mnist", "breast-cancer", "diabetes", "hastie")
+HASTIE_ROWS, HASTIE_TEST = 12_000, 2_000  # `hastie`: rows drawn (always the same ones), rows held out
 SCHEMAS = Path(__file__).parent / "schemas"
 Range = tuple[np.ndarray, np.ndarray]  # per-feature low and high
 MNIST_FILES = {
@@ -101,6 +102,11 @@ def load_dataset(
         target = json.loads((SCHEMAS / "diabetes.json").read_text())["target"]
         ranges = schema_range(name, X.shape[1])
         return split_dataset(name, X, y, ranges, seed, test_size, (target["low"], target["high"]))
+    if name == "hastie":  # trees' home ground: a logistic regression scores chance (docs/pipeline.md)
+        from sklearn.datasets import make_hastie_10_2
+
+        X, y = make_hastie_10_2(n_samples=HASTIE_ROWS, random_state=0)
+        return split_dataset(name, X, (y > 0).astype(np.int64), schema_range(name, 10), seed, HASTIE_TEST)
     raise unknown("data set", name, DATASETS)
 
 
@@ -165,7 +171,8 @@ def split_dataset(
     test_size: float,
     target_range: tuple[float, float] | None = None,
 ) -> Dataset:
-    """Train/test split reproducible from the seed, stratified by class (regression targets have none)."""
+    """Train/test split reproducible from the seed, stratified by class (regression targets have none); `test_size`
+    is a fraction of the rows, or (an int) their number."""
     from sklearn.model_selection import train_test_split  # not at import: fedfhe.model and the client need none
 
     stratify = y if target_range is None else None
