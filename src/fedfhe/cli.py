@@ -421,6 +421,24 @@ def _show(summary: dict[str, Any], out: Path) -> None:
     console.print(f"report: {out / 'report.md'}")
 
 
+def _split(
+    config: TrainConfig,
+    dataset: str,
+    data_dir: Path | None,
+    data: Path | None,
+    schema: Path | None,
+    owners: Path | None,
+    test: Path | None,
+    max_input_mb: float,
+    positive_class: str | None,
+) -> Any:
+    """The data `train` or `run` names: a bundled set, a user's table, or the owners' files and a test file."""
+    from fedfhe import pipeline
+
+    limit, allow = max_input_mb, config.allow_overlap
+    return pipeline.dataset(dataset, config.seed, data_dir, data, schema, owners, test, limit, positive_class, allow)
+
+
 @app.command(epilog=_examples("train"))
 @training_options
 def train(
@@ -450,18 +468,7 @@ def train(
             model = pipeline.resume(resume, data_dir, bars)
         else:
             _warn_unused(dataset, data_dir, data is not None or owners is not None)
-            split = pipeline.dataset(
-                dataset,
-                config.seed,
-                data_dir,
-                data,
-                schema,
-                owners,
-                test,
-                max_input_mb,
-                positive_class,
-                config.allow_overlap,
-            )
+            split = _split(config, dataset, data_dir, data, schema, owners, test, max_input_mb, positive_class)
             model = pipeline.train(split, config, out, bars, verbose, force=force)
     _trained(model, target)
 
@@ -558,18 +565,7 @@ def run(
     bits, rule = parse_n_bits(n_bits), decision.parse(operating_point, threshold)
     _warn_unused(dataset, data_dir, data is not None or owners is not None)
     with _training(out) as bars, fhe.scratch():
-        split = pipeline.dataset(
-            dataset,
-            config.seed,
-            data_dir,
-            data,
-            schema,
-            owners,
-            test,
-            max_input_mb,
-            positive_class,
-            config.allow_overlap,
-        )
+        split = _split(config, dataset, data_dir, data, schema, owners, test, max_input_mb, positive_class)
         result = pipeline.run(
             split,
             config,

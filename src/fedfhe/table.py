@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from fedfhe import leakage
 from fedfhe.data import Dataset, assemble, check_size, pyarrow_parquet, split_dataset
 from fedfhe.data import as_text as _as_text
 from fedfhe.errors import FedfheError
-from fedfhe.reading import Dialect, read_csv, read_excel, typed
+from fedfhe.reading import Dialect, read_csv, read_excel, repeated, typed
 
 FORMATS = (".csv", ".xlsx", ".parquet", ".npz")
 # The model file keeps the schema, its one-hot column names and class names in its JSON header (model.MAX_HEADER):
@@ -358,11 +357,6 @@ def filled_line(filled: dict[str, dict[str, int]]) -> str:
         if counts
     ]
     return "; ".join(parts) or "none"
-
-
-def repeated(names: list[str]) -> list[str]:
-    """The names that occur more than once, sorted (in linear time: tables can have 200,000 columns)."""
-    return sorted(name for name, n in Counter(names).items() if n > 1)
 
 
 def _check_text(values: Any, what: str, fail: Any) -> None:

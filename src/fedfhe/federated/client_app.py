@@ -32,7 +32,7 @@ from fedfhe.errors import FedfheError
 from fedfhe.kinds import Params
 from fedfhe.partition import label_counts, partition
 from fedfhe.problem import Problem, shared_range
-from fedfhe.table import Schema, read_labelled, read_rows
+from fedfhe.table import Rows, Schema, read_rows
 
 
 def _request(msg: Message) -> tuple[Params, Mapping[str, Any], bool]:
@@ -60,7 +60,9 @@ def _owner_data(
     if schema and "data-file" not in nc:
         raise FedfheError("this run trains on tables: set the SuperNode's node config data-file to its owner's table")
     if schema:
-        return read_labelled(str(nc["data-file"]), Schema.from_json(schema, "run config schema"))
+        rows = _table_rows(str(nc["data-file"]), schema)
+        assert rows.y is not None  # read_rows reads the label
+        return rows.X, rows.y
     if "data-file" in nc:
         X, y = read_table(Path(str(nc["data-file"])))
         if y is None:
@@ -218,11 +220,16 @@ def local_iterations(rows: int) -> int:
     return min(max(round(math.sqrt(rows)), 3), 20)
 
 
+@functools.lru_cache(maxsize=2)
+def _table_rows(path: str, schema: str) -> Rows:
+    """An owner's table read once per process by the run's schema: its rows, and the cells it filled."""
+    return read_rows(path, Schema.from_json(schema, "run config schema"))
+
+
 def _filled(context: Context, schema: str) -> dict[str, int]:
     """The cells of the owner's table filled as the schema declares, per feature (counts only, never a row)."""
     agreed = Schema.from_json(schema, "run config schema")
-    path = str(context.node_config["data-file"])
-    return read_rows(path, agreed).filled_counts(agreed)
+    return _table_rows(str(context.node_config["data-file"]), schema).filled_counts(agreed)
 
 
 def _client_id(context: Context) -> int:
